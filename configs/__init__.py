@@ -1,0 +1,274 @@
+"""Typed configuration: ``default.yaml`` + a profile + overrides, validated once.
+
+Every hyperparameter lives in the YAML files next to this module; code reads them only
+through :class:`Config`. ``load(profile="local", overrides=["droq.batch_size=128"])``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+HERE = Path(__file__).resolve().parent
+PROFILES = HERE / "profiles"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RewardConfig(_Section):
+    ot_distance_threshold: float = 0.01
+    collision_coef: float = 0.5
+    energy_coef: float = 0.005
+
+
+class EnvConfig(_Section):
+    control_timestep: float
+    n_steps_lookahead: int = Field(ge=0)
+    gravity_compensation: bool
+    trim_silence: bool
+    stretch_factor: float = Field(gt=0)
+    reduced_action_space: bool
+    primitive_fingertip_collisions: bool
+    disable_hand_collisions: bool
+    disable_colorization: bool
+    attachment_yaw: float
+    wrong_press_termination: bool
+    four_fingers: bool
+    chunk_steps: int = Field(gt=0)
+    reward: RewardConfig
+
+
+class DroQConfig(_Section):
+    hidden_dims: tuple[int, ...]
+    activation: Literal["gelu", "relu", "tanh"]
+    num_qs: int = Field(ge=1)
+    critic_dropout: float = Field(ge=0, lt=1)
+    critic_layer_norm: bool
+    discount: float = Field(gt=0, le=1)
+    actor_lr: float = Field(gt=0)
+    critic_lr: float = Field(gt=0)
+    temp_lr: float = Field(gt=0)
+    adam_betas: tuple[float, float]
+    adam_eps: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    replay_capacity: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    tau: float = Field(gt=0, le=1)
+    init_temperature: float = Field(gt=0)
+    target_entropy: float | None
+    utd_ratio: int = Field(ge=1)
+    n_step: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda"]
+
+
+class SpecialistConfig(_Section):
+    total_steps: int = Field(gt=0)
+    eval_interval: int = Field(gt=0)
+    eval_episodes: int = Field(ge=1)
+    checkpoint_interval: int = Field(gt=0)
+    log_interval: int = Field(gt=0)
+    rollouts: int = Field(ge=0)
+    seed: int
+
+
+class LakeConfig(_Section):
+    compression: Literal["zstd", "snappy", "lz4", "gzip", "none"]
+    compression_level: int | None
+    row_group_rows: int = Field(gt=0)
+    schema_version: int
+
+
+class SyntheticConfig(_Section):
+    sleep_s: float = Field(ge=0)
+    episodes: int = Field(ge=1)
+    steps_per_episode: int = Field(ge=1)
+    f1_mean: float = Field(ge=0, le=1)
+
+
+class CampaignConfig(_Section):
+    root: str
+    workload: Literal["specialist", "synthetic"]
+    max_concurrent_units: int = Field(ge=0)
+    max_attempts: int = Field(ge=1)
+    cpus_per_unit: float = Field(ge=0)
+    gpus_per_unit: float = Field(ge=0)
+    synthetic: SyntheticConfig
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None
+    flush_interval_s: float = Field(gt=0)
+    max_batch: int = Field(gt=0, le=1000)
+    system_metrics: bool
+
+
+class GateConfig(_Section):
+    f1_threshold: float = Field(ge=0, le=1)
+    min_shards: int = Field(ge=1)
+    relaunch_every: int = Field(ge=0)
+
+
+class ILConfig(_Section):
+    policy: Literal["flow", "bc"]
+    obs_dim: int
+    action_dim: int
+    action_chunk: int = Field(ge=1)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    dropout: float
+    time_schedule: Literal["beta", "uniform"]
+    euler_steps: int = Field(ge=1)
+    bc_hidden: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    steps: int
+    shuffle_buffer: int
+    num_workers: int = Field(ge=1)
+    use_gpu: bool
+    checkpoint_interval: int
+    log_interval: int
+    max_failures: int
+
+
+class PoolConfig(_Section):
+    partition: str
+    cpus_per_job: int = Field(ge=1)
+    gpus_per_job: int = Field(ge=0)
+    mem_gb: float = Field(gt=0)
+    time_min: int = Field(gt=0)
+    min_jobs: int = Field(ge=0)
+    max_jobs: int = Field(ge=0)
+
+
+class SlurmConfig(_Section):
+    head_port: int
+    ray_tmp_root: str
+    poll_interval_s: float
+    pools: dict[str, PoolConfig]
+
+
+class Config(_Section):
+    env: EnvConfig
+    droq: DroQConfig
+    specialist: SpecialistConfig
+    lake: LakeConfig
+    campaign: CampaignConfig
+    mlflow: MlflowConfig
+    gate: GateConfig
+    il: ILConfig
+    slurm: SlurmConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (all when none): part of a unit's identity."""
+        data = self.to_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> Config:
+        return _validate(_apply_overrides(self.to_dict(), overrides), source="overrides")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the field."""
+
+
+def _deep_merge(base: dict, extra: dict, source: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        where = f"{prefix}{key}"
+        if key not in out and not prefix.startswith("slurm.pools."):  # pool names are free
+            raise ConfigError(f"{source}: unknown config key '{where}'")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value, source, where + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    data = copy.deepcopy(data)
+    for dotted, value in items:
+        node = data
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                if node.get(p) is None and parts[0] == "slurm":
+                    node[p] = {}
+                else:
+                    raise ConfigError(f"override '{dotted}': unknown config key '{p}'")
+            node = node[p]
+        if parts[-1] not in node and not dotted.startswith("slurm.pools."):
+            raise ConfigError(f"override '{dotted}': unknown config key '{dotted}'")
+        node[parts[-1]] = value
+    return data
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. droq.batch_size=128")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validate(data: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: invalid config"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(
+    profile: str | None = "local",
+    files: list[str | Path] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Default YAML, then the profile, then each file, then ``key.sub=value`` overrides."""
+    data = _read_yaml(HERE / "default.yaml")
+    sources = []
+    if profile:
+        p = PROFILES / f"{profile}.yaml"
+        if not p.exists():
+            known = ", ".join(sorted(x.stem for x in PROFILES.glob("*.yaml")))
+            raise ConfigError(f"unknown profile '{profile}' (known: {known})")
+        sources.append(p)
+    sources += [Path(f) for f in files or []]
+    for src in sources:
+        data = _deep_merge(data, _read_yaml(src), str(src))
+    if overrides:
+        data = _apply_overrides(data, overrides)
+    return _validate(data, source=str(sources[-1]) if sources else "default.yaml")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with ``Config.to_dict()`` (e.g. in a campaign directory)."""
+    return _validate(data, source="saved config")
