@@ -27,6 +27,7 @@ class RewardConfig(_Section):
     ot_distance_threshold: float = 0.01
     collision_coef: float = 0.5
     energy_coef: float = 0.005
+    ot_reduction: Literal["sum", "mean"] = "sum"
 
 
 class EnvConfig(_Section):
@@ -91,6 +92,10 @@ class SyntheticConfig(_Section):
     episodes: int = Field(ge=1)
     steps_per_episode: int = Field(ge=1)
     f1_mean: float = Field(ge=0, le=1)
+    steps: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    fail_pattern: str | None
+    fail_first_attempts: int = Field(ge=0)
 
 
 class CampaignConfig(_Section):
@@ -138,6 +143,10 @@ class ILConfig(_Section):
     checkpoint_interval: int
     log_interval: int
     max_failures: int
+    warmup_steps: int = Field(500, ge=0)
+    stats_steps: int = Field(50000, ge=1)
+    seed: int = 0
+    replan_every: int = Field(0, ge=0)
 
 
 class PoolConfig(_Section):
@@ -153,8 +162,22 @@ class PoolConfig(_Section):
 class SlurmConfig(_Section):
     head_port: int
     ray_tmp_root: str
-    poll_interval_s: float
+    poll_interval_s: float = Field(gt=0)
+    quick_end_s: float = Field(ge=0)
+    max_backoff_s: float = Field(ge=0)
     pools: dict[str, PoolConfig]
+
+
+class DashboardConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    refresh_s: float = Field(5.0, gt=0)
+    throughput_window_s: float = Field(600.0, gt=0)
+    mlflow_ui_url: str = "http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+    learning_curve_metrics: tuple[str, ...] = ("eval/f1", "train/return")
+    il_metrics: tuple[str, ...] = ("train/loss", "eval/*")
+    max_curves: int = Field(5, ge=1)
+    soundfont: str | None = None
 
 
 class Config(_Section):
@@ -167,6 +190,8 @@ class Config(_Section):
     gate: GateConfig
     il: ILConfig
     slurm: SlurmConfig
+    # A default, so that configs saved before this section existed still load.
+    dashboard: DashboardConfig = DashboardConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import version as _version
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -29,6 +30,420 @@ def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version_cb, is_eager=True, help="Print the version."),
 ) -> None:
     pass
+
+
+@app.command()
+def dashboard(
+    campaign: Optional[str] = typer.Argument(None, help="Campaign name under --root (default: the one changed last)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port on localhost (default: dashboard.port, 8765; 0: any free)."),
+    export: Optional[str] = typer.Option(None, "--export", metavar="FILE.html",
+                                         help="Write the page as one self-contained HTML file and exit."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Unit whose fingering and audio to show (default: best F1)."),
+) -> None:
+    """Show a campaign's progress in the browser: states, throughput, ETA, failures, F1, gate, curves, audio."""
+    import configs
+    from dashboards.app import DashboardServer, export_html
+    from dashboards.data import Campaign, CampaignNotFound, find_campaign
+
+    try:
+        directory = find_campaign(root or configs.load(profile=None).campaign.root, campaign)
+    except CampaignNotFound as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    camp = Campaign(directory)
+    if export:
+        out = export_html(camp, export, unit=unit)
+        typer.echo(f"wrote {out}")
+        return
+    server = DashboardServer(camp, port=port)
+    url = server.url + (f"?unit={unit}" if unit else "")
+    with server:
+        typer.echo(f"campaign {camp.name} ({directory}) on {url}  (Ctrl-C stops)")
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
+
+
+@manifest_app.command("check")
+def manifest_check(
+    file: str = typer.Argument(..., metavar="FILE", help="Manifest (.yaml or .csv)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override, e.g. env.chunk_steps=300 (repeatable)."),
+) -> None:
+    """Load every song of a manifest, show how it is cut into units, and list the problems (exit 1 on errors).
+
+    duration is the song as played: stretched by env.stretch_factor, silence trimmed.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    import configs
+    from orchestrator.manifest import ManifestError, load_manifest
+
+    try:
+        cfg = configs.load(profile=profile, overrides=overrides)
+        manifest = load_manifest(file, cfg)
+    except (configs.ConfigError, ManifestError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+    console = Console(width=max(Console().width, 120))
+    console.print(f"{file}: {len(manifest.songs)} songs, {len(manifest.units())} units", markup=False,
+                  highlight=False, soft_wrap=True)
+    table = Table()
+    for column, justify in [("song", "left"), ("split", "left"), ("hash", "left"), ("chunks", "right"),
+                            ("skipped", "right"), ("notes", "right"), ("duration", "right")]:
+        table.add_column(column, justify=justify)
+    for s in manifest.songs:
+        table.add_row(s.name, s.split, s.song.content_hash[:12], str(len(s.plan.chunks)), str(len(s.plan.skipped)),
+                      str(s.song.n_notes), _hms(s.plan.n_steps * s.cfg.env.control_timestep))
+    table.add_section()
+    table.add_row("total", "", "", str(sum(len(s.plan.chunks) for s in manifest.songs)),
+                  str(sum(len(s.plan.skipped) for s in manifest.songs)), str(sum(s.song.n_notes for s in manifest.songs)),
+                  _hms(sum(s.plan.n_steps * s.cfg.env.control_timestep for s in manifest.songs)), style="bold")
+    console.print(table)
+    for problem in manifest.problems:
+        console.print(str(problem), markup=False, highlight=False, soft_wrap=True,
+                      style="red" if problem.severity == "error" else "yellow")
+    n_err, n_warn = len(manifest.errors), len(manifest.warnings)
+    console.print(f"{n_err} errors, {n_warn} warnings", highlight=False)
+    raise typer.Exit(1 if n_err else 0)
+
+
+def _hms(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}" if minutes >= 60 else f"{minutes}:{s:02d}"
+
+
+# ---- campaigns: submit, resume, status, demo ------------------------------------------------
+
+# The demo's tiny budgets: a few hundred training steps and 2 rollouts per unit.
+DEMO_OVERRIDES = [
+    "specialist.total_steps=300",
+    "droq.warmup_steps=100",
+    "droq.batch_size=64",
+    "droq.replay_capacity=10000",
+    "specialist.eval_interval=300",
+    "specialist.checkpoint_interval=100",
+    "specialist.log_interval=50",
+    "specialist.rollouts=2",
+]
+
+
+def _load_config(profile: str, sets: list[str], workload: Optional[str]):
+    import configs
+
+    overrides = list(sets) + ([f"campaign.workload={workload}"] if workload else [])
+    try:
+        return configs.load(profile=profile, overrides=overrides)
+    except configs.ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _drive_with_progress(run, total: int):
+    """Run ``run(on_progress)`` under a progress bar of finished units; returns its summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("", total=total)
+
+        def on_progress(counts: dict[str, int]) -> None:
+            done = counts["succeeded"] + counts["gated"] + counts["failed"]
+            bar.update(task, completed=done, total=sum(counts.values()),
+                       description=f"running {counts['running']}  failed {counts['failed']}")
+
+        return run(on_progress)
+
+
+def _report_summary(summary) -> None:
+    """Print where the campaign stands and exit 0 (all finished), 1 (units failed) or 130 (interrupted)."""
+    from rich.console import Console
+
+    from orchestrator.status import read_status, render
+
+    Console().print(render(read_status(summary.dir)))
+    typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
+               f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.counts.get("failed"):
+        typer.echo(f"{summary.counts['failed']} units failed; `pianoforge resume {summary.name}` retries them", err=True)
+        raise typer.Exit(1)
+
+
+def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload) -> None:
+    from orchestrator import campaign as campaign_mod
+    from orchestrator.manifest import ManifestError, load_manifest
+
+    cfg = _load_config(profile, sets, workload)
+    try:
+        loaded = load_manifest(manifest, cfg)
+    except ManifestError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for problem in loaded.problems:
+        typer.echo(str(problem), err=True)
+    units = loaded.units()
+    if not units:
+        typer.echo(f"error: {manifest}: no units to train", err=True)
+        raise typer.Exit(2)
+    name = campaign or Path(manifest).stem
+    typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}")
+    try:
+        summary = _drive_with_progress(
+            lambda cb: campaign_mod.submit(units, cfg, name, root=root, ray_address=ray_address, on_progress=cb),
+            total=len(units))
+    except campaign_mod.CampaignError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _report_summary(summary)
+
+
+@app.command()
+def submit(
+    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="Song manifest (YAML or CSV)."),
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Campaign name (default: the manifest's file name)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile: local or slurm."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start Ray in this process)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    sets: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. specialist.total_steps=1000."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="specialist (default) or synthetic (no physics, for drills)."),
+) -> None:
+    """Train every unit (song chunk x config) of a manifest; submitting it again continues the campaign."""
+    _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload)
+
+
+@app.command()
+def resume(
+    campaign: str = typer.Argument(..., help="Campaign name under --root."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start Ray in this process)."),
+    sets: list[str] = typer.Option([], "--set", help="Orchestration override key=value (campaign.*, mlflow.*, gate.*)."),
+) -> None:
+    """Restart failed units (attempts reset to 0) and interrupted units from their checkpoints."""
+    from orchestrator import campaign as campaign_mod
+    from orchestrator.store import CampaignStore
+
+    root = root or Path(_load_config("local", [], None).campaign.root)
+    try:
+        db = campaign_mod.CampaignPaths.of(root, campaign).db
+        total = sum(CampaignStore(db, readonly=True).counts().values()) if db.exists() else 0
+        summary = _drive_with_progress(
+            lambda cb: campaign_mod.resume(campaign, root=root, overrides=sets, ray_address=ray_address, on_progress=cb),
+            total=total)
+    except campaign_mod.CampaignError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _report_summary(summary)
+
+
+@app.command()
+def status(
+    campaign: Optional[str] = typer.Argument(None, help="Campaign name under --root, or its directory (default: the latest)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+) -> None:
+    """Units by state, F1 histogram, throughput, ETA and last errors (reads the store; safe while it runs)."""
+    import time as _time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from orchestrator.status import read_status, render, resolve_campaign
+
+    root = root or Path(_load_config("local", [], None).campaign.root)
+    try:
+        directory = resolve_campaign(campaign, root)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if not watch:
+        Console().print(render(read_status(directory)))
+        return
+    with Live(render(read_status(directory)), refresh_per_second=4) as live:
+        try:
+            while True:
+                _time.sleep(interval)
+                live.update(render(read_status(directory)))
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def demo(
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    campaign: str = typer.Option("demo", "--campaign", help="Campaign name."),
+    sets: list[str] = typer.Option([], "--set", help="More config overrides key=value, on top of the demo's tiny budgets."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="specialist (default) or synthetic."),
+) -> None:
+    """A small real campaign: RoboPianist's two bundled songs with tiny budgets (a few minutes)."""
+    from orchestrator.manifest import demo_manifest
+
+    root = root or Path(_load_config("local", [], None).campaign.root)
+    manifest = demo_manifest(Path(root) / campaign / "manifest")
+    _submit_manifest(manifest, campaign, "local", None, root, DEMO_OVERRIDES + list(sets), workload)
+
+
+# --- slurm: the campaign head as a SLURM job ----------------------------------------------------
+slurm_app = typer.Typer(help="SLURM: run the campaign head as a SLURM job.", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
+
+
+@slurm_app.command("head-sbatch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def slurm_head_sbatch(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("head.sbatch"), "--out", help="Where to write the sbatch script."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Partition of the head job (default: SLURM's)."),
+    cpus: int = typer.Option(2, "--cpus", help="CPUs of the head job (the driver and the Ray head)."),
+    mem_gb: float = typer.Option(8, "--mem-gb", help="Memory of the head job."),
+    time_min: int = typer.Option(1440, "--time-min", help="Time limit of the head job in minutes."),
+    token_file: str = typer.Option("~/.ray/auth_token", "--token-file",
+                                   help="Ray auth token file, created if absent; pool jobs must be able to read it."),
+    log_dir: Path = typer.Option(Path("logs"), "--log-dir", help="Folder of the head job's output."),
+    profile: str = typer.Option("slurm", "--profile", help="Config profile for the head's settings."),
+    submit_now: bool = typer.Option(False, "--submit", help="Also submit it with sbatch."),
+) -> None:
+    """Write an sbatch script that starts a Ray head and runs COMMAND (after --) next to it.
+
+    e.g. pianoforge slurm head-sbatch --submit -- pianoforge submit songs.yaml --profile slurm
+    """
+    import subprocess
+
+    from slurm.head import render_head_sbatch
+
+    if not ctx.args:
+        typer.echo("error: give the command to run next to the head after --", err=True)
+        raise typer.Exit(2)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    text = render_head_sbatch(list(ctx.args), token_file=str(Path(token_file).expanduser()),
+                              log_dir=str(log_dir.resolve()), partition=partition, cpus=cpus, mem_gb=mem_gb,
+                              time_min=time_min, profile=profile)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    typer.echo(f"wrote {out}")
+    if submit_now:
+        subprocess.run(["sbatch", str(out)], check=True)
+# --- end slurm -----------------------------------------------------------------------------------
+
+
+# --- specialist: train one unit alone ------------------------------------------------------------
+@app.command()
+def specialist(
+    song: Path = typer.Option(..., "--song", exists=True, dir_okay=False, metavar="FILE", help="MIDI file."),
+    chunk: int = typer.Option(0, "--chunk", min=0, metavar="K", help="Chunk index (env.chunk_steps steps each)."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Unit directory: checkpoint, result.json, metrics.jsonl."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, metavar="N", help="Training env steps (specialist.total_steps)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, metavar="N", help="Random warm-up steps (droq.warmup_steps)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, metavar="N", help="specialist.eval_interval."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, metavar="N",
+                                                   help="specialist.checkpoint_interval."),
+    rollouts: Optional[int] = typer.Option(None, "--rollouts", min=0, metavar="N", help="Rollouts recorded into the lake."),
+    lake: Optional[Path] = typer.Option(None, "--lake", metavar="DIR", help="Lake root (default: DIR/lake)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override, e.g. droq.batch_size=64 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Train one specialist on one chunk of one song, commit its rollouts, print the result.
+
+    Running the same command again resumes from DIR/checkpoint.pt, or prints the saved result
+    when the unit is done. e.g. a one-minute smoke run:
+    pianoforge specialist --song twinkle.mid --out /tmp/unit --steps 300 --warmup 100 --rollouts 2
+    --set droq.batch_size=64 --set env.chunk_steps=100
+    """
+    import json
+
+    import configs
+    from orchestrator.manifest import UNIT_SECTIONS
+    from workers.music import SongError, load_song
+    from workers.specialist import train_unit
+    from workers.units import UnitSpec
+
+    budget = {"specialist.total_steps": steps, "droq.warmup_steps": warmup, "specialist.eval_interval": eval_every,
+              "specialist.checkpoint_interval": checkpoint_every, "specialist.rollouts": rollouts}
+    overrides = list(sets) + [f"{k}={v}" for k, v in budget.items() if v is not None]
+    try:
+        cfg = configs.load(profile=profile, overrides=overrides)
+        loaded = load_song(song)
+    except (configs.ConfigError, SongError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    unit = UnitSpec.create(song_path=str(song.resolve()), song_hash=loaded.content_hash, song_name=loaded.name,
+                           chunk_index=chunk, config_hash=cfg.hash(*UNIT_SECTIONS))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_log = open(out / "metrics.jsonl", "a")  # append-only log of every report
+
+    def report(metrics: dict) -> None:
+        metrics_log.write(json.dumps(metrics) + "\n")
+        metrics_log.flush()
+        if any(k.startswith(("eval/", "resume/", "rollout/")) for k in metrics):
+            shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            typer.echo(shown, err=True)
+
+    try:
+        result = train_unit(unit, cfg, out, lake or out / "lake", report=report, progress=not no_progress)
+    except SongError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        metrics_log.close()
+    typer.echo(result.model_dump_json(indent=2))
+
+
+# ---- the trajectory lake --------------------------------------------------------------------
+lake_app = typer.Typer(help="The trajectory lake: list committed shards, clean up after crashed writers.",
+                       no_args_is_help=True)
+app.add_typer(lake_app, name="lake")
+
+
+@lake_app.command("list")
+def lake_list(
+    root: Path = typer.Argument(..., metavar="LAKE", help="Lake root (e.g. CAMPAIGN_DIR/lake)."),
+    min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Only shards with specialist F1 >= this."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split (train, eval, held-out)."),
+) -> None:
+    """List the committed shards of a lake, one line each, and the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.lake import Lake, LakeError
+
+    try:
+        shards = Lake(root).shards(min_f1=min_f1, split=split)
+    except LakeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    table = Table()
+    for column, justify in [("unit", "left"), ("song", "left"), ("chunk", "right"), ("split", "left"),
+                            ("F1", "right"), ("episodes", "right"), ("steps", "right"), ("MB", "right")]:
+        table.add_column(column, justify=justify)
+    for s in shards:
+        table.add_row(s.unit_id, s.song_name, str(s.chunk_index), s.split, f"{s.specialist_f1:.3f}",
+                      str(s.n_episodes), str(s.n_steps), f"{s.bytes / 1e6:.1f}")
+    table.add_section()
+    table.add_row(f"{len(shards)} shards", "", "", "", "", str(sum(s.n_episodes for s in shards)),
+                  str(sum(s.n_steps for s in shards)), f"{sum(s.bytes for s in shards) / 1e6:.1f}", style="bold")
+    Console().print(table)
+
+
+@lake_app.command("vacuum")
+def lake_vacuum(
+    root: Path = typer.Argument(..., metavar="LAKE", help="Lake root."),
+    min_age_s: float = typer.Option(3600.0, "--min-age-s", help="Only files older than this (younger ones may be commits in progress)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
+) -> None:
+    """Delete temporary and uncatalogued shard files that crashed writers left behind."""
+    from workers.lake import Lake
+
+    doomed = Lake(root).vacuum(min_age_s=min_age_s, dry_run=dry_run)
+    for path in doomed:
+        typer.echo(f"{'would delete' if dry_run else 'deleted'} {path}")
+    typer.echo(f"{len(doomed)} file(s)")
 
 
 def main() -> None:

@@ -1,0 +1,255 @@
+"""The campaign dashboard: one HTML page, served on localhost or exported as a static file.
+
+Routes of the server (:func:`serve`):
+
+- ``/``: the page. Query: ``units=ID,ID`` picks the learning curves shown, ``unit=ID`` the unit
+  whose fingering and audio are shown. While the campaign runs the page polls
+  ``/api/summary`` every ``dashboard.refresh_s`` seconds and reloads when something changed;
+  it stops polling once no unit is pending or running.
+- ``/api/summary``: the headline numbers as JSON (:func:`dashboards.data.summary`).
+- ``/audio/<unit_id>.wav``: the unit's best rollout, synthesized (rendered once, then cached
+  under ``<campaign>/dashboard/audio/``).
+- ``/static/plotly.min.js``: plotly's own bundle (no CDN: the page works offline).
+
+:func:`export_html` writes the same page as one self-contained file (plotly.js inline, audio as
+a data URI, no polling).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+import threading
+from functools import lru_cache
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import jinja2
+
+import configs
+from dashboards import plots, timeline
+from dashboards.data import Campaign, Snapshot, summary
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# The div ids of the page's plots (a browser test reads `document.getElementById(id).data`).
+FIGURE_IDS = {
+    "states": "fig-states", "throughput": "fig-throughput", "f1": "fig-f1", "lake_keys": "fig-keys",
+    "gate": "fig-gate", "il": "fig-il", "curves": "fig-curves", "fingers": "fig-fingers",
+}
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+@lru_cache(maxsize=1)
+def plotly_js() -> str:
+    """plotly.js as shipped inside the plotly package (the page never loads it from a CDN)."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def figures(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
+    """The page's plotly figures, keyed as in :data:`FIGURE_IDS`."""
+    times, counts = timeline.states_over_time(s.changes, now=s.taken_at)
+    done = timeline.finish_times(s.changes)
+    start = s.started_at or s.taken_at
+    edges, per_bin = timeline.throughput_bins(done, start, s.taken_at)
+    per_hour = timeline.rate_per_hour(done, start, s.taken_at, dash.throughput_window_s)
+    finished_f1 = [u.f1 for u in s.units if u.f1 is not None and u.state in ("succeeded", "gated")]
+    figs = {
+        "states": plots.states_over_time([timeline.iso(t) for t in times], counts),
+        "throughput": plots.throughput([timeline.iso(t) for t in edges], per_bin, per_hour),
+        "f1": plots.f1_histogram(finished_f1, s.gate.threshold),
+        "lake_keys": plots.key_histogram(s.key_counts, s.lake_steps),
+        "gate": plots.gate_status(s.gate.passing, s.gate.needed, s.gate.threshold, s.gate.launched),
+        "il": plots.learning_curves({"imitation": s.il_curves} if s.il_curves else {},
+                                    sorted(s.il_curves) or ["train/loss"], title="Imitation job"),
+        "curves": plots.learning_curves(
+            {uid: {m: c for m, c in curves.items()} for uid, curves in s.curves.items()},
+            _metric_names(s), title="Learning curves (MLflow)"),
+    }
+    if s.focus is not None:
+        figs["fingers"] = plots.finger_key_heatmap(s.focus.finger_key)
+    return figs
+
+
+def _metric_names(s: Snapshot) -> list[str]:
+    """The metrics of the learning-curve subplots: the names logged that match the configured
+    patterns, in the configured order."""
+    import fnmatch
+
+    logged = sorted({m for curves in s.curves.values() for m in curves})
+    names = [m for p in s.curve_metrics for m in logged if fnmatch.fnmatchcase(m, p)]
+    return list(dict.fromkeys(names)) or [p for p in s.curve_metrics if "*" not in p]
+
+
+def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str | None = None) -> str:
+    """The page as HTML. ``live``: served (polls ``/api/summary``, loads plotly from the server,
+    links pick units); otherwise self-contained (plotly inline)."""
+    dash = campaign.dash
+    info = summary(s, dash)
+    figs = {name: fig.to_html(full_html=False, include_plotlyjs=False, div_id=FIGURE_IDS[name],
+                              config={"displaylogo": False, "responsive": True})
+            for name, fig in figures(s, dash).items()}
+
+    def unit_link(uid: str) -> str:
+        return f"?unit={quote(uid)}&units={quote(uid)}" if live else f"#row-{uid}"
+
+    rows = []
+    for u in sorted(s.units, key=lambda u: (u.state != "failed", u.song_name, u.chunk_index, u.unit_id)):
+        seconds = u.seconds
+        if seconds is None and u.state == "running" and u.started_at:
+            seconds = s.taken_at - u.started_at
+        rows.append({**u.__dict__, "link": unit_link(u.unit_id), "duration_text": timeline.human_duration(seconds)
+                     if seconds is not None else ""})
+    view = {
+        "campaign": s.campaign, "directory": s.directory, "problems": s.problems, "gate": s.gate,
+        "lake_shards": s.lake_shards, "lake_episodes": s.lake_episodes,
+        "unit_rows": rows, "failures": [r for r in rows if r["state"] == "failed" or (r["error"] and r["state"] != "succeeded")],
+        "curve_units": [{"label": uid, "link": unit_link(uid)} for uid in s.curves],
+        "focus": None,
+    }
+    if s.focus is not None:
+        f = s.focus
+        view["focus"] = {"unit_id": f.unit_id, "song_name": f.song_name, "chunk_index": f.chunk_index, "seed": f.seed,
+                         "f1": f.f1, "n_steps": f.n_steps, "how": f.how, "run_link": f.run_link,
+                         "link": unit_link(f.unit_id), "audio_src": audio_src}
+    return _environment().get_template("campaign.html").render(
+        s=view, summary=info, figs=figs, states=timeline.STATES, colors=plots.STATE_COLORS, live=live,
+        refresh_s=dash.refresh_s, plotly_js_inline=None if live else plotly_js(),
+    )
+
+
+def export_html(campaign: Campaign, out: str | Path, *, unit: str | None = None, units: list[str] | None = None,
+                audio: bool = True) -> Path:
+    """Write the page as one self-contained HTML file (opens offline); returns its path.
+    ``audio``: embed the focus unit's rollout as a WAV data URI (when it can be rendered)."""
+    s = campaign.snapshot(curve_units=units, focus_unit=unit)
+    audio_src = None
+    if audio and s.focus is not None:
+        try:
+            wav = campaign.render_audio(s.focus)
+            audio_src = "data:audio/wav;base64," + base64.b64encode(wav.read_bytes()).decode()
+        except Exception as e:  # no soundfont / fluidsynth: the page without audio is still useful
+            s.problems.append(f"audio of unit {s.focus.unit_id}: {type(e).__name__}: {e}")
+    text = render_page(s, campaign, live=False, audio_src=audio_src)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    campaign: Campaign  # set on the subclass made by make_server
+    server_version = "pianoforge-dashboard"
+
+    def log_message(self, format: str, *args) -> None:  # quiet: one line per request is noise here
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str, cache: str = "no-store") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, f"<h1>{status}</h1><pre>{html.escape(message)}</pre>".encode(), "text/html; charset=utf-8")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            if url.path == "/":
+                units = [u for u in query.get("units", "").split(",") if u] or None
+                s = self.campaign.snapshot(curve_units=units, focus_unit=query.get("unit"))
+                audio_src = f"/audio/{quote(s.focus.unit_id)}.wav" if s.focus is not None else None
+                body = render_page(s, self.campaign, live=True, audio_src=audio_src).encode()
+                self._send(HTTPStatus.OK, body, "text/html; charset=utf-8")
+            elif url.path == "/api/summary":
+                s = self.campaign.snapshot(curve_units=[], focus_unit="")
+                body = json.dumps(summary(s, self.campaign.dash), default=_json_default).encode()
+                self._send(HTTPStatus.OK, body, "application/json")
+            elif url.path.startswith("/audio/") and url.path.endswith(".wav"):
+                unit_id = url.path[len("/audio/"):-len(".wav")]
+                s = self.campaign.snapshot(curve_units=[], focus_unit=unit_id)
+                if s.focus is None or s.focus.unit_id != unit_id:
+                    return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
+                wav = self.campaign.render_audio(s.focus)
+                self._send(HTTPStatus.OK, wav.read_bytes(), "audio/wav", cache="max-age=3600")
+            elif url.path == "/static/plotly.min.js":
+                self._send(HTTPStatus.OK, plotly_js().encode(), "application/javascript", cache="max-age=86400")
+            elif url.path == "/favicon.ico":
+                self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # show the problem in the browser rather than dropping the connection
+            import traceback
+
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+
+
+def make_server(campaign: Campaign, host: str | None = None, port: int | None = None) -> ThreadingHTTPServer:
+    """An HTTP server for ``campaign`` bound to ``host:port`` (defaults from ``dashboard``;
+    port 0 picks a free one: read ``server.server_address``). Call ``serve_forever()``."""
+    handler = type("CampaignHandler", (_Handler,), {"campaign": campaign})
+    server = ThreadingHTTPServer((host or campaign.dash.host, campaign.dash.port if port is None else port), handler)
+    server.daemon_threads = True
+    return server
+
+
+class DashboardServer:
+    """The server on a background thread: ``with DashboardServer(campaign, port=0) as url: ...``."""
+
+    def __init__(self, campaign: Campaign, host: str | None = None, port: int | None = None):
+        self.server = make_server(campaign, host, port)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="dashboard", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -1,0 +1,524 @@
+"""What the dashboard shows, gathered from a campaign directory without writing to it.
+
+Sources (all read-only; the driver may be writing meanwhile):
+
+- the campaign store ``campaign.db`` (``orchestrator.store.CampaignStore(readonly=True)``):
+  units, their states, attempts, F1, timings, node, error, MLflow run id, and the ``events``
+  table of state changes (units by state over time);
+- the lake ``lake/`` (``workers.lake.Lake``): committed shards; the pressed-key histogram reads
+  only each shard's ``pressed`` column (cached per shard commit); the focused unit's best
+  rollout (highest episode F1) is read in full;
+- MLflow (``mlflow.tracking_uri``, default ``sqlite:///<campaign>/mlflow.db``): metric
+  histories of the units' runs and of the imitation job's run (tag ``pianoforge.kind =
+  imitation``). A SQLite tracking file that does not exist yet is not created.
+
+Fingering: the lake stores, per step, the 10 fingertip positions (``obs[1068:1098]``, fingers
+numbered as RoboPianist's labels, right thumb..little then left thumb..little) and the keys that
+should sound (``target``). :func:`finger_key_counts` re-runs the environment's OT assignment
+(``workers.fingering.assign_fingers``) on them against the keys' press points on RoboPianist's
+piano at rest (the piano sits at the world origin in the task), and counts, for each finger and
+key, the steps in which that finger was matched to that key. This is exactly the matching the
+OT reward made during the rollout, up to the keys' small travel while pressed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+import configs
+from dashboards import timeline
+from dashboards.timeline import StateChange
+
+STORE_FILE = "campaign.db"
+CONFIG_FILE = "config.yaml"
+LAKE_DIR = "lake"
+UNITS_DIR = "units"
+MLFLOW_FILE = "mlflow.db"
+DASHBOARD_DIR = "dashboard"  # the dashboard's own cache (rendered WAVs) inside the campaign dir
+
+FINGERTIP_SLICE = slice(1068, 1098)  # obs layout (RP1M order): 10 fingertips x (x, y, z)
+
+
+class CampaignNotFound(FileNotFoundError):
+    """No campaign store where one was asked for; the message lists the campaigns found."""
+
+
+def find_campaign(root: str | Path, name: str | None = None) -> Path:
+    """The campaign directory ``<root>/<name>``; without a name, ``root`` itself when it holds a
+    store, else the campaign under ``root`` whose store changed last."""
+    root = Path(root)
+    if name:
+        path = root / name
+        if (path / STORE_FILE).exists():
+            return path
+        raise CampaignNotFound(f"{path}: no campaign here (no {STORE_FILE}); campaigns under {root}: "
+                               f"{', '.join(_campaign_names(root)) or 'none'}")
+    if (root / STORE_FILE).exists():
+        return root
+    found = sorted(root.glob(f"*/{STORE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CampaignNotFound(f"{root}: no campaign found (no */{STORE_FILE}); give --root or a campaign name")
+    return found[-1].parent
+
+
+def _campaign_names(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob(f"*/{STORE_FILE}"))
+
+
+# --------------------------------------------------------------------------------------------
+# What the page is made of (plain data)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """One unit as the dashboard shows it."""
+
+    unit_id: str
+    song_name: str
+    chunk_index: int
+    split: str
+    state: str
+    attempts: int
+    f1: float | None
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    node: str | None
+    error: str | None
+    mlflow_run_id: str | None
+    shard_path: str | None
+    step: int | None = None
+    run_link: str | None = None
+
+
+@dataclass
+class GateView:
+    threshold: float
+    needed: int
+    passing: int
+    launched: bool
+    il_run_id: str | None = None
+    il_link: str | None = None
+
+
+@dataclass
+class Focus:
+    """The unit whose fingering and audio are shown: its best rollout in the lake."""
+
+    unit_id: str
+    song_name: str
+    chunk_index: int
+    seed: int
+    f1: float
+    n_steps: int
+    finger_key: np.ndarray  # int64 (10, 88)
+    pressed: np.ndarray  # bool (T, 88), for the audio
+    sustain: np.ndarray  # bool (T,)
+    run_link: str | None = None
+    how: str = ("Fingering: the OT assignment re-run on the stored fingertip positions and target keys "
+                "(steps per finger and key).")
+
+
+@dataclass
+class Snapshot:
+    """Everything on the page at one moment."""
+
+    campaign: str
+    directory: str
+    taken_at: float
+    units: list[Unit]
+    changes: list[StateChange]
+    gate: GateView
+    key_counts: np.ndarray  # int64 (88,)
+    lake_steps: int
+    lake_shards: int
+    lake_episodes: int
+    curves: dict[str, dict[str, tuple[list, list]]]
+    curve_metrics: list[str]
+    il_curves: dict[str, tuple[list, list]]
+    focus: Focus | None
+    control_timestep: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def started_at(self) -> float | None:
+        return min((c.time for c in self.changes), default=None)
+
+
+def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
+    """The numbers at the top of the page, as JSON for ``/api/summary``. ``version`` changes
+    whenever the store has a new state change or a unit's F1 arrives, so a page that shows an
+    older version reloads."""
+    counts = timeline.state_counts(u.state for u in s.units)
+    remaining = sum(counts[st] for st in timeline.OPEN_STATES)
+    done = timeline.finish_times(s.changes)
+    start = s.started_at or s.taken_at
+    per_hour = timeline.rate_per_hour(done, start, s.taken_at, dash.throughput_window_s)
+    eta = timeline.eta_seconds(remaining, per_hour)
+    finished = bool(s.units) and remaining == 0
+    last = max((c.time for c in s.changes), default=0.0)
+    return {
+        "campaign": s.campaign,
+        "taken_at": s.taken_at,
+        "taken_at_text": timeline.iso(s.taken_at)[:19],
+        "status": "finished" if finished else ("running" if s.units else "empty"),
+        "finished": finished,
+        "total": len(s.units),
+        "counts": counts,
+        "remaining": remaining,
+        "throughput_per_hour": per_hour,
+        "throughput_text": "–" if per_hour is None else f"{per_hour:.1f}/h",
+        "eta_s": eta,
+        "eta_text": "done" if finished else timeline.human_duration(eta),
+        "gate": {"passing": s.gate.passing, "needed": s.gate.needed, "threshold": s.gate.threshold,
+                 "launched": s.gate.launched, "il_run_id": s.gate.il_run_id},
+        "lake": {"shards": s.lake_shards, "episodes": s.lake_episodes, "steps": s.lake_steps},
+        "failures": [{"unit_id": u.unit_id, "attempts": u.attempts, "error": (u.error or "").strip().splitlines()[-1:]}
+                     for u in s.units if u.state == "failed"],
+        "version": f"{len(s.changes)}-{last:.3f}-{s.lake_shards}-{s.gate.il_run_id or ''}",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the sources
+# --------------------------------------------------------------------------------------------
+
+
+def campaign_config(campaign_dir: Path, problems: list[str]) -> configs.Config:
+    """The campaign's config: ``config.yaml`` (a saved ``Config.to_dict()``, or a partial config
+    merged over the defaults), else the defaults (noted in ``problems``)."""
+    path = campaign_dir / CONFIG_FILE
+    if not path.exists():
+        problems.append(f"{path} not found: using the default config")
+        return configs.load()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, dict) and set(configs.Config.model_fields) - {"dashboard"} <= set(data):
+            return configs.from_dict(data)
+        return configs.load(files=[path])
+    except (configs.ConfigError, yaml.YAMLError, OSError) as e:
+        problems.append(f"{path}: {e}; using the default config")
+        return configs.load()
+
+
+def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[str, Any]]:
+    """Units, state changes and the meta table from the campaign store, opened read-only."""
+    from orchestrator.store import CampaignStore
+
+    with CampaignStore(campaign_dir / STORE_FILE, readonly=True) as store:
+        rows = list(store.units())
+        events = store.events()
+        meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
+    units = [Unit(unit_id=r.unit_id, song_name=r.song_name, chunk_index=r.chunk_index, split=r.split, state=r.state,
+                  attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
+                  seconds=r.seconds, node=r.hostname or r.node_id, error=r.error, mlflow_run_id=r.mlflow_run_id,
+                  shard_path=r.shard_path, step=r.step)
+             for r in rows]
+    changes = [StateChange(e.ts, e.unit_id, e.to_state) for e in events
+               if e.kind == "state" and e.unit_id and e.to_state]
+    return units, changes, meta
+
+
+class KeyCounter:
+    """Pressed-key counts over a lake's committed shards, reading each shard's ``pressed`` column
+    once per commit (a replaced shard is read again)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        self._lock = threading.Lock()
+
+    def counts(self, lake, shards) -> tuple[np.ndarray, int]:
+        """``(int64[88] steps each key was pressed, total steps)`` over ``shards``."""
+        total = np.zeros(88, dtype=np.int64)
+        steps = 0
+        for shard in shards:
+            key = (str(shard.path), shard.commit_id or str(shard.committed_at))
+            with self._lock:
+                hit = self._cache.get(key)
+            if hit is None:
+                # `pressed` holds, per step, the indices of the keys sounding: count them directly.
+                column = lake.read_table(shard, columns=["pressed"]).column("pressed").combine_chunks()
+                keys = np.asarray(column.flatten(), dtype=np.int64)
+                hit = (np.bincount(keys, minlength=88)[:88].astype(np.int64), len(column))
+                with self._lock:
+                    self._cache[key] = hit
+            total += hit[0]
+            steps += hit[1]
+        return total, steps
+
+
+def best_episode(lake, shard):
+    """The shard's episode with the highest F1 (ties: higher return), reading only the row
+    groups that hold it (each row group holds whole episodes)."""
+    from workers.lake import table_to_episodes
+
+    import pyarrow as pa
+
+    pf = lake.open_shard(shard)
+    head = pf.read(columns=["episode", "episode_f1", "episode_return"])
+    episode = np.asarray(head.column("episode"))
+    score = np.lexsort((np.asarray(head.column("episode_return")), np.asarray(head.column("episode_f1"))))
+    best = int(episode[score[-1]])
+    groups, start = [], 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if np.any(episode[start:start + n] == best):
+            groups.append(g)
+        start += n
+    table = pf.read_row_groups(groups)
+    mask = pa.compute.equal(table.column("episode"), best)
+    return table_to_episodes(table.filter(mask))[0]
+
+
+@functools.lru_cache(maxsize=1)
+def key_press_points() -> np.ndarray:
+    """(88, 3) world positions where a fingertip presses each key of RoboPianist's piano at rest,
+    the points the environment's OT fingering measures distances to."""
+    from dm_control import mjcf
+    from robopianist.models.piano import piano
+
+    from workers.fingering import _KEY_SURFACE_OFFSET  # noqa: PLC2701 -- one definition of the press point
+
+    model = piano.Piano()
+    physics = mjcf.Physics.from_mjcf_model(model.mjcf_model)
+    geoms = physics.bind([key.geom[0] for key in model.keys])
+    return np.asarray(geoms.xpos) + np.asarray(geoms.size) * _KEY_SURFACE_OFFSET
+
+
+def finger_key_counts(fingertips: np.ndarray, target: np.ndarray, key_points: np.ndarray | None = None) -> np.ndarray:
+    """int64 (10, 88): in how many steps OT fingering matched finger i to key j, for fingertip
+    positions ``(T, 30)`` (or ``(T, 10, 3)``) and keys to press ``bool (T, 88)``."""
+    from workers.fingering import assign_fingers
+
+    points = key_press_points() if key_points is None else key_points
+    tips = np.asarray(fingertips, dtype=np.float64).reshape(len(target), -1, 3)
+    counts = np.zeros((tips.shape[1], 88), dtype=np.int64)
+    for t in range(len(target)):
+        keys = np.flatnonzero(target[t])
+        if keys.size == 0:
+            continue
+        fingers, key_rows, _ = assign_fingers(tips[t], points[keys])
+        np.add.at(counts, (fingers, keys[key_rows]), 1)
+    return counts
+
+
+class MlflowReader:
+    """Metric histories and run links from one tracking server; quiet when it is unavailable."""
+
+    def __init__(self, tracking_uri: str, ui_url: str):
+        self.tracking_uri = tracking_uri
+        self.ui_url = ui_url
+        self._client = None
+        self._experiments: dict[str, str] = {}
+        self.default_experiment: str | None = None  # the campaign's experiment, from the store
+
+    def available(self) -> bool:
+        if self.tracking_uri.startswith("sqlite:///"):
+            return Path(self.tracking_uri[len("sqlite:///"):]).exists()  # never create an empty one
+        return True
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def link(self, run_id: str | None) -> str | None:
+        """The configured MLflow UI URL of a run (``None`` without a run)."""
+        if not run_id:
+            return None
+        if run_id not in self._experiments and self.default_experiment is not None:
+            return self.ui_url.format(run_id=run_id, experiment_id=self.default_experiment,
+                                      tracking_uri=self.tracking_uri)
+        if run_id not in self._experiments and self.available():
+            self._learn_experiments()
+            self._experiments.setdefault(run_id, "")  # a run of another server: do not look again
+        experiment_id = self._experiments.get(run_id) or "0"
+        return self.ui_url.format(run_id=run_id, experiment_id=experiment_id, tracking_uri=self.tracking_uri)
+
+    def _learn_experiments(self) -> None:
+        """Map every run id to its experiment with one paged search (not one query per unit)."""
+        from mlflow.entities import ViewType
+
+        ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
+        token = None
+        while ids:
+            page = self.client.search_runs(ids, max_results=5000, page_token=token, run_view_type=ViewType.ALL)
+            self._experiments.update({r.info.run_id: r.info.experiment_id for r in page})
+            token = page.token
+            if not token:
+                break
+
+    def curves(self, run_id: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[list, list]]:
+        """``{metric: (steps, values)}`` for the run's metrics matching any of ``patterns``
+        (fnmatch globs, e.g. ``eval/*``), sorted by step."""
+        if not self.available():
+            return {}
+        run = self.client.get_run(run_id)
+        self._experiments[run_id] = run.info.experiment_id
+        names = [m for m in sorted(run.data.metrics) if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+        out = {}
+        for name in names:
+            history = sorted(self.client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+            out[name] = ([m.step for m in history], [m.value for m in history])
+        return out
+
+    def imitation_run(self) -> str | None:
+        """The newest run tagged ``pianoforge.kind = imitation``, if any."""
+        if not self.available():
+            return None
+        from mlflow.entities import ViewType
+
+        ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        if not ids:
+            return None
+        runs = self.client.search_runs(ids, "tags.`pianoforge.kind` = 'imitation'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+
+# --------------------------------------------------------------------------------------------
+# The snapshot
+# --------------------------------------------------------------------------------------------
+
+
+class Campaign:
+    """A campaign directory as the dashboard sees it; :meth:`snapshot` gathers the page's data.
+
+    Keeps caches (per-shard key counts, MLflow client, focus unit) between snapshots, so a page
+    refresh costs little more than reading the store.
+    """
+
+    def __init__(self, directory: str | Path, dash: configs.DashboardConfig | None = None):
+        self.directory = Path(directory).resolve()
+        if not (self.directory / STORE_FILE).exists():
+            raise CampaignNotFound(f"{self.directory}: no campaign here (no {STORE_FILE})")
+        self.problems: list[str] = []
+        self.cfg = campaign_config(self.directory, self.problems)
+        self.dash = dash or self.cfg.dashboard
+        # The driver records the tracking uri it used in the store; the config says it otherwise.
+        _, _, meta = read_store(self.directory)
+        uri = meta.get("tracking_uri") or self.cfg.mlflow.tracking_uri or f"sqlite:///{self.directory / MLFLOW_FILE}"
+        self.mlflow = MlflowReader(uri, self.dash.mlflow_ui_url)
+        self.keys = KeyCounter()
+        self._focus_cache: dict[tuple[str, str], Focus] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    def lake(self):
+        from workers.lake import Lake
+
+        return Lake(self.directory / LAKE_DIR, self.cfg.lake)
+
+    def snapshot(self, curve_units: list[str] | None = None, focus_unit: str | None = None) -> Snapshot:
+        """Read everything the page shows. ``curve_units``: units whose learning curves to show
+        (default: the best finished ones, then running ones, up to ``dashboard.max_curves``);
+        ``focus_unit``: the unit whose fingering and audio to show (default: the best finished)."""
+        with self._lock:
+            return self._snapshot(curve_units, focus_unit)
+
+    def _snapshot(self, curve_units, focus_unit) -> Snapshot:
+        from orchestrator.gate import Gate
+
+        problems = list(self.problems)
+        taken_at = time.time()
+        units, changes, meta = read_store(self.directory)
+        by_id = {u.unit_id: u for u in units}
+
+        lake = self.lake()
+        shards = lake.shards()
+        key_counts, lake_steps = self.keys.counts(lake, shards)
+        gate = Gate(self.cfg.gate)
+        passing = len([s for s in shards if s.split == "train" and s.specialist_f1 >= gate.f1_threshold])
+
+        if meta.get("mlflow_experiment_id") is not None:
+            self.mlflow.default_experiment = str(meta["mlflow_experiment_id"])
+        il_run = None
+        curves: dict[str, dict[str, tuple[list, list]]] = {}
+        il_curves: dict[str, tuple[list, list]] = {}
+        try:
+            for u in units:
+                u.run_link = self.mlflow.link(u.mlflow_run_id)
+            il_run = meta.get("il_run_id") or self.mlflow.imitation_run()
+            if il_run:
+                il_curves = self.mlflow.curves(il_run, list(self.dash.il_metrics))
+            for uid in self._curve_units(units, curve_units):
+                run_id = by_id[uid].mlflow_run_id
+                if run_id:
+                    curves[uid] = self.mlflow.curves(run_id, list(self.dash.learning_curve_metrics))
+        except Exception as e:  # MLflow down or busy: the rest of the page is still useful
+            problems.append(f"MLflow ({self.mlflow.tracking_uri}): {type(e).__name__}: {e}")
+
+        focus = None
+        fid = focus_unit or self._default_focus(units)
+        if fid:
+            try:
+                focus = self._focus(lake, shards, by_id.get(fid), fid)
+            except Exception as e:
+                problems.append(f"unit {fid}: cannot show its rollout: {type(e).__name__}: {e}")
+        gate_view = GateView(threshold=gate.f1_threshold, needed=gate.min_shards, passing=passing,
+                             launched=bool(il_run), il_run_id=il_run, il_link=self.mlflow.link(il_run))
+        return Snapshot(
+            campaign=str(meta.get("name") or self.name), directory=str(self.directory), taken_at=taken_at,
+            units=units, changes=changes, gate=gate_view, key_counts=key_counts, lake_steps=lake_steps,
+            lake_shards=len(shards), lake_episodes=sum(s.n_episodes for s in shards), curves=curves,
+            curve_metrics=list(self.dash.learning_curve_metrics), il_curves=il_curves, focus=focus,
+            control_timestep=self.cfg.env.control_timestep, problems=problems,
+        )
+
+    def _curve_units(self, units: list[Unit], wanted: list[str] | None) -> list[str]:
+        known = {u.unit_id for u in units}
+        if wanted:
+            return [u for u in wanted if u in known]
+        finished = sorted((u for u in units if u.f1 is not None), key=lambda u: -u.f1)
+        running = [u for u in units if u.state == "running"]
+        return [u.unit_id for u in (finished + running)[: self.dash.max_curves]]
+
+    @staticmethod
+    def _default_focus(units: list[Unit]) -> str | None:
+        done = [u for u in units if u.f1 is not None and u.shard_path]
+        return max(done, key=lambda u: u.f1).unit_id if done else None
+
+    def _focus(self, lake, shards, unit: Unit | None, unit_id: str) -> Focus | None:
+        shard = next((s for s in shards if s.unit_id == unit_id), None)
+        if shard is None:
+            return None
+        key = (unit_id, shard.commit_id or str(shard.committed_at))
+        if key not in self._focus_cache:
+            ep = best_episode(lake, shard)
+            self._focus_cache[key] = Focus(
+                unit_id=unit_id, song_name=shard.song_name, chunk_index=shard.chunk_index, seed=ep.seed,
+                f1=ep.f1, n_steps=ep.n_steps, finger_key=finger_key_counts(ep.obs[:, FINGERTIP_SLICE], ep.target),
+                pressed=ep.pressed, sustain=ep.obs[:, 1067] > 0.5,
+            )
+        focus = self._focus_cache[key]
+        focus.run_link = unit.run_link if unit else None
+        return focus
+
+    def audio_path(self, focus: Focus) -> Path:
+        """Where the focus rollout's WAV is cached in the campaign directory (rendered on demand)."""
+        return self.directory / DASHBOARD_DIR / "audio" / f"{focus.unit_id}-seed{focus.seed}.wav"
+
+    def render_audio(self, focus: Focus) -> Path:
+        """The WAV of ``focus``'s best rollout, rendered once with RoboPianist's synthesizer."""
+        from dashboards.audio import render_rollout_wav
+
+        path = self.audio_path(focus)
+        if not path.exists():
+            render_rollout_wav(path, focus.pressed, self.cfg.env.control_timestep, focus.sustain, self.dash.soundfont)
+        return path

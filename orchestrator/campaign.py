@@ -1,0 +1,340 @@
+"""A campaign: the units of one manifest (song chunk x config), their state, and the driver
+that runs them to the end.
+
+``submit`` adds units to the campaign's store (units already there keep their state, so
+submitting the same manifest again continues the campaign) and drives every pending unit.
+``resume`` drives a campaign again after its driver stopped: units left ``running`` by a
+driver that is gone go back to ``pending`` (that interrupted attempt is not counted) and
+``failed`` units get a fresh set of ``campaign.max_attempts`` attempts. Either way a unit
+restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
+
+Campaign directory (``<root>/<campaign>/``)::
+
+    campaign.db     the store (orchestrator.store; the driver is its only writer)
+    config.yaml     the resolved config of the latest submit/resume
+    driver.lock     held by the running driver (a second driver is refused)
+    units/<id>/     each unit's checkpoints and results
+    lake/           the trajectory lake (workers.lake)
+    mlflow.db       MLflow tracking (when mlflow.tracking_uri is null), mlartifacts/ next to it
+    logs/           driver logs
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from filelock import FileLock, Timeout
+
+import configs
+from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
+from workers.units import UnitResult, UnitSpec
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CampaignError(RuntimeError):
+    """A campaign cannot be started or resumed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CampaignPaths:
+    """Where everything of one campaign lives."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, root: str | Path, name: str) -> CampaignPaths:
+        if not _NAME.match(name):
+            raise CampaignError(f"campaign name {name!r}: use letters, digits, '.', '_' and '-'")
+        return cls(Path(root).expanduser().resolve() / name)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def db(self) -> Path:
+        return self.dir / "campaign.db"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / "driver.lock"
+
+    @property
+    def units(self) -> Path:
+        return self.dir / "units"
+
+    @property
+    def lake(self) -> Path:
+        return self.dir / "lake"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    def unit_dir(self, unit_id: str) -> Path:
+        return self.units / unit_id
+
+    def create(self) -> CampaignPaths:
+        for d in (self.dir, self.units, self.lake, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclass
+class CampaignSummary:
+    """What a driver run did, and where the campaign stands after it."""
+
+    name: str
+    dir: Path
+    counts: dict[str, int]
+    attempts_run: int
+    seconds: float
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    logging_overhead: float | None  # worker time in the metrics callback / worker time, finished units
+    sink_stats: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.counts.get(PENDING, 0) == 0 and self.counts.get("running", 0) == 0
+
+
+def save_config(cfg: configs.Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def load_saved_config(paths: CampaignPaths, overrides: list[str] | None = None) -> configs.Config:
+    """The campaign's saved config.yaml with ``overrides`` applied."""
+    if not paths.config.exists():
+        raise CampaignError(f"{paths.dir}: no config.yaml; is this a campaign directory?")
+    cfg = configs.from_dict(yaml.safe_load(paths.config.read_text()))
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+class _DriverLock:
+    """One driver per campaign: an OS file lock the kernel drops when the driver dies."""
+
+    def __init__(self, paths: CampaignPaths):
+        self.paths = paths
+        self.lock = FileLock(str(paths.lock))
+
+    def __enter__(self):
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise CampaignError(f"campaign {self.paths.name} is being driven by another process "
+                                f"(it holds {self.paths.lock}); watch it with `pianoforge status {self.paths.name}`") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def submit(units: Iterable[UnitSpec], cfg: configs.Config, name: str, root: str | Path | None = None,
+           ray_address: str | None = None, num_cpus: int | None = None,
+           on_progress: Callable[[dict[str, int]], None] | None = None) -> CampaignSummary:
+    """Add ``units`` to campaign ``name`` (created if new) and drive it until no unit is pending.
+
+    Units already in the campaign keep their state: finished ones are not run again, failed
+    ones stay failed (``resume`` retries them). The workload is ``cfg.campaign.workload``.
+    """
+    paths = CampaignPaths.of(root or cfg.campaign.root, name).create()
+    with _DriverLock(paths), CampaignStore(paths.db) as store:
+        save_config(cfg, paths.config)
+        store.set_meta("name", paths.name)
+        if store.get_meta("created_at") is None:
+            store.set_meta("created_at", time.time())
+        config_key = store.put_config(cfg.to_dict(), cfg.hash())
+        units = list(units)
+        added = store.add_units(units, config_key)
+        store.log_event("submit", f"{added} new units of {len(units)} submitted")
+        requeued = store.requeue_interrupted("driver gone; requeued by submit")
+        log.info("campaign %s: %d new units, %d already known, %d interrupted requeued",
+                 paths.name, added, len(units) - added, requeued)
+        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress)
+
+
+def resume(name: str, root: str | Path | None = None, overrides: list[str] | None = None,
+           ray_address: str | None = None, num_cpus: int | None = None,
+           on_progress: Callable[[dict[str, int]], None] | None = None) -> CampaignSummary:
+    """Drive campaign ``name`` again: interrupted units go back to pending without losing an
+    attempt, failed units go back to pending with their attempts reset to 0. Both restart
+    from their last checkpoint. ``overrides`` change the orchestration settings (campaign.*,
+    mlflow.*, gate.*); each unit keeps the config it was submitted with."""
+    root = root if root is not None else configs.load(profile=None).campaign.root
+    paths = CampaignPaths.of(root, name)
+    if not paths.db.exists():
+        raise CampaignError(f"no campaign {name!r} under {paths.dir.parent} (no {paths.db.name})")
+    paths.create()
+    with _DriverLock(paths), CampaignStore(paths.db) as store:
+        cfg = load_saved_config(paths, overrides)
+        save_config(cfg, paths.config)
+        requeued = store.requeue_interrupted("driver gone; requeued by resume")
+        reset = store.reset_failed("failed; attempts reset by resume")
+        store.log_event("resume", f"{requeued} interrupted and {reset} failed units requeued")
+        log.info("campaign %s: resuming %d interrupted and %d failed units", name, requeued, reset)
+        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress)
+
+
+def _unit_params(row) -> dict[str, Any]:
+    return {"song": row.song_name, "song_hash": row.song_hash, "chunk": row.chunk_index, "unit_id": row.unit_id,
+            "config_hash": row.config_hash, "split": row.split}
+
+
+def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_address: str | None,
+           num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None) -> CampaignSummary:
+    """Run every pending unit to success or failure, retrying failed attempts from checkpoints."""
+    import ray
+
+    from orchestrator import scheduler as sched_mod
+    from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
+
+    t_start = time.perf_counter()
+    handler = logging.FileHandler(paths.logs / "driver.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("orchestrator").addHandler(handler)
+    started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus)
+    sink = None
+    attempts_run = 0
+    interrupted = False
+    parent = {"experiment_id": "", "run_id": ""}
+    uri = tracking_uri_for(cfg.mlflow, paths.dir)
+    try:
+        sink = start_sink(uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
+        parent = ray.get(sink.open_campaign.remote(paths.name, store.get_meta("mlflow_parent_run_id"), cfg.to_dict(),
+                                                   str(paths.config), cfg.mlflow.system_metrics))
+        store.set_meta("tracking_uri", uri)
+        store.set_meta("mlflow_experiment_id", parent["experiment_id"])
+        store.set_meta("mlflow_parent_run_id", parent["run_id"])
+        store.log_event("driver_start", f"pid={os.getpid()} host={socket.gethostname()}")
+
+        scheduler = sched_mod.Scheduler(cfg, cfg.campaign.workload, sink)
+        queue = deque(store.unit_ids(PENDING))
+        run_refs: dict[str, Any] = {}   # unit_id -> ObjectRef of its MLflow run id (created by the sink)
+        config_dicts: dict[str, dict] = {}
+        last_drain = time.monotonic()
+
+        def drain() -> None:
+            notes = ray.get(sink.drain.remote())
+            for n in notes["started"]:
+                store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
+            for unit_id, (step, ckpt) in notes["progress"].items():
+                store.note_progress(unit_id, step, ckpt)
+
+        def settle_run_id(unit_id: str) -> str | None:
+            ref = run_refs.pop(unit_id, None)
+            if ref is None:
+                return None
+            run_id = ray.get(ref)
+            store.set_mlflow_run(unit_id, run_id)
+            return run_id
+
+        def finish(outcome) -> None:
+            unit_id = outcome.unit_id
+            settle_run_id(unit_id)
+            row = store.unit(unit_id)
+            tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
+                    "slurm_job_id": row.slurm_job_id}
+            if outcome.result is not None:
+                res = outcome.result
+                result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
+                state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
+                store.mark_finished(unit_id, result, state, res.get("report_seconds"))
+                overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
+                sink.finish_unit.remote(unit_id, "FINISHED", {
+                    "return": result.episode_return, "f1": result.f1, "precision": result.precision,
+                    "recall": result.recall, "env_steps_per_s": result.env_steps_per_s,
+                    "updates_per_s": result.updates_per_s, "seconds": result.seconds,
+                    "logging_overhead": overhead}, {**tags, "state": state})
+                return
+            retry = row.attempts < cfg.campaign.max_attempts
+            new_state = store.mark_attempt_failed(unit_id, outcome.error, retry)
+            log.warning("unit %s attempt %d failed (%s)%s: %s", unit_id, row.attempts, outcome.error_kind,
+                        "; retrying from its checkpoint" if retry else "; no attempts left",
+                        outcome.error.splitlines()[0])
+            if retry:
+                queue.append(unit_id)  # to the back: a bad unit does not hold up the others
+            else:
+                sink.finish_unit.remote(unit_id, "FAILED", {}, {**tags, "state": new_state,
+                                                                "error": outcome.error.splitlines()[0][:500]})
+
+        try:
+            while queue or len(scheduler):
+                while queue and scheduler.has_room():
+                    unit_id = queue.popleft()
+                    row = store.unit(unit_id)
+                    if row.state != PENDING:
+                        continue
+                    attempt = store.mark_running(unit_id)
+                    attempts_run += 1
+                    run_refs[unit_id] = sink.open_unit.remote(unit_id, row.mlflow_run_id, _unit_params(row),
+                                                              {"state": "running", "attempt": attempt})
+                    if row.config_key not in config_dicts:
+                        config_dicts[row.config_key] = store.get_config(row.config_key)
+                    scheduler.launch(unit_id, row.spec_json,
+                                     scheduler.config_ref(row.config_key, config_dicts[row.config_key]),
+                                     paths.unit_dir(unit_id), paths.lake)
+                outcomes = scheduler.wait(timeout=1.0)
+                if outcomes or time.monotonic() - last_drain > 1.0:
+                    drain()  # before finishing: worker notes belong to the attempt that just ended
+                    last_drain = time.monotonic()
+                for outcome in outcomes:
+                    finish(outcome)
+                if outcomes and on_progress is not None:
+                    on_progress(store.counts())
+            drain()
+        except KeyboardInterrupt:
+            interrupted = True
+            scheduler.cancel_all()
+            n = store.requeue_interrupted("driver interrupted")
+            log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
+                        n, paths.name)
+    finally:
+        counts = store.counts()
+        overhead = _logging_overhead(store)
+        sink_stats: dict[str, Any] = {}
+        if sink is not None:
+            try:
+                sink_stats = ray.get(sink.close.remote(
+                    "KILLED" if interrupted else ("FAILED" if counts[FAILED] else "FINISHED"),
+                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=120)
+            except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
+                log.warning("closing the metrics sink failed: %s", e)
+        store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}")
+        logging.getLogger("orchestrator").removeHandler(handler)
+        handler.close()
+        if started_ray:
+            ray.shutdown()
+    return CampaignSummary(name=paths.name, dir=paths.dir, counts=counts, attempts_run=attempts_run,
+                           seconds=time.perf_counter() - t_start, tracking_uri=uri,
+                           experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
+                           logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted)
+
+
+def _logging_overhead(store: CampaignStore) -> float | None:
+    """Share of finished units' worker time spent in the metrics callback."""
+    row = store.db.execute(
+        f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({','.join('?' * len(FINISHED))})"
+        " AND report_seconds IS NOT NULL", FINISHED).fetchone()
+    return row[0] / row[1] if row and row[1] else None

@@ -1,0 +1,201 @@
+"""Running units on Ray: connect to (or start) a cluster, launch one task per unit attempt with
+the resources the config declares, and hand back finished attempts as ``Outcome``s.
+
+Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
+``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
+or node that died) comes back to the driver, which decides whether to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.exceptions
+
+import configs
+from workers.units import UnitResult, UnitSpec
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = {
+    "specialist": ("workers.specialist", "train_unit"),
+    "synthetic": ("workers.synthetic", "run_unit"),
+}
+ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, log_dir: Path | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start one in this process.
+
+    Token authentication stays as Ray sets it (on by default for a new local cluster).
+    Returns True when this call started Ray (so the caller shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    return True
+
+
+def _workload(name: str):
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r} (known: {', '.join(WORKLOADS)})")
+    module, func = WORKLOADS[name]
+    return getattr(__import__(module, fromlist=[func]), func)
+
+
+def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink) -> dict:
+    """Worker side of one attempt: say where it runs, run the workload, time its reporting.
+
+    Returns ``UnitResult`` fields plus ``report_seconds`` (time spent inside the metrics
+    callback) and ``reports`` (how many calls).
+    """
+    unit = UnitSpec.model_validate_json(spec_json)
+    cfg = configs.from_dict(cfg_dict)
+    if unit.overrides:
+        cfg = cfg.with_overrides(unit.overrides)
+    if sink is not None:
+        sink.started.remote(unit.unit_id, {
+            "hostname": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        })
+    spent = {"seconds": 0.0, "calls": 0}
+
+    def report(metrics: dict) -> None:
+        t0 = time.perf_counter()
+        if sink is not None:
+            sink.log.remote(unit.unit_id, dict(metrics), int(time.time() * 1000))
+        spent["seconds"] += time.perf_counter() - t0
+        spent["calls"] += 1
+
+    run = _workload(workload)
+    result: UnitResult = run(unit, cfg, Path(unit_dir), Path(lake_root), report)
+    return {**result.model_dump(), "report_seconds": spent["seconds"], "reports": spent["calls"]}
+
+
+_execute_unit_remote = ray.remote(execute_unit)
+
+
+@dataclass
+class Outcome:
+    """A finished attempt: ``result`` (with ``report_seconds``) on success, else ``error``."""
+
+    unit_id: str
+    result: dict | None
+    error: str | None
+    error_kind: str | None  # 'unit' (exception in the unit) or 'system' (worker/node died, ...)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """(kind, text) for a failed attempt; text is the exception and the tail of its traceback."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        kind = "unit"
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        head = f"{type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
+        text = f"{head}\n{exc}"
+    else:
+        kind = "system"
+        text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception_only(type(exc), exc))
+    if len(text) > ERROR_CHARS:
+        first, rest = text.split("\n", 1) if "\n" in text else (text, "")
+        text = first + "\n...\n" + rest[-(ERROR_CHARS - len(first)):]
+    return kind, text
+
+
+class Scheduler:
+    """Launches unit attempts as Ray tasks and reports them as they finish."""
+
+    def __init__(self, cfg: configs.Config, workload: str, sink=None):
+        _workload(workload)  # fail early on a bad name
+        self.workload = workload
+        self.camp = cfg.campaign
+        self.sink = sink
+        self._inflight: dict[ray.ObjectRef, str] = {}
+        self._config_refs: dict[str, ray.ObjectRef] = {}
+        self._capacity: int | None = None
+        self._capacity_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def capacity(self) -> int:
+        """How many attempts to keep in flight: ``max_concurrent_units``, or (0) what the
+        cluster's CPUs/GPUs fit, rechecked every few seconds as nodes join or leave."""
+        if self.camp.max_concurrent_units > 0:
+            return self.camp.max_concurrent_units
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity_at > 5.0:
+            res = ray.cluster_resources()
+            fits = []
+            if self.camp.cpus_per_unit > 0:
+                fits.append(int(res.get("CPU", 0) // self.camp.cpus_per_unit))
+            if self.camp.gpus_per_unit > 0:
+                fits.append(int(math.floor(res.get("GPU", 0) / self.camp.gpus_per_unit + 1e-9)))
+            slots = min(fits) if fits else int(res.get("CPU", 1))
+            # At least one queued attempt, so an autoscaling pool sees demand even with no nodes yet.
+            self._capacity, self._capacity_at = max(1, slots), now
+        return self._capacity
+
+    def has_room(self) -> bool:
+        return len(self._inflight) < self.capacity()
+
+    def config_ref(self, config_key: str, config_dict: dict) -> ray.ObjectRef:
+        """The unit config in Ray's object store once, shared by every task that uses it."""
+        if config_key not in self._config_refs:
+            self._config_refs[config_key] = ray.put(config_dict)
+        return self._config_refs[config_key]
+
+    def launch(self, unit_id: str, spec_json: str, config_ref: ray.ObjectRef, unit_dir: Path, lake_root: Path) -> None:
+        ref = _execute_unit_remote.options(
+            num_cpus=self.camp.cpus_per_unit,
+            num_gpus=self.camp.gpus_per_unit,
+            max_retries=0,             # the store counts attempts; see the module docstring
+            retry_exceptions=False,
+            name=f"unit:{unit_id}",
+        ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink)
+        self._inflight[ref] = unit_id
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        """Attempts that finished within ``timeout`` seconds (possibly none)."""
+        if not self._inflight:
+            time.sleep(min(timeout, 0.1))
+            return []
+        refs = list(self._inflight)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:  # take every attempt that is done by now, not just the first
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        outcomes = []
+        for ref in ready:
+            unit_id = self._inflight.pop(ref)
+            try:
+                outcomes.append(Outcome(unit_id, ray.get(ref), None, None))
+            except Exception as e:  # RayTaskError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
+                kind, text = describe_failure(e)
+                outcomes.append(Outcome(unit_id, None, text, kind))
+        return outcomes
+
+    def cancel_all(self) -> list[str]:
+        """Cancel every attempt in flight (driver shutting down); returns their unit ids."""
+        ids = list(self._inflight.values())
+        for ref in list(self._inflight):
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        self._inflight.clear()
+        return ids

@@ -1,0 +1,183 @@
+"""Where a campaign stands, read from its store without writing anything (safe while the driver runs).
+
+``read_status(campaign_dir)`` gathers the numbers; ``render(status)`` turns them into a rich
+renderable: units by state, a text histogram of F1, throughput (units/hour), ETA, running
+units and the last errors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.store import FINISHED, PENDING, RUNNING, STATES, CampaignStore
+
+THROUGHPUT_WINDOW_S = 3600.0  # throughput is measured over the last hour of finishes (or less)
+F1_BINS = 10
+
+
+@dataclass
+class CampaignStatus:
+    name: str
+    dir: Path
+    counts: dict[str, int]
+    f1: list[float]                       # F1 of finished units
+    throughput_per_hour: float | None     # finished units per hour, recent window
+    eta_s: float | None                   # time to finish pending + running units at that rate
+    driver: str                           # 'running (pid N on HOST)', 'stopped', 'gone (...)', 'unknown'
+    logging_overhead: float | None        # worker time in the metrics callback / worker time
+    running: list[dict] = field(default_factory=list)
+    last_errors: list[dict] = field(default_factory=list)
+    mlflow: dict[str, str] = field(default_factory=dict)
+    read_seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def resolve_campaign(campaign: str | None, root: str | Path) -> Path:
+    """A campaign directory from a name under ``root``, a path, or (None) the most recent one."""
+    root = Path(root).expanduser()
+    if campaign:
+        for candidate in (Path(campaign).expanduser(), root / campaign):
+            if (candidate / "campaign.db").exists():
+                return candidate.resolve()
+        raise FileNotFoundError(f"no campaign {campaign!r} (looked for {root / campaign}/campaign.db)")
+    found = sorted(root.glob("*/campaign.db"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no campaigns under {root}")
+    return found[-1].parent.resolve()
+
+
+def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10) -> CampaignStatus:
+    t0 = time.perf_counter()
+    campaign_dir = Path(campaign_dir)
+    with CampaignStore(campaign_dir / "campaign.db", readonly=True) as store:
+        db = store.db
+        counts = store.counts()
+        marks = ",".join("?" * len(FINISHED))
+        f1 = [r[0] for r in db.execute(f"SELECT f1 FROM units WHERE state IN ({marks}) AND f1 IS NOT NULL", FINISHED)]
+        driver = _driver_state(store)
+        now = time.time()
+        last_finish = db.execute(f"SELECT MAX(ts) FROM events WHERE kind = 'state' AND to_state IN ({marks})",
+                                 FINISHED).fetchone()[0]
+        first_start = db.execute("SELECT MIN(ts) FROM events WHERE kind = 'driver_start'").fetchone()[0]
+        throughput = eta = None
+        if last_finish is not None and first_start is not None:
+            end = now if driver.startswith("running") else last_finish
+            since = max(first_start, end - THROUGHPUT_WINDOW_S)
+            n = db.execute(f"SELECT COUNT(*) FROM events WHERE kind = 'state' AND to_state IN ({marks}) AND ts >= ?",
+                           (*FINISHED, since)).fetchone()[0]
+            if end > since and n:
+                throughput = n / (end - since) * 3600.0
+                left = counts[PENDING] + counts[RUNNING]
+                eta = left / throughput * 3600.0
+        overhead_row = db.execute(
+            f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({marks}) AND report_seconds IS NOT NULL",
+            FINISHED).fetchone()
+        running = [dict(r) for r in db.execute(
+            "SELECT unit_id, attempts, hostname, slurm_job_id, step, checkpoint_step, started_at FROM units"
+            " WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+        errors = [dict(r) for r in db.execute(
+            "SELECT unit_id, state, attempts, finished_at, error FROM units WHERE error IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
+        mlflow = {k: str(store.get_meta(k, "")) for k in ("tracking_uri", "mlflow_experiment_id", "mlflow_parent_run_id")}
+        name = store.get_meta("name", campaign_dir.name)
+    return CampaignStatus(
+        name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
+        logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
+        running=running, last_errors=errors, mlflow=mlflow, read_seconds=time.perf_counter() - t0)
+
+
+def _driver_state(store: CampaignStore) -> str:
+    """From the last driver_start/driver_stop events (a pid check when the driver ran on this host)."""
+    row = store.db.execute("SELECT kind, detail FROM events WHERE kind IN ('driver_start', 'driver_stop')"
+                           " ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None:
+        return "never started"
+    if row[0] == "driver_stop":
+        return "stopped"
+    info = dict(part.split("=", 1) for part in (row[1] or "").split() if "=" in part)
+    pid, host = info.get("pid"), info.get("host")
+    if pid and host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return f"gone (pid {pid} is not running: `pianoforge resume` continues)"
+        except PermissionError:
+            pass
+        return f"running (pid {pid} on {host})"
+    return f"unknown (pid {pid} on {host})"
+
+
+def f1_histogram(values: list[float], bins: int = F1_BINS, width: int = 40) -> list[tuple[str, int, str]]:
+    """(label, count, bar) rows over [0, 1]."""
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int(v * bins)))] += 1
+    top = max(counts) or 1
+    return [(f"{i / bins:.1f}-{(i + 1) / bins:.1f}", c, "█" * round(c / top * width)) for i, c in enumerate(counts)]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def render(status: CampaignStatus):
+    """A rich renderable of ``status``."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text.assemble((f"campaign {status.name}", "bold"), f"  {status.dir}\n",
+                         f"driver: {status.driver}   units: {status.total}   ",
+                         f"throughput: {status.throughput_per_hour:.1f} units/h   " if status.throughput_per_hour else
+                         "throughput: -   ", f"ETA: {_duration(status.eta_s)}")
+    if status.logging_overhead is not None:
+        head.append(f"   logging overhead: {status.logging_overhead:.3%} of worker time")
+
+    states = Table(title="units by state", show_edge=False)
+    for s in STATES:
+        states.add_column(s, justify="right")
+    states.add_row(*(str(status.counts[s]) for s in STATES))
+
+    hist = Table(title=f"F1 of finished units (n={len(status.f1)})", show_edge=False)
+    hist.add_column("F1")
+    hist.add_column("units", justify="right")
+    hist.add_column("")
+    for label, count, bar in f1_histogram(status.f1):
+        hist.add_row(label, str(count), bar)
+
+    parts = [head, states, hist]
+    if status.running:
+        run = Table(title="running", show_edge=False)
+        for col in ("unit", "attempt", "host", "slurm job", "step", "checkpoint", "for"):
+            run.add_column(col)
+        now = time.time()
+        for r in status.running:
+            run.add_row(r["unit_id"], str(r["attempts"]), r["hostname"] or "-", r["slurm_job_id"] or "-",
+                        str(r["step"] if r["step"] is not None else "-"),
+                        str(r["checkpoint_step"] if r["checkpoint_step"] is not None else "-"),
+                        _duration(now - r["started_at"]) if r["started_at"] else "-")
+        parts.append(run)
+    if status.last_errors:
+        err = Table(title="last errors", show_edge=False)
+        for col in ("unit", "state", "attempts", "error"):
+            err.add_column(col)
+        for e in status.last_errors:
+            first = (e["error"] or "").strip().splitlines()
+            err.add_row(e["unit_id"], e["state"], str(e["attempts"]), first[0][:160] if first else "")
+        parts.append(err)
+    if status.mlflow.get("tracking_uri"):
+        parts.append(Text(f"MLflow: {status.mlflow['tracking_uri']}  experiment {status.mlflow['mlflow_experiment_id']}"
+                          f"  parent run {status.mlflow['mlflow_parent_run_id']}"))
+    return Group(*parts)

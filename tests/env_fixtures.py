@@ -1,0 +1,79 @@
+"""Short songs and drivers for the piano environment tests (no pytest fixtures here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import robopianist
+from note_seq import sequences_lib
+from note_seq.protobuf import music_pb2
+from robopianist.music.midi_file import MidiFile
+
+import configs
+
+TWINKLE = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"
+
+# (start s, end s, MIDI pitches): single notes, a rest, a triad, and a 12-note cluster
+# (more keys than ten fingers), with the pedal down over the second half.
+_PHRASES = [
+    (0.0, 0.4, [60]),
+    (0.4, 0.8, [64]),
+    (0.8, 1.2, [67]),
+    # 1.2-1.6: rest
+    (1.6, 2.2, [48, 52, 55]),
+    (2.2, 2.8, list(range(60, 72))),
+    (2.8, 3.2, [72]),
+]
+_SUSTAIN = [(1.6, 127), (2.8, 0)]
+
+
+def chord_song(stretch: float = 1.25) -> MidiFile:
+    """A 4 s song with rests, single notes, a triad, a 12-note cluster and the pedal."""
+    seq = music_pb2.NoteSequence()
+    seq.ticks_per_quarter = 220
+    seq.tempos.add(qpm=120)
+    for start, end, pitches in _PHRASES:
+        for pitch in pitches:
+            seq.notes.add(pitch=pitch, velocity=80, start_time=start, end_time=end)
+    for time, value in _SUSTAIN:
+        seq.control_changes.add(time=time, control_number=64, control_value=value)
+    seq.total_time = max(n.end_time for n in seq.notes)
+    return MidiFile(seq=seq).stretch(stretch)
+
+
+def twinkle(seconds: float = 3.0, stretch: float = 1.25) -> MidiFile:
+    """The first ``seconds`` of music (after stretching) of RoboPianist's Twinkle Twinkle."""
+    midi = MidiFile.from_file(TWINKLE).stretch(stretch)
+    first = min(note.start_time for note in midi.seq.notes)
+    return MidiFile(seq=sequences_lib.extract_subsequence(midi.seq, first, first + seconds))
+
+
+def env_config(*overrides: str) -> configs.EnvConfig:
+    return configs.load(profile="local", overrides=list(overrides)).env
+
+
+class KeyPresser:
+    """Pushes chosen piano keys down with an external force during the next step.
+
+    Lets a test play "some right, some wrong" keys without a trained policy.
+    """
+
+    def __init__(self, environment) -> None:
+        self._environment = environment
+        task = environment.task
+        self._body_ids = np.asarray(environment.physics.bind(task.piano.keys).element_id)
+
+    def press(self, keys) -> None:
+        xfrc = self._environment.physics.data.xfrc_applied
+        xfrc[:] = 0.0
+        xfrc[self._body_ids[np.asarray(keys, dtype=np.int64)], 2] = -10.0  # N, enough for a full press
+
+
+def oracle_ish_keys(obs_goal_now: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Most keys that should sound at the next step, sometimes plus one wrong key."""
+    right = np.flatnonzero(obs_goal_now > 0.5)
+    keys = right[rng.random(right.size) < 0.7]
+    if rng.random() < 0.3:
+        keys = np.append(keys, rng.integers(0, 88))
+    return keys

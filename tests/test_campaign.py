@@ -1,0 +1,206 @@
+"""Campaigns on a real local Ray cluster with the synthetic workload and a real MLflow SQLite store:
+submit, resubmit, retries, a killed worker, a killed driver and resume, status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+import configs
+from orchestrator import campaign
+from orchestrator.cli import app
+from orchestrator.status import read_status
+from orchestrator.store import FAILED, SUCCEEDED, CampaignStore
+from orchestrator.tracking import PARENT_TAG
+from workers.lake import Lake
+from workers.synthetic import make_units, read_attempts, read_checkpoint_step
+from workers.units import UnitSpec
+
+FAST = [
+    "campaign.workload=synthetic",
+    "campaign.synthetic.sleep_s=0.2",
+    "campaign.synthetic.steps=4",
+    "campaign.synthetic.episodes=1",
+    "campaign.synthetic.steps_per_episode=4",
+    "gate.f1_threshold=0.0",          # every finished unit counts as succeeded
+    "mlflow.system_metrics=false",
+    "mlflow.flush_interval_s=0.5",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _with(unit: UnitSpec, **overrides) -> UnitSpec:
+    return unit.model_copy(update={"overrides": {f"campaign.synthetic.{k}": v for k, v in overrides.items()}})
+
+
+def test_submit_runs_every_unit_once_and_logs_to_mlflow(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST)
+    units = make_units(2, 2, cfg.hash("env", "droq", "specialist"))
+    summary = campaign.submit(units, cfg, "small", root=tmp_path)
+    assert summary.counts[SUCCEEDED] == 4 and summary.attempts_run == 4 and summary.done
+
+    camp_dir = tmp_path / "small"
+    assert (camp_dir / "config.yaml").exists() and (camp_dir / "campaign.db").exists()
+    shards = Lake(camp_dir / "lake", cfg.lake).shards()
+    assert sorted(s.unit_id for s in shards) == sorted(u.unit_id for u in units)
+    with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+        rows = list(store.units())
+        assert all(r.attempts == 1 and r.mlflow_run_id and r.checkpoint_step == 4 and r.hostname for r in rows)
+        assert 0 < summary.logging_overhead < 0.05
+
+    client = MlflowClient(summary.tracking_uri)
+    runs = client.search_runs([summary.experiment_id])
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == summary.parent_run_id]
+    assert [p.info.run_id for p in parents] == [summary.parent_run_id]
+    assert parents[0].data.params["campaign.workload"] == "synthetic"
+    assert len(children) == 4
+    for child in children:
+        assert {"f1", "precision", "recall", "return", "env_steps_per_s"} <= set(child.data.metrics)
+        assert child.data.tags["state"] == SUCCEEDED and child.data.params["unit_id"] in {u.unit_id for u in units}
+        assert len(client.get_metric_history(child.info.run_id, "train/return")) == 4  # one per checkpoint step
+
+    again = campaign.submit(units, cfg, "small", root=tmp_path)  # same manifest: nothing runs again
+    assert again.attempts_run == 0 and again.counts[SUCCEEDED] == 4
+    assert all(len(read_attempts(camp_dir / "units" / u.unit_id)) == 1 for u in units)
+    assert len(client.search_runs([summary.experiment_id])) == 5
+
+
+def test_failed_attempts_are_retried_and_a_hopeless_unit_fails_alone(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST + ["campaign.max_attempts=3"])
+    flaky, hopeless, *fine = make_units(1, 4, "cfg00000")
+    flaky = _with(flaky, fail_pattern="*", fail_first_attempts=1)
+    hopeless = _with(hopeless, fail_pattern="*", fail_first_attempts=99)
+    summary = campaign.submit([flaky, hopeless, *fine], cfg, "flaky", root=tmp_path)
+    assert summary.counts[SUCCEEDED] == 3 and summary.counts[FAILED] == 1
+
+    with CampaignStore(tmp_path / "flaky" / "campaign.db", readonly=True) as store:
+        assert (store.unit(flaky.unit_id).state, store.unit(flaky.unit_id).attempts) == (SUCCEEDED, 2)
+        row = store.unit(hopeless.unit_id)
+        assert (row.state, row.attempts) == (FAILED, 3)
+        assert row.error.startswith("SyntheticFailure") and "planned failure on attempt 3" in row.error
+        assert all(store.unit(u.unit_id).attempts == 1 for u in fine)
+
+    status = read_status(tmp_path / "flaky")
+    assert status.counts[SUCCEEDED] == 3 and status.counts[FAILED] == 1
+    assert status.last_errors[0]["unit_id"] in {flaky.unit_id, hopeless.unit_id}
+    out = CliRunner().invoke(app, ["status", "flaky", "--root", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    counts_row = next(line for line in out.output.splitlines() if line.strip().startswith("0 "))
+    assert counts_row.split() == ["0", "│", "0", "│", "3", "│", "1", "│", "0"]  # pending running succeeded failed gated
+    assert "SyntheticFailure" in out.output
+
+    client = MlflowClient(summary.tracking_uri)
+    failed_run = client.get_run(row.mlflow_run_id)
+    assert failed_run.info.status == "FAILED" and failed_run.data.tags["state"] == FAILED
+
+    # resume gives the failed unit a fresh set of attempts (it fails again: the drill says 99)
+    resumed = campaign.resume("flaky", root=tmp_path)
+    assert resumed.attempts_run == 3 and resumed.counts[FAILED] == 1
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST)
+    slow, quick = make_units(1, 2, "cfg00000")
+    slow = _with(slow, sleep_s=8.0, steps=40)  # 0.2 s per step, a checkpoint every step
+    unit_dir = tmp_path / "killed" / "units" / slow.unit_id
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(s=campaign.submit([slow, quick], cfg, "killed", root=tmp_path)))
+    driver.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (unit_dir / "checkpoint.json").exists() or read_checkpoint_step(unit_dir) < 5:
+        time.sleep(0.1)
+    killed_at = read_checkpoint_step(unit_dir)
+    assert killed_at >= 5
+    os.kill(int((unit_dir / "worker.pid").read_text()), signal.SIGKILL)
+    driver.join(timeout=180)
+    assert result["s"].counts[SUCCEEDED] == 2
+
+    first, second = read_attempts(unit_dir)
+    assert first["start_step"] == 0 and second["start_step"] >= killed_at  # not from scratch
+    with CampaignStore(tmp_path / "killed" / "campaign.db", readonly=True) as store:
+        row = store.unit(slow.unit_id)
+        assert row.attempts == 2 and row.checkpoint_step == 40
+        crash = [e for e in store.events(unit_id=slow.unit_id) if e.from_state == "running" and e.to_state == "pending"]
+        assert len(crash) == 1 and "Worker" in crash[0].detail  # WorkerCrashedError / ActorDiedError text
+
+
+def _write_midi(path: Path, seconds: float) -> None:
+    import pretty_midi
+
+    pm = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    t = 0.0
+    while t < seconds:
+        piano.notes.append(pretty_midi.Note(velocity=80, pitch=60 + int(t) % 12, start=t, end=t + 0.4))
+        t += 0.5
+    pm.instruments.append(piano)
+    pm.write(str(path))
+
+
+def test_killed_driver_then_resume_finishes_without_redoing_work(tmp_path):
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for i, seconds in enumerate((50.0, 30.0)):  # 50 s stretched x1.25 -> 3 chunks of 27.5 s; 30 s -> 2
+        _write_midi(songs / f"song{i}.mid", seconds + i * 0.25)
+    manifest = tmp_path / "drill.yaml"
+    manifest.write_text("songs:\n  - songs/song0.mid\n  - songs/song1.mid\n")
+    root = tmp_path / "campaigns"
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    sets = [f"--set={s}" for s in FAST + ["campaign.synthetic.sleep_s=4", "campaign.synthetic.steps=20"]]
+    driver = subprocess.Popen(cli + ["submit", str(manifest), "--root", str(root), *sets],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    camp_dir = root / "drill"
+    try:
+        deadline = time.time() + 180
+        ckpts: dict[str, int] = {}
+        while time.time() < deadline and driver.poll() is None:
+            ckpts = {d.name: read_checkpoint_step(d) for d in (camp_dir / "units").glob("*") if (d / "checkpoint.json").exists()}
+            if len(ckpts) >= 3 and any(0 < s < 20 for s in ckpts.values()):  # one unit done or nearly, one mid-way
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+        n_units = sum(store.counts().values())
+        assert n_units >= 4 and store.counts()["running"] > 0  # the dead driver left units 'running'
+    assert read_status(camp_dir).driver.startswith("gone")
+
+    resumed = subprocess.run(cli + ["resume", "drill", "--root", str(root)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == n_units
+        unit_ids = [r.unit_id for r in store.units()]
+    for unit_id, step in ckpts.items():  # every unit that had a checkpoint went on from there
+        starts = read_attempts(camp_dir / "units" / unit_id)
+        assert all(a["start_step"] >= step for a in starts[1:]), (unit_id, step, starts)
+    cfg = configs.load(overrides=FAST)
+    shards = Lake(camp_dir / "lake", cfg.lake).shards()
+    assert sorted(s.unit_id for s in shards) == sorted(unit_ids)  # one shard per unit
+    parquet_files = [p for p in (camp_dir / "lake").rglob("*.parquet") if not p.name.startswith(".")]
+    assert len(parquet_files) == n_units
+    saved = yaml.safe_load((camp_dir / "config.yaml").read_text())  # the resolved config, --set values included
+    assert saved["campaign"]["synthetic"]["sleep_s"] == 4

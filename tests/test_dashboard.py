@@ -1,0 +1,383 @@
+"""The campaign dashboard: numbers from the store, lake and MLflow; a page a real browser shows.
+
+Campaign directories are written with the store's, the lake's and MLflow's own APIs (the same
+calls the driver makes), so the dashboard is tested against real files. Browser tests run
+Debian's chromium headless through Playwright and save screenshots to the test's tmp dir and
+to ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import configs
+from dashboards import audio, timeline
+from dashboards.data import Campaign, find_campaign, finger_key_counts, key_press_points
+from dashboards.timeline import StateChange
+from orchestrator.store import GATED, SUCCEEDED, CampaignStore
+from workers.lake import Lake, ShardMeta, synthetic_episode
+from workers.units import UnitResult, UnitSpec
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+# (song, chunk, F1 or "fail" or None = left pending/running): the finished campaign.
+PLAN = [("Fur Elise", 0, 0.91), ("Fur Elise", 1, 0.82), ("Fur Elise", 2, 0.55), ("Twinkle", 0, 0.97),
+        ("Twinkle", 1, 0.78), ("Twinkle", 2, "fail"), ("Nocturne", 0, 0.32), ("Nocturne", 1, 0.88)]
+STEPS_PER_EPISODE = 40
+EPISODES = 3
+
+
+def _cfg() -> configs.Config:
+    return configs.load(overrides=["gate.min_shards=4", "campaign.workload=synthetic"])
+
+
+def _spec(song: str, chunk: int, cfg: configs.Config) -> UnitSpec:
+    song_hash = hashlib.sha256(song.encode()).hexdigest()
+    return UnitSpec.create(f"/songs/{song}.mid", song_hash, song, chunk, cfg.hash("env", "droq", "specialist"))
+
+
+def _episodes(seed: int, f1: float) -> list:
+    """Synthetic episodes whose fingertips hover over the keys to press (so OT fingering has
+    something to match), the best one (highest F1) last."""
+    points = key_press_points()
+    eps = []
+    for k in range(EPISODES):
+        ep = synthetic_episode(STEPS_PER_EPISODE, seed=seed + k, f1=max(0.0, f1 - 0.1 * (EPISODES - 1 - k)))
+        ep.obs[:, 1068:1098] = _fingertips_over(ep.target, points)
+        ep.obs[:, 1067] = 0.0  # sustain pedal up
+        eps.append(ep)
+    return eps
+
+
+def _fingertips_over(target: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(T, 30) fingertip positions: finger i of the step's sorted target keys sits 2 mm above
+    key i; the unused fingers wait far away."""
+    tips = np.tile(np.array([0.0, 0.0, 1.0]), (len(target), 10, 1)) + np.arange(10)[None, :, None] * 0.05
+    for t in range(len(target)):
+        for i, key in enumerate(np.flatnonzero(target[t])[:10]):
+            tips[t, i] = points[key] + np.array([0.0, 0.0, 0.002])
+    return tips.reshape(len(target), 30).astype(np.float32)
+
+
+def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: bool = True) -> Path:
+    """A campaign directory written through the store, lake and MLflow APIs. Finished: every
+    unit of PLAN ends (one failed after 3 attempts). In progress: the first 4 end, one runs,
+    the rest are pending."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg()
+    directory = root / name
+    (directory / "units").mkdir(parents=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    lake = Lake(directory / "lake", cfg.lake)
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(name)
+    with CampaignStore(directory / "campaign.db") as store:
+        store.set_meta("name", name)
+        store.set_meta("tracking_uri", uri)
+        store.set_meta("mlflow_experiment_id", experiment_id)
+        config_key = store.put_config(cfg.to_dict(), cfg.hash())
+        specs = [_spec(song, chunk, cfg) for song, chunk, _ in PLAN]
+        store.add_units(specs, config_key)
+        n_done = len(PLAN) if finished else 4
+        for i, (spec, (_, _, outcome)) in enumerate(zip(specs, PLAN)):
+            if i > n_done:
+                break
+            store.mark_running(spec.unit_id)
+            store.note_worker(spec.unit_id, f"node-{i % 2}", None, 1000 + i, None)
+            if mlflow_runs:
+                run = client.create_run(experiment_id, run_name=spec.unit_id)
+                store.set_mlflow_run(spec.unit_id, run.info.run_id)
+                target = 0.5 if outcome == "fail" else outcome
+                for step in range(0, 5001, 1000):
+                    client.log_metric(run.info.run_id, "eval/f1", target * step / 5000, step=step)
+                    client.log_metric(run.info.run_id, "train/return", 100 * target * step / 5000, step=step)
+            if i == n_done:  # the in-progress campaign's running unit
+                break
+            time.sleep(0.01)  # distinct event times, as a real campaign has
+            if outcome == "fail":
+                for attempt in range(3):
+                    err = (f"Traceback (most recent call last):\n  File \"workers/specialist.py\", line 80\n"
+                           f"FloatingPointError: NaN in critic loss (attempt {attempt + 1})")
+                    store.mark_attempt_failed(spec.unit_id, err, retry=attempt < 2)
+                    if attempt < 2:
+                        store.mark_running(spec.unit_id)
+                continue
+            episodes = _episodes(seed=100 * i, f1=outcome)
+            meta = ShardMeta(spec.unit_id, spec.song_hash, spec.song_name, spec.chunk_index, spec.split,
+                             spec.config_hash, outcome)
+            shard = lake.commit_shard(meta, episodes)
+            result = UnitResult(unit_id=spec.unit_id, f1=outcome, precision=outcome, recall=outcome,
+                                episode_return=1.0, steps=5000, shard_path=str(shard.path), seconds=12.5 + i)
+            store.mark_finished(spec.unit_id, result, SUCCEEDED if outcome >= cfg.gate.f1_threshold else GATED)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def finished_campaign(tmp_path_factory) -> Path:
+    return make_campaign(tmp_path_factory.mktemp("campaigns"), "demo")
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers without a browser
+# --------------------------------------------------------------------------------------------
+
+
+def test_states_over_time_replays_transitions():
+    changes = [StateChange(0, "a", "pending"), StateChange(0, "b", "pending"), StateChange(1, "a", "running"),
+               StateChange(2, "a", "pending"), StateChange(3, "a", "running"), StateChange(4, "a", "succeeded"),
+               StateChange(5, "b", "running"), StateChange(6, "b", "failed")]
+    times, counts = timeline.states_over_time(changes, now=10)
+    assert times == [0, 1, 2, 3, 4, 5, 6, 10]
+    assert counts["pending"] == [2, 1, 2, 1, 1, 0, 0, 0]
+    assert counts["running"] == [0, 1, 0, 1, 0, 1, 0, 0]
+    assert counts["succeeded"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert counts["failed"][-1] == 1
+    # Every instant accounts for every unit seen so far.
+    assert all(sum(c[i] for c in counts.values()) == 2 for i in range(len(times)))
+    # A retried unit finishes once, at its last end.
+    assert timeline.finish_times(changes) == [4, 6]
+
+
+def test_throughput_and_eta():
+    done = [100.0, 200.0, 300.0, 400.0]
+    # 4 units in the last 400 s -> 36 per hour; 9 left -> 15 minutes.
+    rate = timeline.rate_per_hour(done, start=0.0, now=400.0, window_s=600.0)
+    assert rate == pytest.approx(36.0)
+    assert timeline.eta_seconds(9, rate) == pytest.approx(900.0)
+    assert timeline.eta_seconds(0, None) == 0.0 and timeline.eta_seconds(3, None) is None
+    # Only the window counts when the campaign is older than it.
+    assert timeline.rate_per_hour(done, start=0.0, now=400.0, window_s=150.0) == pytest.approx(2 / 150 * 3600)
+    edges, counts = timeline.throughput_bins(done, 0.0, 400.0, n_bins=4)
+    assert sum(counts) == 4 and len(edges) == 5
+
+
+def test_finger_key_counts_find_the_finger_on_each_key():
+    points = key_press_points()
+    assert points.shape == (88, 3)
+    assert np.all(np.diff(points[:, 1]) != 0)  # keys spread along the keyboard
+    target = np.zeros((3, 88), dtype=bool)
+    target[0, [39, 43, 46]] = True  # a C major chord
+    target[1, 60] = True
+    fingertips = _fingertips_over(target, points)
+    counts = finger_key_counts(fingertips, target)
+    assert counts.shape == (10, 88)
+    assert counts.sum() == 4  # one match per key to press; nothing at the silent step
+    assert counts[0, 39] == counts[1, 43] == counts[2, 46] == counts[0, 60] == 1
+
+
+def test_snapshot_reads_store_lake_and_mlflow(finished_campaign):
+    s = Campaign(finished_campaign).snapshot()
+    counts = timeline.state_counts(u.state for u in s.units)
+    f1s = [f for _, _, f in PLAN if f != "fail"]
+    assert counts == {"pending": 0, "running": 0, "succeeded": sum(f >= 0.75 for f in f1s),
+                      "gated": sum(f < 0.75 for f in f1s), "failed": 1}
+    failed = [u for u in s.units if u.state == "failed"]
+    assert failed[0].attempts == 3 and "NaN in critic loss (attempt 3)" in failed[0].error
+    # The key histogram equals the pressed keys counted straight from the Parquet files.
+    expected = np.zeros(88, dtype=np.int64)
+    n_rows = 0
+    for path in (finished_campaign / "lake" / "data").rglob("*.parquet"):
+        pressed = pq.read_table(path, columns=["pressed"]).column("pressed").to_pylist()
+        n_rows += len(pressed)
+        for keys in pressed:
+            expected[keys] += 1
+    assert s.key_counts.tolist() == expected.tolist() and s.lake_steps == n_rows == len(f1s) * EPISODES * STEPS_PER_EPISODE
+    assert s.gate.passing == sum(f >= 0.75 for f in f1s) and s.gate.needed == 4
+    # Learning curves of the best units by default, from their MLflow runs.
+    best = sorted((u for u in s.units if u.f1 is not None), key=lambda u: -u.f1)[:5]
+    assert list(s.curves) == [u.unit_id for u in best]
+    steps, values = s.curves[best[0].unit_id]["eval/f1"]
+    assert steps == [0, 1000, 2000, 3000, 4000, 5000] and values[-1] == pytest.approx(0.97)
+    assert all(u.run_link and u.mlflow_run_id in u.run_link for u in s.units if u.mlflow_run_id)
+    # The focus is the best unit's best episode (the last one written, F1 0.97).
+    assert s.focus.unit_id == best[0].unit_id and s.focus.f1 == pytest.approx(0.97)
+    # Fingering: one finger per key to press at every step of that rollout.
+    target = _target_of_best(finished_campaign, s)
+    assert s.focus.finger_key.sum() == sum(min(10, int(row.sum())) for row in target)
+
+
+def _target_of_best(campaign_dir: Path, s) -> np.ndarray:
+    lake = Lake(campaign_dir / "lake")
+    shard = next(x for x in lake.shards() if x.unit_id == s.focus.unit_id)
+    return max(lake.read_episodes(shard), key=lambda e: e.f1).target
+
+
+def test_rollout_wav_is_nonsilent_and_as_long_as_the_rollout(finished_campaign, tmp_path):
+    campaign = Campaign(finished_campaign)
+    focus = campaign.snapshot().focus
+    path = campaign.render_audio(focus)
+    with wave.open(str(path)) as w:
+        rate, frames = w.getframerate(), w.getnframes()
+        samples = np.frombuffer(w.readframes(frames), dtype="<i2").astype(np.float64)
+    dt = campaign.cfg.env.control_timestep
+    assert w.getnchannels() == 1 and rate == 44100
+    assert frames == round((focus.n_steps * dt + audio.TAIL_S) * rate)
+    first = int(np.flatnonzero(focus.pressed.any(axis=1))[0])
+    onset = int(first * dt * rate)
+    assert np.sqrt(np.mean(samples[onset:onset + rate // 2] ** 2)) > 500  # audible while keys are down
+    if first > 0:
+        assert np.abs(samples[:onset]).max() == 0  # silent before the first key goes down
+
+
+def test_synthesize_silent_and_repeated_presses():
+    silent = audio.synthesize(np.zeros((20, 88), dtype=bool), 0.05)
+    assert silent.shape == (round((20 * 0.05 + audio.TAIL_S) * 44100),) and not silent.any()
+    pressed = np.zeros((6, 88), dtype=bool)
+    pressed[[0, 1, 3, 4], 40] = True  # the same key struck twice
+    events = audio.rollout_events(pressed, 0.05)
+    kinds = [(type(e).__name__, round(e.time, 3)) for e in events]
+    assert kinds == [("NoteOn", 0.0), ("NoteOff", 0.1), ("NoteOn", 0.15), ("NoteOff", 0.25)]
+
+
+def test_find_campaign_names_what_exists(tmp_path, finished_campaign):
+    from dashboards.data import CampaignNotFound
+
+    root = finished_campaign.parent
+    assert find_campaign(root) == finished_campaign and find_campaign(root, "demo") == finished_campaign
+    with pytest.raises(CampaignNotFound, match="campaigns under .*: demo"):
+        find_campaign(root, "nope")
+
+
+# --------------------------------------------------------------------------------------------
+# In a real browser
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    page.screenshot(path=str(out), full_page=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / name).write_bytes(out.read_bytes())
+    assert out.stat().st_size > 10_000
+    return out
+
+
+def _plot_data(page, div_id: str) -> list[dict]:
+    return page.evaluate(f"() => document.getElementById('{div_id}').data.map(t => ({{name: t.name, x: t.x, y: t.y, z: t.z}}))")
+
+
+def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
+    from dashboards.app import DashboardServer
+
+    campaign = Campaign(finished_campaign)
+    f1s = [f for _, _, f in PLAN if f != "fail"]
+    with DashboardServer(campaign, port=0) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(url)
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 8")
+        assert errors == []
+        assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # nothing from a CDN
+        assert page.inner_text("#campaign-state") == "finished"
+        assert page.inner_text("#n-succeeded") == str(sum(f >= 0.75 for f in f1s))
+        assert page.inner_text("#n-failed") == "1" and page.inner_text("#eta") == "done"
+        # Stacked area: at the end every unit is in an end state.
+        states = {t["name"]: t["y"] for t in _plot_data(page, "fig-states")}
+        assert states["succeeded"][-1] == 5 and states["gated"][-1] == 2 and states["failed"][-1] == 1
+        assert states["pending"][0] == len(PLAN) and states["pending"][-1] == 0
+        # F1 histogram: every finished specialist counted, in the right bins; the gate line at 0.75.
+        f1_trace = _plot_data(page, "fig-f1")[0]
+        assert sum(f1_trace["y"]) == len(f1s)
+        assert f1_trace["y"][int(0.97 * 20)] >= 1 and f1_trace["y"][int(0.32 * 20)] == 1
+        shapes = page.evaluate("() => document.getElementById('fig-f1').layout.shapes.map(s => s.x0)")
+        assert shapes == [0.75]
+        # Pressed keys: 88 bars equal to the snapshot's counts.
+        keys = _plot_data(page, "fig-keys")[0]
+        assert len(keys["y"]) == 88 and keys["y"] == campaign.snapshot().key_counts.tolist()
+        # Learning curves: one line per shown unit and metric; the finger heatmap covers 10 fingers.
+        curves = _plot_data(page, "fig-curves")
+        assert len(curves) == 5 * 2 and max(curves[0]["y"]) == pytest.approx(0.97)
+        fingers = _plot_data(page, "fig-fingers")[0]
+        assert len(fingers["y"]) == 10 and sum(map(sum, fingers["z"])) > 0
+        # Failures with their errors; links to MLflow runs.
+        assert "NaN in critic loss (attempt 3)" in page.inner_text("#failures")
+        links = page.eval_on_selector_all("#units a[target=_blank]", "as => as.map(a => a.href)")
+        assert len(links) == len(PLAN) and all("/runs/" in h for h in links)
+        # The audio element plays the server's WAV.
+        src = page.get_attribute("#rollout-audio", "src")
+        wav = urllib.request.urlopen(url.rstrip("/") + src, timeout=60)
+        assert wav.headers["Content-Type"] == "audio/wav" and wav.read(4) == b"RIFF"
+        summary = json.loads(urllib.request.urlopen(url + "api/summary", timeout=30).read())
+        assert summary["finished"] and summary["counts"]["failed"] == 1
+        _screenshot(page, tmp_path, "dashboard_finished.png")
+        page.close()
+
+
+def test_page_of_a_running_campaign_refreshes_itself(tmp_path, browser):
+    from dashboards.app import DashboardServer
+
+    directory = make_campaign(tmp_path, "live", finished=False)
+    campaign = Campaign(directory, configs.load(overrides=["dashboard.refresh_s=0.3"]).dashboard)
+    with DashboardServer(campaign, port=0) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)
+        assert page.inner_text("#campaign-state") == "running"
+        assert page.inner_text("#n-running") == "1" and page.inner_text("#n-pending") == str(len(PLAN) - 5)
+        _screenshot(page, tmp_path, "dashboard_running.png")
+        # The driver finishes the running unit: the page notices by itself and reloads.
+        with CampaignStore(directory / "campaign.db") as store:
+            running = store.unit_ids("running")[0]
+            store.mark_finished(running, UnitResult(unit_id=running, f1=0.9, precision=0.9, recall=0.9,
+                                                    episode_return=1.0, steps=10, shard_path=None, seconds=1.0),
+                                SUCCEEDED)
+        page.wait_for_function("() => document.getElementById('n-running').textContent === '0'", timeout=20_000)
+        # Then the remaining units fail: the campaign is finished and the page stops polling.
+        with CampaignStore(directory / "campaign.db") as store:
+            for uid in store.unit_ids("pending"):
+                store.mark_running(uid)
+                store.mark_attempt_failed(uid, "RuntimeError: no GPU", retry=False)
+        page.wait_for_function("() => document.getElementById('campaign-state').textContent === 'finished'",
+                               timeout=20_000)
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.wait_for_timeout(1500)
+        assert not [r for r in requests if "/api/summary" in r]
+        page.close()
+
+
+def test_static_export_opens_offline(finished_campaign, browser, tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    out = tmp_path / "campaign.html"
+    result = CliRunner().invoke(app, ["dashboard", "demo", "--root", str(finished_campaign.parent), "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", text) and "/api/summary" not in text  # all inline, no polling
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
+    page.goto(out.as_uri())
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 8")
+    assert sum(_plot_data(page, "fig-f1")[0]["y"]) == len([f for _, _, f in PLAN if f != "fail"])
+    assert page.get_attribute("#rollout-audio", "src").startswith("data:audio/wav;base64,")
+    _screenshot(page, tmp_path, "dashboard_export.png")
+    page.close()

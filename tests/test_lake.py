@@ -1,0 +1,475 @@
+"""The Parquet trajectory lake: exact round trips, atomic and concurrent commits, plain-tool
+readability, and the streaming TrajectoryDataset's split of work across ranks and workers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import configs
+from workers.lake import (
+    GOAL_BITS,
+    OBS_DIM,
+    Episode,
+    Lake,
+    LakeError,
+    ShardMeta,
+    TrajectoryDataset,
+    read_shard_kv,
+    synthetic_episode,
+)
+
+LAKE_CFG = configs.load().lake.model_copy(update={"row_group_rows": 64})  # several row groups per shard
+
+
+def make_meta(unit: str, song: str = "a1" * 32, split: str = "train", f1: float = 0.9, chunk: int = 0) -> ShardMeta:
+    return ShardMeta(unit_id=unit, song_hash=song, song_name=f"Song {song[:4]} ünicode", chunk_index=chunk,
+                     split=split, config_hash="cfg0123", specialist_f1=f1)
+
+
+def tagged_episodes(tag: int, lengths: list[int]) -> list[Episode]:
+    """Episodes whose last observation entry and first action entry carry a unique step id
+    (tag * 10000 + episode * 1000 + step), so a sample can be traced to its step."""
+    episodes = []
+    for e, n in enumerate(lengths):
+        ep = synthetic_episode(n, seed=tag * 100 + e)
+        ids = tag * 10000 + e * 1000 + np.arange(n)
+        ep.obs[:, -1] = ids
+        ep.action[:, 0] = ids
+        episodes.append(ep)
+    return episodes
+
+
+def assert_same_episodes(written: list[Episode], read: list[Episode]) -> None:
+    assert len(written) == len(read)
+    for a, b in zip(written, read):
+        for field in ("obs", "action", "reward", "pressed", "target"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert x.dtype == y.dtype and x.shape == y.shape, field
+            assert x.tobytes() == y.tobytes(), f"{field} differs after the round trip"
+        assert (a.seed, a.episode_return, a.precision, a.recall, a.f1) == (
+            b.seed, b.episode_return, b.precision, b.recall, b.f1)
+
+
+# --------------------------------------------------------------------------------------------
+# Round trip, metadata, catalog
+# --------------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    episodes = [synthetic_episode(n, seed=s) for s, n in enumerate([150, 1, 37, 90])]
+    episodes[1].obs[:, :GOAL_BITS] = 1.0  # every goal bit on, including the last partial byte
+    episodes[2].obs[:, :GOAL_BITS] = 0.0
+    episodes[3].obs[5, 979:] = [np.nan, np.inf, -0.0, 1e-40] * 41 + [np.float32(-3.5)]  # odd floats survive
+    lake = Lake(tmp_path, LAKE_CFG)
+    info = lake.commit_shard(make_meta("u1"), episodes)
+    assert (info.n_episodes, info.n_steps) == (4, 278)
+    assert info.n_row_groups == 2  # whole episodes, >= 64 rows each: [150], [1, 37, 90]
+    assert info.bytes == info.path.stat().st_size
+    assert_same_episodes(episodes, lake.read_episodes(info))
+
+
+def test_row_groups_hold_whole_episodes(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    info = lake.commit_shard(make_meta("u1"), [synthetic_episode(n, seed=n) for n in [30, 30, 30, 100, 5]])
+    pf = pq.ParquetFile(info.path)
+    groups = [pf.read_row_group(g, columns=["episode", "step"]) for g in range(pf.num_row_groups)]
+    assert [g.num_rows for g in groups] == [90, 100, 5]
+    for g in groups:
+        steps = g.column("step").to_numpy()
+        episode = g.column("episode").to_numpy()
+        starts = np.r_[True, episode[1:] != episode[:-1]]
+        assert (steps[starts] == 0).all()  # no episode continues from the previous group
+
+
+def test_shard_metadata_in_file_and_catalog(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    meta = make_meta("u-meta", split="eval", f1=0.8125, chunk=7)
+    info = lake.commit_shard(meta, [synthetic_episode(20, seed=1)])
+    assert info.path == tmp_path / "data" / f"song={meta.song_hash}" / "u-meta.parquet"
+    kv = read_shard_kv(info.path)
+    assert kv["song_hash"] == meta.song_hash and kv["song_name"] == meta.song_name
+    assert kv["chunk_index"] == "7" and kv["unit_id"] == "u-meta" and kv["split"] == "eval"
+    assert float(kv["specialist_f1"]) == 0.8125 and kv["config_hash"] == "cfg0123"
+    assert kv["schema_version"] == str(LAKE_CFG.schema_version) and kv["commit_id"] == info.commit_id
+    entry = json.loads((tmp_path / "meta" / "catalog" / "u-meta.json").read_text())
+    assert entry["path"] == f"data/song={meta.song_hash}/u-meta.parquet"
+    assert (entry["song_name"], entry["chunk_index"], entry["specialist_f1"]) == (meta.song_name, 7, 0.8125)
+    assert lake.shards() == [info] and info.meta == meta
+    assert lake.catalog().column("unit_id").to_pylist() == ["u-meta"]
+
+
+def test_info_json_describes_the_files(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    info = lake.commit_shard(make_meta("u1"), [synthetic_episode(10, seed=0)])
+    doc = json.loads((tmp_path / "meta" / "info.json").read_text())
+    schema = pq.read_schema(info.path)
+    assert [c["name"] for c in doc["columns"]] == schema.names
+    assert [c["type"] for c in doc["columns"]] == [str(t) for t in schema.types]
+    assert doc["fps"] == 20 and doc["schema_version"] == LAKE_CFG.schema_version
+    layout = doc["observation_layout"]
+    assert layout[0]["slice"][0] == 0 and layout[-1]["slice"][1] == OBS_DIM
+    assert all(a["slice"][1] == b["slice"][0] for a, b in zip(layout, layout[1:]))  # contiguous
+    assert doc["path_templates"]["shard"].format(song_hash="s", unit_id="u") == "data/song=s/u.parquet"
+
+
+@pytest.mark.parametrize("codec, level", [("snappy", None), ("none", None), ("gzip", 5), ("zstd", 9)])
+def test_every_configured_codec_writes_readable_shards(tmp_path, codec, level):
+    lake_cfg = LAKE_CFG.model_copy(update={"compression": codec, "compression_level": level})
+    episodes = [synthetic_episode(30, seed=2)]
+    info = Lake(tmp_path, lake_cfg).commit_shard(make_meta("u1"), episodes)
+    column = pq.read_metadata(info.path).row_group(0).column(4)
+    assert column.compression == {"none": "UNCOMPRESSED"}.get(codec, codec.upper())
+    assert_same_episodes(episodes, Lake(tmp_path, lake_cfg).read_episodes(info))
+
+
+def test_shards_filter_by_f1_and_split(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    for unit, split, f1 in [("a", "train", 0.9), ("b", "train", 0.5), ("c", "eval", 0.95), ("d", "held-out", 0.75)]:
+        lake.commit_shard(make_meta(unit, split=split, f1=f1), [synthetic_episode(5, seed=0)])
+    ids = lambda shards: [s.unit_id for s in shards]  # noqa: E731
+    assert ids(lake.shards()) == ["a", "b", "c", "d"]
+    assert ids(lake.shards(min_f1=0.75)) == ["a", "c", "d"]
+    assert ids(lake.shards(split="train")) == ["a", "b"]
+    assert ids(lake.shards(min_f1=0.75, split=("train", "held-out"))) == ["a", "d"]
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda ep: ep.obs.__setitem__((3, 100), 0.5), "obs[3, 100]"),
+        (lambda ep: setattr(ep, "action", ep.action[:, :38]), "'action'"),
+        (lambda ep: setattr(ep, "pressed", ep.pressed[:-1]), "'pressed'"),
+    ],
+)
+def test_bad_episode_is_refused_with_a_clear_message(tmp_path, spoil, message):
+    ep = synthetic_episode(10, seed=0)
+    spoil(ep)
+    lake = Lake(tmp_path, LAKE_CFG)
+    with pytest.raises(LakeError, match=re.escape(message)):
+        lake.commit_shard(make_meta("u1"), [synthetic_episode(10, seed=1), ep])
+    assert lake.shards() == [] and not list(tmp_path.glob("data/*/*"))
+
+
+def test_bad_meta_is_refused(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    with pytest.raises(LakeError, match="unit_id"):
+        lake.commit_shard(make_meta("../escape"), [synthetic_episode(5, seed=0)])
+    with pytest.raises(LakeError, match="split"):
+        lake.commit_shard(make_meta("u1", split="test"), [synthetic_episode(5, seed=0)])
+
+
+def test_retried_unit_replaces_its_shard(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    lake.commit_shard(make_meta("u1", f1=0.5), tagged_episodes(1, [40, 40]))
+    lake.commit_shard(make_meta("u2", f1=0.3), tagged_episodes(2, [10]))
+    second = tagged_episodes(3, [25])
+    info = lake.commit_shard(make_meta("u1", f1=0.7), second)
+    assert sorted(p.name for p in tmp_path.glob("data/*/*")) == ["u1.parquet", "u2.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("meta/catalog/*")) == ["u1.json", "u2.json"]
+    [listed] = lake.shards(min_f1=0.6)
+    assert listed == info and listed.n_steps == 25
+    assert_same_episodes(second, lake.read_episodes(listed))
+
+
+def test_reading_a_replaced_shard_through_a_stale_listing_fails_clearly(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    old = lake.commit_shard(make_meta("u1"), [synthetic_episode(5, seed=0)])
+    lake.commit_shard(make_meta("u1"), [synthetic_episode(6, seed=1)])
+    with pytest.raises(LakeError, match="replaced since it was listed"):
+        lake.read_episodes(old)
+
+
+# --------------------------------------------------------------------------------------------
+# Readable without pianoforge
+# --------------------------------------------------------------------------------------------
+
+
+def unpack_goal(blobs: list[bytes]) -> np.ndarray:
+    packed = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), -1)
+    return np.unpackbits(packed, axis=1, count=GOAL_BITS).astype(np.float32)
+
+
+def plain_obs(table: pa.Table) -> np.ndarray:
+    """The observation as a reader who only has info.json's recipe would rebuild it."""
+    parts = [unpack_goal(table.column("goal_bits").to_pylist())]
+    for name in ("key_joints", "sustain_state", "fingertip_pos", "hand_joints"):
+        col = np.asarray(table.column(name).to_pylist(), dtype=np.float32)
+        parts.append(col.reshape(table.num_rows, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def test_plain_pyarrow_and_duckdb_read_the_same_rows(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    songs = {"u1": "aa" * 32, "u2": "bb" * 32, "u3": "aa" * 32}
+    for i, (unit, song) in enumerate(songs.items()):
+        lake.commit_shard(make_meta(unit, song=song), tagged_episodes(i, [30, 12]))
+    ours = {s.unit_id: lake.read_episodes(s) for s in lake.shards()}
+
+    song_partition = ds.partitioning(pa.schema([("song", pa.string())]), flavor="hive")
+    table = ds.dataset(tmp_path / "data", format="parquet", partitioning=song_partition).to_table()
+    table = table.sort_by([("unit_id", "ascending"), ("episode", "ascending"), ("step", "ascending")])
+    hive = ds.dataset(tmp_path / "data", format="parquet", partitioning="hive").to_table(columns=["song"])
+    assert set(hive.column("song").to_pylist()) == {"aa" * 32, "bb" * 32}
+
+    rows = duckdb.sql(
+        f"SELECT * FROM read_parquet('{tmp_path}/data/*/*.parquet', hive_partitioning = true, "
+        f"hive_types = {{'song': VARCHAR}}) ORDER BY unit_id, episode, step").to_arrow_table()
+
+    for plain in (table, rows):
+        assert plain.num_rows == 3 * 42
+        assert plain.column("unit_id").to_pylist() == [u for u in sorted(songs) for _ in range(42)]
+        assert plain.column("song").to_pylist() == [songs[u] for u in sorted(songs) for _ in range(42)]
+        episodes = [ep for u in sorted(ours) for ep in ours[u]]
+        expect_obs = np.concatenate([ep.obs for ep in episodes])
+        assert plain_obs(plain).tobytes() == expect_obs.tobytes()
+        action = np.asarray(plain.column("action").to_pylist(), dtype=np.float32)
+        assert action.tobytes() == np.concatenate([ep.action for ep in episodes]).tobytes()
+        pressed = plain.column("pressed").to_pylist()
+        assert pressed == [list(np.flatnonzero(row)) for ep in episodes for row in ep.pressed]
+        assert plain.column("episode_f1").to_pylist() == [ep.f1 for ep in episodes for _ in range(ep.n_steps)]
+
+    catalog = duckdb.sql(f"SELECT unit_id, n_steps FROM read_json_auto('{tmp_path}/meta/catalog/*.json') "
+                         "ORDER BY unit_id").fetchall()
+    assert catalog == [("u1", 42), ("u2", 42), ("u3", 42)]
+    kv = duckdb.sql(f"SELECT decode(value) FROM parquet_kv_metadata('{lake.shards()[1].path}') "
+                    "WHERE decode(key) = 'song_hash'").fetchall()
+    assert kv == [("bb" * 32,)]
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic commits, concurrent writers, crashes
+# --------------------------------------------------------------------------------------------
+
+
+def _commit_several(root: str, worker: int, units: list[str], start) -> None:
+    lake = Lake(root, LAKE_CFG)
+    start.wait()  # all writers begin together
+    for k, unit in enumerate(units):
+        lake.commit_shard(make_meta(unit, f1=worker / 10), tagged_episodes(worker * 10 + k, [40 + worker, 7]))
+
+
+def test_concurrent_writers_lose_nothing_and_never_duplicate(tmp_path):
+    # 4 processes x 5 shards; "shared-*" units are committed by every process at about the same time.
+    plan = {w: [f"shared-{k}" if k % 2 == 0 else f"own-{w}-{k}" for k in range(5)] for w in range(4)}
+    ctx = mp.get_context("fork")
+    start = ctx.Barrier(len(plan))
+    procs = [ctx.Process(target=_commit_several, args=(str(tmp_path), w, units, start)) for w, units in plan.items()]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+    lake = Lake(tmp_path, LAKE_CFG)
+    expected_units = sorted({u for units in plan.values() for u in units})
+    shards = lake.shards()
+    assert [s.unit_id for s in shards] == expected_units == sorted(
+        p.stem for p in tmp_path.glob("meta/catalog/*.json"))
+    files = sorted(tmp_path.glob("data/**/*"))
+    assert sorted(p for p in files if p.is_file()) == sorted(s.path for s in shards)  # no temp files either
+    for shard in shards:
+        kv = read_shard_kv(shard.path)
+        assert kv["commit_id"] == shard.commit_id  # the entry describes the file on disk
+        worker = round(shard.specialist_f1 * 10)
+        episodes = lake.read_episodes(shard)
+        assert [ep.n_steps for ep in episodes] == [40 + worker, 7] and shard.n_steps == 47 + worker
+        assert shard.bytes == shard.path.stat().st_size
+
+
+def _crash_before_rename(root: str) -> None:
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith(".parquet"):
+            os._exit(17)  # the process dies after the shard is written, before it is renamed
+        real_replace(src, dst)
+
+    os.replace = crash
+    Lake(root, LAKE_CFG).commit_shard(make_meta("crashed", song="cc" * 32), tagged_episodes(5, [30]))
+
+
+def test_crashed_writer_leaves_nothing_visible(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    lake.commit_shard(make_meta("good"), tagged_episodes(1, [20]))
+    proc = mp.get_context("fork").Process(target=_crash_before_rename, args=(str(tmp_path),))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 17
+    [leftover] = list((tmp_path / "data" / f"song={'cc' * 32}").iterdir())
+    assert leftover.name.startswith(".crashed.parquet.tmp-") and pq.read_metadata(leftover).num_rows == 30
+
+    assert [s.unit_id for s in lake.shards()] == ["good"]
+    assert ds.dataset(tmp_path / "data", format="parquet", partitioning="hive").count_rows() == 20
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/data/*/*.parquet')").fetchall() == [(20,)]
+    assert [s.unit_id for s in TrajectoryDataset(tmp_path).shards] == ["good"]
+
+    assert lake.vacuum(min_age_s=3600) == []  # might still be a commit in progress
+    assert lake.vacuum(min_age_s=0) == [leftover] and not leftover.exists()
+    lake.commit_shard(make_meta("crashed", song="cc" * 32), tagged_episodes(5, [30]))  # the retry succeeds
+    assert [s.unit_id for s in lake.shards()] == ["crashed", "good"]
+
+
+# --------------------------------------------------------------------------------------------
+# TrajectoryDataset
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_lake(tmp_path) -> Path:
+    lake = Lake(tmp_path, LAKE_CFG)
+    lengths = {0: [50, 3, 70], 1: [64, 64], 2: [1, 20], 3: [90], 4: [33, 33, 33], 5: [10]}
+    for tag, lens in lengths.items():
+        split = "eval" if tag == 5 else "train"
+        lake.commit_shard(make_meta(f"unit-{tag}", song=f"{tag:02d}" * 32, split=split, f1=0.5 if tag == 4 else 0.9),
+                          tagged_episodes(tag, lens))
+    return tmp_path
+
+
+def step_ids(lengths: dict[int, list[int]]) -> list[int]:
+    return sorted(t * 10000 + e * 1000 + s for t, lens in lengths.items() for e, n in enumerate(lens) for s in range(n))
+
+
+TRAIN_HIGH_F1 = {0: [50, 3, 70], 1: [64, 64], 2: [1, 20], 3: [90]}
+
+
+def test_dataset_ranks_and_workers_cover_every_step_once(small_lake):
+    seen: Counter = Counter()
+    per_reader = []
+    for rank in range(2):
+        data = TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=50, seed=3, action_chunk=2,
+                                 rank=rank, world_size=2)
+        loader = DataLoader(data, batch_size=None, num_workers=2)
+        ids = [int(sample["obs"][-1]) for sample in loader]
+        per_reader.append(set(ids))
+        seen.update(ids)
+    assert all(per_reader)  # both ranks got work
+    assert per_reader[0].isdisjoint(per_reader[1])
+    assert sorted(seen.elements()) == step_ids(TRAIN_HIGH_F1)  # every step, exactly once
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_dataset_workers_within_a_rank_do_not_overlap(small_lake):
+    data = TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=0, rank=0, world_size=1)
+    loader = DataLoader(data, batch_size=None, num_workers=3)
+    ids = [int(s["obs"][-1]) for s in loader]
+    assert sorted(ids) == step_ids(TRAIN_HIGH_F1)
+
+
+def _iterate_as_ddp_rank(root: str, rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        data = TrajectoryDataset(root, min_f1=0.75, shuffle_buffer=16)  # rank and world size from torch
+        Path(out).write_text(json.dumps([int(s["obs"][-1]) for s in data]))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dataset_takes_rank_and_world_size_from_torch_distributed(small_lake, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_iterate_as_ddp_rank, args=(str(small_lake), r, str(work / "store"), str(work / f"{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ids = [json.loads((work / f"{r}.json").read_text()) for r in range(2)]
+    assert ids[0] and ids[1] and set(ids[0]).isdisjoint(ids[1])
+    assert sorted(ids[0] + ids[1]) == step_ids(TRAIN_HIGH_F1)
+
+
+def test_dataset_filters_by_f1_and_split(small_lake):
+    def ids(**kw):
+        return sorted(int(s["obs"][-1]) for s in TrajectoryDataset(small_lake, shuffle_buffer=0, **kw))
+
+    assert ids(min_f1=0.75) == step_ids(TRAIN_HIGH_F1)
+    assert ids(min_f1=0.0) == step_ids({**TRAIN_HIGH_F1, 4: [33, 33, 33]})
+    assert ids(min_f1=0.0, splits=("eval",)) == step_ids({5: [10]})
+    assert ids(min_f1=0.95) == []
+    assert TrajectoryDataset(small_lake, min_f1=0.75).num_samples == len(step_ids(TRAIN_HIGH_F1))
+
+
+def test_dataset_action_chunks_stop_at_episode_ends(small_lake):
+    data = TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=100, action_chunk=4)
+    samples = {int(s["obs"][-1]): s for s in data}
+    lengths = {t * 10000 + e * 1000: n for t, lens in TRAIN_HIGH_F1.items() for e, n in enumerate(lens)}
+    for sid, s in samples.items():
+        assert s["obs"].dtype == torch.float32 and s["obs"].shape == (OBS_DIM,)
+        assert s["action"].shape == (4, 39) and s["action_mask"].shape == (4,)
+        start, step = sid - sid % 1000, sid % 1000
+        last = lengths[start] - 1
+        expected = [start + min(step + k, last) for k in range(4)]
+        assert s["action"][:, 0].tolist() == expected  # future actions of the same episode, last repeated
+        assert s["action_mask"].tolist() == [step + k <= last for k in range(4)]
+    one_step = samples[20000]  # the 1-step episode: only its own action is real
+    assert one_step["action_mask"].tolist() == [True, False, False, False]
+
+
+def test_dataset_obs_and_actions_match_the_lake(small_lake):
+    lake = Lake(small_lake, LAKE_CFG)
+    [shard] = [s for s in lake.shards() if s.unit_id == "unit-1"]
+    episodes = lake.read_episodes(shard)
+    data = TrajectoryDataset(small_lake, shuffle_buffer=0, shards=[shard])
+    samples = list(data)
+    assert np.stack([s["obs"].numpy() for s in samples]).tobytes() == np.concatenate([e.obs for e in episodes]).tobytes()
+    assert np.stack([s["action"][0].numpy() for s in samples]).tobytes() == np.concatenate(
+        [e.action for e in episodes]).tobytes()
+
+
+def test_dataset_shuffles_reproducibly_and_differently_per_epoch(small_lake):
+    def order(epoch, seed=0):
+        data = TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=64, seed=seed)
+        data.set_epoch(epoch)
+        return [int(s["obs"][-1]) for s in data]
+
+    first = order(0)
+    assert first == order(0)  # same seed and epoch, same order
+    assert first != order(1) and first != order(0, seed=1)
+    assert sorted(first) == sorted(order(1)) == step_ids(TRAIN_HIGH_F1)
+    assert first != sorted(first)
+
+
+def test_dataset_repeat_goes_on_past_one_epoch(small_lake):
+    data = TrajectoryDataset(small_lake, min_f1=0.0, splits=("eval",), shuffle_buffer=4, repeat=True)
+    it = iter(data)
+    ids = [int(next(it)["obs"][-1]) for _ in range(25)]
+    assert Counter(ids[:10]) == Counter(step_ids({5: [10]}))
+    assert Counter(ids[10:20]) == Counter(step_ids({5: [10]}))
+
+
+def test_cli_lists_shards_and_vacuums(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    lake = Lake(tmp_path, LAKE_CFG)
+    lake.commit_shard(make_meta("unit-good", f1=0.9), tagged_episodes(1, [20, 5]))
+    lake.commit_shard(make_meta("unit-poor", f1=0.3), tagged_episodes(2, [7]))
+    leftover = tmp_path / "data" / f"song={'a1' * 32}" / ".unit-x.parquet.tmp-0123"
+    leftover.write_bytes(b"partial")
+
+    result = CliRunner().invoke(app, ["lake", "list", str(tmp_path), "--min-f1", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "unit-good" in result.output and "unit-poor" not in result.output and "1 shards" in result.output
+
+    result = CliRunner().invoke(app, ["lake", "vacuum", str(tmp_path), "--min-age-s", "0"])
+    assert result.exit_code == 0 and "1 file(s)" in result.output
+    assert not leftover.exists() and len(lake.shards()) == 2

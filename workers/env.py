@@ -1,0 +1,299 @@
+"""The RP1M piano environment: RoboPianist's two Shadow hands with OT fingering.
+
+``make_env(midi, env_cfg, seed)`` builds RoboPianist's ``PianoWithShadowHands`` with RP1M's
+settings from ``configs.EnvConfig`` (lookahead 10, gravity compensation, 0.05 s control
+step, trimmed silence, reduced 39-d action space, capsule fingertip colliders, no human
+fingering in the observation or the reward) and wraps it as a flat-vector ``PianoEnv``.
+
+Reward (RP1M eq. 3), one ``CompositeReward`` term each, weighted values in
+``info["reward_terms"]`` that add up to the reward:
+
+    key_press_reward     r_press    RoboPianist's key press term
+    sustain_reward       r_sustain  RoboPianist's sustain pedal term
+    energy_reward        energy_coef * r_energy, r_energy = -sum |force * velocity|
+    ot_fingering_reward  r_OT       optimal-transport fingering (workers/fingering.py)
+    collision_reward     collision_coef * r_collision, r_collision = 1 while no geom of
+                         the right hand (forearm included) touches one of the left hand,
+                         else 0: RoboPianist's forearm term widened from the two forearms
+                         to the whole hands, so 0.5 per step like RoboPianist's.
+
+Four-finger hands (``env_cfg.four_fingers``, RP1M's cross-embodiment experiment): the
+action stays 39-d so that policies, the lake and the imitation learner keep one shape,
+but the three little-finger actions of each hand (LFJ4, LFJ3, LFJ0; ``PianoEnv.active_actions``
+is False there) are overwritten before every step so the little fingers stay curled under
+the palm (flexion at the top of its range, no abduction), clear of the keys; the OT
+matching never uses them. The observation is unchanged (their joints and tips are still
+observed; they just do not move).
+
+Construction takes about 1.2 s on one core (MJCF build + MuJoCo compile); ``reset`` reuses
+the compiled physics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mujoco_utils.composer_utils import Environment
+from robopianist.music.midi_file import MidiFile
+from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
+
+import configs
+from workers.fingering import LITTLE_FINGERS, N_FINGERS, OTFingeringReward
+from workers.metrics import step_metrics
+
+N_KEYS = 88
+
+# Observation layout for RP1M's settings (RP1M order), one flat float32 vector.
+PIANO_GOAL = slice(0, 968)  # 11 steps x 88 keys: 1 = should sound (binary)
+SUSTAIN_GOAL = slice(968, 979)  # 11 steps: 1 = pedal down (binary)
+KEY_JOINTS = slice(979, 1067)  # 88 key joint positions / their range (0 up .. 1 down)
+SUSTAIN_STATE = slice(1067, 1068)  # pedal position / its range
+FINGERTIPS = slice(1068, 1098)  # right hand thumb..little xyz, then left hand (world, m)
+HAND_JOINTS = slice(1098, 1144)  # 23 right hand joint positions, then 23 left hand
+OBS_SLICES: dict[str, slice] = {
+    "piano_goal": PIANO_GOAL,
+    "sustain_goal": SUSTAIN_GOAL,
+    "key_joints": KEY_JOINTS,
+    "sustain_state": SUSTAIN_STATE,
+    "fingertips": FINGERTIPS,
+    "hand_joints": HAND_JOINTS,
+}
+OBS_DIM = 1144
+ACTION_DIM = 39  # 19 right hand (17 joints + forearm x, y), 19 left hand, sustain pedal
+
+# Little-finger actuators held in place on four-finger hands.
+_LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
+
+
+class RP1MPianoTask(PianoWithShadowHands):
+    """``PianoWithShadowHands`` configured as in RP1M, with OT fingering and collision terms.
+
+    The human-fingering reward and observable and RoboPianist's forearm term are switched
+    off; ``_set_rewards`` adds the OT term and the hand-hand collision term to RoboPianist's
+    own key press, sustain and energy terms.
+    """
+
+    def __init__(self, midi: MidiFile, env_cfg: configs.EnvConfig) -> None:
+        # Read by _set_rewards, which the base constructor calls last.
+        self._reward_cfg = env_cfg.reward
+        self._four_fingers = env_cfg.four_fingers
+        super().__init__(
+            midi=midi,
+            n_steps_lookahead=env_cfg.n_steps_lookahead,
+            trim_silence=env_cfg.trim_silence,
+            wrong_press_termination=env_cfg.wrong_press_termination,
+            disable_fingering_reward=True,
+            disable_forearm_reward=True,
+            disable_colorization=env_cfg.disable_colorization,
+            disable_hand_collisions=env_cfg.disable_hand_collisions,
+            energy_penalty_coef=env_cfg.reward.energy_coef,
+            gravity_compensation=env_cfg.gravity_compensation,
+            primitive_fingertip_collisions=env_cfg.primitive_fingertip_collisions,
+            reduced_action_space=env_cfg.reduced_action_space,
+            attachment_yaw=env_cfg.attachment_yaw,
+            control_timestep=env_cfg.control_timestep,
+        )
+        for hand in (self.right_hand, self.left_hand):
+            hand.observables.fingertip_positions.enabled = True
+        self._held_actions: np.ndarray | None = None
+
+    @property
+    def hands(self) -> tuple:
+        """Right hand (fingers 0-4, first half of the action), then left hand (5-9)."""
+        return (self.right_hand, self.left_hand)
+
+    @property
+    def goal_current(self) -> np.ndarray:
+        """Goal of the step just taken: 88 keys then the sustain pedal (1 = should sound)."""
+        return self._goal_current
+
+    @property
+    def n_steps(self) -> int:
+        return len(self._notes)
+
+    def _set_rewards(self) -> None:
+        super()._set_rewards()  # key press, sustain, energy
+        fingers = [f for f in range(N_FINGERS) if not (self._four_fingers and f in LITTLE_FINGERS)]
+        self.ot_fingering = OTFingeringReward(
+            self.piano,
+            self.hands,
+            keys_to_press=lambda: self._goal_current[:-1],
+            threshold=self._reward_cfg.ot_distance_threshold,
+            reduction=self._reward_cfg.ot_reduction,
+            fingers=fingers,
+        )
+        self._reward_fn.add("ot_fingering_reward", self.ot_fingering)
+        self._reward_fn.add("collision_reward", self._compute_collision_reward)
+
+    def initialize_episode(self, physics, random_state) -> None:
+        super().initialize_episode(physics, random_state)
+        self.ot_fingering.bind(physics)
+        # Geom id -> 1 right hand, 2 left hand, 0 anything else.
+        self._hand_of_geom = np.zeros(physics.model.ngeom, dtype=np.int8)
+        for label, hand in enumerate(self.hands, start=1):
+            self._hand_of_geom[physics.bind(hand.mjcf_model.find_all("geom")).element_id] = label
+        if self._four_fingers:
+            self._held_actions = self.little_finger_hold(physics)
+
+    def little_finger_hold(self, physics) -> tuple[np.ndarray, np.ndarray]:
+        """(action indices, values) that keep both little fingers curled and still."""
+        names = [a.name for hand in self.hands for a in hand.actuators]
+        index = np.array([i for i, n in enumerate(names) if n[3:] in _LITTLE_FINGER_ACTUATORS])
+        actuators = [a for hand in self.hands for a in hand.actuators]
+        ctrlrange = physics.bind([actuators[i] for i in index]).ctrlrange
+        # Abduction (LFJ4) centred, flexion (LFJ3, LFJ0) at the top of its range.
+        values = np.where([names[i].endswith("LFJ4") for i in index], 0.0, ctrlrange[:, 1])
+        return index, values
+
+    def before_step(self, physics, action, random_state) -> None:
+        if self._held_actions is not None:
+            index, values = self._held_actions
+            action = np.array(action, dtype=np.float64, copy=True)
+            action[index] = values
+        super().before_step(physics, action, random_state)
+
+    def _compute_collision_reward(self, physics) -> float:
+        """collision_coef while the two hands do not touch, else 0."""
+        contact = physics.data.contact
+        touching = contact.dist <= 1e-8  # mujoco_utils.collision_utils' margin
+        hand1 = self._hand_of_geom[contact.geom1[touching]]
+        hand2 = self._hand_of_geom[contact.geom2[touching]]
+        collided = np.any((hand1 * hand2) == 2)  # one geom of each hand
+        return 0.0 if collided else self._reward_cfg.collision_coef
+
+
+class PianoEnv:
+    """A gym-like view of the RP1M task: flat float32 observations, 39-d actions.
+
+    ``step`` returns ``(obs, reward, done, info)``; ``info`` has ``pressed`` and ``target``
+    (bool[88]: keys sounding after the step / keys that should sound at it),
+    ``sustain_pressed``, ``sustain_target``, this step's ``precision``, ``recall``, ``f1``,
+    ``reward_terms`` (weighted, summing to the reward), ``ot_assignment`` (list of
+    (finger, key) pairs, fingers numbered as in ``workers.fingering``), ``ot_distance``
+    and ``discount`` (0.0 only when ``wrong_press_termination`` ended the episode early;
+    the end of the song is a time limit with discount 1.0).
+    """
+
+    def __init__(self, environment: Environment) -> None:
+        self.environment = environment
+        self.task: RP1MPianoTask = environment.task
+        spec = environment.action_spec()
+        self.action_dim = int(spec.shape[0])
+        self.action_low = np.asarray(spec.minimum, dtype=np.float32)
+        self.action_high = np.asarray(spec.maximum, dtype=np.float32)
+        self.action_names: tuple[str, ...] = tuple(spec.name.split("\t"))
+        self.active_actions = np.ones(self.action_dim, dtype=bool)
+        if self.task._four_fingers:
+            index, _ = self.task.little_finger_hold(environment.physics)
+            self.active_actions[index] = False
+
+        hands = [hand.name for hand in self.task.hands]
+        self._obs_keys = {
+            "key_joints": ["piano/state"],
+            "sustain_state": ["piano/sustain_state"],
+            "fingertips": [f"{h}/fingertip_positions" for h in hands],
+            "hand_joints": [f"{h}/joints_pos" for h in hands],
+        }
+        self._lookahead = self.task._n_steps_lookahead + 1
+        self._slices: dict[str, slice] | None = None  # set from the first observation
+        self._done = True
+        obs = self.reset()
+        self.obs_dim = int(obs.shape[0])
+
+    # Sizes and layout.
+
+    @property
+    def n_steps(self) -> int:
+        """Episode length in control steps."""
+        return self.task.n_steps
+
+    @property
+    def obs_slices(self) -> dict[str, slice]:
+        """Where each part of the observation lies (``OBS_SLICES`` for RP1M's settings)."""
+        return dict(self._slices)
+
+    # Episode.
+
+    def reset(self) -> np.ndarray:
+        timestep = self.environment.reset()
+        self._done = False
+        self._n = 0
+        self._sums = np.zeros(3)
+        return self._flatten(timestep.observation)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict[str, Any]]:
+        if self._done:
+            raise RuntimeError("the episode is over: call reset() before step()")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (self.action_dim,):
+            raise ValueError(f"action has shape {action.shape}, expected ({self.action_dim},)")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action has non-finite entries at {np.flatnonzero(~np.isfinite(action)).tolist()}")
+        timestep = self.environment.step(action)
+        self._done = timestep.last()
+
+        task = self.task
+        pressed = task.piano.activation.copy()
+        target = task.goal_current[:-1] > 0.5
+        precision, recall, f1 = step_metrics(pressed, target)
+        self._n += 1
+        self._sums += (precision, recall, f1)
+        info = {
+            "pressed": pressed,
+            "target": target,
+            "sustain_pressed": bool(task.piano.sustain_activation[0]),
+            "sustain_target": bool(task.goal_current[-1] > 0.5),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "reward_terms": {k: float(v) for k, v in task.reward_fn.reward_terms.items()},
+            "ot_assignment": list(task.ot_fingering.assignment),
+            "ot_distance": task.ot_fingering.distance,
+            "discount": float(timestep.discount),
+        }
+        return self._flatten(timestep.observation), float(timestep.reward), self._done, info
+
+    def episode_metrics(self) -> dict[str, float]:
+        """Mean precision, recall and F1 over the steps of this episode so far."""
+        if self._n == 0:
+            raise ValueError("no step taken in this episode yet")
+        precision, recall, f1 = self._sums / self._n
+        return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+    def close(self) -> None:
+        self.environment.close()
+
+    # Helpers.
+
+    def _flatten(self, observation) -> np.ndarray:
+        goal = observation["goal"].reshape(self._lookahead, N_KEYS + 1)
+        parts = {"piano_goal": goal[:, :N_KEYS].ravel(), "sustain_goal": goal[:, N_KEYS]}
+        for name, keys in self._obs_keys.items():
+            parts[name] = np.concatenate([np.ravel(observation[k]) for k in keys])
+        if self._slices is None:
+            self._slices, start = {}, 0
+            for name in OBS_SLICES:  # RP1M order
+                self._slices[name] = slice(start, start + parts[name].size)
+                start += parts[name].size
+        return np.concatenate([parts[name] for name in OBS_SLICES]).astype(np.float32)
+
+
+def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0) -> PianoEnv:
+    """The RP1M environment for ``midi`` (used as given: already stretched).
+
+    ``seed`` seeds the environment's random state. With RP1M's settings
+    ``obs_dim == OBS_DIM`` (1144) and ``action_dim == ACTION_DIM`` (39).
+    """
+    if midi.n_notes == 0:
+        raise ValueError(f"MIDI '{midi.title or 'untitled'}' has no notes: nothing to play")
+    task = RP1MPianoTask(midi=midi, env_cfg=env_cfg)
+    # The MJCF model never changes between episodes: compile once (as robopianist.suite.load).
+    environment = Environment(
+        task=task,
+        random_state=seed,
+        strip_singleton_obs_buffer_dim=True,
+        recompile_physics=False,
+        legacy_step=True,
+    )
+    return PianoEnv(environment)

@@ -1,0 +1,292 @@
+"""One unit of work: train a DroQ specialist on one chunk of one song, then record its rollouts.
+
+``train_unit(unit, cfg, unit_dir, lake_root, report)``:
+
+1. applies ``unit.overrides`` to ``cfg``; returns the saved result at once when
+   ``unit_dir/result.json`` says the unit is done and its shard exists (a finished unit is
+   never trained again);
+2. rebuilds the chunk (``workers.music.load_chunk``) and two environments on it, one to
+   train in and one to evaluate and record in;
+3. trains DroQ for ``specialist.total_steps`` environment steps: ``droq.warmup_steps``
+   uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
+   critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
+   ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
+   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
+4. plays the chunk ``specialist.rollouts`` times with the deterministic policy, seeding
+   the environment with ``specialist.seed * 1000 + i`` for rollout ``i``, and commits them
+   as one lake shard whose ``specialist_f1`` is the mean rollout F1 (evaluations play the
+   same way with the first ``eval_episodes`` of those seeds, so eval F1 predicts rollout F1;
+   RP1M's environment has no initial-state noise, so with the deterministic policy the
+   rollouts of one unit differ only if the environment draws from its random state);
+5. writes ``unit_dir/result.json`` (the ``UnitResult`` plus ``done`` and ``resumed_from``).
+
+Resuming: the checkpoint holds the networks, optimisers, temperature, replay buffer, the RNG
+states (Python, NumPy, Torch, the warm-up action generator) and the step counter, as tensors
+and plain containers only (``torch.load(weights_only=True)``). A restarted unit continues at
+the checkpoint's step; the episode that was under way is not restored: the environment starts
+a fresh episode and the replay buffer keeps the steps it had stored of the old one. A crash
+after training but before the shard is committed only repeats the rollouts.
+
+Other files in ``unit_dir``: ``attempts.jsonl`` (one line per start: attempt, start_step,
+pid, time) and ``worker.pid`` (the pid of the process running the unit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import configs
+from workers.droq import DroQ
+from workers.env import PianoEnv, make_env
+from workers.lake import Episode, Lake, ShardMeta
+from workers.music import load_chunk
+from workers.replay import ReplayBuffer
+from workers.units import UnitResult, UnitSpec
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+ATTEMPTS_LOG = "attempts.jsonl"
+PID_FILE = "worker.pid"
+CHECKPOINT_FORMAT = 1
+
+Report = Callable[[dict], None]
+
+
+# --- small file helpers ----------------------------------------------------------------
+def _replace_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` to a temporary name in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_result(unit_dir: Path) -> dict | None:
+    """The unit's ``result.json`` as a dict, or None when there is none."""
+    path = Path(unit_dir) / RESULT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_attempts(unit_dir: Path) -> list[dict]:
+    """Every start of this unit, oldest first: ``{"attempt", "start_step", "pid", "time"}``."""
+    path = Path(unit_dir) / ATTEMPTS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") -> dict | None:
+    """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none."""
+    path = Path(unit_dir) / CHECKPOINT
+    return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
+
+
+# --- RNG state as tensors and plain values ---------------------------------------------
+def rng_state(generator: np.random.Generator) -> dict:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy_global": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "numpy": generator.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict, generator: np.random.Generator) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_global"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    generator.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+# --- playing ---------------------------------------------------------------------------
+def play(agent: DroQ, env: PianoEnv, seed: int) -> Episode:
+    """One episode with the deterministic policy, the environment's random state seeded first."""
+    env.environment.random_state.seed(seed)
+    obs = env.reset()
+    observations, actions, rewards, pressed, target = [], [], [], [], []
+    done = False
+    while not done:
+        action = agent.act(obs, deterministic=True)
+        observations.append(obs)
+        actions.append(action)
+        obs, reward, done, info = env.step(action)
+        rewards.append(reward)
+        pressed.append(info["pressed"])
+        target.append(info["target"])
+    metrics = env.episode_metrics()
+    return Episode(seed=seed, obs=np.stack(observations), action=np.stack(actions).astype(np.float32),
+                   reward=np.asarray(rewards, np.float32), pressed=np.stack(pressed).astype(bool),
+                   target=np.stack(target).astype(bool), episode_return=float(np.sum(rewards)),
+                   precision=metrics["precision"], recall=metrics["recall"], f1=metrics["f1"])
+
+
+def summarise(episodes: list[Episode], prefix: str) -> dict[str, float]:
+    """Mean F1, precision, recall and return over ``episodes``, keys ``{prefix}/f1`` etc."""
+    return {f"{prefix}/f1": float(np.mean([e.f1 for e in episodes])),
+            f"{prefix}/precision": float(np.mean([e.precision for e in episodes])),
+            f"{prefix}/recall": float(np.mean([e.recall for e in episodes])),
+            f"{prefix}/return": float(np.mean([e.episode_return for e in episodes]))}
+
+
+# --- the unit --------------------------------------------------------------------------
+def _finished(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
+    saved = read_result(unit_dir)
+    if not saved or not saved.get("done") or saved.get("unit_id") != unit.unit_id:
+        return None
+    if saved["shard_path"] is not None and not Path(saved["shard_path"]).exists():
+        return None  # the lake lost the shard: record the rollouts again
+    return UnitResult(**{k: saved[k] for k in UnitResult.model_fields})
+
+
+def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
+               report: Report | None = None, progress: bool | None = None) -> UnitResult:
+    """Train one specialist, commit its rollouts as one lake shard, and return the result.
+
+    Resumes from ``unit_dir/checkpoint.pt`` when present; returns the saved result without
+    training when the unit is already done. ``progress``: show a progress bar (default: when
+    stderr is a terminal).
+    """
+    t_start = time.perf_counter()
+    unit_dir = Path(unit_dir)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.with_overrides(unit.overrides) if unit.overrides else cfg
+    done = _finished(unit, unit_dir)
+    if done is not None:
+        return done
+    report = report or (lambda metrics: None)
+    progress = os.isatty(2) if progress is None else progress
+    spec, droq = cfg.specialist, cfg.droq
+
+    midi = load_chunk(unit.song_path, unit.chunk_index, cfg.env, expected_hash=unit.song_hash)
+    env = make_env(midi, cfg.env, seed=spec.seed)
+    player = make_env(midi, cfg.env, seed=spec.seed + 1)  # evaluation and rollouts
+    rng = seed_everything(spec.seed)
+    agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, droq)
+    buffer = ReplayBuffer(env.obs_dim, env.action_dim, droq.replay_capacity, droq.discount, droq.n_step,
+                          binary_dims=env.obs_slices["sustain_goal"].stop, seed=spec.seed)
+
+    step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
+    checkpoint = load_checkpoint(unit_dir, map_location=agent.device)
+    if checkpoint is not None:
+        if checkpoint["unit_id"] != unit.unit_id:
+            raise ValueError(f"{unit_dir / CHECKPOINT}: belongs to unit {checkpoint['unit_id']}, "
+                             f"not {unit.unit_id}; use another unit directory")
+        agent.load_state_dict(checkpoint["agent"])
+        buffer.load_state_dict(checkpoint["replay"])
+        set_rng_state(checkpoint["rng"], rng)
+        step, episodes_done = int(checkpoint["step"]), int(checkpoint["episodes"])
+        resumed_from = list(checkpoint["resumed_from"]) + [step]
+        last_eval = dict(checkpoint["last_eval"])
+        report({"step": step, "resume/step": step})
+    attempts = read_attempts(unit_dir)
+    with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
+        f.write(json.dumps({"attempt": len(attempts) + 1, "start_step": step, "pid": os.getpid(),
+                            "time": time.time()}) + "\n")
+    _replace_atomically(unit_dir / PID_FILE, lambda f: f.write(str(os.getpid())), mode="w")
+
+    def save_checkpoint() -> None:
+        state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
+                 "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent.state_dict(),
+                 "replay": buffer.state_dict(), "rng": rng_state(rng)}
+        _replace_atomically(unit_dir / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def evaluate() -> dict[str, float]:
+        played = [play(agent, player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
+        return summarise(played, "eval")
+
+    # --- training --------------------------------------------------------------------
+    start_step, start_updates = step, agent.updates
+    t_train = time.perf_counter()
+    t_log, step_log, updates_log = t_train, step, agent.updates
+    returns, f1s, update_metrics = [], [], {}
+    buffer.end_episode()  # the episode under way at the checkpoint is not restored
+    obs, episode_return = env.reset(), 0.0
+    bar = tqdm(total=spec.total_steps, initial=step, disable=not progress, desc=unit.unit_id, unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    while step < spec.total_steps:
+        step += 1
+        if step <= droq.warmup_steps:
+            action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
+        else:
+            action = agent.act(obs)
+        next_obs, reward, ended, info = env.step(action)
+        terminated = ended and info["discount"] == 0.0  # the end of the chunk is a time limit
+        buffer.add(obs, action, reward, next_obs, terminated, truncated=ended and not terminated)
+        episode_return += reward
+        obs = next_obs
+        if ended:
+            returns.append(episode_return)
+            f1s.append(env.episode_metrics()["f1"])
+            episodes_done += 1
+            obs, episode_return = env.reset(), 0.0
+        if step > droq.warmup_steps:
+            update_metrics = agent.update(buffer)
+        bar.update(1)
+
+        if step % spec.log_interval == 0:
+            now = time.perf_counter()
+            metrics = {"step": step, **update_metrics, "train/episodes": episodes_done,
+                       "perf/env_steps_per_s": (step - step_log) / (now - t_log),
+                       "perf/updates_per_s": (agent.updates - updates_log) / (now - t_log)}
+            if returns:
+                metrics.update({"train/return": float(np.mean(returns)), "train/f1": float(np.mean(f1s))})
+            report(metrics)
+            t_log, step_log, updates_log, returns, f1s = now, step, agent.updates, [], []
+        if step % spec.eval_interval == 0 or step == spec.total_steps:
+            last_eval = evaluate()
+            report({"step": step, **last_eval})
+            bar.set_postfix({"eval_f1": f"{last_eval['eval/f1']:.3f}"})
+        if step % spec.checkpoint_interval == 0 or step == spec.total_steps:
+            save_checkpoint()
+    bar.close()
+    train_seconds = time.perf_counter() - t_train
+    env_steps_per_s = (step - start_step) / train_seconds if step > start_step else 0.0
+    updates_per_s = (agent.updates - start_updates) / train_seconds if step > start_step else 0.0
+
+    # --- rollouts into the lake ------------------------------------------------------
+    shard_path = None
+    if spec.rollouts > 0:
+        rollouts = [play(agent, player, seed=spec.seed * 1000 + i)
+                    for i in tqdm(range(spec.rollouts), disable=not progress, desc="rollouts", unit="episode")]
+        summary = summarise(rollouts, "rollout")
+        meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
+                         chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
+                         specialist_f1=summary["rollout/f1"])
+        shard_path = str(Lake(lake_root, cfg.lake).commit_shard(meta, rollouts).path)
+        report({"step": step, **summary})
+    else:
+        summary = {k.replace("eval/", "rollout/"): v for k, v in (last_eval or evaluate()).items()}
+    env.close()
+    player.close()
+
+    result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
+                        recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=step,
+                        shard_path=shard_path, seconds=time.perf_counter() - t_start,
+                        env_steps_per_s=env_steps_per_s, updates_per_s=updates_per_s)
+    saved = {**result.model_dump(), "done": True, "resumed_from": resumed_from,
+             "steps_this_run": step - start_step, "config_hash": unit.config_hash}
+    _replace_atomically(unit_dir / RESULT, lambda f: f.write(json.dumps(saved, indent=2)), mode="w")
+    return result

@@ -1,0 +1,114 @@
+"""A synthetic unit of work: the specialist's contract without the physics.
+
+``run_unit`` has ``workers.specialist.train_unit``'s signature and result. It sleeps
+``campaign.synthetic.sleep_s`` spread over ``campaign.synthetic.steps`` progress steps,
+checkpoints its step counter every ``checkpoint_every`` steps (and resumes from it), reports
+metrics, and ends by committing one small lake shard of random episodes. It lets the
+orchestrator be tested and benchmarked at scale (thousands of units on one machine).
+
+Drills for failure handling, all recorded in the unit directory:
+
+- ``worker.pid``: the pid of the process running the unit (kill it to simulate a crash);
+- ``attempts.jsonl``: one line per start, ``{"attempt", "start_step", "pid", "time"}``: shows
+  whether a restarted unit resumed from its checkpoint;
+- units whose id matches the glob ``campaign.synthetic.fail_pattern`` raise
+  ``SyntheticFailure`` on their first ``fail_first_attempts`` starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import configs
+from workers.lake import Lake, ShardMeta, synthetic_episode
+from workers.units import UnitResult, UnitSpec
+
+CHECKPOINT = "checkpoint.json"
+ATTEMPTS_LOG = "attempts.jsonl"
+PID_FILE = "worker.pid"
+
+
+class SyntheticFailure(RuntimeError):
+    """The failure drill: raised on purpose by units matching ``campaign.synthetic.fail_pattern``."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_checkpoint_step(unit_dir: Path) -> int:
+    """The step of the unit's last checkpoint (0 when it has none)."""
+    path = Path(unit_dir) / CHECKPOINT
+    return int(json.loads(path.read_text())["step"]) if path.exists() else 0
+
+
+def read_attempts(unit_dir: Path) -> list[dict]:
+    """Every start of this unit, oldest first (see the module docstring)."""
+    path = Path(unit_dir) / ATTEMPTS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _unit_seed(unit_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(unit_id.encode()).digest()[:4], "little")
+
+
+def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
+             report: Callable[[dict], None] | None = None) -> UnitResult:
+    """Run one synthetic unit: resume from its checkpoint, sleep, report, commit one shard."""
+    syn = cfg.campaign.synthetic
+    unit_dir = Path(unit_dir)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    start_step = read_checkpoint_step(unit_dir)
+    attempt = len(read_attempts(unit_dir)) + 1
+    with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only log: a torn last line is harmless
+        f.write(json.dumps({"attempt": attempt, "start_step": start_step, "pid": os.getpid(), "time": time.time()}) + "\n")
+    _write_atomic(unit_dir / PID_FILE, str(os.getpid()))
+
+    if syn.fail_pattern and fnmatch.fnmatchcase(unit.unit_id, syn.fail_pattern) and attempt <= syn.fail_first_attempts:
+        raise SyntheticFailure(f"unit {unit.unit_id}: planned failure on attempt {attempt} of {syn.fail_first_attempts}")
+
+    seed = _unit_seed(unit.unit_id)
+    # A deterministic F1 per unit around f1_mean, so repeated runs agree.
+    f1 = min(1.0, max(0.0, syn.f1_mean + ((seed % 1000) / 1000.0 - 0.5) * 0.2))
+    sleep_per_step = syn.sleep_s / syn.steps
+    for step in range(start_step + 1, syn.steps + 1):
+        time.sleep(sleep_per_step)
+        if step % syn.checkpoint_every == 0 or step == syn.steps:
+            _write_atomic(unit_dir / CHECKPOINT, json.dumps({"step": step}))
+            if report is not None:
+                report({"step": step, "checkpoint_step": step, "train/return": f1 * step})
+
+    episodes = [synthetic_episode(syn.steps_per_episode, seed=seed + k, f1=f1, lookahead=cfg.env.n_steps_lookahead)
+                for k in range(syn.episodes)]
+    meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
+                     chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash, specialist_f1=f1)
+    shard = Lake(lake_root, cfg.lake).commit_shard(meta, episodes)
+    seconds = time.perf_counter() - t0
+    return UnitResult(
+        unit_id=unit.unit_id, f1=f1, precision=min(1.0, f1 + 0.05), recall=f1,
+        episode_return=float(sum(e.episode_return for e in episodes) / len(episodes)),
+        steps=syn.steps, shard_path=str(shard.path), seconds=seconds,
+        env_steps_per_s=syn.steps_per_episode * syn.episodes / seconds, updates_per_s=0.0,
+    )
+
+
+def make_units(n_songs: int, chunks_per_song: int, config_hash: str, split: str = "train") -> list[UnitSpec]:
+    """Generated units for synthetic campaigns at scale (no MIDI files behind them)."""
+    units = []
+    for s in range(n_songs):
+        song_hash = hashlib.sha256(f"synthetic-song-{s}".encode()).hexdigest()
+        for c in range(chunks_per_song):
+            units.append(UnitSpec.create(song_path=f"synthetic://song-{s}", song_hash=song_hash,
+                                         song_name=f"synthetic-{s:05d}", chunk_index=c, config_hash=config_hash,
+                                         split=split))
+    return units
