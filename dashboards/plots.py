@@ -117,7 +117,10 @@ def learning_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Seq
 
     metrics = list(metrics)
     fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=metrics, horizontal_spacing=0.08)
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), **_LAYOUT)
+    # The legend below the axes: unit ids are long and would cover the subplot titles.
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)),
+                      **{**_LAYOUT, "height": 400, "margin": dict(l=55, r=20, t=60, b=40),
+                         "legend": dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0.0)})
     if not any(curves.get(label, {}).get(m) for label in curves for m in metrics):
         return _empty(fig, "no metrics logged yet")
     palette = ["#2563eb", "#16a34a", "#dc2626", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"]

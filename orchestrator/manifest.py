@@ -178,7 +178,8 @@ def load_manifest(path: str | Path, cfg: configs.Config) -> Manifest:
             manifest.problems.append(Problem(
                 str(path), item.line, severity="warning", song=loaded.name, field="name",
                 message=f"name also used by line {by_name[loaded.name].line} for a different song"))
-        by_hash[loaded.song.content_hash] = by_name.setdefault(loaded.name, loaded)
+        by_hash[loaded.song.content_hash] = loaded
+        by_name.setdefault(loaded.name, loaded)
         manifest.songs.append(loaded)
     manifest.problems.sort(key=lambda p: p.line or 0)  # in file order
     return manifest

@@ -148,12 +148,15 @@ def test_same_song_twice_is_one_song(tmp_path, cfg):
     _song(tmp_path / "a.mid", (60, 62))
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "a-again.mid").write_bytes((tmp_path / "a.mid").read_bytes())
-    (tmp_path / "m.yaml").write_text(
-        "songs:\n  - a.mid\n  - copy/a-again.mid\n  - {path: copy/a-again.mid, split: held-out}\n")
+    _song(tmp_path / "b.mid", (70, 72))
+    (tmp_path / "m.yaml").write_text("songs:\n  - a.mid\n  - {path: b.mid, name: a}\n  - copy/a-again.mid\n"
+                                     "  - {path: copy/a-again.mid, split: held-out}\n  - {path: b.mid, name: b}\n")
     m = load_manifest(tmp_path / "m.yaml", cfg)
-    assert [s.name for s in m.songs] == ["a"] and len(m.units()) == 1
-    assert _problems(m) == [(3, "warning", None, "a-again"), (4, "error", None, "a-again")]
-    assert "same MIDI content as 'a' (line 2)" in m.problems[0].message
+    assert [s.name for s in m.songs] == ["a", "a"] and len(m.units()) == 2
+    assert _problems(m) == [(3, "warning", "name", "a"), (4, "warning", None, "a-again"), (5, "error", None, "a-again"),
+                            (6, "warning", None, "b")]
+    assert "same MIDI content as 'a' (line 2)" in m.problems[1].message
+    assert "same MIDI content as 'a' (line 3)" in m.problems[3].message
 
 
 def test_song_fixes_are_warnings(tmp_path, cfg):

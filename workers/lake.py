@@ -185,7 +185,7 @@ COLUMN_DOCS: dict[str, str] = {
     "episode": "episode index within the shard, 0..n_episodes-1",
     "step": "control step within the episode, 0..T-1 (time = step / fps seconds)",
     "seed": "the episode's environment/policy seed",
-    "goal_bits": "observation[0:979] (piano goal 11x88 then sustain goal 11), 0/1 bits packed MSB-first "
+    "goal_bits": "observation[0:979] (piano goal 11x88, lookahead step-major, then sustain goal 11), 0/1 bits packed MSB-first "
     "(numpy.packbits, bitorder='big') into 123 bytes; the last 5 bits are 0",
     "key_joints": "observation[979:1067]: piano key joint positions",
     "sustain_state": "observation[1067]: sustain pedal state",
@@ -372,6 +372,15 @@ def _check_name(field: str, value: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _column_shape(dtype: pa.DataType) -> list[int | str]:
+    """Per-row shape of a column: [] scalar, [n] fixed width, ["variable"] a list."""
+    if isinstance(dtype, pa.FixedSizeListType):
+        return [dtype.list_size]
+    if isinstance(dtype, pa.FixedSizeBinaryType):
+        return [dtype.byte_width]
+    return ["variable"] if isinstance(dtype, pa.ListType) else []
+
+
 def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
     """The self-description written to ``meta/info.json``."""
     return {
@@ -391,7 +400,8 @@ def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
             {"name": name, "slice": [start, stop], "binary": stop <= GOAL_BITS} for name, start, stop in OBS_LAYOUT
         ],
         "columns": [
-            {"name": f.name, "type": str(f.type), "meaning": COLUMN_DOCS[f.name]} for f in SHARD_SCHEMA
+            {"name": f.name, "type": str(f.type), "shape": _column_shape(f.type), "meaning": COLUMN_DOCS[f.name]}
+            for f in SHARD_SCHEMA
         ],
         "shard_metadata": {
             "where": "Parquet key-value metadata of each shard and its catalog entry",
@@ -405,7 +415,7 @@ def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
         ),
         "examples": {
             "duckdb": "SELECT song, unit_id, episode, step, action, reward FROM "
-                      "read_parquet('data/*/*.parquet', hive_partitioning = true)",
+                      "read_parquet('data/*/*.parquet', hive_partitioning = true, hive_types = {'song': VARCHAR})",
             "duckdb_catalog": "SELECT * FROM read_json_auto('meta/catalog/*.json')",
             "pyarrow": "pyarrow.dataset.dataset('data', format='parquet', partitioning="
                        "pyarrow.dataset.partitioning(pyarrow.schema([('song', pyarrow.string())]), flavor='hive'))",
@@ -414,15 +424,28 @@ def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
 
 
 class Lake:
-    """A trajectory lake rooted at a folder (created on first use)."""
+    """A trajectory lake rooted at a folder (created on first commit). Reading needs no config;
+    writing uses ``lake_cfg`` (codec, level, row group size, schema version)."""
 
     def __init__(self, root: str | Path, lake_cfg: configs.LakeConfig | None = None):
         self.root = Path(root).absolute()
-        self.cfg = lake_cfg if lake_cfg is not None else configs.load().lake
-        if self.cfg.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
-            raise LakeError(f"lake.schema_version = {self.cfg.schema_version} is not supported "
-                            f"(this pianoforge writes {SUPPORTED_SCHEMA_VERSIONS})")
+        self._cfg = lake_cfg
+        if lake_cfg is not None:
+            self._check_cfg()
         self._ready = False
+
+    @property
+    def cfg(self) -> configs.LakeConfig:
+        """The lake settings; only writing needs them (default: ``configs.load().lake``)."""
+        if self._cfg is None:
+            self._cfg = configs.load().lake
+            self._check_cfg()
+        return self._cfg
+
+    def _check_cfg(self) -> None:
+        if self._cfg.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise LakeError(f"lake.schema_version = {self._cfg.schema_version} is not supported "
+                            f"(this pianoforge writes {SUPPORTED_SCHEMA_VERSIONS})")
 
     # -- layout --------------------------------------------------------------------------------
 

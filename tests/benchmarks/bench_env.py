@@ -85,7 +85,7 @@ def main() -> None:
     table.add_row("robopianist default env", str(plain_obs), str(plain_spec.shape[0]), f"{build_plain:.2f}",
                   f"{np.median(rates['robopianist default env']):.0f}",
                   " ".join(f"{r:.0f}" for r in rates["robopianist default env"]))
-    Console().print(table)
+    Console(width=140).print(table)
 
     # Per-step costs on inputs of realistic size: 10 fingertips, 1-10 keys; 88-key masks.
     n = 20000
@@ -110,7 +110,7 @@ def main() -> None:
     costs.add_row("OT assignment (1 key, 10 fingers)", f"{ot_one_us:.1f}")
     costs.add_row("precision/recall/F1 (workers.metrics)", f"{f1_us:.1f}")
     costs.add_row("precision/recall/F1 (sklearn, for reference)", f"{sk_us:.1f}")
-    Console().print(costs)
+    Console(width=140).print(costs)
 
 
 if __name__ == "__main__":
