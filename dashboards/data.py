@@ -12,13 +12,16 @@ Sources (all read-only; the driver may be writing meanwhile):
   histories of the units' runs and of the imitation job's run (tag ``pianoforge.kind =
   imitation``). A SQLite tracking file that does not exist yet is not created.
 
-Fingering: the lake stores, per step, the 10 fingertip positions (``obs[1068:1098]``, fingers
-numbered as RoboPianist's labels, right thumb..little then left thumb..little) and the keys that
-should sound (``target``). :func:`finger_key_counts` re-runs the environment's OT assignment
-(``workers.fingering.assign_fingers``) on them against the keys' press points on RoboPianist's
-piano at rest (the piano sits at the world origin in the task), and counts, for each finger and
-key, the steps in which that finger was matched to that key. This is exactly the matching the
-OT reward made during the rollout, up to the keys' small travel while pressed.
+Fingering: the lake stores, per step, the observation the action was taken from (with the 10
+fingertip positions in world coordinates, ``obs[1068:1098]``, right thumb..little then left
+thumb..little as RoboPianist numbers fingers) and the keys that should sound at that step
+(``target``). The environment's OT reward for step t matches ``target[t]`` to the fingertips
+*after* the step's action, which the lake holds as ``obs[t + 1]``. :func:`episode_finger_key_counts`
+re-runs the environment's assignment (``workers.fingering.assign_fingers``) on those pairs against
+the keys' press points on RoboPianist's piano at rest (the piano sits at the world origin in the
+task) and counts, for each finger and key, the steps in which that finger was matched to that key:
+the matching ``info["ot_assignment"]`` reported during the rollout, for every step but the last
+(whose next observation is not stored).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import yaml
 
 import configs
+import workers.lake as _lake
 from dashboards import timeline
 from dashboards.timeline import StateChange
 
@@ -45,7 +49,10 @@ UNITS_DIR = "units"
 MLFLOW_FILE = "mlflow.db"
 DASHBOARD_DIR = "dashboard"  # the dashboard's own cache (rendered WAVs) inside the campaign dir
 
-FINGERTIP_SLICE = slice(1068, 1098)  # obs layout (RP1M order): 10 fingertips x (x, y, z)
+# Observation parts, by name, from the lake's layout (RP1M order).
+_OBS = {name: slice(start, stop) for name, start, stop in _lake.OBS_LAYOUT}
+FINGERTIP_SLICE = _OBS["fingertip_pos"]  # 10 fingertips x (x, y, z), world frame
+SUSTAIN_SLICE = _OBS["sustain_state"]  # the pedal's position over its range (0 up .. 1 down)
 
 
 class CampaignNotFound(FileNotFoundError):
@@ -312,6 +319,18 @@ def finger_key_counts(fingertips: np.ndarray, target: np.ndarray, key_points: np
     return counts
 
 
+def _pedal_after_each_step(episode) -> np.ndarray:
+    """bool (T,): the sustain pedal down after step t (as ``pressed[t]``), i.e. in ``obs[t + 1]``."""
+    pedal = episode.obs[:, SUSTAIN_SLICE][:, 0] > 0.5
+    return np.r_[pedal[1:], pedal[-1:]]
+
+
+def episode_finger_key_counts(episode) -> np.ndarray:
+    """int64 (10, 88) OT fingering counts of a lake ``Episode`` (see the module docstring for
+    why fingertips come from the next step's observation)."""
+    return finger_key_counts(episode.obs[1:, FINGERTIP_SLICE], episode.target[:-1])
+
+
 class MlflowReader:
     """Metric histories and run links from one tracking server; quiet when it is unavailable."""
 
@@ -503,8 +522,8 @@ class Campaign:
             ep = best_episode(lake, shard)
             self._focus_cache[key] = Focus(
                 unit_id=unit_id, song_name=shard.song_name, chunk_index=shard.chunk_index, seed=ep.seed,
-                f1=ep.f1, n_steps=ep.n_steps, finger_key=finger_key_counts(ep.obs[:, FINGERTIP_SLICE], ep.target),
-                pressed=ep.pressed, sustain=ep.obs[:, 1067] > 0.5,
+                f1=ep.f1, n_steps=ep.n_steps, finger_key=episode_finger_key_counts(ep),
+                pressed=ep.pressed, sustain=_pedal_after_each_step(ep),
             )
         focus = self._focus_cache[key]
         focus.run_link = unit.run_link if unit else None

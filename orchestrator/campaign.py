@@ -216,6 +216,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     logging.getLogger("orchestrator").addHandler(handler)
     started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus)
     sink = None
+    pools = None  # slurm: the PoolManager when the profile names SLURM pools
     attempts_run = 0
     interrupted = False
     parent = {"experiment_id": "", "run_id": ""}
@@ -230,8 +231,23 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         store.log_event("driver_start", f"pid={os.getpid()} host={socket.gethostname()}")
 
         scheduler = sched_mod.Scheduler(cfg, cfg.campaign.workload, sink)
+        # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
+        pool, last_reconcile = None, 0.0
+        if cfg.slurm.pools:
+            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
+
+            pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
+            pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
+            scheduler.extra_resources = unit_resources(pool)
+
+        def reconcile_pools() -> None:
+            # Units in flight count as running (never cancel a node that may hold one); the rest wait.
+            nonlocal last_reconcile
+            if pools is not None and time.monotonic() - last_reconcile >= cfg.slurm.poll_interval_s:
+                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)})
+                last_reconcile = time.monotonic()
+        # --- end slurm ---------------------------------------------------------------------------------
         queue = deque(store.unit_ids(PENDING))
-        run_refs: dict[str, Any] = {}   # unit_id -> ObjectRef of its MLflow run id (created by the sink)
         config_dicts: dict[str, dict] = {}
         last_drain = time.monotonic()
 
@@ -241,18 +257,11 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
             for unit_id, (step, ckpt) in notes["progress"].items():
                 store.note_progress(unit_id, step, ckpt)
-
-        def settle_run_id(unit_id: str) -> str | None:
-            ref = run_refs.pop(unit_id, None)
-            if ref is None:
-                return None
-            run_id = ray.get(ref)
-            store.set_mlflow_run(unit_id, run_id)
-            return run_id
+            for unit_id, run_id in notes["runs"].items():
+                store.set_mlflow_run(unit_id, run_id)
 
         def finish(outcome) -> None:
             unit_id = outcome.unit_id
-            settle_run_id(unit_id)
             row = store.unit(unit_id)
             tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
                     "slurm_job_id": row.slurm_job_id}
@@ -288,13 +297,14 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                         continue
                     attempt = store.mark_running(unit_id)
                     attempts_run += 1
-                    run_refs[unit_id] = sink.open_unit.remote(unit_id, row.mlflow_run_id, _unit_params(row),
-                                                              {"state": "running", "attempt": attempt})
+                    sink.open_unit.remote(unit_id, row.mlflow_run_id, _unit_params(row),
+                                          {"state": "running", "attempt": attempt})
                     if row.config_key not in config_dicts:
                         config_dicts[row.config_key] = store.get_config(row.config_key)
                     scheduler.launch(unit_id, row.spec_json,
                                      scheduler.config_ref(row.config_key, config_dicts[row.config_key]),
                                      paths.unit_dir(unit_id), paths.lake)
+                reconcile_pools()  # slurm
                 outcomes = scheduler.wait(timeout=1.0)
                 if outcomes or time.monotonic() - last_drain > 1.0:
                     drain()  # before finishing: worker notes belong to the attempt that just ended
@@ -311,6 +321,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
                         n, paths.name)
     finally:
+        if pools is not None:  # slurm: no pool job outlives the driver
+            pools.shutdown()
         counts = store.counts()
         overhead = _logging_overhead(store)
         sink_stats: dict[str, Any] = {}
@@ -318,7 +330,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             try:
                 sink_stats = ray.get(sink.close.remote(
                     "KILLED" if interrupted else ("FAILED" if counts[FAILED] else "FINISHED"),
-                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=120)
+                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=900)
+                for unit_id, run_id in ray.get(sink.drain.remote())["runs"].items():  # runs made while closing
+                    store.set_mlflow_run(unit_id, run_id)
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
                 log.warning("closing the metrics sink failed: %s", e)
         store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}")

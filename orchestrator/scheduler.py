@@ -129,6 +129,9 @@ class Scheduler:
         self._config_refs: dict[str, ray.ObjectRef] = {}
         self._capacity: int | None = None
         self._capacity_at = 0.0
+        # --- slurm: custom resources that pin units to a SLURM pool's nodes (slurm.pools.unit_resources)
+        self.extra_resources: dict[str, float] = {}
+        # --- end slurm
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -164,6 +167,7 @@ class Scheduler:
         ref = _execute_unit_remote.options(
             num_cpus=self.camp.cpus_per_unit,
             num_gpus=self.camp.gpus_per_unit,
+            resources=self.extra_resources,  # slurm: {"pool:<name>": 1} with --profile slurm, else {}
             max_retries=0,             # the store counts attempts; see the module docstring
             retry_exceptions=False,
             name=f"unit:{unit_id}",

@@ -12,7 +12,6 @@ import argparse
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import configs
-from slurm.raynode import _free_ports, check_temp_root, head_start_command, pick_ports
+from slurm.raynode import _free_ports, check_temp_root, head_start_command, pick_ports, stop_process, write_private
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -29,12 +28,7 @@ def ensure_token_file(path: str | Path) -> Path:
     """The head's auth token file, created (mode 0600, 256 random bits) when absent."""
     path = Path(path).expanduser()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        os.replace(tmp, path)
+        write_private(path, secrets.token_hex(32))
     return path
 
 
@@ -71,12 +65,7 @@ def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs
         print(f"[pianoforge] Ray head at {address} (token {token_file}, temp dir {temp_dir})", flush=True)
         return subprocess.call(command, env=dict(env, RAY_ADDRESS=address))
     finally:
-        if head.poll() is None:
-            head.send_signal(signal.SIGTERM)
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
+        stop_process(head, timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

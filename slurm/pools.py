@@ -27,7 +27,8 @@ from typing import Callable, Mapping
 
 import configs
 from configs import PoolConfig, SlurmConfig
-from slurm.raynode import JOB_LABEL, POOL_LABEL, RayNodeSpec, check_temp_root, pool_resource, run_worker_node
+from slurm.raynode import (JOB_LABEL, POOL_LABEL, RayNodeSpec, check_temp_root, pool_resource, run_worker_node,
+                           write_private)
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,7 @@ def resolve_auth_token_file(log_dir: Path) -> str | None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return None
     if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        path = Path(log_dir) / "ray_auth_token"
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token)
-        os.replace(tmp, path)
-        return str(path)
+        return str(write_private(Path(log_dir) / "ray_auth_token", token))
     if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return str(Path(path).expanduser().resolve())
     default = Path.home() / ".ray" / "auth_token"

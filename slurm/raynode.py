@@ -147,6 +147,20 @@ def pick_ports(job_id: str) -> NodePorts:
     return NodePorts(*_free_ports(6), min_worker=block[0], max_worker=block[-1])
 
 
+def port_flags(ports: NodePorts) -> list[str]:
+    """``ray start`` flags that pin every port the node opens."""
+    return [
+        f"--node-manager-port={ports.node_manager}",
+        f"--object-manager-port={ports.object_manager}",
+        f"--metrics-export-port={ports.metrics_export}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent}",
+        f"--min-worker-port={ports.min_worker}",
+        f"--max-worker-port={ports.max_worker}",
+    ]
+
+
 def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePorts, ray: str = "ray") -> list[str]:
     """The ``ray start`` command line for this allocation (pure: easy to check)."""
     job_id = env.get("SLURM_JOB_ID", "")
@@ -159,14 +173,7 @@ def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePort
         f'--resources={{"{pool_resource(spec.pool)}": {POOL_RESOURCE_AMOUNT}}}',
         f"--labels={JOB_LABEL}={job_id},{POOL_LABEL}={spec.pool}",
         f"--temp-dir={node_temp_dir(spec.ray_tmp_root, job_id)}",
-        f"--node-manager-port={ports.node_manager}",
-        f"--object-manager-port={ports.object_manager}",
-        f"--metrics-export-port={ports.metrics_export}",
-        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
-        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
-        f"--runtime-env-agent-port={ports.runtime_env_agent}",
-        f"--min-worker-port={ports.min_worker}",
-        f"--max-worker-port={ports.max_worker}",
+        *port_flags(ports),
         "--disable-usage-stats",
     ]
     if spec.mem_gb:
@@ -188,14 +195,7 @@ def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--temp-dir={temp_dir}",
-        f"--node-manager-port={ports.node_manager}",
-        f"--object-manager-port={ports.object_manager}",
-        f"--metrics-export-port={ports.metrics_export}",
-        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
-        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
-        f"--runtime-env-agent-port={ports.runtime_env_agent}",
-        f"--min-worker-port={ports.min_worker}",
-        f"--max-worker-port={ports.max_worker}",
+        *port_flags(ports),
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
@@ -214,6 +214,35 @@ def ray_node_env(spec: RayNodeSpec, env: Mapping[str, str]) -> dict[str, str]:
     else:
         out["RAY_AUTH_MODE"] = "disabled"
     return out
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (Ray drains and stops its processes), then SIGKILL to the group after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # A process that leads its own group (start_new_session) takes its children with it.
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        proc.wait()
+
+
+def write_private(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, readable by its owner only (mode 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
 
 
 def run_worker_node(spec: RayNodeSpec) -> int:
@@ -245,12 +274,7 @@ def run_worker_node(spec: RayNodeSpec) -> int:
         code = proc.wait()
     finally:
         # Reached also when submitit raises from its timeout handler: stop Ray before the job ends.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
     if code != 0 and not stopping and code != -signal.SIGTERM:
         raise RuntimeError(f"ray start exited with status {code} (job {job_id}, pool {spec.pool})")

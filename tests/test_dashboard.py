@@ -55,7 +55,8 @@ def _episodes(seed: int, f1: float) -> list:
     eps = []
     for k in range(EPISODES):
         ep = synthetic_episode(STEPS_PER_EPISODE, seed=seed + k, f1=max(0.0, f1 - 0.1 * (EPISODES - 1 - k)))
-        ep.obs[:, 1068:1098] = _fingertips_over(ep.target, points)
+        # The fingertips after step t's action (obs[t + 1]) over the keys of step t.
+        ep.obs[1:, 1068:1098] = _fingertips_over(ep.target[:-1], points)
         ep.obs[:, 1067] = 0.0  # sustain pedal up
         eps.append(ep)
     return eps
@@ -179,6 +180,38 @@ def test_finger_key_counts_find_the_finger_on_each_key():
     assert counts[0, 39] == counts[1, 43] == counts[2, 46] == counts[0, 60] == 1
 
 
+def test_fingering_from_the_lake_is_the_environments_ot_assignment():
+    """Replay a RoboPianist rollout the way the specialist records it: the dashboard's counts
+    from the stored observations equal the env's own ``info["ot_assignment"]``."""
+    from robopianist import music
+
+    from dashboards.data import episode_finger_key_counts
+    from workers.env import make_env
+    from workers.lake import Episode
+
+    cfg = configs.load()
+    env = make_env(music.load("TwinkleTwinkleRousseau").stretch(cfg.env.stretch_factor), cfg.env, seed=0)
+    rng = np.random.default_rng(0)
+    obs, observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
+    for _ in range(40):
+        observations.append(obs)
+        obs, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        targets.append(info["target"])
+        for finger, key in info["ot_assignment"]:
+            expected[finger, key] += 1
+        if done:
+            break
+    for finger, key in info["ot_assignment"]:  # the last step's match needs the unstored next obs
+        expected[finger, key] -= 1
+    n = len(targets)
+    episode = Episode(seed=0, obs=np.stack(observations), action=np.zeros((n, 39), np.float32),
+                      reward=np.zeros(n, np.float32), pressed=np.zeros((n, 88), bool), target=np.stack(targets),
+                      episode_return=0.0, precision=1.0, recall=1.0, f1=1.0)
+    got = episode_finger_key_counts(episode)
+    assert expected.sum() > 20
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_snapshot_reads_store_lake_and_mlflow(finished_campaign):
     s = Campaign(finished_campaign).snapshot()
     counts = timeline.state_counts(u.state for u in s.units)
@@ -207,7 +240,7 @@ def test_snapshot_reads_store_lake_and_mlflow(finished_campaign):
     assert s.focus.unit_id == best[0].unit_id and s.focus.f1 == pytest.approx(0.97)
     # Fingering: one finger per key to press at every step of that rollout.
     target = _target_of_best(finished_campaign, s)
-    assert s.focus.finger_key.sum() == sum(min(10, int(row.sum())) for row in target)
+    assert s.focus.finger_key.sum() == sum(min(10, int(row.sum())) for row in target[:-1])
 
 
 def _target_of_best(campaign_dir: Path, s) -> np.ndarray:
@@ -381,3 +414,57 @@ def test_static_export_opens_offline(finished_campaign, browser, tmp_path):
     assert page.get_attribute("#rollout-audio", "src").startswith("data:audio/wav;base64,")
     _screenshot(page, tmp_path, "dashboard_export.png")
     page.close()
+
+
+@pytest.mark.slow
+def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
+    """The driver runs a synthetic campaign on in-process Ray while the page is open: the page
+    shows it running, follows it by itself, and ends showing the store's final counts."""
+    import threading
+
+    import ray
+
+    from dashboards.app import DashboardServer
+    from orchestrator import campaign as campaign_mod
+    from workers.synthetic import make_units
+
+    cfg = configs.load(overrides=[
+        "campaign.workload=synthetic", "campaign.synthetic.sleep_s=1.5", "campaign.synthetic.steps=3",
+        "campaign.synthetic.episodes=2", "campaign.synthetic.steps_per_episode=30", "campaign.max_attempts=2",
+        "campaign.synthetic.fail_pattern='*-c002-*'", "campaign.synthetic.fail_first_attempts=5",
+        "gate.min_shards=3", "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5", "dashboard.refresh_s=0.5",
+    ])
+    units = make_units(3, 3, cfg.hash("env", "droq", "specialist"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        driver = threading.Thread(target=campaign_mod.submit, args=(units, cfg, "synthetic"), kwargs={"root": tmp_path})
+        driver.start()
+        directory = tmp_path / "synthetic"
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(CampaignStore(directory / "campaign.db", readonly=True).units()
+                                                  if (directory / "campaign.db").exists() else []):
+            time.sleep(0.2)
+        with DashboardServer(Campaign(directory), port=0) as url:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            assert page.inner_text("#campaign-state") == "running"
+            page.wait_for_function("() => document.getElementById('campaign-state').textContent === 'finished'",
+                                   timeout=120_000)
+            driver.join(timeout=60)
+            with CampaignStore(directory / "campaign.db", readonly=True) as store:
+                counts = store.counts()
+                f1s = [u.f1 for u in store.units() if u.f1 is not None]
+            assert counts["failed"] == 3 and counts["succeeded"] + counts["gated"] == 6
+            for state, n in counts.items():
+                assert page.inner_text(f"#n-{state}") == str(n)
+            states = {t["name"]: t["y"] for t in _plot_data(page, "fig-states")}
+            assert {st: ys[-1] for st, ys in states.items()} == counts
+            assert sum(_plot_data(page, "fig-f1")[0]["y"]) == len(f1s) == 6
+            assert sum(_plot_data(page, "fig-keys")[0]["y"]) > 0
+            assert "SyntheticFailure" in page.inner_text("#failures")
+            curves = _plot_data(page, "fig-curves")
+            assert curves and all(len(c["y"]) == 3 for c in curves)  # train/return at each checkpoint step
+            _screenshot(page, tmp_path, "dashboard_synthetic.png")
+            page.close()
+    finally:
+        ray.shutdown()

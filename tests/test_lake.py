@@ -3,6 +3,7 @@ readability, and the streaming TrajectoryDataset's split of work across ranks an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -80,6 +81,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert info.n_row_groups == 2  # whole episodes, >= 64 rows each: [150], [1, 37, 90]
     assert info.bytes == info.path.stat().st_size
     assert_same_episodes(episodes, lake.read_episodes(info))
+    assert_same_episodes(episodes, list(lake.iter_episodes(info)))
 
 
 def test_row_groups_hold_whole_episodes(tmp_path):
@@ -112,7 +114,7 @@ def test_shard_metadata_in_file_and_catalog(tmp_path):
     assert lake.catalog().column("unit_id").to_pylist() == ["u-meta"]
 
 
-def test_info_json_describes_the_files(tmp_path):
+def test_info_json_describes_the_files(tmp_path, monkeypatch):
     lake = Lake(tmp_path, LAKE_CFG)
     info = lake.commit_shard(make_meta("u1"), [synthetic_episode(10, seed=0)])
     doc = json.loads((tmp_path / "meta" / "info.json").read_text())
@@ -124,6 +126,11 @@ def test_info_json_describes_the_files(tmp_path):
     assert layout[0]["slice"][0] == 0 and layout[-1]["slice"][1] == OBS_DIM
     assert all(a["slice"][1] == b["slice"][0] for a, b in zip(layout, layout[1:]))  # contiguous
     assert doc["path_templates"]["shard"].format(song_hash="s", unit_id="u") == "data/song=s/u.parquet"
+    assert [c["shape"] for c in doc["columns"] if c["name"] in ("goal_bits", "action", "reward", "pressed")] == [
+        [123], [39], [], ["variable"]]
+    monkeypatch.chdir(tmp_path)  # the documented queries work from the lake root
+    assert len(duckdb.sql(doc["examples"]["duckdb"]).fetchall()) == 10
+    assert duckdb.sql(doc["examples"]["duckdb_catalog"]).to_arrow_table().column("unit_id").to_pylist() == ["u1"]
 
 
 @pytest.mark.parametrize("codec, level", [("snappy", None), ("none", None), ("gzip", 5), ("zstd", 9)])
@@ -162,6 +169,12 @@ def test_bad_episode_is_refused_with_a_clear_message(tmp_path, spoil, message):
     with pytest.raises(LakeError, match=re.escape(message)):
         lake.commit_shard(make_meta("u1"), [synthetic_episode(10, seed=1), ep])
     assert lake.shards() == [] and not list(tmp_path.glob("data/*/*"))
+
+
+def test_numpy_scalars_in_meta_are_stored_as_plain_numbers(tmp_path):
+    meta = dataclasses.replace(make_meta("u1"), chunk_index=np.int64(3), specialist_f1=np.float32(0.5))
+    info = Lake(tmp_path, LAKE_CFG).commit_shard(meta, [synthetic_episode(5, seed=np.int64(2))])
+    assert Lake(tmp_path).shards() == [info] and (info.chunk_index, info.specialist_f1) == (3, 0.5)
 
 
 def test_bad_meta_is_refused(tmp_path):
@@ -323,6 +336,33 @@ def test_crashed_writer_leaves_nothing_visible(tmp_path):
     assert [s.unit_id for s in lake.shards()] == ["crashed", "good"]
 
 
+def _crash_before_catalog_entry(root: str) -> None:
+    import workers.lake
+
+    def crash(path, data):
+        os._exit(18)  # the shard file is in place, its catalog entry is not written yet
+
+    workers.lake._write_json_atomic = crash
+    lake = Lake(root, LAKE_CFG)
+    lake.info_path.parent.mkdir(parents=True, exist_ok=True)
+    lake._ready = True  # info.json exists already
+    lake.commit_shard(make_meta("uncatalogued", song="dd" * 32), tagged_episodes(6, [30]))
+
+
+def test_shard_without_catalog_entry_is_not_committed(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    lake.commit_shard(make_meta("good"), tagged_episodes(1, [20]))
+    proc = mp.get_context("fork").Process(target=_crash_before_catalog_entry, args=(str(tmp_path),))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 18
+    orphan = tmp_path / "data" / f"song={'dd' * 32}" / "uncatalogued.parquet"
+    assert orphan.exists()
+    assert [s.unit_id for s in lake.shards()] == ["good"]
+    assert TrajectoryDataset(tmp_path, shuffle_buffer=0).num_samples == 20
+    assert lake.vacuum(min_age_s=0) == [orphan] and not orphan.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # TrajectoryDataset
 # --------------------------------------------------------------------------------------------
@@ -473,3 +513,17 @@ def test_cli_lists_shards_and_vacuums(tmp_path):
     result = CliRunner().invoke(app, ["lake", "vacuum", str(tmp_path), "--min-age-s", "0"])
     assert result.exit_code == 0 and "1 file(s)" in result.output
     assert not leftover.exists() and len(lake.shards()) == 2
+
+
+def test_dataset_batches_hold_the_same_steps_as_samples(small_lake):
+    def make(**kw):
+        return TrajectoryDataset(small_lake, min_f1=0.75, action_chunk=3, **kw)
+
+    samples = list(make(shuffle_buffer=0))
+    batches = list(make(shuffle_buffer=0, batch_size=100))
+    n = len(step_ids(TRAIN_HIGH_F1))
+    assert [len(b["obs"]) for b in batches] == [100] * (n // 100) + [n % 100]
+    for key in ("obs", "action", "action_mask"):
+        assert torch.equal(torch.cat([b[key] for b in batches]), torch.stack([s[key] for s in samples]))
+    shuffled = torch.cat([b["obs"][:, -1] for b in make(shuffle_buffer=64, batch_size=50)]).int().tolist()
+    assert sorted(shuffled) == step_ids(TRAIN_HIGH_F1) and shuffled != sorted(shuffled)

@@ -10,7 +10,7 @@ from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
 from robopianist.wrappers.evaluation import MidiEvaluationWrapper
 from sklearn.metrics import precision_recall_fscore_support
 
-from workers.env import make_env
+from workers.env import make_env, robopianist_task_kwargs
 from workers.metrics import key_press_metrics, step_metrics
 
 
@@ -60,17 +60,7 @@ def test_random_masks_match_sklearn_exactly():
 
 def _plain_robopianist_env(midi, env_cfg):
     """RoboPianist's own task with the same physics settings, for the evaluation wrapper."""
-    task = PianoWithShadowHands(
-        midi=midi,
-        n_steps_lookahead=env_cfg.n_steps_lookahead,
-        trim_silence=env_cfg.trim_silence,
-        disable_fingering_reward=True,
-        disable_colorization=env_cfg.disable_colorization,
-        gravity_compensation=env_cfg.gravity_compensation,
-        primitive_fingertip_collisions=env_cfg.primitive_fingertip_collisions,
-        reduced_action_space=env_cfg.reduced_action_space,
-        control_timestep=env_cfg.control_timestep,
-    )
+    task = PianoWithShadowHands(midi=midi, **robopianist_task_kwargs(env_cfg))
     return MidiEvaluationWrapper(composer.Environment(task=task, random_state=0, strip_singleton_obs_buffer_dim=True))
 
 

@@ -147,13 +147,3 @@ def test_drained_queue_scales_to_minimum_and_shutdown_leaves_no_job(manager_fact
     manager.shutdown()
     assert squeue_ids(manager) == set()
     assert manager.jobs() == []
-
-
-def test_empty_queue_with_zero_minimum_cancels_every_job(manager_factory):
-    manager = manager_factory(min_jobs=0, max_jobs=1)
-    job = running_job(manager)
-    reconcile_until(manager, {}, {}, lambda js: js == [])
-    deadline = time.monotonic() + 60
-    while job.job_id in squeue_ids(manager) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert job.job_id not in squeue_ids(manager)

@@ -25,8 +25,10 @@ the palm (flexion at the top of its range, no abduction), clear of the keys; the
 matching never uses them. The observation is unchanged (their joints and tips are still
 observed; they just do not move).
 
-Construction takes about 1.2 s on one core (MJCF build + MuJoCo compile); ``reset`` reuses
-the compiled physics.
+Cost: ``make_env`` takes about 1.1 s of CPU (building the MJCF model of piano and hands and
+compiling it; importing robopianist/dm_control adds ~1.5 s once per process); ``reset``
+reuses the compiled physics (~4 ms). A step costs ~7% more than RoboPianist's own task with
+the same settings (``tests/benchmarks/bench_env.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ ACTION_DIM = 39  # 19 right hand (17 joints + forearm x, y), 19 left hand, susta
 _LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
 
 
+def robopianist_task_kwargs(env_cfg: configs.EnvConfig) -> dict[str, Any]:
+    """``PianoWithShadowHands`` arguments for RP1M's settings in ``env_cfg``.
+
+    Human fingering and RoboPianist's forearm term are off (OT fingering and the
+    hand-hand collision term replace them in ``RP1MPianoTask``).
+    """
+    return dict(
+        n_steps_lookahead=env_cfg.n_steps_lookahead,
+        trim_silence=env_cfg.trim_silence,
+        wrong_press_termination=env_cfg.wrong_press_termination,
+        disable_fingering_reward=True,
+        disable_forearm_reward=True,
+        disable_colorization=env_cfg.disable_colorization,
+        disable_hand_collisions=env_cfg.disable_hand_collisions,
+        energy_penalty_coef=env_cfg.reward.energy_coef,
+        gravity_compensation=env_cfg.gravity_compensation,
+        primitive_fingertip_collisions=env_cfg.primitive_fingertip_collisions,
+        reduced_action_space=env_cfg.reduced_action_space,
+        attachment_yaw=env_cfg.attachment_yaw,
+        control_timestep=env_cfg.control_timestep,
+    )
+
+
 class RP1MPianoTask(PianoWithShadowHands):
     """``PianoWithShadowHands`` configured as in RP1M, with OT fingering and collision terms.
 
@@ -78,25 +103,10 @@ class RP1MPianoTask(PianoWithShadowHands):
         # Read by _set_rewards, which the base constructor calls last.
         self._reward_cfg = env_cfg.reward
         self._four_fingers = env_cfg.four_fingers
-        super().__init__(
-            midi=midi,
-            n_steps_lookahead=env_cfg.n_steps_lookahead,
-            trim_silence=env_cfg.trim_silence,
-            wrong_press_termination=env_cfg.wrong_press_termination,
-            disable_fingering_reward=True,
-            disable_forearm_reward=True,
-            disable_colorization=env_cfg.disable_colorization,
-            disable_hand_collisions=env_cfg.disable_hand_collisions,
-            energy_penalty_coef=env_cfg.reward.energy_coef,
-            gravity_compensation=env_cfg.gravity_compensation,
-            primitive_fingertip_collisions=env_cfg.primitive_fingertip_collisions,
-            reduced_action_space=env_cfg.reduced_action_space,
-            attachment_yaw=env_cfg.attachment_yaw,
-            control_timestep=env_cfg.control_timestep,
-        )
+        super().__init__(midi=midi, **robopianist_task_kwargs(env_cfg))
         for hand in (self.right_hand, self.left_hand):
             hand.observables.fingertip_positions.enabled = True
-        self._held_actions: np.ndarray | None = None
+        self._held_actions: tuple[np.ndarray, np.ndarray] | None = None  # four fingers only
 
     @property
     def hands(self) -> tuple:

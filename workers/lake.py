@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -70,8 +70,8 @@ CATALOG_DIR = f"{META_DIR}/catalog"
 LOCK_DIR = f"{META_DIR}/locks"
 SHARD_TEMPLATE = "data/song={song_hash}/{unit_id}.parquet"
 CATALOG_TEMPLATE = "meta/catalog/{unit_id}.json"
-TMP_MARK = ".tmp-"
-LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level  # temporary names: ".<final name>.tmp-<random>"
+TMP_MARK = ".tmp-"  # temporary names: ".<final name>.tmp-<random>"
+LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level
 
 _SAFE_NAMES = {  # they name files and the hive partition directory
     "unit_id": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"),
@@ -229,7 +229,8 @@ def _index_lists_to_bool(arr: pa.ListArray | pa.ChunkedArray, n_keys: int = N_KE
     return out
 
 
-def _fixed_to_numpy(arr: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+def fixed_list_to_numpy(arr: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """A fixed-size list<float32>[width] column as float32 [n, width]."""
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     return np.asarray(arr.flatten(), dtype=np.float32).reshape(len(arr), width)
 
@@ -243,7 +244,7 @@ def _check_episode(ep: Episode, index: int) -> None:
         got = np.shape(getattr(ep, name))
         if T <= 0 or got != shape:
             raise LakeError(f"{where}: field '{name}' has shape {got}, expected {shape} (T = steps > 0)")
-    goal = ep.obs[:, :GOAL_BITS]
+    goal = np.asarray(ep.obs)[:, :GOAL_BITS]
     bad = ~((goal == 0) | (goal == 1))
     if bad.any():
         step, col = map(int, np.argwhere(bad)[0])
@@ -301,17 +302,19 @@ def rebuild_obs(table: pa.Table | pa.RecordBatch) -> np.ndarray:
         if stop - start == 1:
             obs[:, start] = np.asarray(col, dtype=np.float32)
         else:
-            obs[:, start:stop] = _fixed_to_numpy(col, stop - start)
+            obs[:, start:stop] = fixed_list_to_numpy(col, stop - start)
     return obs
 
 
 def table_to_episodes(table: pa.Table) -> list[Episode]:
     """Split a shard's rows back into Episodes (rows must be ordered by episode, then step)."""
+    if table.num_rows == 0:
+        return []
     episode = np.asarray(table.column("episode"), dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
     stops = np.r_[starts[1:], len(episode)]
     obs = rebuild_obs(table)
-    action = _fixed_to_numpy(table.column("action"), ACTION_DIM)
+    action = fixed_list_to_numpy(table.column("action"), ACTION_DIM)
     reward = np.asarray(table.column("reward"), dtype=np.float32)
     pressed = _index_lists_to_bool(table.column("pressed"))
     target = _index_lists_to_bool(table.column("target"))
@@ -486,6 +489,9 @@ class Lake:
         unit never leaves two shards. Safe with concurrent writers in several processes: the
         last one to commit a unit wins, and the catalog always describes the file on disk.
         """
+        meta = ShardMeta(unit_id=meta.unit_id, song_hash=meta.song_hash, song_name=str(meta.song_name),
+                         chunk_index=int(meta.chunk_index), split=meta.split, config_hash=str(meta.config_hash),
+                         specialist_f1=float(meta.specialist_f1))  # plain types, e.g. not numpy scalars
         _check_name("unit_id", meta.unit_id)
         _check_name("song_hash", meta.song_hash)
         if meta.split not in SPLITS:
@@ -631,6 +637,12 @@ class Lake:
     def read_episodes(self, shard: ShardInfo) -> list[Episode]:
         """The shard's episodes, observations rebuilt bit-exactly."""
         return table_to_episodes(self.read_table(shard))
+
+    def iter_episodes(self, shard: ShardInfo) -> Iterator[Episode]:
+        """The shard's episodes one row group at a time (memory: one row group, not the shard)."""
+        pf = self.open_shard(shard)
+        for group in range(pf.num_row_groups):
+            yield from table_to_episodes(pf.read_row_group(group))
 
     # -- housekeeping ----------------------------------------------------------------------------
 

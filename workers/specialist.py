@@ -178,6 +178,18 @@ def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: P
         return done
     report = report or (lambda metrics: None)
     progress = os.isatty(2) if progress is None else progress
+    threads = torch.get_num_threads()
+    # As many intra-op threads as CPUs reserved for the unit: units sharing a node must not
+    # oversubscribe it (spinning OpenMP threads make a contended CPU update ~10x slower).
+    torch.set_num_threads(max(1, int(cfg.campaign.cpus_per_unit)))
+    try:
+        return _train(unit, cfg, unit_dir, Path(lake_root), report, progress, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path, report: Report,
+           progress: bool, t_start: float) -> UnitResult:
     spec, droq = cfg.specialist, cfg.droq
 
     midi = load_chunk(unit.song_path, unit.chunk_index, cfg.env, expected_hash=unit.song_hash)

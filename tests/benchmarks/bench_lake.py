@@ -132,18 +132,22 @@ def main() -> None:
         print(f"\nTrajectoryDataset over {args.dataset_shards} such shards ({args.dataset_shards * n_steps} steps), "
               f"shuffle_buffer={cfg.il.shuffle_buffer}, action_chunk={cfg.il.action_chunk}; samples/s over "
               f"{args.dataset_samples} samples, start-up included:")
-        for workers, batch in [(0, None), (0, cfg.il.batch_size), (2, cfg.il.batch_size)]:
+        runs = [(0, None, None), (0, cfg.il.batch_size, None), (0, None, cfg.il.batch_size),
+                (2, cfg.il.batch_size, None), (2, None, cfg.il.batch_size)]
+        for workers, loader_batch, dataset_batch in runs:
             data = TrajectoryDataset(tmp / "lake", shuffle_buffer=cfg.il.shuffle_buffer,
-                                     action_chunk=cfg.il.action_chunk, repeat=True)
-            loader = DataLoader(data, batch_size=batch, num_workers=workers)
+                                     action_chunk=cfg.il.action_chunk, repeat=True, batch_size=dataset_batch)
+            loader = DataLoader(data, batch_size=loader_batch, num_workers=workers)
             count, t0 = 0, time.perf_counter()
             for item in loader:
-                count += 1 if batch is None else item["obs"].shape[0]
+                count += item["obs"].shape[0] if item["obs"].ndim == 2 else 1
                 if count >= args.dataset_samples:
                     break
             rate = count / (time.perf_counter() - t0)
-            label = f"num_workers={workers}, " + ("per sample" if batch is None else f"batch_size={batch}")
-            print(f"  {label:<36}{rate:>12,.0f}")
+            label = f"num_workers={workers}, " + (
+                f"TrajectoryDataset(batch_size={dataset_batch})" if dataset_batch else
+                f"DataLoader(batch_size={loader_batch})" if loader_batch else "per sample")
+            print(f"  {label:<52}{rate:>10,.0f}")
 
 
 if __name__ == "__main__":
