@@ -340,10 +340,16 @@ class MlflowReader:
         self._client = None
         self._experiments: dict[str, str] = {}
         self.default_experiment: str | None = None  # the campaign's experiment, from the store
+        self.ready = False  # set once the store says the driver's MLflow experiment exists
 
     def available(self) -> bool:
+        """Whether to query MLflow now: only once the driver has opened its tracking store (it
+        records the experiment in the campaign store afterwards). Opening a SQLite tracking file
+        earlier would race the driver creating its tables, and could create an empty one."""
+        if not self.ready:
+            return False
         if self.tracking_uri.startswith("sqlite:///"):
-            return Path(self.tracking_uri[len("sqlite:///"):]).exists()  # never create an empty one
+            return Path(self.tracking_uri[len("sqlite:///"):]).exists()
         return True
 
     @property
@@ -355,30 +361,12 @@ class MlflowReader:
         return self._client
 
     def link(self, run_id: str | None) -> str | None:
-        """The configured MLflow UI URL of a run (``None`` without a run)."""
+        """The configured MLflow UI URL of a run (``None`` without a run). Unit runs live in the
+        campaign's experiment; other runs (the imitation job) once their curves were read."""
         if not run_id:
             return None
-        if run_id not in self._experiments and self.default_experiment is not None:
-            return self.ui_url.format(run_id=run_id, experiment_id=self.default_experiment,
-                                      tracking_uri=self.tracking_uri)
-        if run_id not in self._experiments and self.available():
-            self._learn_experiments()
-            self._experiments.setdefault(run_id, "")  # a run of another server: do not look again
-        experiment_id = self._experiments.get(run_id) or "0"
+        experiment_id = self._experiments.get(run_id) or self.default_experiment or "0"
         return self.ui_url.format(run_id=run_id, experiment_id=experiment_id, tracking_uri=self.tracking_uri)
-
-    def _learn_experiments(self) -> None:
-        """Map every run id to its experiment with one paged search (not one query per unit)."""
-        from mlflow.entities import ViewType
-
-        ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
-        token = None
-        while ids:
-            page = self.client.search_runs(ids, max_results=5000, page_token=token, run_view_type=ViewType.ALL)
-            self._experiments.update({r.info.run_id: r.info.experiment_id for r in page})
-            token = page.token
-            if not token:
-                break
 
     def curves(self, run_id: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[list, list]]:
         """``{metric: (steps, values)}`` for the run's metrics matching any of ``patterns``
@@ -467,6 +455,7 @@ class Campaign:
 
         if meta.get("mlflow_experiment_id") is not None:
             self.mlflow.default_experiment = str(meta["mlflow_experiment_id"])
+            self.mlflow.ready = True
         il_run = None
         curves: dict[str, dict[str, tuple[list, list]]] = {}
         il_curves: dict[str, tuple[list, list]] = {}

@@ -446,6 +446,125 @@ def lake_vacuum(
     typer.echo(f"{len(doomed)} file(s)")
 
 
+# ---- imitation learning: train a generalist on the lake, evaluate it on songs ------------------
+@app.command("train-il")
+def train_il_cmd(
+    lake: Path = typer.Option(..., "--lake", exists=True, file_okay=False, metavar="DIR", help="Lake root (e.g. CAMPAIGN_DIR/lake)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
+                                       help="Checkpoints and policy.pt (default: the lake's parent/il/POLICY). Same DIR again resumes."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override, e.g. il.steps=5000 (repeatable)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="DDP workers (default: il.num_workers)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="flow (flow-matching transformer) or bc (MLP baseline); default il.policy."),
+    min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Train on shards with specialist F1 >= this (default: gate.f1_threshold)."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", metavar="URI",
+                                             help="MLflow tracking uri (default: the campaign's, when the lake is CAMPAIGN_DIR/lake)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the campaign's name)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start Ray in this process)."),
+) -> None:
+    """Train the imitation policy on the lake's passing train shards with Ray Train (DDP); prints where policy.pt is."""
+    import configs
+
+    if policy not in (None, "flow", "bc"):
+        typer.echo(f"error: --policy {policy}: expected flow or bc", err=True)
+        raise typer.Exit(2)
+    try:
+        cfg = configs.load(profile=profile, overrides=sets)
+    except configs.ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    import ray
+
+    from orchestrator.tracking import tracking_uri_for
+    from workers.il_trainer import train_il
+
+    campaign_dir = lake.resolve().parent
+    if mlflow_uri is None and (cfg.mlflow.tracking_uri or (campaign_dir / "mlflow.db").exists()):
+        mlflow_uri = tracking_uri_for(cfg.mlflow, campaign_dir)
+    kind = policy or cfg.il.policy
+    out = out or campaign_dir / "il" / kind
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address, log_to_driver=False)
+    try:
+        result = train_il(lake, cfg, out, policy=kind, num_workers=workers, min_f1=min_f1,
+                          tracking_uri=mlflow_uri, experiment=experiment or campaign_dir.name)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if started:
+            ray.shutdown()
+    typer.echo(f"{kind} policy trained on {result.n_shards} shards of {len(result.song_hashes)} songs: "
+               f"steps {result.start_step}->{result.steps}, loss {result.metrics.get('train/loss', float('nan')):.4g}")
+    typer.echo(f"wrote {result.policy_path}" + (f"  (MLflow run {result.mlflow_run_id} at {mlflow_uri})" if mlflow_uri else ""))
+
+
+@app.command("eval", context_settings={"allow_extra_args": True})
+def eval_cmd(
+    ctx: typer.Context,
+    policy: Path = typer.Argument(..., exists=True, metavar="POLICY", help="policy.pt (or the folder holding it) from train-il."),
+    songs: list[str] = typer.Option(..., "--songs", metavar="MANIFEST_OR_MIDI...",
+                                    help="Manifests (.yaml/.csv) and/or MIDI files; more may follow, e.g. --songs a.mid b.mid."),
+    episodes: int = typer.Option(1, "--episodes", min=1, help="Episodes per song chunk."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", exists=True, metavar="POLICY",
+                                            help="A second policy evaluated beside it (e.g. the BC baseline)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE.csv", help="Table file (default: eval.csv next to POLICY)."),
+    max_chunks: Optional[int] = typer.Option(None, "--max-chunks", min=1, help="Only the first N chunks of each song."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Only the first N steps of each episode."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", metavar="URI", help="Also log the results to MLflow."),
+    experiment: str = typer.Option("pianoforge-eval", "--experiment", help="MLflow experiment."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override, e.g. il.replan_every=1 (repeatable)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
+) -> None:
+    """Roll POLICY out on songs; per-song precision, recall, F1 and means, songs seen in training vs held out."""
+    import configs
+    from orchestrator.manifest import ManifestError, load_manifest
+    from workers.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
+    from workers.music import SongError
+
+    try:
+        cfg = configs.load(profile=profile, overrides=sets)
+    except configs.ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    paths, names = [], []
+    for item in list(songs) + list(ctx.args):
+        if Path(item).suffix.lower() in (".yaml", ".yml", ".csv"):
+            try:
+                manifest = load_manifest(item, cfg)
+            except ManifestError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+            for problem in manifest.problems:
+                typer.echo(str(problem), err=True)
+            paths += [s.path for s in manifest.songs]
+            names += [s.name for s in manifest.songs]
+        else:
+            paths.append(Path(item))
+            names.append(None)
+    if not paths:
+        typer.echo("error: no songs to evaluate", err=True)
+        raise typer.Exit(2)
+    rows = []
+    try:
+        for path in [policy] + ([baseline] if baseline else []):
+            rows += evaluate_policy(path, paths, cfg, episodes=episodes, song_names=[n or Path(p).stem for p, n in zip(paths, names)],
+                                    max_chunks=max_chunks, max_steps=max_steps, progress=True)
+    except (SongError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    rows = summarize(rows)
+    print_table(rows)
+    table_path = write_csv(rows, out or (policy if policy.is_dir() else policy.parent) / "eval.csv")
+    typer.echo(f"wrote {table_path}")
+    if mlflow_uri:
+        run_id = log_to_mlflow(rows, mlflow_uri, experiment, params={"policy": str(policy), "baseline": str(baseline),
+                                                                     "episodes": episodes, "songs": len(paths)})
+        typer.echo(f"MLflow run {run_id} in experiment {experiment}")
+# ---- end imitation learning -----------------------------------------------------------------------
+
+
 def main() -> None:
     app()
 

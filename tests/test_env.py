@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mujoco_utils import collision_utils
 
-from env_fixtures import KeyPresser, chord_song, env_config, oracle_ish_keys, twinkle
+from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, twinkle
 from workers import env as piano_env
 from workers.env import OBS_SLICES, make_env
 
@@ -204,3 +204,15 @@ def test_song_without_notes_is_refused():
 
     with pytest.raises(ValueError, match="no notes"):
         make_env(MidiFile(seq=music_pb2.NoteSequence()), env_config())
+
+
+def test_episode_length_equals_planned_chunk_length():
+    """Chunks come trimmed from the song loader; the env must not trim them again."""
+    from workers.music import load_song, plan_chunks
+
+    cfg = env_config()
+    song = load_song(TWINKLE.parent / "nocturne-trimmed.mid")
+    plan = plan_chunks(song, cfg)
+    chunk = plan.chunks[0]
+    env = make_env(chunk.midi, cfg, seed=0)
+    assert env.n_steps == chunk.n_steps == cfg.chunk_steps

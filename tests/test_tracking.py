@@ -44,15 +44,19 @@ def test_parent_run_has_the_resolved_config_as_params_and_artifact(sink_setup):
 def test_worker_metrics_are_batched_into_the_unit_child_run(sink_setup):
     sink, client, parent, _ = sink_setup
     sink.log("u1", {"step": 0, "train/return": 0.0})  # before the run exists: kept until it does
-    run_id = sink.open_unit("u1", None, {"song": "twinkle", "chunk": 0}, {"state": "running", "attempt": 1})
+    sink.open_unit("u1", None, {"song": "twinkle", "chunk": 0}, {"state": "running", "attempt": 1})
+    before = sink.flush()
+    run_id = sink.drain()["runs"]["u1"]
     for step in range(1, 20):
         sink.log("u1", {"step": step, "train/return": float(step), "eval/f1": step / 20, "note": "not a number"})
-    assert client.get_metric_history(run_id, "train/return") == []  # buffered, not written yet
+    assert len(client.get_metric_history(run_id, "train/return")) == 1  # the rest is buffered, not written yet
     stats = sink.flush()
     history = client.get_metric_history(run_id, "train/return")
     assert sorted(m.step for m in history) == list(range(20))
-    assert stats["metrics_written"] == 39 and stats["batches"] == 6  # 39 metrics, at most 7 per log_batch
+    # 38 more metrics, at most 7 per log_batch
+    assert stats["metrics_written"] - before["metrics_written"] == 38 and stats["batches"] - before["batches"] == 6
     sink.finish_unit("u1", "FINISHED", {"f1": 0.9, "precision": 0.95, "recall": 0.85}, {"state": "succeeded", "attempt": 1})
+    sink.flush()
     run = client.get_run(run_id)
     assert run.data.tags[PARENT_TAG] == parent["run_id"]
     assert run.data.tags["state"] == "succeeded" and run.data.params["song"] == "twinkle"
@@ -61,9 +65,13 @@ def test_worker_metrics_are_batched_into_the_unit_child_run(sink_setup):
 
 def test_reopened_unit_run_is_the_same_run(sink_setup):
     sink, client, _, _ = sink_setup
-    run_id = sink.open_unit("u2", None, {"song": "s"}, {"attempt": 1})
+    sink.open_unit("u2", None, {"song": "s"}, {"attempt": 1})
     sink.finish_unit("u2", "FAILED", {}, {"state": "failed"})
-    assert sink.open_unit("u2", run_id, {"song": "s"}, {"attempt": 2}) == run_id
+    sink.open_unit("u2", None, {"song": "s"}, {"attempt": 2})  # the sink remembers the unit's run
+    sink.flush()
+    run_id = sink.run_id("u2")
+    assert sink.drain()["runs"] == {"u2": run_id}
+    assert len(client.search_runs([sink.experiment_id], filter_string="attributes.run_name = 'u2'")) == 1
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["attempt"] == "2"
 
@@ -76,9 +84,10 @@ def test_drain_hands_worker_notes_to_the_driver_once(sink_setup):
     notes = sink.drain()
     assert notes["started"][0]["hostname"] == "h"
     assert notes["progress"] == {"u3": (6, 4)}
-    assert sink.drain() == {"started": [], "progress": {}}
+    assert sink.drain() == {"started": [], "progress": {}, "runs": {}}
 
 
+@pytest.mark.slow
 def test_sink_actor_flushes_on_its_own(tmp_path):
     import ray
 
@@ -90,7 +99,11 @@ def test_sink_actor_flushes_on_its_own(tmp_path):
     try:
         sink = start_sink(uri, "camp", artifact_location_for(uri, tmp_path), cfg.mlflow)
         ray.get(sink.open_campaign.remote("camp", None, {"a": 1}, None, False))
-        run_id = ray.get(sink.open_unit.remote("u", None, {"song": "s"}, {}))
+        sink.open_unit.remote("u", None, {"song": "s"}, {})
+        run_id = None
+        while run_id is None:
+            time.sleep(0.05)
+            run_id = ray.get(sink.run_id.remote("u"))
         for step in range(5):
             sink.log.remote("u", {"step": step, "loss": 1.0 / (step + 1)})
         client = MlflowClient(uri)

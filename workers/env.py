@@ -76,7 +76,10 @@ def robopianist_task_kwargs(env_cfg: configs.EnvConfig) -> dict[str, Any]:
     """
     return dict(
         n_steps_lookahead=env_cfg.n_steps_lookahead,
-        trim_silence=env_cfg.trim_silence,
+        # Silence is trimmed once, on the whole song, before it is cut into chunks
+        # (workers.music.plan_chunks); trimming each chunk again would shift a chunk that
+        # starts with a rest and make episodes shorter than their chunk.
+        trim_silence=False,
         wrong_press_termination=env_cfg.wrong_press_termination,
         disable_fingering_reward=True,
         disable_forearm_reward=True,
