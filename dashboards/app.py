@@ -18,6 +18,7 @@ a data URI, no polling).
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import json
 import math
@@ -29,7 +30,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import jinja2
 
@@ -62,11 +63,11 @@ def plotly_js() -> str:
 
 def figures(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
     """The page's plotly figures, keyed as in :data:`FIGURE_IDS`."""
-    times, counts = timeline.states_over_time(s.changes, now=s.taken_at)
+    times, counts = timeline.states_over_time(s.changes, now=s.until)
     done = timeline.finish_times(s.changes)
     start = s.started_at or s.taken_at
-    edges, per_bin = timeline.throughput_bins(done, start, s.taken_at)
-    per_hour = timeline.rate_per_hour(done, start, s.taken_at, dash.throughput_window_s)
+    edges, per_bin = timeline.throughput_bins(done, start, s.until)
+    per_hour = timeline.rate_per_hour(done, start, s.until, dash.throughput_window_s)
     finished_f1 = [u.f1 for u in s.units if u.f1 is not None and u.state in ("succeeded", "gated")]
     figs = {
         "states": plots.states_over_time([timeline.iso(t) for t in times], counts),
@@ -75,24 +76,22 @@ def figures(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         "lake_keys": plots.key_histogram(s.key_counts, s.lake_steps),
         "gate": plots.gate_status(s.gate.passing, s.gate.needed, s.gate.threshold, s.gate.launched),
         "il": plots.learning_curves({"imitation": s.il_curves} if s.il_curves else {},
-                                    sorted(s.il_curves) or ["train/loss"], title="Imitation job"),
-        "curves": plots.learning_curves(
-            {uid: {m: c for m, c in curves.items()} for uid, curves in s.curves.items()},
-            _metric_names(s), title="Learning curves (MLflow)"),
+                                    _metric_names([s.il_curves], dash.il_metrics), title="Imitation job (MLflow)"),
+        "curves": plots.learning_curves(s.curves, _metric_names(s.curves.values(), dash.learning_curve_metrics),
+                                        title="Learning curves (MLflow)"),
     }
     if s.focus is not None:
         figs["fingers"] = plots.finger_key_heatmap(s.focus.finger_key)
     return figs
 
 
-def _metric_names(s: Snapshot) -> list[str]:
-    """The metrics of the learning-curve subplots: the names logged that match the configured
-    patterns, in the configured order."""
-    import fnmatch
-
-    logged = sorted({m for curves in s.curves.values() for m in curves})
-    names = [m for p in s.curve_metrics for m in logged if fnmatch.fnmatchcase(m, p)]
-    return list(dict.fromkeys(names)) or [p for p in s.curve_metrics if "*" not in p]
+def _metric_names(runs, patterns) -> list[str]:
+    """The subplots of a learning-curve figure: the metric names logged by any of ``runs``
+    (dicts keyed by metric) that match the configured ``patterns``, in the patterns' order;
+    the plain patterns when nothing is logged yet."""
+    logged = sorted({m for curves in runs for m in curves})
+    names = [m for p in patterns for m in logged if fnmatch.fnmatchcase(m, p)]
+    return list(dict.fromkeys(names)) or [p for p in patterns if "*" not in p]
 
 
 def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str | None = None) -> str:
@@ -200,15 +199,15 @@ class _Handler(BaseHTTPRequestHandler):
                 body = render_page(s, self.campaign, live=True, audio_src=audio_src).encode()
                 self._send(HTTPStatus.OK, body, "text/html; charset=utf-8")
             elif url.path == "/api/summary":
-                s = self.campaign.snapshot(curve_units=[], focus_unit="")
+                s = self.campaign.snapshot(full=False)
                 body = json.dumps(summary(s, self.campaign.dash), default=_json_default).encode()
                 self._send(HTTPStatus.OK, body, "application/json")
             elif url.path.startswith("/audio/") and url.path.endswith(".wav"):
-                unit_id = url.path[len("/audio/"):-len(".wav")]
-                s = self.campaign.snapshot(curve_units=[], focus_unit=unit_id)
-                if s.focus is None or s.focus.unit_id != unit_id:
+                unit_id = unquote(url.path[len("/audio/"):-len(".wav")])
+                focus = self.campaign.focus(unit_id)
+                if focus is None:
                     return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
-                wav = self.campaign.render_audio(s.focus)
+                wav = self.campaign.render_audio(focus)
                 self._send(HTTPStatus.OK, wav.read_bytes(), "audio/wav", cache="max-age=3600")
             elif url.path == "/static/plotly.min.js":
                 self._send(HTTPStatus.OK, plotly_js().encode(), "application/javascript", cache="max-age=86400")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ DASHBOARD_DIR = "dashboard"  # the dashboard's own cache (rendered WAVs) inside 
 _OBS = {name: slice(start, stop) for name, start, stop in _lake.OBS_LAYOUT}
 FINGERTIP_SLICE = _OBS["fingertip_pos"]  # 10 fingertips x (x, y, z), world frame
 SUSTAIN_SLICE = _OBS["sustain_state"]  # the pedal's position over its range (0 up .. 1 down)
+
+
+# Terminal colour codes (Ray colours its tracebacks); a web page shows them as garbage.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class CampaignNotFound(FileNotFoundError):
@@ -151,7 +156,6 @@ class Snapshot:
     lake_shards: int
     lake_episodes: int
     curves: dict[str, dict[str, tuple[list, list]]]
-    curve_metrics: list[str]
     il_curves: dict[str, tuple[list, list]]
     focus: Focus | None
     control_timestep: float
@@ -160,6 +164,16 @@ class Snapshot:
     @property
     def started_at(self) -> float | None:
         return min((c.time for c in self.changes), default=None)
+
+    @property
+    def finished(self) -> bool:
+        """No unit is pending or running (and there is at least one unit)."""
+        return bool(self.units) and all(u.state not in timeline.OPEN_STATES for u in self.units)
+
+    @property
+    def until(self) -> float:
+        """The end of the campaign's time axis: its last state change once finished, else now."""
+        return max((c.time for c in self.changes), default=self.taken_at) if self.finished else self.taken_at
 
 
 def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
@@ -170,9 +184,9 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
     remaining = sum(counts[st] for st in timeline.OPEN_STATES)
     done = timeline.finish_times(s.changes)
     start = s.started_at or s.taken_at
-    per_hour = timeline.rate_per_hour(done, start, s.taken_at, dash.throughput_window_s)
+    per_hour = timeline.rate_per_hour(done, start, s.until, dash.throughput_window_s)
     eta = timeline.eta_seconds(remaining, per_hour)
-    finished = bool(s.units) and remaining == 0
+    finished = s.finished
     last = max((c.time for c in s.changes), default=0.0)
     return {
         "campaign": s.campaign,
@@ -228,7 +242,7 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
         meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
     units = [Unit(unit_id=r.unit_id, song_name=r.song_name, chunk_index=r.chunk_index, split=r.split, state=r.state,
                   attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
-                  seconds=r.seconds, node=r.hostname or r.node_id, error=r.error, mlflow_run_id=r.mlflow_run_id,
+                  seconds=r.seconds, node=r.hostname or r.node_id, error=_ANSI.sub("", r.error) if r.error else None, mlflow_run_id=r.mlflow_run_id,
                   shard_path=r.shard_path, step=r.step)
              for r in rows]
     changes = [StateChange(e.ts, e.unit_id, e.to_state) for e in events
@@ -432,14 +446,16 @@ class Campaign:
 
         return Lake(self.directory / LAKE_DIR, self.cfg.lake)
 
-    def snapshot(self, curve_units: list[str] | None = None, focus_unit: str | None = None) -> Snapshot:
+    def snapshot(self, curve_units: list[str] | None = None, focus_unit: str | None = None,
+                 full: bool = True) -> Snapshot:
         """Read everything the page shows. ``curve_units``: units whose learning curves to show
         (default: the best finished ones, then running ones, up to ``dashboard.max_curves``);
-        ``focus_unit``: the unit whose fingering and audio to show (default: the best finished)."""
+        ``focus_unit``: the unit whose fingering and audio to show (default: the best finished).
+        ``full=False`` leaves out the learning curves and the focus unit (for ``/api/summary``)."""
         with self._lock:
-            return self._snapshot(curve_units, focus_unit)
+            return self._snapshot(curve_units, focus_unit, full)
 
-    def _snapshot(self, curve_units, focus_unit) -> Snapshot:
+    def _snapshot(self, curve_units, focus_unit, full) -> Snapshot:
         from orchestrator.gate import Gate
 
         problems = list(self.problems)
@@ -451,7 +467,7 @@ class Campaign:
         shards = lake.shards()
         key_counts, lake_steps = self.keys.counts(lake, shards)
         gate = Gate(self.cfg.gate)
-        passing = len([s for s in shards if s.split == "train" and s.specialist_f1 >= gate.f1_threshold])
+        passing = len(gate.passing_shards(lake))
 
         if meta.get("mlflow_experiment_id") is not None:
             self.mlflow.default_experiment = str(meta["mlflow_experiment_id"])
@@ -463,9 +479,9 @@ class Campaign:
             for u in units:
                 u.run_link = self.mlflow.link(u.mlflow_run_id)
             il_run = meta.get("il_run_id") or self.mlflow.imitation_run()
-            if il_run:
+            if il_run and full:
                 il_curves = self.mlflow.curves(il_run, list(self.dash.il_metrics))
-            for uid in self._curve_units(units, curve_units):
+            for uid in self._curve_units(units, curve_units) if full else []:
                 run_id = by_id[uid].mlflow_run_id
                 if run_id:
                     curves[uid] = self.mlflow.curves(run_id, list(self.dash.learning_curve_metrics))
@@ -473,7 +489,7 @@ class Campaign:
             problems.append(f"MLflow ({self.mlflow.tracking_uri}): {type(e).__name__}: {e}")
 
         focus = None
-        fid = focus_unit or self._default_focus(units)
+        fid = (focus_unit or self._default_focus(units)) if full else None
         if fid:
             try:
                 focus = self._focus(lake, shards, by_id.get(fid), fid)
@@ -485,7 +501,7 @@ class Campaign:
             campaign=str(meta.get("name") or self.name), directory=str(self.directory), taken_at=taken_at,
             units=units, changes=changes, gate=gate_view, key_counts=key_counts, lake_steps=lake_steps,
             lake_shards=len(shards), lake_episodes=sum(s.n_episodes for s in shards), curves=curves,
-            curve_metrics=list(self.dash.learning_curve_metrics), il_curves=il_curves, focus=focus,
+            il_curves=il_curves, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
         )
 
@@ -502,6 +518,12 @@ class Campaign:
         done = [u for u in units if u.f1 is not None and u.shard_path]
         return max(done, key=lambda u: u.f1).unit_id if done else None
 
+    def focus(self, unit_id: str) -> Focus | None:
+        """The unit's best rollout (``None`` while it has no committed shard)."""
+        lake = self.lake()
+        with self._lock:
+            return self._focus(lake, lake.shards(), None, unit_id)
+
     def _focus(self, lake, shards, unit: Unit | None, unit_id: str) -> Focus | None:
         shard = next((s for s in shards if s.unit_id == unit_id), None)
         if shard is None:
@@ -515,7 +537,8 @@ class Campaign:
                 pressed=ep.pressed, sustain=_pedal_after_each_step(ep),
             )
         focus = self._focus_cache[key]
-        focus.run_link = unit.run_link if unit else None
+        if unit is not None:
+            focus.run_link = unit.run_link
         return focus
 
     def audio_path(self, focus: Focus) -> Path:

@@ -360,7 +360,7 @@ def specialist(
 
     import configs
     from orchestrator.manifest import UNIT_SECTIONS
-    from workers.music import SongError, load_song
+    from workers.music import SongError, load_song, plan_chunks
     from workers.specialist import train_unit
     from workers.units import UnitSpec
 
@@ -370,8 +370,10 @@ def specialist(
     try:
         cfg = configs.load(profile=profile, overrides=overrides)
         loaded = load_song(song)
+        plan_chunks(loaded, cfg.env).chunk(chunk)  # fail early on a chunk the song does not have
     except (configs.ConfigError, SongError) as e:
-        typer.echo(f"error: {e}", err=True)
+        where = "" if str(song) in str(e) or isinstance(e, configs.ConfigError) else f"{song}: "
+        typer.echo(f"error: {where}{e}", err=True)
         raise typer.Exit(1) from None
     unit = UnitSpec.create(song_path=str(song.resolve()), song_hash=loaded.content_hash, song_name=loaded.name,
                            chunk_index=chunk, config_hash=cfg.hash(*UNIT_SECTIONS))

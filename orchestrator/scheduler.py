@@ -22,6 +22,7 @@ import ray
 import ray.exceptions
 
 import configs
+from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
 from workers.units import UnitResult, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -68,27 +69,61 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     if unit.overrides:
         cfg = cfg.with_overrides(unit.overrides)
     if sink is not None:
+        ctx = ray.get_runtime_context()
         sink.started.remote(unit.unit_id, {
             "hostname": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID") or _node_label(ctx, SLURM_JOB_LABEL),
         })
-    spent = {"seconds": 0.0, "calls": 0}
-
-    def report(metrics: dict) -> None:
-        t0 = time.perf_counter()
-        if sink is not None:
-            sink.log.remote(unit.unit_id, dict(metrics), int(time.time() * 1000))
-        spent["seconds"] += time.perf_counter() - t0
-        spent["calls"] += 1
-
+    report = Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s)
     run = _workload(workload)
-    result: UnitResult = run(unit, cfg, Path(unit_dir), Path(lake_root), report)
-    return {**result.model_dump(), "report_seconds": spent["seconds"], "reports": spent["calls"]}
+    try:
+        result: UnitResult = run(unit, cfg, Path(unit_dir), Path(lake_root), report)
+    finally:
+        report.close()  # metrics of a failed attempt still reach MLflow
+    return {**result.model_dump(), "report_seconds": report.seconds, "reports": report.calls}
+
+
+class Reporter:
+    """The ``report`` callback a workload gets: keeps metric dicts and sends them to the sink
+    in one fire-and-forget call per ``interval_s`` (and at the end), timing itself."""
+
+    def __init__(self, sink, unit_id: str, interval_s: float):
+        self.sink, self.unit_id, self.interval_s = sink, unit_id, interval_s
+        self.pending: list[tuple[dict, int]] = []
+        self.last_send = time.monotonic()
+        self.seconds = 0.0  # everything spent in here: the share of worker time that logging costs
+        self.calls = 0
+
+    def __call__(self, metrics: dict) -> None:
+        t0 = time.perf_counter()
+        self.pending.append((dict(metrics), int(time.time() * 1000)))
+        self.calls += 1
+        if time.monotonic() - self.last_send >= self.interval_s:
+            self._send()
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        t0 = time.perf_counter()
+        self._send()
+        self.seconds += time.perf_counter() - t0
+
+    def _send(self) -> None:
+        if self.pending and self.sink is not None:
+            self.sink.log_many.remote(self.unit_id, self.pending)
+        self.pending = []
+        self.last_send = time.monotonic()
 
 
 _execute_unit_remote = ray.remote(execute_unit)
+
+
+def _node_label(ctx, key: str) -> str | None:
+    try:
+        return (ctx.get_node_labels() or {}).get(key)
+    except Exception:  # labels are an extra; a node without them is fine
+        return None
 
 
 @dataclass
@@ -136,6 +171,10 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def inflight(self) -> list[str]:
+        """Unit ids of the attempts in flight (queued in Ray or running)."""
+        return list(self._inflight.values())
+
     def capacity(self) -> int:
         """How many attempts to keep in flight: ``max_concurrent_units``, or (0) what the
         cluster's CPUs/GPUs fit, rechecked every few seconds as nodes join or leave."""
@@ -155,7 +194,11 @@ class Scheduler:
         return self._capacity
 
     def has_room(self) -> bool:
-        return len(self._inflight) < self.capacity()
+        """Room for another attempt: ``max_concurrent_units`` bounds attempts in flight exactly;
+        with 0, up to twice what fits are in flight, so Ray has the next one queued when a
+        unit ends (those wait in Ray's queue, ``running`` in the store with no host yet)."""
+        limit = self.capacity() if self.camp.max_concurrent_units > 0 else 2 * self.capacity()
+        return len(self._inflight) < limit
 
     def config_ref(self, config_key: str, config_dict: dict) -> ray.ObjectRef:
         """The unit config in Ray's object store once, shared by every task that uses it."""

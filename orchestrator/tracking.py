@@ -150,13 +150,19 @@ class MetricsSink:
                 batch.append(Metric(key, float(value), ts, step))
             except (TypeError, ValueError):
                 continue  # not a number: MLflow metrics are numbers
-        ckpt = metrics.get("checkpoint_step")
+        # A checkpoint's step: ``checkpoint_step`` after each checkpoint, ``resume/step`` when resuming from one.
+        ckpt = metrics.get("checkpoint_step", metrics.get("resume/step"))
         with self._lock:
             self._buffer.setdefault(unit_id, []).extend(batch)
             self._stats["metrics_received"] += len(batch)
             old_step, old_ckpt = self._progress.get(unit_id, (None, None))
             self._progress[unit_id] = (step if "step" in metrics else old_step,
                                        int(ckpt) if ckpt is not None else old_ckpt)
+
+    def log_many(self, unit_id: str, items: list[tuple[dict[str, Any], int]]) -> None:
+        """``log`` for a batch of (metrics, timestamp_ms) a worker collected."""
+        for metrics, ts in items:
+            self.log(unit_id, metrics, ts)
 
     def started(self, unit_id: str, info: dict[str, Any]) -> None:
         """A worker began an attempt: where (hostname, node, pid, SLURM job)."""

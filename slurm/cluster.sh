@@ -91,6 +91,12 @@ EOF
 start_munge() {
   if pgrep -x munged >/dev/null; then return; fi
   mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
+  if [ ! -s /etc/munge/munge.key ]; then
+    log "creating /etc/munge/munge.key"
+    mkdir -p /etc/munge
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
+  fi
   log "starting munged"
   runuser -u munge -- /usr/sbin/munged
 }

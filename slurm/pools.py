@@ -147,7 +147,8 @@ class PoolManager:
     ) -> None:
         """``units_per_job[pool]``: how many units one job of the pool runs at once (default 1).
         ``auth_token_file``: the head's token file, None when the head runs without auth, "auto"
-        to find it like Ray does (see :func:`resolve_auth_token_file`). ``idle_jobs``: which running jobs may be cancelled."""
+        to find it like Ray does (see :func:`resolve_auth_token_file`).
+        ``idle_jobs``: the running jobs that may be cancelled (None: unknown)."""
         if not slurm_cfg.pools:
             raise ValueError("slurm.pools is empty: the profile must name at least one pool")
         check_temp_root(slurm_cfg.ray_tmp_root)
@@ -168,6 +169,12 @@ class PoolManager:
         self._quick_ends = {p: 0 for p in slurm_cfg.pools}
         self._next_submit_at = {p: 0.0 for p in slurm_cfg.pools}
         self._closed = False
+        # Submissions, replacements and cancellations, next to the jobs' own logs.
+        self._log_file = logging.FileHandler(self.log_dir / "pools.log")
+        self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_file)
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)
         atexit.register(self.shutdown)
 
     # -- public API -------------------------------------------------------------------------
@@ -231,6 +238,9 @@ class PoolManager:
             log.warning("pool shutdown: %s", e)
         for job in self._jobs.values():
             job.state = "ENDED" if job.alive else job.state
+        log.info("pools shut down; jobs were %s", ", ".join(self._jobs) or "none")
+        log.removeHandler(self._log_file)
+        self._log_file.close()
         atexit.unregister(self.shutdown)
 
     # -- internals ----------------------------------------------------------------------------
@@ -323,7 +333,11 @@ class PoolManager:
             cancel += candidates[:excess]
         if cancel:
             log.info("pool %s: cancelling %s", pool, ", ".join(j.job_id for j in cancel))
-            scancel([j.job_id for j in cancel])
+            try:
+                scancel([j.job_id for j in cancel])
+            except SlurmError as e:  # try again at the next reconcile
+                log.warning("pool %s: %s", pool, e)
+                return
             for j in cancel:
                 j.state = "CANCELLED"
 

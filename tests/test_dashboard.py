@@ -124,6 +124,13 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
             result = UnitResult(unit_id=spec.unit_id, f1=outcome, precision=outcome, recall=outcome,
                                 episode_return=1.0, steps=5000, shard_path=str(shard.path), seconds=12.5 + i)
             store.mark_finished(spec.unit_id, result, SUCCEEDED if outcome >= cfg.gate.f1_threshold else GATED)
+    if finished and mlflow_runs:  # the gate opened: an imitation job ran, as workers.il_trainer logs it
+        il_experiment = client.create_experiment("pianoforge-il")
+        run = client.create_run(il_experiment, run_name="il-flow", tags={"pianoforge.kind": "imitation"})
+        for step in range(0, 1000, 100):
+            client.log_metric(run.info.run_id, "train/loss", 2.0 / (1 + step / 100), step=step)
+        for step in (300, 600, 900):
+            client.log_metric(run.info.run_id, "eval/f1", step / 1000, step=step)
     return directory
 
 
@@ -190,7 +197,8 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     from workers.lake import Episode
 
     cfg = configs.load()
-    env = make_env(music.load("TwinkleTwinkleRousseau").stretch(cfg.env.stretch_factor), cfg.env, seed=0)
+    midi = music.load("TwinkleTwinkleRousseau").trim_silence().stretch(cfg.env.stretch_factor)
+    env = make_env(midi, cfg.env, seed=0)
     rng = np.random.default_rng(0)
     obs, observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
     for _ in range(40):
@@ -350,11 +358,20 @@ def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
         assert len(curves) == 5 * 2 and max(curves[0]["y"]) == pytest.approx(0.97)
         fingers = _plot_data(page, "fig-fingers")[0]
         assert len(fingers["y"]) == 10 and sum(map(sum, fingers["z"])) > 0
+        # The gate opened and the imitation job's loss and evaluation F1 are shown.
+        assert "imitation job launched" in page.inner_text("#fig-gate")
+        il_traces = _plot_data(page, "fig-il")  # one run; train/loss then eval/f1, as dashboard.il_metrics
+        assert [len(t["x"]) for t in il_traces] == [10, 3] and il_traces[1]["y"][-1] == pytest.approx(0.9)
         # Failures with their errors; links to MLflow runs.
         assert "NaN in critic loss (attempt 3)" in page.inner_text("#failures")
         links = page.eval_on_selector_all("#units a[target=_blank]", "as => as.map(a => a.href)")
         assert len(links) == len(PLAN) and all("/runs/" in h for h in links)
         # The audio element plays the server's WAV.
+        duration = page.evaluate("""() => new Promise(done => {
+            const a = document.getElementById('rollout-audio');
+            a.addEventListener('loadedmetadata', () => done(a.duration)); a.preload = 'metadata'; a.load(); })""")
+        focus = campaign.snapshot().focus
+        assert duration == pytest.approx(focus.n_steps * campaign.cfg.env.control_timestep + audio.TAIL_S, abs=0.01)
         src = page.get_attribute("#rollout-audio", "src")
         wav = urllib.request.urlopen(url.rstrip("/") + src, timeout=60)
         assert wav.headers["Content-Type"] == "audio/wav" and wav.read(4) == b"RIFF"

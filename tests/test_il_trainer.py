@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import ray
 import torch
 
 import configs
 from il_fixtures import write_lake
-from workers.il_trainer import lr_at, train_il
+from workers.il_trainer import dataset_stats, lr_at, train_il
+from workers.lake import Lake
 from workers.policies import FlowPolicy, load_policy
 
 TINY = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.bc_hidden=64", "il.action_chunk=4",
@@ -34,6 +36,17 @@ def test_lr_warms_up_then_decays_to_a_tenth():
     il = configs.load(overrides=["il.lr=1.0", "il.warmup_steps=10", "il.steps=110"]).il
     assert lr_at(0, il) == pytest.approx(0.1) and lr_at(9, il) == pytest.approx(1.0)
     assert lr_at(60, il) == pytest.approx(0.55) and lr_at(110, il) == pytest.approx(0.1)
+
+
+def test_normalisation_stats_come_from_the_selected_shards(lake_root):
+    lake = Lake(lake_root)
+    shards = lake.shards(min_f1=0.5)
+    episodes = [e for s in shards for e in lake.read_episodes(s)]
+    actions = np.concatenate([e.action for e in episodes])
+    stats = dataset_stats(lake_root, shards, max_steps=10_000)
+    np.testing.assert_allclose(stats["action_mean"], actions.mean(0), atol=1e-5)
+    np.testing.assert_allclose(stats["obs_std"][979:], np.concatenate([e.obs for e in episodes]).std(0)[979:], rtol=1e-4)
+    assert len(dataset_stats(lake_root, shards, max_steps=50)["obs_mean"]) == 1144  # stops early
 
 
 def test_refuses_a_lake_without_passing_shards(tmp_path, lake_root):

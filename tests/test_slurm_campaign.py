@@ -4,6 +4,7 @@ ends no pool job is left."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -33,14 +34,18 @@ print("COUNTS", summary.counts)
 
 
 def test_campaign_with_slurm_profile_runs_units_in_pool_jobs(slurm_cluster, tmp_path):  # noqa: F811
-    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True, timeout=400)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts its own head
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     with CampaignStore(tmp_path / "on-slurm" / "campaign.db", readonly=True) as store:
         rows = list(store.units())
     assert len(rows) == 4 and all(r.state == SUCCEEDED for r in rows)
     job_ids = {r.slurm_job_id for r in rows}
     assert None not in job_ids and len(job_ids) <= 2  # at most max_jobs pool jobs ran them
-    submitted = {p.name for p in (tmp_path / "on-slurm" / "logs" / "slurm" / "cpu").iterdir()}
+    submitted = {p.name for p in (tmp_path / "on-slurm" / "logs" / "slurm" / "cpu").iterdir() if p.name.isdigit()}
     assert job_ids <= submitted
+    events = (tmp_path / "on-slurm" / "logs" / "slurm" / "pools.log").read_text()
+    assert all(f"submitted job {j}" in events for j in submitted)
     queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
     assert not set(queue) & submitted  # the driver cancelled its pool jobs on the way out

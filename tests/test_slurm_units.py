@@ -250,3 +250,20 @@ def test_refused_submission_backs_off_instead_of_raising(fake, monkeypatch):
     clock[0] += 2.1
     m.reconcile({"cpu": 1}, {})
     assert len(m.jobs()) == 1
+
+
+def test_head_sbatch_command_writes_a_script_that_runs_the_command_next_to_a_head(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    out = tmp_path / "head.sbatch"
+    result = CliRunner().invoke(app, ["slurm", "head-sbatch", "--out", str(out), "--partition", "login",
+                                      "--cpus", "3", "--log-dir", str(tmp_path / "logs"), "--token-file", "/shared/tok",
+                                      "--", "pianoforge", "submit", "my songs.yaml", "--profile", "slurm"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "#SBATCH --partition=login" in text and "#SBATCH --cpus-per-task=3" in text
+    assert f"#SBATCH --output={tmp_path / 'logs'}/head-%j.out" in text
+    assert text.rstrip().endswith("-m slurm.head --profile slurm --token-file /shared/tok -- "
+                                  "pianoforge submit 'my songs.yaml' --profile slurm")

@@ -182,6 +182,7 @@ class DroQ:
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
             next_action, next_log_prob = self.actor.sample(next_obs)
+            # The target ensemble keeps dropout on too (DroQ), and the min over it curbs overestimation.
             next_q = self.critic_target(next_obs, next_action).min(dim=0).values
             target = reward + discount * (next_q - alpha * next_log_prob)
         q = self.critic(obs, action)
@@ -199,11 +200,13 @@ class DroQ:
         """One actor step (maximise mean ensemble Q + entropy), then one temperature step."""
         obs = torch.as_tensor(batch.obs, device=self.device)
         action, log_prob = self.actor.sample(obs)
+        self.critic.requires_grad_(False)  # gradients flow through the critic, not into it
         q = self.critic(obs, action).mean(dim=0)  # dropout active, as in DroQ
         actor_loss = (self.log_alpha.exp().detach() * log_prob - q).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
+        self.critic.requires_grad_(True)
 
         alpha_loss = (self.log_alpha.exp() * (-log_prob.detach() - self.target_entropy)).mean()
         self.alpha_opt.zero_grad(set_to_none=True)

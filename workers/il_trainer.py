@@ -61,15 +61,22 @@ def lr_at(step: int, il: Any) -> float:
     return il.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def dataset_stats(lake: Any, shards: list[Any], max_steps: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Normalisation statistics from up to ``max_steps`` steps of randomly chosen shards."""
-    order = np.random.default_rng(seed).permutation(len(shards))
+def dataset_stats(lake_root: Path, shards: list[Any], max_steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Normalisation statistics from the first ``max_steps`` steps of a shuffled pass over ``shards``.
+
+    Reads row group by row group (the dataset's pieces, in a seeded random order), never a whole lake.
+    """
+    from torch.utils.data import DataLoader
+
+    from workers.lake import TrajectoryDataset
+
+    dataset = TrajectoryDataset(lake_root, min_f1=-math.inf, splits=("train", "eval", "held-out"), shuffle_buffer=0,
+                                seed=seed, action_chunk=1, rank=0, world_size=1, shards=shards)
     obs, action, n = [], [], 0
-    for i in order:
-        for episode in lake.read_episodes(shards[i]):
-            obs.append(episode.obs)
-            action.append(episode.action)
-            n += len(episode.obs)
+    for batch in DataLoader(dataset, batch_size=4096):
+        obs.append(batch["obs"].numpy())
+        action.append(batch["action"][:, 0].numpy())
+        n += len(obs[-1])
         if n >= max_steps:
             break
     return normalization_stats(np.concatenate(obs)[:max_steps], np.concatenate(action)[:max_steps])
@@ -192,6 +199,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if step == il.steps:  # whole-run throughput, loader warm-up included; the benchmark reads it
             elapsed = time.perf_counter() - run_start
             logs["train/run_samples_per_s"] = (step - start_step) * il.batch_size * world / elapsed
+            logs["worker/torch_threads"] = torch.get_num_threads()
         if step % il.checkpoint_interval == 0 or step == il.steps:
             if metrics:
                 metrics.flush()
@@ -270,7 +278,7 @@ def train_il(
         raise ValueError(f"{lake_root}: {len(shards)} passing shard(s) hold {pieces} row group(s), fewer than "
                          f"il.num_workers = {il.num_workers}; some workers would get no data")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = dataset_stats(lake, shards, il.stats_steps, seed=il.seed)
+    stats = dataset_stats(lake_root, shards, il.stats_steps, seed=il.seed)
 
     params = {f"il.{k}": v for k, v in il.model_dump(mode="json").items()}
     params.update(policy=il.policy, lake=str(lake_root), min_f1=min_f1, n_shards=len(shards), n_songs=len(song_hashes))

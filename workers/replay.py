@@ -169,7 +169,10 @@ class ReplayBuffer:
     # --- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
         """Tensors and plain values only (loads with ``torch.load(weights_only=True)``)."""
-        state = {name: torch.from_numpy(getattr(self, name)[: self.size].copy()) for name in self._ARRAYS}
+        # torch.save writes a view's whole storage: copy a partly filled buffer's rows, but
+        # share a full one's arrays (no second gigabyte in memory).
+        rows = (lambda a: a) if self.size == self.capacity else (lambda a: a[: self.size].copy())
+        state = {name: torch.from_numpy(rows(getattr(self, name))) for name in self._ARRAYS}
         state.update(cursor=self.cursor, size=self.size, current=self.current, open=self.open,
                      transitions_added=self.transitions_added, rng=self.rng.bit_generator.state,
                      shape=[self.obs_dim, self.action_dim, self.capacity, self.binary_dims])

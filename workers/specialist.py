@@ -14,11 +14,14 @@
    steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
 4. plays the chunk ``specialist.rollouts`` times with the deterministic policy, seeding
    the environment with ``specialist.seed * 1000 + i`` for rollout ``i``, and commits them
-   as one lake shard whose ``specialist_f1`` is the mean rollout F1 (evaluations play the
-   same way with the first ``eval_episodes`` of those seeds, so eval F1 predicts rollout F1;
-   RP1M's environment has no initial-state noise, so with the deterministic policy the
-   rollouts of one unit differ only if the environment draws from its random state);
-5. writes ``unit_dir/result.json`` (the ``UnitResult`` plus ``done`` and ``resumed_from``).
+   as one lake shard whose ``specialist_f1`` is the mean rollout F1. Evaluations play the
+   same way with the first ``eval_episodes`` of those seeds, so eval F1 predicts rollout F1.
+   (RP1M's environment settings start every episode in the same state, so with the
+   deterministic policy the rollouts differ only where the environment uses its random state.)
+5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds`` and the speeds are this
+   run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``.
+
+Torch uses ``campaign.cpus_per_unit`` intra-op threads while the unit runs.
 
 Resuming: the checkpoint holds the networks, optimisers, temperature, replay buffer, the RNG
 states (Python, NumPy, Torch, the warm-up action generator) and the step counter, as tensors
@@ -201,7 +204,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
                           binary_dims=env.obs_slices["sustain_goal"].stop, seed=spec.seed)
 
     step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
-    checkpoint = load_checkpoint(unit_dir, map_location=agent.device)
+    checkpoint = load_checkpoint(unit_dir)  # on the CPU: RNG states and the replay live there
     if checkpoint is not None:
         if checkpoint["unit_id"] != unit.unit_id:
             raise ValueError(f"{unit_dir / CHECKPOINT}: belongs to unit {checkpoint['unit_id']}, "
