@@ -78,6 +78,9 @@ class SpecialistConfig(_Section):
     log_interval: int = Field(gt=0)
     rollouts: int = Field(ge=0)
     seed: int
+    # Rollout i samples from the policy with a generator seeded by seed * 1000 + i; the default keeps
+    # configs saved before this setting existed loadable.
+    rollout_policy: Literal["stochastic", "deterministic"] = "stochastic"
 
 
 class LakeConfig(_Section):

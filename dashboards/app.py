@@ -43,7 +43,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The div ids of the page's plots (a browser test reads `document.getElementById(id).data`).
 FIGURE_IDS = {
     "states": "fig-states", "throughput": "fig-throughput", "f1": "fig-f1", "lake_keys": "fig-keys",
-    "gate": "fig-gate", "il": "fig-il", "curves": "fig-curves", "fingers": "fig-fingers",
+    "gate": "fig-gate", "il": "fig-il", "il_eval": "fig-il-eval", "curves": "fig-curves", "fingers": "fig-fingers",
 }
 
 
@@ -75,6 +75,7 @@ def figures(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         "f1": plots.f1_histogram(finished_f1, s.gate.threshold),
         "lake_keys": plots.key_histogram(s.key_counts, s.lake_steps),
         "gate": plots.gate_status(s.gate.passing, s.gate.needed, s.gate.threshold, s.gate.launched),
+        "il_eval": plots.evaluation_f1(s.il_eval),
         "il": plots.learning_curves({"imitation": s.il_curves} if s.il_curves else {},
                                     _metric_names([s.il_curves], dash.il_metrics), title="Imitation job (MLflow)"),
         "curves": plots.learning_curves(s.curves, _metric_names(s.curves.values(), dash.learning_curve_metrics),
@@ -104,6 +105,7 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
             for name, fig in figures(s, dash).items()}
 
     def unit_link(uid: str) -> str:
+        # Served: show that unit's fingering, audio and curves. Exported: jump to its table row.
         return f"?unit={quote(uid)}&units={quote(uid)}" if live else f"#row-{uid}"
 
     rows = []
@@ -118,6 +120,7 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
         "lake_shards": s.lake_shards, "lake_episodes": s.lake_episodes,
         "unit_rows": rows, "failures": [r for r in rows if r["state"] == "failed" or (r["error"] and r["state"] != "succeeded")],
         "curve_units": [{"label": uid, "link": unit_link(uid)} for uid in s.curves],
+        "curve_unit_ids": set(s.curves),
         "focus": None,
     }
     if s.focus is not None:

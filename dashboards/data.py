@@ -157,6 +157,7 @@ class Snapshot:
     lake_episodes: int
     curves: dict[str, dict[str, tuple[list, list]]]
     il_curves: dict[str, tuple[list, list]]
+    il_eval: dict[str, dict[str, float]]  # {policy: {group (seen | held-out): mean F1}}
     focus: Focus | None
     control_timestep: float
     problems: list[str] = field(default_factory=list)
@@ -192,7 +193,8 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         "campaign": s.campaign,
         "taken_at": s.taken_at,
         "taken_at_text": timeline.iso(s.taken_at)[:19],
-        "status": "finished" if finished else ("running" if s.units else "empty"),
+        # finished | running (some unit runs) | waiting (units pending, none running) | empty
+        "status": "finished" if finished else ("running" if counts["running"] else ("waiting" if s.units else "empty")),
         "finished": finished,
         "total": len(s.units),
         "counts": counts,
@@ -268,7 +270,10 @@ class KeyCounter:
                 hit = self._cache.get(key)
             if hit is None:
                 # `pressed` holds, per step, the indices of the keys sounding: count them directly.
-                column = lake.read_table(shard, columns=["pressed"]).column("pressed").combine_chunks()
+                try:
+                    column = lake.read_table(shard, columns=["pressed"]).column("pressed").combine_chunks()
+                except _lake.LakeError:
+                    continue  # replaced by a retried unit since it was listed: counted next time
                 keys = np.asarray(column.flatten(), dtype=np.int64)
                 hit = (np.bincount(keys, minlength=88)[:88].astype(np.int64), len(column))
                 with self._lock:
@@ -396,8 +401,9 @@ class MlflowReader:
             out[name] = ([m.step for m in history], [m.value for m in history])
         return out
 
-    def imitation_run(self) -> str | None:
-        """The newest run tagged ``pianoforge.kind = imitation``, if any."""
+    def latest_run(self, kind: str):
+        """The newest run tagged ``pianoforge.kind = <kind>`` (``imitation``: a
+        ``workers.il_trainer`` job; ``evaluation``: ``workers.evaluate.log_to_mlflow``), if any."""
         if not self.available():
             return None
         from mlflow.entities import ViewType
@@ -405,9 +411,25 @@ class MlflowReader:
         ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
         if not ids:
             return None
-        runs = self.client.search_runs(ids, "tags.`pianoforge.kind` = 'imitation'", max_results=1,
+        runs = self.client.search_runs(ids, f"tags.`pianoforge.kind` = '{kind}'", max_results=1,
                                        order_by=["attributes.start_time DESC"])
-        return runs[0].info.run_id if runs else None
+        if not runs:
+            return None
+        self._experiments[runs[0].info.run_id] = runs[0].info.experiment_id
+        return runs[0]
+
+
+def evaluation_f1(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{policy: {group: F1}}`` from an evaluation run's metrics, which ``workers.evaluate``
+    names ``eval/<policy>/<group>/<song>/<metric>``; the group means (song ``mean``) only."""
+    from workers.evaluate import MEAN
+
+    out: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        parts = name.split("/")
+        if len(parts) == 5 and parts[0] == "eval" and parts[3] == MEAN and parts[4] == "f1":
+            out.setdefault(parts[1], {})[parts[2]] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,12 +497,16 @@ class Campaign:
         il_run = None
         curves: dict[str, dict[str, tuple[list, list]]] = {}
         il_curves: dict[str, tuple[list, list]] = {}
+        il_eval: dict[str, dict[str, float]] = {}
         try:
             for u in units:
                 u.run_link = self.mlflow.link(u.mlflow_run_id)
-            il_run = meta.get("il_run_id") or self.mlflow.imitation_run()
+            run = self.mlflow.latest_run("imitation")
+            il_run = run.info.run_id if run else None
             if il_run and full:
                 il_curves = self.mlflow.curves(il_run, list(self.dash.il_metrics))
+                evaluation = self.mlflow.latest_run("evaluation")
+                il_eval = evaluation_f1(evaluation.data.metrics) if evaluation else {}
             for uid in self._curve_units(units, curve_units) if full else []:
                 run_id = by_id[uid].mlflow_run_id
                 if run_id:
@@ -501,7 +527,7 @@ class Campaign:
             campaign=str(meta.get("name") or self.name), directory=str(self.directory), taken_at=taken_at,
             units=units, changes=changes, gate=gate_view, key_counts=key_counts, lake_steps=lake_steps,
             lake_shards=len(shards), lake_episodes=sum(s.n_episodes for s in shards), curves=curves,
-            il_curves=il_curves, focus=focus,
+            il_curves=il_curves, il_eval=il_eval, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
         )
 

@@ -167,3 +167,19 @@ def gate_status(passing: int, needed: int, threshold: float, launched: bool) -> 
                   annotation_text=f"needed {needed}", annotation_position="top right")
     fig.update_xaxes(range=[0, max(needed, passing) * 1.1 + 1])
     return fig
+
+
+def evaluation_f1(f1: Mapping[str, Mapping[str, float]], groups: Sequence[str] = ("seen", "held-out")) -> go.Figure:
+    """Grouped bars of an imitation policy's mean F1 on songs it was trained on (seen) and on
+    held-out songs, one bar group per policy (RP1M table II): ``f1[policy][group]``."""
+    fig = _figure("Imitation policy: evaluation F1", yaxis_title="F1", barmode="group", height=300)
+    if not f1:
+        return _empty(fig, "not evaluated yet (pianoforge eval --mlflow-uri ...)")
+    colors = {"seen": "#2563eb", "held-out": "#f59e0b"}
+    policies = list(f1)
+    for group in groups:
+        values = [f1[p].get(group) for p in policies]
+        fig.add_trace(go.Bar(x=policies, y=values, name=group, marker_color=colors.get(group),
+                             text=[f"{v:.3f}" if v is not None else "" for v in values], textposition="outside"))
+    fig.update_yaxes(range=[0, 1.1])
+    return fig

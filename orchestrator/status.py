@@ -145,7 +145,8 @@ def render(status: CampaignStatus):
     if status.logging_overhead is not None:
         head.append(f"   logging overhead: {status.logging_overhead:.3%} of worker time")
 
-    states = Table(title="units by state", show_edge=False)
+    states = Table(title="units by state", show_edge=False,
+                   caption="gated: finished with F1 below gate.f1_threshold (its shard is not used for imitation)")
     for s in STATES:
         states.add_column(s, justify="right")
     states.add_row(*(str(status.counts[s]) for s in STATES))

@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS units (
     state           TEXT NOT NULL CHECK (state IN {STATES}),
     attempts        INTEGER NOT NULL DEFAULT 0,   -- attempts started (reset by `resume` for failed units)
     step            INTEGER,               -- last training step a worker reported
-    checkpoint_step INTEGER,               -- step of the last checkpoint a worker reported
+    checkpoint_step INTEGER,               -- step of the last checkpoint a worker reported (final step once finished)
     f1              REAL,
     precision       REAL,
     recall          REAL,
@@ -315,10 +315,11 @@ class CampaignStore:
             row = self._expect(unit_id, RUNNING)
             self.db.execute(
                 "UPDATE units SET state = ?, f1 = ?, precision = ?, recall = ?, episode_return = ?, steps = ?,"
-                " step = COALESCE(step, ?), env_steps_per_s = ?, updates_per_s = ?, shard_path = ?, finished_at = ?,"
+                " step = COALESCE(step, ?), checkpoint_step = ?, env_steps_per_s = ?, updates_per_s = ?,"
+                " shard_path = ?, finished_at = ?,"
                 " seconds = ?, report_seconds = ?, error = NULL, updated_at = ? WHERE unit_id = ?",
                 (state, result.f1, result.precision, result.recall, result.episode_return, result.steps, result.steps,
-                 result.env_steps_per_s, result.updates_per_s, result.shard_path, now, result.seconds,
+                 result.steps, result.env_steps_per_s, result.updates_per_s, result.shard_path, now, result.seconds,
                  report_seconds, now, unit_id),
             )
             self._event(now, unit_id, "state", RUNNING, state, row["attempts"], f"f1={result.f1:.4f}")

@@ -65,7 +65,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 ReturnToService=2
-KillWait=5
+# SIGTERM to SIGKILL: time for a pool job to stop Ray and remove its temp dir (SLURM default)
+KillWait=30
 MinJobAge=60
 InactiveLimit=0
 SlurmctldTimeout=30
@@ -139,12 +140,13 @@ start() {
 }
 
 stop_daemon() {
-  local name=$1 pidfile="$STATE_DIR/$1.pid" i
-  pid_alive "$pidfile" || return 0
+  local name=$1 pid i
+  pid=$(cat "$STATE_DIR/$1.pid" 2>/dev/null) || return 0
+  kill -0 "$pid" 2>/dev/null || return 0
   log "stopping $name"
-  kill "$(cat "$pidfile")" 2>/dev/null || true
-  for i in $(seq 50); do pid_alive "$pidfile" || return 0; sleep 0.2; done
-  kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  kill -9 "$pid" 2>/dev/null || true
 }
 
 stop() {

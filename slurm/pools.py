@@ -289,6 +289,9 @@ class PoolManager:
                 nodes=1,
                 tasks_per_node=1,
                 slurm_partition=cfg.partition,
+                # submitit's USR2 warning before the time limit: the job then stops Ray and ends.
+                # SLURM's usual 90 s, but at most a quarter of a short limit.
+                slurm_signal_delay_s=min(90, cfg.time_min * 15),
             )
             if cfg.gpus_per_job:
                 params["slurm_gres"] = f"gpu:{cfg.gpus_per_job}"

@@ -131,6 +131,12 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
             client.log_metric(run.info.run_id, "train/loss", 2.0 / (1 + step / 100), step=step)
         for step in (300, 600, 900):
             client.log_metric(run.info.run_id, "eval/f1", step / 1000, step=step)
+        # ... and `pianoforge eval` logged its evaluation (RP1M table II: seen vs held-out songs).
+        from workers.evaluate import MEAN, EvalRow, log_to_mlflow
+
+        rows = [EvalRow("flow", group, song, "", 1, 1, 550, f1, f1, f1)
+                for group, song, f1 in [("seen", "Twinkle", 0.81), ("seen", MEAN, 0.8), ("held-out", MEAN, 0.45)]]
+        log_to_mlflow(rows, uri, name, run_name="eval-flow")
     return directory
 
 
@@ -284,6 +290,23 @@ def test_synthesize_silent_and_repeated_presses():
     assert kinds == [("NoteOn", 0.0), ("NoteOff", 0.1), ("NoteOn", 0.15), ("NoteOff", 0.25)]
 
 
+def test_page_of_a_campaign_with_only_a_store(tmp_path):
+    """Right after submit: units pending, no lake, no MLflow, no config.yaml yet."""
+    from dashboards.app import render_page
+
+    cfg = _cfg()
+    (tmp_path / "new").mkdir()
+    with CampaignStore(tmp_path / "new" / "campaign.db") as store:
+        store.add_units([_spec("Twinkle", c, cfg) for c in range(3)], store.put_config(cfg.to_dict(), cfg.hash()))
+    campaign = Campaign(tmp_path / "new")
+    s = campaign.snapshot()
+    html = render_page(s, campaign, live=True)
+    assert s.focus is None and s.curves == {} and s.lake_shards == 0 and s.key_counts.sum() == 0
+    assert 'id="n-pending">3<' in html and 'class="badge waiting"' in html
+    assert any("config.yaml not found" in p for p in s.problems)
+    assert not (tmp_path / "new" / "mlflow.db").exists() and not (tmp_path / "new" / "lake").exists()
+
+
 def test_find_campaign_names_what_exists(tmp_path, finished_campaign):
     from dashboards.data import CampaignNotFound
 
@@ -334,7 +357,7 @@ def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
         requests = []
         page.on("request", lambda r: requests.append(r.url))
         page.goto(url)
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 8")
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 9")
         assert errors == []
         assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # nothing from a CDN
         assert page.inner_text("#campaign-state") == "finished"
@@ -362,6 +385,8 @@ def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
         assert "imitation job launched" in page.inner_text("#fig-gate")
         il_traces = _plot_data(page, "fig-il")  # one run; train/loss then eval/f1, as dashboard.il_metrics
         assert [len(t["x"]) for t in il_traces] == [10, 3] and il_traces[1]["y"][-1] == pytest.approx(0.9)
+        il_eval = {t["name"]: t["y"] for t in _plot_data(page, "fig-il-eval")}
+        assert il_eval == {"seen": [0.8], "held-out": [0.45]}  # group means only, per policy
         # Failures with their errors; links to MLflow runs.
         assert "NaN in critic loss (attempt 3)" in page.inner_text("#failures")
         links = page.eval_on_selector_all("#units a[target=_blank]", "as => as.map(a => a.href)")
@@ -378,9 +403,20 @@ def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
         summary = json.loads(urllib.request.urlopen(url + "api/summary", timeout=30).read())
         assert summary["finished"] and summary["counts"]["failed"] == 1
         _screenshot(page, tmp_path, "dashboard_finished.png")
+        # Pick two units in the table: the page shows exactly their learning curves.
+        gated = page.eval_on_selector_all("#units tr[data-state=gated]", "rs => rs.map(r => r.dataset.unit)")
+        page.eval_on_selector_all("input.pick", "xs => xs.forEach(x => { x.checked = false; })")
+        for uid in gated:
+            page.check(f"input.pick[value='{uid}']")
+        with page.expect_navigation():
+            page.click("#show-curves")
+        page.wait_for_function("() => document.getElementById('fig-curves').data !== undefined")
+        assert sorted({t["name"] for t in _plot_data(page, "fig-curves")}) == sorted(gated) and len(gated) == 2
+        assert len(_plot_data(page, "fig-curves")) == 4
         page.close()
 
 
+@pytest.mark.slow
 def test_page_of_a_running_campaign_refreshes_itself(tmp_path, browser):
     from dashboards.app import DashboardServer
 
@@ -426,7 +462,7 @@ def test_static_export_opens_offline(finished_campaign, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
     page.goto(out.as_uri())
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 8")
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 9")
     assert sum(_plot_data(page, "fig-f1")[0]["y"]) == len([f for _, _, f in PLAN if f != "fail"])
     assert page.get_attribute("#rollout-audio", "src").startswith("data:audio/wav;base64,")
     _screenshot(page, tmp_path, "dashboard_export.png")
@@ -464,7 +500,7 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
         with DashboardServer(Campaign(directory), port=0) as url:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(url)
-            assert page.inner_text("#campaign-state") == "running"
+            assert page.inner_text("#campaign-state") in ("waiting", "running")
             page.wait_for_function("() => document.getElementById('campaign-state').textContent === 'finished'",
                                    timeout=120_000)
             driver.join(timeout=60)

@@ -527,3 +527,103 @@ def test_dataset_batches_hold_the_same_steps_as_samples(small_lake):
         assert torch.equal(torch.cat([b[key] for b in batches]), torch.stack([s[key] for s in samples]))
     shuffled = torch.cat([b["obs"][:, -1] for b in make(shuffle_buffer=64, batch_size=50)]).int().tolist()
     assert sorted(shuffled) == step_ids(TRAIN_HIGH_F1) and shuffled != sorted(shuffled)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming a shard
+# --------------------------------------------------------------------------------------------
+
+
+def test_streamed_shard_equals_a_commit_shard_one_row_for_row(tmp_path):
+    lengths = [30, 30, 30, 100, 5, 70]
+    meta = make_meta("u1", f1=0.75)
+    committed = Lake(tmp_path / "a", LAKE_CFG).commit_shard(meta, tagged_episodes(1, lengths))
+
+    lake = Lake(tmp_path / "b", LAKE_CFG)
+    with lake.shard_writer("u1", meta.song_hash) as writer:
+        groups_on_disk = []
+        for ep in tagged_episodes(1, lengths):
+            writer.add(ep)
+            groups_on_disk.append(writer.n_row_groups)
+        # Row groups are written as they fill (>= 64 rows of whole episodes), not at commit.
+        assert groups_on_disk == [0, 0, 1, 2, 2, 3] and writer.tmp_path.exists() and not writer.path.exists()
+        assert lake.shards() == []  # nothing visible before the commit
+        streamed = writer.commit(meta)
+    assert not writer.tmp_path.exists()
+
+    a, b = pq.read_table(committed.path), pq.read_table(streamed.path)
+    assert a.schema == b.schema and a.num_rows == b.num_rows == sum(lengths)
+    assert a.equals(b)
+    pa_, pb = pq.ParquetFile(committed.path), pq.ParquetFile(streamed.path)
+    assert [pa_.metadata.row_group(g).num_rows for g in range(pa_.num_row_groups)] == \
+           [pb.metadata.row_group(g).num_rows for g in range(pb.num_row_groups)] == [90, 100, 75]
+    kv_a, kv_b = read_shard_kv(committed.path), read_shard_kv(streamed.path)
+    assert kv_a.pop("commit_id") != kv_b.pop("commit_id") and kv_a == kv_b
+    different = {"path", "commit_id", "committed_at", "bytes"}
+    same = lambda info: {k: v for k, v in dataclasses.asdict(info).items() if k not in different}  # noqa: E731
+    assert same(committed) == same(streamed) and lake.shards() == [streamed]
+    assert_same_episodes(tagged_episodes(1, lengths), lake.read_episodes(streamed))
+    # Plain readers see the streamed shard and its key-value metadata too.
+    rows = duckdb.sql(f"SELECT count(*), max(episode) FROM read_parquet('{tmp_path}/b/data/*/*.parquet')").fetchall()
+    assert rows == [(sum(lengths), len(lengths) - 1)]
+    kv = duckdb.sql(f"SELECT decode(value) FROM parquet_kv_metadata('{streamed.path}') "
+                    "WHERE decode(key) = 'commit_id'").fetchall()
+    assert kv == [(streamed.commit_id,)]
+
+
+def test_specialist_f1_defaults_to_the_mean_episode_f1(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    episodes = [synthetic_episode(10, seed=s, f1=f1) for s, f1 in enumerate([0.5, 0.75, 1.0])]
+    info = lake.commit_shard(dataclasses.replace(make_meta("u1"), specialist_f1=None), episodes)
+    assert info.specialist_f1 == 0.75 and float(read_shard_kv(info.path)["specialist_f1"]) == 0.75
+    with lake.shard_writer("u2", "a1" * 32) as writer:
+        for ep in episodes[:2]:
+            writer.add(ep)
+        info = writer.commit(ShardMeta("u2", "a1" * 32, "Song", 0, "train", "cfg0123"))
+    assert info.specialist_f1 == 0.625 and lake.shards(min_f1=0.7) == [lake.shards()[0]]
+
+
+def test_exception_mid_stream_leaves_no_shard_and_no_temp_file(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    before = lake.commit_shard(make_meta("u1", f1=0.5), tagged_episodes(1, [40]))
+    with pytest.raises(RuntimeError, match="rollout failed"):
+        with lake.shard_writer("u1", make_meta("u1").song_hash) as writer:
+            for ep in tagged_episodes(2, [50, 50, 50]):
+                writer.add(ep)
+            assert writer.n_row_groups == 1 and writer.tmp_path.exists()
+            raise RuntimeError("rollout failed")
+    assert not writer.tmp_path.exists()
+    # The unit's earlier shard is untouched: an unfinished retry replaces nothing.
+    assert lake.shards() == [before] and sorted(p for p in tmp_path.glob("data/**/*") if p.is_file()) == [before.path]
+    assert_same_episodes(tagged_episodes(1, [40]), lake.read_episodes(before))
+    with pytest.raises(LakeError, match="aborted"):
+        writer.add(tagged_episodes(3, [5])[0])
+
+
+def test_shard_writer_refuses_misuse_and_cleans_up(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    with pytest.raises(LakeError, match="unit_id"):
+        lake.shard_writer("../escape", "a1" * 32)
+    writer = lake.shard_writer("u1", "a1" * 32)
+    with pytest.raises(LakeError, match="at least one episode"):
+        writer.commit(make_meta("u1"))
+    assert not writer.tmp_path.exists()  # a failed commit removes the temporary file
+
+    with lake.shard_writer("u1", "a1" * 32) as writer:
+        writer.add(synthetic_episode(5, seed=0))
+        with pytest.raises(LakeError, match="ShardMeta of unit u2"):
+            writer.commit(make_meta("u2"))
+    with lake.shard_writer("u1", "a1" * 32) as writer:
+        with pytest.raises(LakeError, match="episode 1 .*'action'"):
+            writer.add(synthetic_episode(5, seed=0))
+            bad = synthetic_episode(5, seed=1)
+            bad.action = bad.action[:, :10]
+            writer.add(bad)
+    assert lake.shards() == [] and not [p for p in tmp_path.glob("data/**/*") if p.is_file()]
+
+    with lake.shard_writer("u1", "a1" * 32) as writer:
+        writer.add(synthetic_episode(5, seed=0))
+        info = writer.commit(make_meta("u1"))
+    with pytest.raises(LakeError, match="committed"):
+        writer.add(synthetic_episode(5, seed=0))
+    assert lake.shards() == [info] and info.path.exists()

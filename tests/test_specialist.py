@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -16,9 +17,20 @@ import robopianist
 import torch
 
 import configs
-from workers.lake import Lake
-from workers.music import load_song
-from workers.specialist import CHECKPOINT, load_checkpoint, read_attempts, read_result, train_unit
+from workers.droq import DroQ
+from workers.env import make_env
+from workers.lake import Episode, Lake, ShardMeta
+from workers.music import load_chunk, load_song
+from workers.specialist import (
+    CHECKPOINT,
+    load_checkpoint,
+    play,
+    read_attempts,
+    read_result,
+    record_rollouts,
+    summarise,
+    train_unit,
+)
 from workers.units import UnitSpec
 
 TWINKLE = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"
@@ -70,6 +82,21 @@ def test_tiny_run_trains_reports_and_commits_a_readable_shard(tmp_path):
     for e in episodes:
         assert e.obs.shape == (e.n_steps, 1144) and e.action.shape == (e.n_steps, 39)
         assert abs(e.n_steps - 60) <= 1  # one 60-step chunk (RoboPianist may add a final step)
+    # Stochastic rollouts (the default) differ, and each replays from its seed with the final policy.
+    assert cfg.specialist.rollout_policy == "stochastic"
+    assert not np.array_equal(episodes[0].action, episodes[1].action)
+    state = torch.load(tmp_path / "unit" / CHECKPOINT, weights_only=True)
+    env = make_env(load_chunk(TWINKLE, 1, cfg.env), cfg.env)
+    agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, cfg.droq)
+    agent.load_state_dict(state["agent"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.campaign.cpus_per_unit))  # as the unit ran: same float summation order
+    try:
+        replay = play(agent, env, seed=episodes[1].seed, deterministic=False)
+    finally:
+        torch.set_num_threads(threads)
+        env.close()
+    np.testing.assert_allclose(replay.action, episodes[1].action, atol=1e-5)
 
     # The final checkpoint loads with weights_only=True and holds the whole training state.
     state = torch.load(tmp_path / "unit" / CHECKPOINT, weights_only=True)
@@ -124,3 +151,70 @@ def test_killed_specialist_resumes_from_its_checkpoint(tmp_path):
     resumed = metrics.index({"step": killed_at, "resume/step": killed_at})
     assert min(m["step"] for m in metrics[resumed + 1:]) > killed_at
     assert Path(saved["shard_path"]).exists()
+
+
+# --- the rollout stage on its own: an untrained policy on a short chunk -------------------------
+ROLLOUT_CFG = configs.load(overrides={"env.chunk_steps": 30, "droq.hidden_dims": [32, 32],
+                                      "lake.row_group_rows": 40})
+
+
+@pytest.fixture(scope="module")
+def player():
+    env = make_env(load_chunk(TWINKLE, 1, ROLLOUT_CFG.env), ROLLOUT_CFG.env, seed=1)
+    torch.manual_seed(0)
+    agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, ROLLOUT_CFG.droq)
+    yield agent, env
+    env.close()
+
+
+def test_act_with_a_generator_ignores_the_global_rng():
+    torch.manual_seed(0)
+    agent = DroQ(8, 3, -np.ones(3), np.ones(3), ROLLOUT_CFG.droq)
+    obs = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    draw = lambda seed: agent.act(obs, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    first = draw(7)
+    torch.manual_seed(123)  # the global RNG moves on; the generator alone decides
+    assert np.array_equal(draw(7), first)
+    assert not np.allclose(draw(8), first)
+    mean = agent.act(obs, deterministic=True)
+    assert np.array_equal(agent.act(obs, deterministic=True, generator=torch.Generator().manual_seed(9)), mean)
+    assert not np.allclose(first, mean) and np.all(np.abs(first) <= 1)
+
+
+def test_stochastic_rollouts_differ_by_seed_and_replay_from_it(player):
+    agent, env = player
+    torch.manual_seed(1)
+    a = play(agent, env, seed=5, deterministic=False)
+    torch.manual_seed(2)  # global RNG state differs between the two plays of seed 5
+    again = play(agent, env, seed=5, deterministic=False)
+    other = play(agent, env, seed=6, deterministic=False)
+    assert a.seed == again.seed == 5 and other.seed == 6
+    assert np.array_equal(a.action, again.action) and np.array_equal(a.obs, again.obs)
+    assert a.action.shape == other.action.shape and not np.allclose(a.action, other.action)
+    mean = play(agent, env, seed=5, deterministic=True)
+    assert not np.allclose(mean.action, a.action)
+
+
+def test_rollouts_stream_into_the_lake_one_episode_at_a_time(player, tmp_path):
+    agent, env = player
+    lake = Lake(tmp_path, ROLLOUT_CFG.lake)
+    alive: list[int] = []
+    song = load_song(TWINKLE)
+    with lake.shard_writer("unit-r", song.content_hash) as writer:
+        add = writer.add
+
+        def counting_add(episode: Episode) -> None:  # how many episodes exist while one is stored
+            alive.append(sum(type(o) is Episode for o in gc.get_objects()))  # type(): proxies raise on isinstance
+            add(episode)
+
+        writer.add = counting_add
+        stats = record_rollouts(agent, env, writer, seeds=[10, 11, 12, 13], deterministic=False)
+        assert writer.n_row_groups >= 2  # rows reached disk during the rollouts, not at the end
+        info = writer.commit(ShardMeta("unit-r", song.content_hash, song.name, 1, "train", "cfg",
+                                       specialist_f1=summarise(stats, "rollout")["rollout/f1"]))
+    assert alive == [1, 1, 1, 1]  # memory does not grow with the number of rollouts
+    episodes = lake.read_episodes(info)
+    assert [e.seed for e in episodes] == [s.seed for s in stats] == [10, 11, 12, 13]
+    assert [e.f1 for e in episodes] == [s.f1 for s in stats]
+    assert info.specialist_f1 == pytest.approx(np.mean([e.f1 for e in episodes]))
+    assert np.array_equal(episodes[2].action, play(agent, env, seed=12, deterministic=False).action)

@@ -109,11 +109,16 @@ class Actor(nn.Module):
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
         return self.mean(h), log_std
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action in [-1, 1] and its log-probability (shape (B,))."""
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action in [-1, 1] and its log-probability (shape (B,)); the noise
+        comes from ``generator`` when given, from torch's global RNG otherwise."""
         mean, log_std = self(obs)
         normal = torch.distributions.Normal(mean, log_std.exp())
-        u = normal.rsample()
+        if generator is None:
+            u = normal.rsample()
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            u = mean + noise * normal.scale
         action = torch.tanh(u)
         # Change of variables for tanh, in the numerically stable form log(1 - tanh(u)^2).
         log_prob = normal.log_prob(u) - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
@@ -160,12 +165,17 @@ class DroQ:
 
     # --- acting ------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
-        """Action(s) in the environment's bounds for one observation (D,) or a batch (B, D)."""
+    def act(self, obs: np.ndarray, deterministic: bool = False,
+            generator: torch.Generator | None = None) -> np.ndarray:
+        """Action(s) in the environment's bounds for one observation (D,) or a batch (B, D).
+
+        Stochastic actions draw their noise from ``generator`` (on the agent's device) when
+        given, so a seeded generator replays the same actions whatever the global RNG state.
+        """
         x = torch.as_tensor(np.asarray(obs, np.float32), device=self.device)
         squeeze = x.dim() == 1
         x = x.unsqueeze(0) if squeeze else x
-        a = self.actor.deterministic(x) if deterministic else self.actor.sample(x)[0]
+        a = self.actor.deterministic(x) if deterministic else self.actor.sample(x, generator)[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
         return a[0] if squeeze else a

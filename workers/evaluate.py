@@ -159,12 +159,14 @@ def print_table(rows: Iterable[EvalRow], console: Any = None) -> None:
     table = Table(title="Policy evaluation (per-step key precision / recall / F1)")
     for column in ("policy", "group", "song", "chunks", "steps", "precision", "recall", "F1"):
         table.add_column(column, justify="right" if column in ("chunks", "steps", "precision", "recall", "F1") else "left")
-    ordered = sorted(rows, key=lambda r: (r.policy, GROUPS.index(r.group), r.song == MEAN, r.song))
+    rows = list(rows)
+    policies = list(dict.fromkeys(r.policy for r in rows))  # the evaluated policy first, its baseline after
+    ordered = sorted(rows, key=lambda r: (policies.index(r.policy), GROUPS.index(r.group), r.song == MEAN, r.song))
     for r in ordered:
         style = "bold" if r.song == MEAN else None
         table.add_row(r.policy, r.group, r.song, str(r.chunks), str(r.steps),
                       f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}", style=style)
-    (console or Console()).print(table)
+    (console or Console(width=max(Console().width, 120))).print(table)  # song names stay readable in logs
 
 
 def _metric_name(*parts: str) -> str:

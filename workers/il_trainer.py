@@ -3,11 +3,14 @@
 ``train_il(lake_root, cfg, out_dir)`` trains the ``il.policy`` (flow or bc, see
 ``workers.policies``) on the lake's train-split shards whose specialist F1 is at least
 ``min_f1`` (default: the gate's threshold). Each of ``il.num_workers`` workers streams its
-own part of the lake through ``TrajectoryDataset`` (which splits shards across ranks).
+own part of the lake through ``TrajectoryDataset`` (which splits row groups across ranks);
+``il.batch_size`` is per worker, so the global batch is ``num_workers * il.batch_size``.
+Observation/action normalisation comes from the first ``il.stats_steps`` steps of a shuffled
+pass and is stored in the policy. The learning rate warms up linearly, then decays (``lr_at``).
 
 Fault tolerance: every ``il.checkpoint_interval`` steps rank 0 reports a checkpoint
 (``policy.pt``: weights, normalisation, step, trained-on songs; ``optimizer.pt``), all plain
-tensors loadable with ``weights_only=True``. Ray Train keeps them under ``out_dir/ray``;
+tensors loadable with ``weights_only=True``. Ray Train keeps them under ``out_dir/ray_train``;
 a failed worker group restarts from the latest one (``il.max_failures`` times), and calling
 ``train_il`` again with the same ``out_dir`` (e.g. with more ``il.steps``) continues from it:
 same step counter, same MLflow run. The finished policy is copied to ``out_dir/policy.pt``.
@@ -24,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +45,14 @@ RUN_FILE = "il_run.json"  # out_dir's record of the MLflow run, so a resumed job
 class ILResult:
     """What a finished imitation-learning job produced."""
 
-    policy_path: Path
-    steps: int
-    start_step: int
-    metrics: dict[str, Any]
-    song_hashes: list[str]
+    policy_path: Path  # out_dir/policy.pt: load with workers.policies.load_policy
+    steps: int  # the step the policy reached
+    start_step: int  # where the last (re)start of the worker group picked up from its checkpoint
+    metrics: dict[str, Any]  # the last reported metrics (train/loss, train/samples_per_s, train/lr, ...)
+    song_hashes: list[str]  # songs of the shards trained on ("seen" in evaluation)
     n_shards: int
     mlflow_run_id: str | None = None
-    checkpoint_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None  # Ray Train's latest checkpoint folder
 
 
 def lr_at(step: int, il: Any) -> float:

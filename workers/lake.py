@@ -18,6 +18,13 @@ directory, fsynced and renamed, and only then catalogued. Readers of this module
 the catalog only; plain Parquet readers skip the hidden temporary names (pyarrow ignores names
 starting with ``.``; ``*.parquet`` globs do not match ``.tmp``). Committing a unit again replaces
 its shard and its catalog entry.
+
+Writers stream: ``Lake.shard_writer(unit_id, song_hash)`` encodes each episode as it is added and
+writes row groups as they fill, so a worker holds one row group of compact rows, not its whole
+shard; ``Lake.commit_shard(meta, episodes)`` is the same writer fed a list. The shard-level facts
+(``SHARD_KV_KEYS``) are the file's Parquet key-value metadata, written at commit: read them with
+``pyarrow.parquet.read_metadata(path).metadata`` (or :func:`read_shard_kv`, DuckDB's
+``parquet_kv_metadata``), not from the Arrow schema stored in the file.
 """
 
 from __future__ import annotations
@@ -118,7 +125,7 @@ class ShardMeta:
     chunk_index: int
     split: str  # 'train' | 'eval' | 'held-out'
     config_hash: str
-    specialist_f1: float
+    specialist_f1: float | None = None  # None: the mean F1 of the shard's episodes
 
 
 @dataclass(frozen=True)
@@ -251,14 +258,15 @@ def _check_episode(ep: Episode, index: int) -> None:
         raise LakeError(f"{where}: obs[{step}, {col}] = {float(goal[step, col])}; obs[:, :{GOAL_BITS}] must be 0/1 goal bits")
 
 
-def episodes_to_table(unit_id: str, episodes: Sequence[Episode]) -> pa.Table:
-    """The rows of a shard (one per step, episodes in order) as an Arrow table with SHARD_SCHEMA."""
+def episodes_to_table(unit_id: str, episodes: Sequence[Episode], first_episode: int = 0) -> pa.Table:
+    """The rows of a shard (one per step, episodes in order) as an Arrow table with SHARD_SCHEMA;
+    the episodes are numbered from ``first_episode`` on."""
     for i, ep in enumerate(episodes):
-        _check_episode(ep, i)
+        _check_episode(ep, first_episode + i)
     obs = np.concatenate([np.asarray(ep.obs, np.float32) for ep in episodes])
     lengths = np.array([ep.n_steps for ep in episodes])
     n = int(lengths.sum())
-    episode_index = np.repeat(np.arange(len(episodes), dtype=np.int32), lengths)
+    episode_index = np.repeat(np.arange(first_episode, first_episode + len(episodes), dtype=np.int32), lengths)
     step = np.concatenate([np.arange(t, dtype=np.int32) for t in lengths])
 
     def per_episode(values: Iterable[float], dtype) -> pa.Array:
@@ -368,6 +376,19 @@ def _check_name(field: str, value: str) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise LakeError(f"ShardMeta.{field} = {value!r} cannot name a file (expected {pattern.pattern})")
     return value
+
+
+def _plain_meta(meta: ShardMeta) -> ShardMeta:
+    """``meta`` with plain Python types (e.g. not numpy scalars), checked to name safe files."""
+    f1 = None if meta.specialist_f1 is None else float(meta.specialist_f1)
+    meta = ShardMeta(unit_id=meta.unit_id, song_hash=meta.song_hash, song_name=str(meta.song_name),
+                     chunk_index=int(meta.chunk_index), split=meta.split, config_hash=str(meta.config_hash),
+                     specialist_f1=f1)
+    _check_name("unit_id", meta.unit_id)
+    _check_name("song_hash", meta.song_hash)
+    if meta.split not in SPLITS:
+        raise LakeError(f"ShardMeta.split = {meta.split!r}; expected one of {SPLITS}")
+    return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,84 +503,54 @@ class Lake:
 
     # -- writing -------------------------------------------------------------------------------
 
+    def shard_writer(self, unit_id: str, song_hash: str) -> ShardWriter:
+        """A writer that streams the unit's episodes into a hidden temporary file, one episode
+        at a time; ``writer.commit(meta)`` then makes them the unit's shard exactly as
+        :meth:`commit_shard` does. Memory: the compact rows of one row group (about
+        ``lake.row_group_rows`` steps), not the whole shard.
+
+        Use it as a context manager: leaving the block without a commit (an exception, say)
+        removes the temporary file, so nothing becomes visible::
+
+            with lake.shard_writer(unit_id, song_hash) as writer:
+                for seed in seeds:
+                    writer.add(play(seed))
+                info = writer.commit(meta)
+        """
+        return ShardWriter(self, unit_id, song_hash)
+
     def commit_shard(self, meta: ShardMeta, episodes: Sequence[Episode]) -> ShardInfo:
         """Write ``episodes`` as the unit's shard and catalogue it; visible only when complete.
 
         Replaces an earlier shard of the same ``unit_id`` (file and catalog entry), so a retried
         unit never leaves two shards. Safe with concurrent writers in several processes: the
         last one to commit a unit wins, and the catalog always describes the file on disk.
+        ``meta.specialist_f1`` None stands for the episodes' mean F1.
         """
-        meta = ShardMeta(unit_id=meta.unit_id, song_hash=meta.song_hash, song_name=str(meta.song_name),
-                         chunk_index=int(meta.chunk_index), split=meta.split, config_hash=str(meta.config_hash),
-                         specialist_f1=float(meta.specialist_f1))  # plain types, e.g. not numpy scalars
-        _check_name("unit_id", meta.unit_id)
-        _check_name("song_hash", meta.song_hash)
-        if meta.split not in SPLITS:
-            raise LakeError(f"ShardMeta.split = {meta.split!r}; expected one of {SPLITS}")
+        meta = _plain_meta(meta)  # refuse a bad meta before anything is written
         if not episodes:
             raise LakeError(f"unit {meta.unit_id}: a shard needs at least one episode")
-        self._prepare()
+        with self.shard_writer(meta.unit_id, meta.song_hash) as writer:
+            for episode in episodes:
+                writer.add(episode)
+            return writer.commit(meta)
 
-        table = episodes_to_table(meta.unit_id, episodes)
-        commit_id = uuid.uuid4().hex
-        kv = {
-            **{k: str(getattr(meta, k)) for k in ("unit_id", "song_hash", "song_name", "chunk_index",
-                                                   "split", "config_hash")},
-            "specialist_f1": repr(float(meta.specialist_f1)),
-            "schema_version": str(self.cfg.schema_version),
-            "commit_id": commit_id,
-            "n_episodes": str(len(episodes)),
-            "n_steps": str(table.num_rows),
-        }
-        table = table.replace_schema_metadata(kv)
-
+    def _commit_file(self, meta: ShardMeta, tmp: Path, **stats: Any) -> ShardInfo:
+        """Rename the finished, fsynced ``tmp`` to the unit's shard path and write its catalog
+        entry (``stats``: the ShardInfo fields that describe the file)."""
         final = self.shard_path(meta.song_hash, meta.unit_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(final)
-        try:
-            n_row_groups = self._write_parquet(tmp, table, [ep.n_steps for ep in episodes])
-            size = tmp.stat().st_size
-            # One writer at a time per unit between rename and catalog entry, so that the entry
-            # always describes the file that is on disk.
-            with FileLock(str(self.root / LOCK_DIR / f"{meta.unit_id}.lock")):
-                previous = self._read_entry(self.catalog_entry_path(meta.unit_id), missing_ok=True)
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
-                info = ShardInfo(
-                    **dataclasses.asdict(meta), path=final, n_episodes=len(episodes), n_steps=table.num_rows,
-                    bytes=size, n_row_groups=n_row_groups, schema_version=self.cfg.schema_version,
-                    commit_id=commit_id, committed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    mean_episode_f1=float(np.mean([ep.f1 for ep in episodes])),
-                    mean_episode_return=float(np.mean([ep.episode_return for ep in episodes])),
-                )
-                _write_json_atomic(self.catalog_entry_path(meta.unit_id), self._entry(info))
-                if previous is not None and previous.path != final:  # the unit moved (e.g. song re-hashed)
-                    previous.path.unlink(missing_ok=True)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # One writer at a time per unit between rename and catalog entry, so that the entry
+        # always describes the file that is on disk.
+        with FileLock(str(self.root / LOCK_DIR / f"{meta.unit_id}.lock")):
+            previous = self._read_entry(self.catalog_entry_path(meta.unit_id), missing_ok=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            info = ShardInfo(**dataclasses.asdict(meta), path=final, schema_version=self.cfg.schema_version,
+                             committed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(), **stats)
+            _write_json_atomic(self.catalog_entry_path(meta.unit_id), self._entry(info))
+            if previous is not None and previous.path != final:  # the unit moved (e.g. song re-hashed)
+                previous.path.unlink(missing_ok=True)
         return info
-
-    def _write_parquet(self, path: Path, table: pa.Table, lengths: list[int]) -> int:
-        """Write with one row group per run of whole episodes (about row_group_rows rows each)."""
-        codec = self.cfg.compression
-        with pq.ParquetWriter(
-            path, table.schema,
-            compression=codec,
-            compression_level=self.cfg.compression_level if codec in LEVELLED_CODECS else None,
-            use_dictionary=["unit_id"],  # everything else compresses better without dictionaries
-            write_statistics=["unit_id", "episode", "step", "seed", "reward", "episode_f1"],
-        ) as writer:
-            n_groups, start = 0, 0
-            ends = np.cumsum(lengths)
-            for i, end in enumerate(ends):
-                rows = int(end) - start
-                if rows >= self.cfg.row_group_rows or i == len(ends) - 1:
-                    writer.write_table(table.slice(start, rows), row_group_size=rows)
-                    n_groups += 1
-                    start = int(end)
-        with open(path, "rb") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        return n_groups
 
     # -- the catalog -----------------------------------------------------------------------------
 
@@ -663,6 +654,129 @@ class Lake:
             for path in doomed:
                 path.unlink(missing_ok=True)
         return doomed
+
+
+class ShardWriter:
+    """Streams one unit's episodes into a hidden temporary Parquet file; :meth:`commit` makes
+    it the unit's shard. Made by :meth:`Lake.shard_writer`, which tells how to use it.
+
+    ``add`` encodes an episode into the compact rows at once, so the caller can drop the
+    episode; the rows wait until they fill a row group (whole episodes, at least
+    ``lake.row_group_rows`` rows, like :meth:`Lake.commit_shard`'s), which is then written.
+    """
+
+    def __init__(self, lake: Lake, unit_id: str, song_hash: str):
+        self.lake = lake
+        self.unit_id = _check_name("unit_id", unit_id)
+        self.song_hash = _check_name("song_hash", song_hash)
+        self.n_episodes = self.n_steps = self.n_row_groups = 0
+        self.info: ShardInfo | None = None  # set by a successful commit
+        self._f1s: list[float] = []  # per-episode summaries, for the catalog entry
+        self._returns: list[float] = []
+        self._pending: list[pa.Table] = []  # encoded episodes of the row group being filled
+        self._pending_rows = 0
+        self._open = True
+        lake._prepare()
+        self.path = lake.shard_path(song_hash, unit_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = _tmp_name(self.path)
+        codec = lake.cfg.compression
+        try:
+            self._writer = pq.ParquetWriter(
+                self.tmp_path, SHARD_SCHEMA,
+                compression=codec,
+                compression_level=lake.cfg.compression_level if codec in LEVELLED_CODECS else None,
+                use_dictionary=["unit_id"],  # everything else compresses better without dictionaries
+                write_statistics=["unit_id", "episode", "step", "seed", "reward", "episode_f1"],
+            )
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.info is None:
+            self.abort()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            state = "committed" if self.info is not None else "aborted"
+            raise LakeError(f"unit {self.unit_id}: the shard writer is {state}; make a new one")
+
+    def add(self, episode: Episode) -> None:
+        """Append ``episode`` (numbered ``n_episodes``) to the shard being written."""
+        self._check_open()
+        table = episodes_to_table(self.unit_id, [episode], first_episode=self.n_episodes)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.n_episodes += 1
+        self.n_steps += table.num_rows
+        self._f1s.append(float(episode.f1))
+        self._returns.append(float(episode.episode_return))
+        if self._pending_rows >= self.lake.cfg.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        group = pa.concat_tables(self._pending).combine_chunks()
+        self._writer.write_table(group, row_group_size=group.num_rows)  # one row group
+        self.n_row_groups += 1
+        self._pending, self._pending_rows = [], 0
+
+    def commit(self, meta: ShardMeta) -> ShardInfo:
+        """Finish the file, fsync it, rename it to the unit's shard path and catalogue it
+        (replacing an earlier shard of the unit, as :meth:`Lake.commit_shard`). ``meta`` must
+        name this writer's unit and song; ``meta.specialist_f1`` None stands for the episodes'
+        mean F1. On any failure the temporary file is removed and nothing becomes visible."""
+        self._check_open()
+        try:
+            meta = _plain_meta(meta)
+            if (meta.unit_id, meta.song_hash) != (self.unit_id, self.song_hash):
+                raise LakeError(f"unit {self.unit_id}: commit got the ShardMeta of unit {meta.unit_id} "
+                                f"(song {meta.song_hash}); this writer writes unit {self.unit_id} (song {self.song_hash})")
+            if self.n_episodes == 0:
+                raise LakeError(f"unit {self.unit_id}: a shard needs at least one episode")
+            if meta.specialist_f1 is None:
+                meta = dataclasses.replace(meta, specialist_f1=float(np.mean(self._f1s)))
+            self._flush()
+            commit_id = uuid.uuid4().hex
+            # Written into the footer now that the numbers are known (the Arrow schema stored at
+            # open cannot carry them: read them with pq.read_metadata / read_shard_kv).
+            self._writer.add_key_value_metadata({
+                **{k: str(getattr(meta, k)) for k in ("unit_id", "song_hash", "song_name", "chunk_index",
+                                                       "split", "config_hash")},
+                "specialist_f1": repr(meta.specialist_f1),
+                "schema_version": str(self.lake.cfg.schema_version),
+                "commit_id": commit_id,
+                "n_episodes": str(self.n_episodes),
+                "n_steps": str(self.n_steps),
+            })
+            self._open = False
+            self._writer.close()
+            with open(self.tmp_path, "rb") as f:  # the data must be on disk before the rename makes it visible
+                os.fsync(f.fileno())
+            self.info = self.lake._commit_file(
+                meta, self.tmp_path, n_episodes=self.n_episodes, n_steps=self.n_steps,
+                bytes=self.tmp_path.stat().st_size, n_row_groups=self.n_row_groups, commit_id=commit_id,
+                mean_episode_f1=float(np.mean(self._f1s)), mean_episode_return=float(np.mean(self._returns)))
+            return self.info
+        finally:
+            if self.info is None:
+                self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written: close and remove the temporary file. Idempotent."""
+        if self._open:
+            self._open = False
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away anyway
+                pass
+        self._pending, self._pending_rows = [], 0
+        self.tmp_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # RP1M observation layout (contract 2): 11 x 88 piano goal, 11 sustain goal, then proprioception.
 GOAL_KEYS = 88

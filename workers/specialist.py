@@ -12,12 +12,16 @@
    critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
    ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
    steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
-4. plays the chunk ``specialist.rollouts`` times with the deterministic policy, seeding
-   the environment with ``specialist.seed * 1000 + i`` for rollout ``i``, and commits them
-   as one lake shard whose ``specialist_f1`` is the mean rollout F1. Evaluations play the
-   same way with the first ``eval_episodes`` of those seeds, so eval F1 predicts rollout F1.
-   (RP1M's environment settings start every episode in the same state, so with the
-   deterministic policy the rollouts differ only where the environment uses its random state.)
+4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
+   shard as soon as it ends (only per-episode summaries stay in memory); the shard's
+   ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
+   ``specialist.seed * 1000 + i`` (the lake's ``seed`` column): it seeds the environment's
+   random state and, with ``specialist.rollout_policy: stochastic`` (the default), a torch
+   generator from which the rollout samples its actions. RP1M's environment starts every
+   episode in the same state, so sampling is what makes the rollouts differ, and the seed
+   replays a rollout exactly (the final checkpoint holds the policy that played them).
+   ``deterministic`` plays the policy mean instead. Evaluations during training always play
+   the mean, with the first ``eval_episodes`` of those seeds.
 5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds`` and the speeds are this
    run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``.
 
@@ -40,8 +44,9 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +55,7 @@ from tqdm.auto import tqdm
 import configs
 from workers.droq import DroQ
 from workers.env import PianoEnv, make_env
-from workers.lake import Episode, Lake, ShardMeta
+from workers.lake import Episode, Lake, ShardMeta, ShardWriter
 from workers.music import load_chunk
 from workers.replay import ReplayBuffer
 from workers.units import UnitResult, UnitSpec
@@ -125,14 +130,17 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # --- playing ---------------------------------------------------------------------------
-def play(agent: DroQ, env: PianoEnv, seed: int) -> Episode:
-    """One episode with the deterministic policy, the environment's random state seeded first."""
+def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> Episode:
+    """One episode, the environment's random state seeded with ``seed`` first. Deterministic:
+    the policy mean; otherwise actions sampled with a torch generator seeded with ``seed``, so
+    the same agent, chunk and seed replay the same episode whatever the global RNG state."""
     env.environment.random_state.seed(seed)
+    generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
     obs = env.reset()
     observations, actions, rewards, pressed, target = [], [], [], [], []
     done = False
     while not done:
-        action = agent.act(obs, deterministic=True)
+        action = agent.act(obs, deterministic=deterministic, generator=generator)
         observations.append(obs)
         actions.append(action)
         obs, reward, done, info = env.step(action)
@@ -146,12 +154,45 @@ def play(agent: DroQ, env: PianoEnv, seed: int) -> Episode:
                    precision=metrics["precision"], recall=metrics["recall"], f1=metrics["f1"])
 
 
-def summarise(episodes: list[Episode], prefix: str) -> dict[str, float]:
+@dataclass(frozen=True)
+class EpisodeStats:
+    """What the rollout stage keeps of an episode once it is in the lake."""
+
+    seed: int
+    n_steps: int
+    episode_return: float
+    precision: float
+    recall: float
+    f1: float
+
+    @classmethod
+    def of(cls, episode: Episode) -> EpisodeStats:
+        return cls(seed=episode.seed, n_steps=episode.n_steps, episode_return=episode.episode_return,
+                   precision=episode.precision, recall=episode.recall, f1=episode.f1)
+
+
+def summarise(episodes: Sequence[Episode | EpisodeStats], prefix: str) -> dict[str, float]:
     """Mean F1, precision, recall and return over ``episodes``, keys ``{prefix}/f1`` etc."""
     return {f"{prefix}/f1": float(np.mean([e.f1 for e in episodes])),
             f"{prefix}/precision": float(np.mean([e.precision for e in episodes])),
             f"{prefix}/recall": float(np.mean([e.recall for e in episodes])),
             f"{prefix}/return": float(np.mean([e.episode_return for e in episodes]))}
+
+
+def record_rollouts(agent: DroQ, env: PianoEnv, writer: ShardWriter, seeds: Sequence[int],
+                    deterministic: bool = False, progress: bool = False) -> list[EpisodeStats]:
+    """Play one episode per seed and add each to ``writer`` as soon as it ends; only the
+    episodes' summaries are kept, so memory does not grow with the number of rollouts."""
+    stats = []
+    bar = tqdm(seeds, disable=not progress, desc="rollouts", unit="episode", dynamic_ncols=True, mininterval=1.0)
+    for seed in bar:
+        episode = play(agent, env, seed=seed, deterministic=deterministic)
+        writer.add(episode)
+        stats.append(EpisodeStats.of(episode))
+        del episode  # so that only one episode's observations exist while the next one is played
+        bar.set_postfix({"f1": f"{np.mean([s.f1 for s in stats]):.3f}"}, refresh=False)
+    bar.close()
+    return stats
 
 
 # --- the unit --------------------------------------------------------------------------
@@ -284,13 +325,15 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     # --- rollouts into the lake ------------------------------------------------------
     shard_path = None
     if spec.rollouts > 0:
-        rollouts = [play(agent, player, seed=spec.seed * 1000 + i)
-                    for i in tqdm(range(spec.rollouts), disable=not progress, desc="rollouts", unit="episode")]
-        summary = summarise(rollouts, "rollout")
-        meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
-                         chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
-                         specialist_f1=summary["rollout/f1"])
-        shard_path = str(Lake(lake_root, cfg.lake).commit_shard(meta, rollouts).path)
+        seeds = [spec.seed * 1000 + i for i in range(spec.rollouts)]
+        with Lake(lake_root, cfg.lake).shard_writer(unit.unit_id, unit.song_hash) as writer:
+            rollouts = record_rollouts(agent, player, writer, seeds, progress=progress,
+                                       deterministic=spec.rollout_policy == "deterministic")
+            summary = summarise(rollouts, "rollout")
+            meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
+                             chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
+                             specialist_f1=summary["rollout/f1"])
+            shard_path = str(writer.commit(meta).path)
         report({"step": step, **summary})
     else:
         summary = {k.replace("eval/", "rollout/"): v for k, v in (last_eval or evaluate()).items()}
