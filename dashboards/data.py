@@ -115,6 +115,8 @@ class Unit:
 
 @dataclass
 class GateView:
+    """The F1 gate: passing train shards against the number needed, and the imitation job."""
+
     threshold: float
     needed: int
     passing: int
@@ -236,12 +238,19 @@ def campaign_config(campaign_dir: Path, problems: list[str]) -> configs.Config:
 
 def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[str, Any]]:
     """Units, state changes and the meta table from the campaign store, opened read-only."""
+    import sqlite3
+
     from orchestrator.store import CampaignStore
 
-    with CampaignStore(campaign_dir / STORE_FILE, readonly=True) as store:
-        rows = list(store.units())
-        events = store.events()
-        meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
+    try:
+        with CampaignStore(campaign_dir / STORE_FILE, readonly=True) as store:
+            rows = list(store.units())
+            events = store.events()
+            meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the driver has created the file but not its tables yet
+            return [], [], {}
+        raise
     units = [Unit(unit_id=r.unit_id, song_name=r.song_name, chunk_index=r.chunk_index, split=r.split, state=r.state,
                   attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
                   seconds=r.seconds, node=r.hostname or r.node_id, error=_ANSI.sub("", r.error) if r.error else None, mlflow_run_id=r.mlflow_run_id,

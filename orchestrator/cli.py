@@ -231,7 +231,10 @@ def resume(
     root = root or Path(_load_config("local", [], None).campaign.root)
     try:
         db = campaign_mod.CampaignPaths.of(root, campaign).db
-        total = sum(CampaignStore(db, readonly=True).counts().values()) if db.exists() else 0
+        total = 0
+        if db.exists():
+            with CampaignStore(db, readonly=True) as store:
+                total = sum(store.counts().values())
         summary = _drive_with_progress(
             lambda cb: campaign_mod.resume(campaign, root=root, overrides=sets, ray_address=ray_address, on_progress=cb),
             total=total)

@@ -145,7 +145,7 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
         text = f"{head}\n{exc}"
     else:
         kind = "system"
-        text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception_only(type(exc), exc))
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     if len(text) > ERROR_CHARS:
         first, rest = text.split("\n", 1) if "\n" in text else (text, "")
         text = first + "\n...\n" + rest[-(ERROR_CHARS - len(first)):]
@@ -213,7 +213,6 @@ class Scheduler:
             resources=self.extra_resources,  # slurm: {"pool:<name>": 1} with --profile slurm, else {}
             max_retries=0,             # the store counts attempts; see the module docstring
             retry_exceptions=False,
-            name=f"unit:{unit_id}",
         ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink)
         self._inflight[ref] = unit_id
 

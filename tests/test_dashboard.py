@@ -23,7 +23,8 @@ import yaml
 
 import configs
 from dashboards import audio, timeline
-from dashboards.data import Campaign, find_campaign, finger_key_counts, key_press_points
+from dashboards.app import FIGURE_IDS
+from dashboards.data import Campaign, find_campaign, finger_key_counts, key_press_points, read_store
 from dashboards.timeline import StateChange
 from orchestrator.store import GATED, SUCCEEDED, CampaignStore
 from workers.lake import Lake, ShardMeta, synthetic_episode
@@ -357,7 +358,7 @@ def test_page_of_a_finished_campaign(finished_campaign, browser, tmp_path):
         requests = []
         page.on("request", lambda r: requests.append(r.url))
         page.goto(url)
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 9")
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length === {len(FIGURE_IDS)}")
         assert errors == []
         assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # nothing from a CDN
         assert page.inner_text("#campaign-state") == "finished"
@@ -462,7 +463,7 @@ def test_static_export_opens_offline(finished_campaign, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
     page.goto(out.as_uri())
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 9")
+    page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length === {len(FIGURE_IDS)}")
     assert sum(_plot_data(page, "fig-f1")[0]["y"]) == len([f for _, _, f in PLAN if f != "fail"])
     assert page.get_attribute("#rollout-audio", "src").startswith("data:audio/wav;base64,")
     _screenshot(page, tmp_path, "dashboard_export.png")
@@ -488,14 +489,15 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
         "gate.min_shards=3", "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5", "dashboard.refresh_s=0.5",
     ])
     units = make_units(3, 3, cfg.hash("env", "droq", "specialist"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         driver = threading.Thread(target=campaign_mod.submit, args=(units, cfg, "synthetic"), kwargs={"root": tmp_path})
         driver.start()
         directory = tmp_path / "synthetic"
         deadline = time.time() + 60
-        while time.time() < deadline and not list(CampaignStore(directory / "campaign.db", readonly=True).units()
-                                                  if (directory / "campaign.db").exists() else []):
+        while time.time() < deadline and not ((directory / "campaign.db").exists() and read_store(directory)[0]):
             time.sleep(0.2)
         with DashboardServer(Campaign(directory), port=0) as url:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -520,4 +522,5 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
             _screenshot(page, tmp_path, "dashboard_synthetic.png")
             page.close()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()

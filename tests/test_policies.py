@@ -97,8 +97,17 @@ def test_loss_ignores_padded_steps_past_the_episode_end(kind):
     assert policy.loss(changed).item() > a.item() + 1.0
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster and immune to OpenMP stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", ["flow", "bc"])
-def test_policy_learns_a_state_to_action_mapping(kind):
+def test_policy_learns_a_state_to_action_mapping(kind, one_thread):
     torch.manual_seed(0)
     policy = build_policy(il_cfg("il.d_model=64", "il.n_heads=4", "il.bc_hidden=128"), kind=kind)
     train = fake_batch(256, seed=0)
@@ -113,7 +122,7 @@ def test_policy_learns_a_state_to_action_mapping(kind):
         loss.backward()
         opt.step()
     error_after = (policy.eval().act(train["obs"][:64]) - train["action"][:64]).pow(2).mean().item()
-    assert error_after < 0.3 * error_before
+    assert error_after < 0.1 * error_before
 
 
 @pytest.mark.parametrize("kind", ["flow", "bc"])

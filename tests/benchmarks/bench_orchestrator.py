@@ -83,13 +83,20 @@ def main() -> None:
     print(f"{len(units)} units, {args.sleep} s of work each, {args.cpus} CPUs, root {root}")
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    rss_before = psutil.Process().memory_info().rss / 2**20
     bare_s = bare_ray(units, cfg, root / "bare")
     print(f"bare Ray tasks        : {bare_s:8.1f} s   {bare_s / len(units) * 1000:7.1f} ms/unit")
 
+    rss_samples: list[tuple[int, float]] = []  # (finished units, RSS MiB): is the driver's memory flat?
+
+    def on_progress(counts: dict[str, int]) -> None:
+        done = counts["succeeded"]
+        if done % max(1, len(units) // 8) == 0:
+            rss_samples.append((done, round(psutil.Process().memory_info().rss / 2**20, 1)))
+
+    rss_before = psutil.Process().memory_info().rss / 2**20
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        summary = campaign.submit(units, cfg, "bench", root=root)
+        summary = campaign.submit(units, cfg, "bench", root=root, on_progress=on_progress)
         camp_s = time.perf_counter() - t0
     assert summary.counts["succeeded"] == len(units), summary.counts
     t0 = time.perf_counter()
@@ -101,7 +108,8 @@ def main() -> None:
     print(f"  fixed costs         : {fixed_s:8.1f} s   (sink actor, MLflow store, parent run: a resubmit that runs nothing)")
     print(f"orchestration overhead: {(camp_s - bare_s) / n * 1000:8.1f} ms/unit over bare Ray, "
           f"{(camp_s - fixed_s - bare_s) / n * 1000:.1f} ms/unit without the fixed costs")
-    print(f"driver RSS            : {rss_before:8.1f} MiB before, {rss.peak:.1f} MiB peak during the campaign")
+    print(f"driver RSS            : {rss_before:8.1f} MiB before, {rss.peak:.1f} MiB peak during the campaign; "
+          f"(finished, MiB): {rss_samples}")
     print(f"worker logging share  : {summary.logging_overhead:8.3%} of worker time (report callback / unit time)")
     print(f"sink                  : {summary.sink_stats}")
 
