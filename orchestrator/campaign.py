@@ -206,6 +206,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
            num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None) -> CampaignSummary:
     """Run every pending unit to success or failure, retrying failed attempts from checkpoints."""
     import ray
+    import ray.exceptions
 
     from orchestrator import scheduler as sched_mod
     from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
@@ -248,11 +249,17 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 last_reconcile = time.monotonic()
         # --- end slurm ---------------------------------------------------------------------------------
         queue = deque(store.unit_ids(PENDING))
+        if on_progress is not None:
+            on_progress(store.counts())
         config_dicts: dict[str, dict] = {}
         last_drain = time.monotonic()
 
         def drain() -> None:
-            notes = ray.get(sink.drain.remote())
+            try:
+                notes = ray.get(sink.drain.remote(), timeout=60)
+            except (ray.exceptions.RayError, TimeoutError) as e:  # tracking must not stop the campaign
+                log.warning("metrics sink did not answer: %s", e)
+                return
             for n in notes["started"]:
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
             for unit_id, (step, ckpt) in notes["progress"].items():

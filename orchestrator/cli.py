@@ -225,20 +225,23 @@ def resume(
     sets: list[str] = typer.Option([], "--set", help="Orchestration override key=value (campaign.*, mlflow.*, gate.*)."),
 ) -> None:
     """Restart failed units (attempts reset to 0) and interrupted units from their checkpoints."""
+    import configs
     from orchestrator import campaign as campaign_mod
     from orchestrator.store import CampaignStore
 
     root = root or Path(_load_config("local", [], None).campaign.root)
     try:
-        db = campaign_mod.CampaignPaths.of(root, campaign).db
-        total = 0
-        if db.exists():
-            with CampaignStore(db, readonly=True) as store:
-                total = sum(store.counts().values())
+        paths = campaign_mod.CampaignPaths.of(root, campaign)
+        db = paths.db
+        if not db.exists():
+            raise campaign_mod.CampaignError(f"no campaign {campaign!r} under {db.parent.parent} (no {db.name})")
+        campaign_mod.load_saved_config(paths, sets)  # bad overrides fail here, before anything starts
+        with CampaignStore(db, readonly=True) as store:
+            total = sum(store.counts().values())
         summary = _drive_with_progress(
             lambda cb: campaign_mod.resume(campaign, root=root, overrides=sets, ray_address=ray_address, on_progress=cb),
             total=total)
-    except campaign_mod.CampaignError as e:
+    except (campaign_mod.CampaignError, configs.ConfigError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     _report_summary(summary)

@@ -34,7 +34,7 @@ WORKLOADS = {
 ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, log_dir: Path | None = None) -> bool:
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start one in this process.
 
     Token authentication stays as Ray sets it (on by default for a new local cluster).

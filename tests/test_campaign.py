@@ -204,3 +204,22 @@ def test_killed_driver_then_resume_finishes_without_redoing_work(tmp_path):
     assert len(parquet_files) == n_units
     saved = yaml.safe_load((camp_dir / "config.yaml").read_text())  # the resolved config, --set values included
     assert saved["campaign"]["synthetic"]["sleep_s"] == 4
+
+
+def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
+    from orchestrator.manifest import demo_manifest, load_manifest
+
+    cfg = configs.load(overrides=[
+        "campaign.workload=specialist", "specialist.total_steps=40", "droq.warmup_steps=20", "droq.batch_size=16",
+        "droq.replay_capacity=1000", "specialist.eval_interval=40", "specialist.checkpoint_interval=20",
+        "specialist.log_interval=10", "specialist.rollouts=1", "mlflow.system_metrics=false",
+    ])
+    unit = load_manifest(demo_manifest(tmp_path / "manifest"), cfg).units()[0]
+    summary = campaign.submit([unit], cfg, "one-specialist", root=tmp_path)
+    assert summary.counts[SUCCEEDED] + summary.counts["gated"] == 1, summary.counts
+    with CampaignStore(tmp_path / "one-specialist" / "campaign.db", readonly=True) as store:
+        row = store.unit(unit.unit_id)
+    assert row.steps == 40 and row.shard_path and Path(row.shard_path).exists()
+    assert (tmp_path / "one-specialist" / "units" / unit.unit_id / "checkpoint.pt").exists()
+    run = MlflowClient(summary.tracking_uri).get_run(row.mlflow_run_id)
+    assert {"eval/f1", "rollout/f1", "train/episodes", "f1"} <= set(run.data.metrics)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import ray
 import torch
+from typer.testing import CliRunner
 
 import configs
+from orchestrator.cli import app
 from il_fixtures import write_lake
 from workers.il_trainer import dataset_stats, lr_at, train_il
 from workers.lake import Lake
@@ -63,24 +67,30 @@ def test_two_workers_train_and_a_rerun_continues_from_the_checkpoint(tmp_path, l
     out = tmp_path / "il"
     cfg = configs.load(overrides=TINY + ["il.num_workers=2", "il.steps=10"])
 
-    first = train_il(lake_root, cfg, out, tracking_uri=uri, experiment="campaign-x")
-    assert (first.steps, first.start_step) == (10, 0)
-    assert first.n_shards == 3 and len(first.song_hashes) == 3
+    # by hand, as a user would (Ray is already running here, so the command joins it)
+    result = CliRunner().invoke(app, ["train-il", "--lake", str(lake_root), "--out", str(out), "--workers", "2",
+                                      "--mlflow-uri", uri, "--experiment", "campaign-x"]
+                                + [arg for kv in TINY + ["il.steps=10"] for arg in ("--set", kv)])
+    assert result.exit_code == 0, result.output
+    assert "trained on 3 shards of 3 songs: steps 0->10" in result.output
+    first_run_id = json.loads((out / "il_run.json").read_text())["run_id"]
+    passing_songs = sorted(s.song_hash for s in Lake(lake_root).shards(min_f1=0.75))
 
     # the same job with more steps continues at step 10, in the same MLflow run
     second = train_il(lake_root, cfg.with_overrides(["il.steps=15"]), out, tracking_uri=uri, experiment="campaign-x")
     assert (second.steps, second.start_step) == (15, 10)
-    assert second.mlflow_run_id == first.mlflow_run_id
+    assert second.n_shards == 3 and second.song_hashes == passing_songs
+    assert second.mlflow_run_id == first_run_id
 
     policy, meta = load_policy(out / "policy.pt")
     assert isinstance(policy, FlowPolicy) and meta["step"] == 15
-    assert meta["song_hashes"] == first.song_hashes  # what evaluation will call "seen"
+    assert meta["song_hashes"] == passing_songs  # what evaluation will call "seen"
     assert policy.obs_std[1000].item() != 1.0  # dataset normalisation travelled with the weights
     optimizer = torch.load(f"{second.checkpoint_path}/optimizer.pt", weights_only=True)
     assert optimizer["state"], "optimizer moments are checkpointed"
 
     client = MlflowClient(uri)
-    run = client.get_run(first.mlflow_run_id)
+    run = client.get_run(first_run_id)
     assert client.get_experiment(run.info.experiment_id).name == "campaign-x"
     assert run.data.params["il.policy"] == "flow" and run.data.params["n_shards"] == "3"
     loss_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})

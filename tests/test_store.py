@@ -74,10 +74,12 @@ def test_finished_unit_keeps_its_result_and_clears_the_error(store):
     store.note_worker(unit.unit_id, "node7", "ray-node", 4242, "1234")
     store.note_progress(unit.unit_id, 80, 50)
     store.note_progress(unit.unit_id, 90, None)  # a report without a checkpoint keeps the last one
+    assert (store.unit(unit.unit_id).step, store.unit(unit.unit_id).checkpoint_step) == (90, 50)
     store.mark_finished(unit.unit_id, _result(unit.unit_id, f1=0.4), GATED, report_seconds=0.01)
     row = store.unit(unit.unit_id)
     assert (row.state, row.f1, row.error, row.attempts) == (GATED, 0.4, None, 2)
-    assert (row.hostname, row.pid, row.slurm_job_id, row.step, row.checkpoint_step) == ("node7", 4242, "1234", 90, 50)
+    # once finished, the last checkpoint is the final one
+    assert (row.hostname, row.pid, row.slurm_job_id, row.step, row.checkpoint_step) == ("node7", 4242, "1234", 90, 100)
     assert (row.report_seconds, row.seconds, row.shard_path) == (0.01, 2.0, "/lake/x.parquet")
 
 
