@@ -122,6 +122,10 @@ class GateConfig(_Section):
     f1_threshold: float = Field(ge=0, le=1)
     min_shards: int = Field(ge=1)
     relaunch_every: int = Field(ge=0)
+    # When the campaign driver starts imitation learning once the gate opens:
+    # when_passing: at once (the job waits in Ray's queue until il.num_workers CPUs are free);
+    # after_campaign: once no unit is pending or running; never: only by hand (pianoforge train-il).
+    launch: Literal["when_passing", "after_campaign", "never"] = "when_passing"
 
 
 class ILConfig(_Section):

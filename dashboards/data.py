@@ -42,6 +42,7 @@ import configs
 import workers.lake as _lake
 from dashboards import timeline
 from dashboards.timeline import StateChange
+from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
 
 STORE_FILE = "campaign.db"
 CONFIG_FILE = "config.yaml"
@@ -163,6 +164,7 @@ class Snapshot:
     focus: Focus | None
     control_timestep: float
     problems: list[str] = field(default_factory=list)
+    il_running: bool = False  # the driver's imitation job (store meta il_launches) is still training
 
     @property
     def started_at(self) -> float | None:
@@ -170,8 +172,9 @@ class Snapshot:
 
     @property
     def finished(self) -> bool:
-        """No unit is pending or running (and there is at least one unit)."""
-        return bool(self.units) and all(u.state not in timeline.OPEN_STATES for u in self.units)
+        """No unit is pending or running, nor the imitation job (and there is at least one unit)."""
+        return (bool(self.units) and not self.il_running
+                and all(u.state not in timeline.OPEN_STATES for u in self.units))
 
     @property
     def until(self) -> float:
@@ -322,12 +325,12 @@ def key_press_points() -> np.ndarray:
     from dm_control import mjcf
     from robopianist.models.piano import piano
 
-    from workers.fingering import _KEY_SURFACE_OFFSET  # noqa: PLC2701 -- one definition of the press point
+    from workers.fingering import KEY_SURFACE_OFFSET
 
     model = piano.Piano()
     physics = mjcf.Physics.from_mjcf_model(model.mjcf_model)
     geoms = physics.bind([key.geom[0] for key in model.keys])
-    return np.asarray(geoms.xpos) + np.asarray(geoms.size) * _KEY_SURFACE_OFFSET
+    return np.asarray(geoms.xpos) + np.asarray(geoms.size) * KEY_SURFACE_OFFSET
 
 
 def finger_key_counts(fingertips: np.ndarray, target: np.ndarray, key_points: np.ndarray | None = None) -> np.ndarray:
@@ -538,6 +541,7 @@ class Campaign:
             lake_shards=len(shards), lake_episodes=sum(s.n_episodes for s in shards), curves=curves,
             il_curves=il_curves, il_eval=il_eval, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
+            il_running=any(rec.get("state") == IL_RUNNING for rec in meta.get(LAUNCHES_KEY) or []),
         )
 
     def _curve_units(self, units: list[Unit], wanted: list[str] | None) -> list[str]:

@@ -8,6 +8,11 @@ driver that is gone go back to ``pending`` (that interrupted attempt is not coun
 ``failed`` units get a fresh set of ``campaign.max_attempts`` attempts. Either way a unit
 restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
 
+The driver also runs the F1 gate (``orchestrator.gate.ImitationLauncher``): as units finish it
+checks the lake, and when enough train shards pass it starts imitation learning as a Ray task
+(``gate.launch``: when_passing, after_campaign or never). A campaign is finished when its
+imitation job is; ``resume`` restarts an interrupted (or failed) job from its checkpoint.
+
 Campaign directory (``<root>/<campaign>/``)::
 
     campaign.db     the store (orchestrator.store; the driver is its only writer)
@@ -15,6 +20,7 @@ Campaign directory (``<root>/<campaign>/``)::
     driver.lock     held by the running driver (a second driver is refused)
     units/<id>/     each unit's checkpoints and results
     lake/           the trajectory lake (workers.lake)
+    il/<policy>/launch-<n>/  each imitation-learning job the gate launched (policy.pt, checkpoints)
     mlflow.db       MLflow tracking (when mlflow.tracking_uri is null), mlartifacts/ next to it
     logs/           driver logs
 """
@@ -35,6 +41,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 import configs
+from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.units import UnitResult, UnitSpec
 
@@ -111,6 +118,7 @@ class CampaignSummary:
     logging_overhead: float | None  # worker time in the metrics callback / worker time, finished units
     sink_stats: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    imitation: dict[str, Any] | None = None  # the latest imitation job's record (store meta il_launches), if any
 
     @property
     def done(self) -> bool:
@@ -172,7 +180,7 @@ def submit(units: Iterable[UnitSpec], cfg: configs.Config, name: str, root: str 
         requeued = store.requeue_interrupted("driver gone; requeued by submit")
         log.info("campaign %s: %d new units, %d already known, %d interrupted requeued",
                  paths.name, added, len(units) - added, requeued)
-        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress)
+        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress, restart_failed_il=False)
 
 
 def resume(name: str, root: str | Path | None = None, overrides: list[str] | None = None,
@@ -194,7 +202,7 @@ def resume(name: str, root: str | Path | None = None, overrides: list[str] | Non
         reset = store.reset_failed("failed; attempts reset by resume")
         store.log_event("resume", f"{requeued} interrupted and {reset} failed units requeued")
         log.info("campaign %s: resuming %d interrupted and %d failed units", name, requeued, reset)
-        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress)
+        return _drive(paths, store, cfg, ray_address, num_cpus, on_progress, restart_failed_il=True)
 
 
 def _unit_params(row) -> dict[str, Any]:
@@ -203,12 +211,15 @@ def _unit_params(row) -> dict[str, Any]:
 
 
 def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_address: str | None,
-           num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None) -> CampaignSummary:
-    """Run every pending unit to success or failure, retrying failed attempts from checkpoints."""
+           num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None,
+           restart_failed_il: bool = False) -> CampaignSummary:
+    """Run every pending unit to success or failure, retrying failed attempts from checkpoints,
+    and the imitation job the gate launches to its end."""
     import ray
     import ray.exceptions
 
     from orchestrator import scheduler as sched_mod
+    from orchestrator.gate import ImitationLauncher
     from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
 
     t_start = time.perf_counter()
@@ -248,6 +259,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 pools.reconcile({pool: len(queue)}, {pool: len(scheduler)})
                 last_reconcile = time.monotonic()
         # --- end slurm ---------------------------------------------------------------------------------
+        imitation = ImitationLauncher(cfg, store, paths.dir, paths.lake, uri, paths.name)
+        imitation.restart_unfinished(include_failed=restart_failed_il)
         queue = deque(store.unit_ids(PENDING))
         if on_progress is not None:
             on_progress(store.counts())
@@ -296,7 +309,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                                                                 "error": outcome.error.splitlines()[0][:500]})
 
         try:
-            while queue or len(scheduler):
+            # Until no unit is left and the imitation job (if the gate launched one) has ended.
+            while imitation.step(units_left=bool(queue or len(scheduler))) or queue or len(scheduler):
                 while queue and scheduler.has_room():
                     unit_id = queue.popleft()
                     row = store.unit(unit_id)
@@ -318,12 +332,14 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                     last_drain = time.monotonic()
                 for outcome in outcomes:
                     finish(outcome)
+                    imitation.note_unit_finished()
                 if outcomes and on_progress is not None:
                     on_progress(store.counts())
             drain()
         except KeyboardInterrupt:
             interrupted = True
             scheduler.cancel_all()
+            imitation.interrupt()
             n = store.requeue_interrupted("driver interrupted")
             log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
                         n, paths.name)
@@ -343,6 +359,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
                 log.warning("closing the metrics sink failed: %s", e)
         store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}")
+        launches = store.get_meta(LAUNCHES_KEY) or []
         logging.getLogger("orchestrator").removeHandler(handler)
         handler.close()
         if started_ray:
@@ -350,7 +367,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     return CampaignSummary(name=paths.name, dir=paths.dir, counts=counts, attempts_run=attempts_run,
                            seconds=time.perf_counter() - t_start, tracking_uri=uri,
                            experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
-                           logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted)
+                           logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
+                           imitation=launches[-1] if launches else None)
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:

@@ -32,6 +32,8 @@ class CampaignStatus:
     running: list[dict] = field(default_factory=list)
     last_errors: list[dict] = field(default_factory=list)
     mlflow: dict[str, str] = field(default_factory=dict)
+    gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
+    il_launches: list[dict] = field(default_factory=list)  # imitation jobs it launched, oldest first
     read_seconds: float = 0.0
 
     @property
@@ -87,10 +89,12 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
             " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
         mlflow = {k: str(store.get_meta(k, "")) for k in ("tracking_uri", "mlflow_experiment_id", "mlflow_parent_run_id")}
         name = store.get_meta("name", campaign_dir.name)
+        gate, il_launches = store.get_meta("gate"), store.get_meta("il_launches") or []
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, last_errors=errors, mlflow=mlflow, read_seconds=time.perf_counter() - t0)
+        running=running, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
+        read_seconds=time.perf_counter() - t0)
 
 
 def _driver_state(store: CampaignStore) -> str:
@@ -178,7 +182,31 @@ def render(status: CampaignStatus):
             first = (e["error"] or "").strip().splitlines()
             err.add_row(e["unit_id"], e["state"], str(e["attempts"]), first[0][:160] if first else "")
         parts.append(err)
+    if status.gate or status.il_launches:
+        parts.append(_render_gate(status))
     if status.mlflow.get("tracking_uri"):
         parts.append(Text(f"MLflow: {status.mlflow['tracking_uri']}  experiment {status.mlflow['mlflow_experiment_id']}"
                           f"  parent run {status.mlflow['mlflow_parent_run_id']}"))
     return Group(*parts)
+
+
+def _render_gate(status: CampaignStatus):
+    """The F1 gate (passing/needed train shards) and the imitation jobs it launched."""
+    from rich.text import Text
+
+    text = Text()
+    g = status.gate
+    if g:
+        text.append(f"gate: {g['passing']}/{g['needed']} train shards with F1 >= {g['threshold']:g} passing"
+                    f" (launch: {g['launch']})", style="bold")
+    for job in status.il_launches:
+        line = f"\nimitation: launch {job['n']} {job['state']} ({job['policy']}, {job['passing']} shards)"
+        if job.get("steps") is not None:
+            line += f", {job['steps']} steps, loss {job['loss']:.4g}" if job.get("loss") is not None else f", {job['steps']} steps"
+        line += f"  {job.get('policy_path') or job['out_dir']}"
+        if job.get("mlflow_run_id"):
+            line += f"  MLflow run {job['mlflow_run_id']}"
+        text.append(line, style="red" if job["state"] == "failed" else None)
+        if job.get("error"):
+            text.append("\n  " + job["error"].strip().splitlines()[0][:200], style="red")
+    return text

@@ -223,3 +223,6 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     assert (tmp_path / "one-specialist" / "units" / unit.unit_id / "checkpoint.pt").exists()
     run = MlflowClient(summary.tracking_uri).get_run(row.mlflow_run_id)
     assert {"eval/f1", "rollout/f1", "train/episodes", "f1"} <= set(run.data.metrics)
+    # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
+    saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
+    assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]

@@ -25,6 +25,7 @@ import configs
 from dashboards import audio, timeline
 from dashboards.app import FIGURE_IDS
 from dashboards.data import Campaign, find_campaign, finger_key_counts, key_press_points, read_store
+from dashboards.data import summary as page_summary
 from dashboards.timeline import StateChange
 from orchestrator.store import GATED, SUCCEEDED, CampaignStore
 from workers.lake import Lake, ShardMeta, synthetic_episode
@@ -308,6 +309,21 @@ def test_page_of_a_campaign_with_only_a_store(tmp_path):
     assert not (tmp_path / "new" / "mlflow.db").exists() and not (tmp_path / "new" / "lake").exists()
 
 
+def test_campaign_is_not_finished_while_its_imitation_job_trains(tmp_path):
+    """All units ended but the driver's imitation job still runs: the page keeps refreshing."""
+    from orchestrator.gate import LAUNCHES_KEY
+
+    directory = make_campaign(tmp_path, "il-running", mlflow_runs=False)
+    assert Campaign(directory).snapshot(full=False).finished
+    with CampaignStore(directory / "campaign.db") as store:
+        store.set_meta(LAUNCHES_KEY, [{"state": "running", "passing": 5, "out_dir": str(directory / "il")}])
+    s = Campaign(directory).snapshot(full=False)
+    assert not s.finished and page_summary(s, _cfg().dashboard)["status"] != "finished"
+    with CampaignStore(directory / "campaign.db") as store:
+        store.set_meta(LAUNCHES_KEY, [{"state": "succeeded", "passing": 5, "out_dir": str(directory / "il")}])
+    assert Campaign(directory).snapshot(full=False).finished
+
+
 def test_find_campaign_names_what_exists(tmp_path, finished_campaign):
     from dashboards.data import CampaignNotFound
 
@@ -486,7 +502,8 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
         "campaign.workload=synthetic", "campaign.synthetic.sleep_s=1.5", "campaign.synthetic.steps=3",
         "campaign.synthetic.episodes=2", "campaign.synthetic.steps_per_episode=30", "campaign.max_attempts=2",
         "campaign.synthetic.fail_pattern='*-c002-*'", "campaign.synthetic.fail_first_attempts=5",
-        "gate.min_shards=3", "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5", "dashboard.refresh_s=0.5",
+        "gate.min_shards=3", "gate.launch=never", "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5",
+        "dashboard.refresh_s=0.5",
     ])
     units = make_units(3, 3, cfg.hash("env", "droq", "specialist"))
     started = not ray.is_initialized()

@@ -45,7 +45,7 @@ _MARGIN_PER_THRESHOLD = 10.0
 
 # Where on a key a fingertip should land, as in RoboPianist's fingering reward: top surface
 # (+half height in z), 35% of the half length towards the front of the key (+x).
-_KEY_SURFACE_OFFSET = np.array([0.35, 0.0, 0.5])
+KEY_SURFACE_OFFSET = np.array([0.35, 0.0, 0.5])
 
 
 def assign_fingers(fingertips: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,7 +125,7 @@ class OTFingeringReward:
         self._site_ids = np.asarray(physics.bind(sites).element_id)[self.fingers]
         key_geoms = [key.geom[0] for key in self._piano.keys]
         self._key_geom_ids = np.asarray(physics.bind(key_geoms).element_id)
-        self._key_offsets = physics.model.geom_size[self._key_geom_ids] * _KEY_SURFACE_OFFSET
+        self._key_offsets = physics.model.geom_size[self._key_geom_ids] * KEY_SURFACE_OFFSET
 
     def fingertip_positions(self, physics) -> np.ndarray:
         """(n_fingers, 3) world positions of the participating fingertips."""

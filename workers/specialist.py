@@ -58,12 +58,10 @@ from workers.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
 from workers.music import load_chunk
 from workers.replay import ReplayBuffer
-from workers.units import UnitResult, UnitSpec
+from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-ATTEMPTS_LOG = "attempts.jsonl"
-PID_FILE = "worker.pid"
 CHECKPOINT_FORMAT = 1
 
 Report = Callable[[dict], None]
@@ -84,12 +82,6 @@ def read_result(unit_dir: Path) -> dict | None:
     """The unit's ``result.json`` as a dict, or None when there is none."""
     path = Path(unit_dir) / RESULT
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def read_attempts(unit_dir: Path) -> list[dict]:
-    """Every start of this unit, oldest first: ``{"attempt", "start_step", "pid", "time"}``."""
-    path = Path(unit_dir) / ATTEMPTS_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") -> dict | None:
@@ -317,6 +309,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
             bar.set_postfix({"eval_f1": f"{last_eval['eval/f1']:.3f}"})
         if step % spec.checkpoint_interval == 0 or step == spec.total_steps:
             save_checkpoint()
+            report({"step": step, "checkpoint_step": step})  # the campaign store shows it while the unit runs
     bar.close()
     train_seconds = time.perf_counter() - t_train
     env_steps_per_s = (step - start_step) / train_seconds if step > start_step else 0.0

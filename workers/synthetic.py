@@ -27,11 +27,9 @@ from typing import Callable
 
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
-from workers.units import UnitResult, UnitSpec
+from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
 
 CHECKPOINT = "checkpoint.json"
-ATTEMPTS_LOG = "attempts.jsonl"
-PID_FILE = "worker.pid"
 
 
 class SyntheticFailure(RuntimeError):
@@ -48,12 +46,6 @@ def read_checkpoint_step(unit_dir: Path) -> int:
     """The step of the unit's last checkpoint (0 when it has none)."""
     path = Path(unit_dir) / CHECKPOINT
     return int(json.loads(path.read_text())["step"]) if path.exists() else 0
-
-
-def read_attempts(unit_dir: Path) -> list[dict]:
-    """Every start of this unit, oldest first (see the module docstring)."""
-    path = Path(unit_dir) / ATTEMPTS_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _unit_seed(unit_id: str) -> int:

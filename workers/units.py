@@ -1,12 +1,25 @@
-"""A unit of work: one chunk of one song under one configuration."""
+"""A unit of work: one chunk of one song under one configuration, and the files every
+workload keeps in its unit directory for failure drills."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Split = Literal["train", "eval", "held-out"]
+
+# In every unit directory, whatever the workload:
+ATTEMPTS_LOG = "attempts.jsonl"  # one line per start: {"attempt", "start_step", "pid", "time"}
+PID_FILE = "worker.pid"  # the pid of the process running the unit (kill it to simulate a crash)
+
+
+def read_attempts(unit_dir: Path) -> list[dict]:
+    """Every start of the unit in ``unit_dir``, oldest first: ``{"attempt", "start_step", "pid", "time"}``."""
+    path = Path(unit_dir) / ATTEMPTS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def unit_id_for(song_hash: str, chunk_index: int, config_hash: str) -> str:
