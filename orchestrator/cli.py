@@ -183,19 +183,26 @@ def _report_summary(summary) -> None:
         raise typer.Exit(1)
 
 
-def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload):
-    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors)."""
-    from orchestrator import campaign as campaign_mod
+def _manifest_or_exit(path, cfg):
+    """The loaded manifest, its problems printed to stderr; exit 2 if the file itself is unusable."""
     from orchestrator.manifest import ManifestError, load_manifest
 
-    cfg = _load_config(profile, sets, workload)
     try:
-        loaded = load_manifest(manifest, cfg)
+        manifest = load_manifest(path, cfg)
     except ManifestError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    for problem in loaded.problems:
+    for problem in manifest.problems:
         typer.echo(str(problem), err=True)
+    return manifest
+
+
+def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload):
+    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors)."""
+    from orchestrator import campaign as campaign_mod
+
+    cfg = _load_config(profile, sets, workload)
+    loaded = _manifest_or_exit(manifest, cfg)
     units = loaded.units()
     if not units:
         typer.echo(f"error: {manifest}: no units to train", err=True)
@@ -572,7 +579,6 @@ def eval_cmd(
 ) -> None:
     """Roll POLICY out on songs; per-song precision, recall, F1 and means, songs seen in training vs held out."""
     import configs
-    from orchestrator.manifest import ManifestError, load_manifest
     from workers.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
     from workers.music import SongError
 
@@ -584,13 +590,7 @@ def eval_cmd(
     paths, names = [], []
     for item in list(songs) + list(ctx.args):
         if Path(item).suffix.lower() in (".yaml", ".yml", ".csv"):
-            try:
-                manifest = load_manifest(item, cfg)
-            except ManifestError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
-            for problem in manifest.problems:
-                typer.echo(str(problem), err=True)
+            manifest = _manifest_or_exit(item, cfg)
             paths += [s.path for s in manifest.songs]
             names += [s.name for s in manifest.songs]
         else:
