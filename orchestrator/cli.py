@@ -414,13 +414,19 @@ def specialist(
     pianoforge specialist --song twinkle.mid --out /tmp/unit --steps 300 --warmup 100 --rollouts 2
     --set droq.batch_size=64 --set env.chunk_steps=100
     """
+    import contextlib
     import json
+    import sys
 
     import configs
-    from orchestrator.manifest import UNIT_SECTIONS
-    from workers.music import SongError, load_song, plan_chunks
-    from workers.specialist import train_unit
     from workers.units import UnitSpec
+
+    # stdout carries only the result JSON: libraries that print while loading (pyfluidsynth
+    # does when CI is set) go to stderr with the progress.
+    with contextlib.redirect_stdout(sys.stderr):
+        from orchestrator.manifest import UNIT_SECTIONS
+        from workers.music import SongError, load_song, plan_chunks
+        from workers.specialist import train_unit
 
     budget = {"specialist.total_steps": steps, "droq.warmup_steps": warmup, "specialist.eval_interval": eval_every,
               "specialist.checkpoint_interval": checkpoint_every, "specialist.rollouts": rollouts}
@@ -446,7 +452,8 @@ def specialist(
             typer.echo(shown, err=True)
 
     try:
-        result = train_unit(unit, cfg, out, lake or out / "lake", report=report, progress=not no_progress)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train_unit(unit, cfg, out, lake or out / "lake", report=report, progress=not no_progress)
     except SongError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
