@@ -50,6 +50,7 @@ class PoolJob:
     submitted_at: float
     node: str = ""
     started_at: float | None = None
+    joined: bool = False  # its Ray worker node was seen in the cluster
 
     @property
     def alive(self) -> bool:
@@ -109,6 +110,16 @@ def resolve_auth_token_file(log_dir: Path) -> str | None:
     )
 
 
+def ray_joined_jobs() -> set[str] | None:
+    """SLURM job ids of pool nodes alive in the connected Ray cluster (None: not connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return {job_id for node in ray.nodes() if node.get("Alive")
+            if (job_id := (node.get("Labels") or {}).get(JOB_LABEL))}
+
+
 def ray_idle_jobs() -> set[str] | None:
     """SLURM job ids of pool nodes that run nothing now, from the connected Ray cluster.
 
@@ -144,11 +155,13 @@ class PoolManager:
         units_per_job: Mapping[str, int] | None = None,
         auth_token_file: str | None = "auto",
         idle_jobs: Callable[[], set[str] | None] = ray_idle_jobs,
+        joined_jobs: Callable[[], set[str] | None] = ray_joined_jobs,
     ) -> None:
         """``units_per_job[pool]``: how many units one job of the pool runs at once (default 1).
         ``auth_token_file``: the head's token file, None when the head runs without auth, "auto"
         to find it like Ray does (see :func:`resolve_auth_token_file`).
-        ``idle_jobs``: the running jobs that may be cancelled (None: unknown)."""
+        ``idle_jobs``: the running jobs that may be cancelled (None: unknown).
+        ``joined_jobs``: the jobs whose Ray node has joined the cluster (None: unknown)."""
         if not slurm_cfg.pools:
             raise ValueError("slurm.pools is empty: the profile must name at least one pool")
         check_temp_root(slurm_cfg.ray_tmp_root)
@@ -162,6 +175,7 @@ class PoolManager:
         self.units_per_job = {p: max(1, int((units_per_job or {}).get(p, 1))) for p in slurm_cfg.pools}
         self.auth_token_file = resolve_auth_token_file(self.log_dir) if auth_token_file == "auto" else auth_token_file
         self._idle_jobs = idle_jobs
+        self._joined_jobs = joined_jobs
         # Job names carry a per-manager tag, so squeue/scancel only ever touch our own jobs.
         self.tag = f"pf-{uuid.uuid4().hex[:8]}"
         self._jobs: dict[str, PoolJob] = {}
@@ -248,6 +262,10 @@ class PoolManager:
     def _refresh(self) -> None:
         listed = squeue([self.job_name(p) for p in self.cfg.pools])
         now = time.time()
+        if any(j.alive and not j.joined for j in self._jobs.values()):
+            joined = self._joined_jobs() or set()
+            for job in self._jobs.values():
+                job.joined = job.joined or job.job_id in joined
         for job in self._jobs.values():
             if not job.alive:
                 continue
@@ -261,9 +279,11 @@ class PoolManager:
     def _on_end(self, job: PoolJob, now: float) -> None:
         lived = now - job.submitted_at
         log.info("pool %s: job %s ended (%s) after %.0f s", job.pool, job.job_id, job.state, lived)
-        # A job that ends soon after its submission is likely broken (bad partition, ray start
-        # failing): back off exponentially instead of resubmitting in a tight loop.
-        if lived < self.cfg.quick_end_s:
+        # A job that ends soon after its submission, before its Ray node ever joined, is likely
+        # broken (bad partition, ray start failing): back off exponentially instead of
+        # resubmitting in a tight loop. One that served units (then was cancelled or preempted)
+        # is replaced at once.
+        if lived < self.cfg.quick_end_s and not job.joined:
             self._back_off(job.pool)
         else:
             self._quick_ends[job.pool] = 0
@@ -384,5 +404,5 @@ def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Pa
 
 __all__ = [
     "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "pool_for_units", "pool_resource",
-    "ray_idle_jobs", "resolve_auth_token_file", "squeue", "start_for_campaign", "unit_resources", "units_per_job",
+    "ray_idle_jobs", "ray_joined_jobs", "resolve_auth_token_file", "squeue", "start_for_campaign", "unit_resources", "units_per_job",
 ]

@@ -149,8 +149,8 @@ def fake(monkeypatch, tmp_path):
         m.shutdown(wait_s=0)
 
 
-def manager(fake, cfg, idle=lambda: None, **kw):
-    m = pools.PoolManager(cfg, "h:1", fake.log_dir, auth_token_file=None, idle_jobs=idle, **kw)
+def manager(fake, cfg, idle=lambda: None, joined=lambda: None, **kw):
+    m = pools.PoolManager(cfg, "h:1", fake.log_dir, auth_token_file=None, idle_jobs=idle, joined_jobs=joined, **kw)
     m._executors["cpu"] = fake.executor()
     fake.managers.append(m)
     return m
@@ -191,6 +191,20 @@ def test_without_ray_running_jobs_go_only_when_nothing_runs(fake):
     assert fake.cancelled == []
     m.reconcile({}, {})
     assert sorted(fake.cancelled) == ["101", "102"] and m.jobs() == []
+
+
+def test_a_job_that_served_units_is_replaced_without_backoff(fake, monkeypatch):
+    """Cancelled soon after it started, but its Ray node had joined: not a failed start."""
+    clock = [1000.0]
+    monkeypatch.setattr(pools.time, "monotonic", lambda: clock[0])
+    joined: set[str] = set()
+    m = manager(fake, slurm_cfg(max_jobs=1), joined=lambda: joined)
+    m.reconcile({"cpu": 1}, {})
+    joined.add("101")
+    m.reconcile({}, {"cpu": 1})  # the node joined and runs the unit
+    fake.queue.clear()  # scancel: the job is gone
+    m.reconcile({"cpu": 1}, {})
+    assert [j.job_id for j in m.jobs()] == ["102"]  # replaced in the same round
 
 
 def test_ended_job_is_replaced_after_a_backoff_that_grows(fake, monkeypatch):
