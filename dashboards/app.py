@@ -22,8 +22,6 @@ import fnmatch
 import html
 import json
 import math
-import os
-import tempfile
 import threading
 from functools import lru_cache
 from http import HTTPStatus
@@ -37,6 +35,7 @@ import jinja2
 import configs
 from dashboards import plots, timeline
 from dashboards.data import Campaign, Snapshot, summary
+from workers.files import atomic_write
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -147,13 +146,9 @@ def export_html(campaign: Campaign, out: str | Path, *, unit: str | None = None,
         except Exception as e:  # no soundfont / fluidsynth: the page without audio is still useful
             s.problems.append(f"audio of unit {s.focus.unit_id}: {type(e).__name__}: {e}")
     text = render_page(s, campaign, live=False, audio_src=audio_src)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(out, encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, out)
-    return out
+    return Path(out)
 
 
 # --------------------------------------------------------------------------------------------

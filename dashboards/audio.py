@@ -8,12 +8,11 @@ the synthesizer's one-second release tail (:data:`TAIL_S`), mono 16-bit at 44.1 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import wave
 from pathlib import Path
 
 import numpy as np
+from workers.files import atomic_write
 
 # RoboPianist's synthesizer appends one second after the last event so that notes ring out.
 TAIL_S = 1.0
@@ -85,18 +84,11 @@ def write_wav(path: str | Path, waveform: np.ndarray, sample_rate: int | None = 
     from robopianist.music.constants import SAMPLING_RATE
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, wave.open(f, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate or SAMPLING_RATE)
-            w.writeframes(np.asarray(waveform, dtype="<i2").tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f, wave.open(f, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate or SAMPLING_RATE)
+        w.writeframes(np.asarray(waveform, dtype="<i2").tobytes())
     return path
 
 

@@ -44,6 +44,7 @@ import configs
 from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.units import UnitResult, UnitSpec
+from workers.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,7 @@ class CampaignSummary:
 
 def save_config(cfg: configs.Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(paths: CampaignPaths, overrides: list[str] | None = None) -> configs.Config:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import configs
 from workers.music import ChunkPlan, Song, SongError, load_song, plan_chunks
 from workers.units import Split, UnitSpec
+from workers.files import write_text_atomic
 
 # The config sections that shape what a unit trains: they make up its config hash.
 UNIT_SECTIONS = ("env", "droq", "specialist")
@@ -398,12 +397,5 @@ def demo_manifest(dest_dir: str | Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / "demo.yaml"
     text = "# The two songs bundled with RoboPianist.\n" + yaml.safe_dump(manifest, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".demo.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(dest, text)
     return dest

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 import configs
 from workers.policies import Policy, load_policy
+from workers.files import atomic_write
 
 GROUPS = ("seen", "held-out")
 MEAN = "mean"  # the ``song`` of a summary row
@@ -137,17 +136,10 @@ def summarize(rows: Iterable[EvalRow]) -> list[EvalRow]:
 
 def write_csv(rows: Iterable[EvalRow], path: str | Path) -> Path:
     """Write rows as CSV atomically (header = ``EvalRow`` fields)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(EvalRow)])
-            writer.writeheader()
-            writer.writerows(dataclasses.asdict(r) for r in rows)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(EvalRow)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(r) for r in rows)
     return path
 
 

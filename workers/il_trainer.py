@@ -36,6 +36,7 @@ import torch
 
 import configs
 from workers.policies import atomic_torch_save, build_policy, normalization_stats, policy_state
+from workers.files import atomic_write, write_text_atomic
 
 RUN_NAME = "ray_train"  # Ray Train's folder under out_dir; fixed so that a second call resumes
 RUN_FILE = "il_run.json"  # out_dir's record of the MLflow run, so a resumed job logs to the same run
@@ -231,9 +232,7 @@ def _mlflow_run(out_dir: Path, tracking_uri: str | None, experiment: str | None,
     from mlflow.entities import Param
 
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run.info.run_id, "experiment": name}))
-    os.replace(tmp, record)
+    write_text_atomic(record, json.dumps({"tracking_uri": tracking_uri, "run_id": run.info.run_id, "experiment": name}))
     return run.info.run_id
 
 
@@ -308,9 +307,8 @@ def train_il(
         raise RuntimeError(f"{out_dir}: imitation learning finished without a checkpoint")
     policy_path = out_dir / "policy.pt"
     with result.checkpoint.as_directory() as folder:
-        tmp = out_dir / ".policy.pt.tmp"
-        shutil.copyfile(Path(folder) / "policy.pt", tmp)
-        os.replace(tmp, policy_path)
+        with atomic_write(policy_path, "wb") as f, open(Path(folder) / "policy.pt", "rb") as src:
+            shutil.copyfileobj(src, f)
     metrics = dict(result.metrics or {})
     return ILResult(policy_path=policy_path, steps=int(metrics.get("step", il.steps)),
                     start_step=int(metrics.get("start_step", 0)), metrics=metrics, song_hashes=song_hashes,

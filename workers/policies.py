@@ -24,14 +24,13 @@ Checkpoints are plain dicts of tensors and primitives (``torch.load(weights_only
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from workers.files import atomic_write
 
 # RP1M observation layout (contract 2): 11 x 88 piano goal, 11 sustain goal, then proprioception.
 GOAL_KEYS = 88
@@ -227,17 +226,9 @@ def policy_from_state(state: dict[str, Any]) -> Policy:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary name in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_policy(policy: Policy, path: str | Path, **meta: Any) -> Path:

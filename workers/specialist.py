@@ -59,23 +59,13 @@ from workers.lake import Episode, Lake, ShardMeta, ShardWriter
 from workers.music import load_chunk
 from workers.replay import ReplayBuffer
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
+from workers.files import atomic_write, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 CHECKPOINT_FORMAT = 1
 
 Report = Callable[[dict], None]
-
-
-# --- small file helpers ----------------------------------------------------------------
-def _replace_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` to a temporary name in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_result(unit_dir: Path) -> dict | None:
@@ -253,13 +243,14 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
         f.write(json.dumps({"attempt": len(attempts) + 1, "start_step": step, "pid": os.getpid(),
                             "time": time.time()}) + "\n")
-    _replace_atomically(unit_dir / PID_FILE, lambda f: f.write(str(os.getpid())), mode="w")
+    write_text_atomic(unit_dir / PID_FILE, str(os.getpid()))
 
     def save_checkpoint() -> None:
         state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
                  "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent.state_dict(),
                  "replay": buffer.state_dict(), "rng": rng_state(rng)}
-        _replace_atomically(unit_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        with atomic_write(unit_dir / CHECKPOINT, "wb") as f:
+            torch.save(state, f)
 
     def evaluate() -> dict[str, float]:
         played = [play(agent, player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
@@ -339,5 +330,5 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
                         env_steps_per_s=env_steps_per_s, updates_per_s=updates_per_s)
     saved = {**result.model_dump(), "done": True, "resumed_from": resumed_from,
              "steps_this_run": step - start_step, "config_hash": unit.config_hash}
-    _replace_atomically(unit_dir / RESULT, lambda f: f.write(json.dumps(saved, indent=2)), mode="w")
+    write_text_atomic(unit_dir / RESULT, json.dumps(saved, indent=2))
     return result

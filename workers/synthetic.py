@@ -28,18 +28,13 @@ from typing import Callable
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
+from workers.files import write_text_atomic
 
 CHECKPOINT = "checkpoint.json"
 
 
 class SyntheticFailure(RuntimeError):
     """The failure drill: raised on purpose by units matching ``campaign.synthetic.fail_pattern``."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_checkpoint_step(unit_dir: Path) -> int:
@@ -64,7 +59,7 @@ def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Pat
     attempt = len(read_attempts(unit_dir)) + 1
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only log: a torn last line is harmless
         f.write(json.dumps({"attempt": attempt, "start_step": start_step, "pid": os.getpid(), "time": time.time()}) + "\n")
-    _write_atomic(unit_dir / PID_FILE, str(os.getpid()))
+    write_text_atomic(unit_dir / PID_FILE, str(os.getpid()))
 
     if syn.fail_pattern and fnmatch.fnmatchcase(unit.unit_id, syn.fail_pattern) and attempt <= syn.fail_first_attempts:
         raise SyntheticFailure(f"unit {unit.unit_id}: planned failure on attempt {attempt} of {syn.fail_first_attempts}")
@@ -76,7 +71,7 @@ def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Pat
     for step in range(start_step + 1, syn.steps + 1):
         time.sleep(sleep_per_step)
         if step % syn.checkpoint_every == 0 or step == syn.steps:
-            _write_atomic(unit_dir / CHECKPOINT, json.dumps({"step": step}))
+            write_text_atomic(unit_dir / CHECKPOINT, json.dumps({"step": step}))
             if report is not None:
                 report({"step": step, "checkpoint_step": step, "train/return": f1 * step})
 
