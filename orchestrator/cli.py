@@ -530,16 +530,10 @@ def train_il_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start Ray in this process)."),
 ) -> None:
     """Train the imitation policy on the lake's passing train shards with Ray Train (DDP); prints where policy.pt is."""
-    import configs
-
     if policy not in (None, "flow", "bc"):
         typer.echo(f"error: --policy {policy}: expected flow or bc", err=True)
         raise typer.Exit(2)
-    try:
-        cfg = configs.load(profile=profile, overrides=sets)
-    except configs.ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = _load_config(profile, sets, None)
     import ray
 
     from orchestrator.tracking import tracking_uri_for
@@ -585,15 +579,10 @@ def eval_cmd(
     profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
 ) -> None:
     """Roll POLICY out on songs; per-song precision, recall, F1 and means, songs seen in training vs held out."""
-    import configs
     from workers.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
     from workers.music import SongError
 
-    try:
-        cfg = configs.load(profile=profile, overrides=sets)
-    except configs.ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = _load_config(profile, sets, None)
     paths, names = [], []
     for item in list(songs) + list(ctx.args):
         if Path(item).suffix.lower() in (".yaml", ".yml", ".csv"):
