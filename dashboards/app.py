@@ -35,7 +35,7 @@ import jinja2
 import configs
 from dashboards import plots, timeline
 from dashboards.data import Campaign, Snapshot, summary
-from workers.files import atomic_write
+from configs.files import atomic_write
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 

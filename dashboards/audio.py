@@ -12,7 +12,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
-from workers.files import atomic_write
+from configs.files import atomic_write
 
 # RoboPianist's synthesizer appends one second after the last event so that notes ring out.
 TAIL_S = 1.0

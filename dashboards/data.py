@@ -17,7 +17,7 @@ fingertip positions in world coordinates, ``obs[1068:1098]``, right thumb..littl
 thumb..little as RoboPianist numbers fingers) and the keys that should sound at that step
 (``target``). The environment's OT reward for step t matches ``target[t]`` to the fingertips
 *after* the step's action, which the lake holds as ``obs[t + 1]``. :func:`episode_finger_key_counts`
-re-runs the environment's assignment (``workers.fingering.assign_fingers``) on those pairs against
+re-runs the environment's assignment (``workers.piano.fingering.assign_fingers``) on those pairs against
 the keys' press points on RoboPianist's piano at rest (the piano sits at the world origin in the
 task) and counts, for each finger and key, the steps in which that finger was matched to that key:
 the matching ``info["ot_assignment"]`` reported during the rollout, for every step but the last
@@ -52,7 +52,7 @@ MLFLOW_FILE = "mlflow.db"
 DASHBOARD_DIR = "dashboard"  # the dashboard's own cache (rendered WAVs) inside the campaign dir
 
 # Observation parts, by name, from the lake's layout (RP1M order).
-_OBS = {name: slice(start, stop) for name, start, stop in _lake.OBS_LAYOUT}
+_OBS = {name: slice(start, stop) for name, start, stop in _lake.schema.OBS_LAYOUT}
 FINGERTIP_SLICE = _OBS["fingertip_pos"]  # 10 fingertips x (x, y, z), world frame
 SUSTAIN_SLICE = _OBS["sustain_state"]  # the pedal's position over its range (0 up .. 1 down)
 
@@ -325,7 +325,7 @@ def key_press_points() -> np.ndarray:
     from dm_control import mjcf
     from robopianist.models.piano import piano
 
-    from workers.fingering import KEY_SURFACE_OFFSET
+    from workers.piano.fingering import KEY_SURFACE_OFFSET
 
     model = piano.Piano()
     physics = mjcf.Physics.from_mjcf_model(model.mjcf_model)
@@ -336,7 +336,7 @@ def key_press_points() -> np.ndarray:
 def finger_key_counts(fingertips: np.ndarray, target: np.ndarray, key_points: np.ndarray | None = None) -> np.ndarray:
     """int64 (10, 88): in how many steps OT fingering matched finger i to key j, for fingertip
     positions ``(T, 30)`` (or ``(T, 10, 3)``) and keys to press ``bool (T, 88)``."""
-    from workers.fingering import assign_fingers
+    from workers.piano.fingering import assign_fingers
 
     points = key_press_points() if key_points is None else key_points
     tips = np.asarray(fingertips, dtype=np.float64).reshape(len(target), -1, 3)
@@ -415,7 +415,7 @@ class MlflowReader:
 
     def latest_run(self, kind: str):
         """The newest run tagged ``pianoforge.kind = <kind>`` (``imitation``: a
-        ``workers.il_trainer`` job; ``evaluation``: ``workers.evaluate.log_to_mlflow``), if any."""
+        ``workers.imitation.trainer`` job; ``evaluation``: ``workers.imitation.evaluate.log_to_mlflow``), if any."""
         if not self.available():
             return None
         from mlflow.entities import ViewType
@@ -432,9 +432,9 @@ class MlflowReader:
 
 
 def evaluation_f1(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    """``{policy: {group: F1}}`` from an evaluation run's metrics, which ``workers.evaluate``
+    """``{policy: {group: F1}}`` from an evaluation run's metrics, which ``workers.imitation.evaluate``
     names ``eval/<policy>/<group>/<song>/<metric>``; the group means (song ``mean``) only."""
-    from workers.evaluate import MEAN
+    from workers.imitation.evaluate import MEAN
 
     out: dict[str, dict[str, float]] = {}
     for name, value in metrics.items():

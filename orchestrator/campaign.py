@@ -44,7 +44,7 @@ import configs
 from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.units import UnitResult, UnitSpec
-from workers.files import write_text_atomic
+from configs.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from configs.files import write_text_atomic
+
 app = typer.Typer(
     name="pianoforge",
     help="Train robot pianists at scale: specialists per song chunk, a trajectory lake, a generalist.",
@@ -326,7 +328,7 @@ def demo(
     loss = f"{job['loss']:.4g}" if job.get("loss") is not None else "-"
     typer.echo(f"imitation: {job['policy']} policy after {job['steps']} steps (loss {loss}) -> {job['policy_path']}")
 
-    from workers.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
+    from workers.imitation.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
 
     cfg = _load_config("local", overrides, workload)
     songs = yaml.safe_load(manifest.read_text())["songs"]
@@ -381,9 +383,7 @@ def slurm_head_sbatch(
     text = render_head_sbatch(list(ctx.args), token_file=str(Path(token_file).expanduser()),
                               log_dir=str(log_dir.resolve()), partition=partition, cpus=cpus, mem_gb=mem_gb,
                               time_min=time_min, profile=profile)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(out, text)
     typer.echo(f"wrote {out}")
     if submit_now:
         subprocess.run(["sbatch", str(out)], check=True)
@@ -425,8 +425,8 @@ def specialist(
     # does when CI is set) go to stderr with the progress.
     with contextlib.redirect_stdout(sys.stderr):
         from orchestrator.manifest import UNIT_SECTIONS
-        from workers.music import SongError, load_song, plan_chunks
-        from workers.specialist import train_unit
+        from workers.piano.music import SongError, load_song, plan_chunks
+        from workers.rl.specialist import train_unit
 
     budget = {"specialist.total_steps": steps, "droq.warmup_steps": warmup, "specialist.eval_interval": eval_every,
               "specialist.checkpoint_interval": checkpoint_every, "specialist.rollouts": rollouts}
@@ -537,7 +537,7 @@ def train_il_cmd(
     import ray
 
     from orchestrator.tracking import tracking_uri_for
-    from workers.il_trainer import train_il
+    from workers.imitation.trainer import train_il
 
     campaign_dir = lake.resolve().parent
     if mlflow_uri is None and (cfg.mlflow.tracking_uri or (campaign_dir / "mlflow.db").exists()):
@@ -579,8 +579,8 @@ def eval_cmd(
     profile: str = typer.Option("local", "--profile", help="Config profile (configs/profiles/NAME.yaml)."),
 ) -> None:
     """Roll POLICY out on songs; per-song precision, recall, F1 and means, songs seen in training vs held out."""
-    from workers.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
-    from workers.music import SongError
+    from workers.imitation.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
+    from workers.piano.music import SongError
 
     cfg = _load_config(profile, sets, None)
     paths, names = [], []

@@ -6,7 +6,7 @@ belongs to the ``train`` split. The campaign driver calls, once per scheduling r
     gate = Gate(cfg.gate)
     decision = gate.check(lake, last_launch_count)      # reads the lake catalog
     if decision.launch:
-        launch_il(...)                                  # e.g. workers.il_trainer.train_il
+        launch_il(...)                                  # e.g. workers.imitation.trainer.train_il
         last_launch_count = decision.passing            # remember it in the campaign store
 
 or, with the count already at hand, ``gate.decide(passing_count, last_launch_count)``.
@@ -83,10 +83,10 @@ GATE_KEY = "gate"  # store meta: what the gate saw at its last check
 
 def run_imitation(lake_root: str, cfg_dict: dict, out_dir: str, tracking_uri: str | None,
                   experiment: str | None) -> dict[str, Any]:
-    """Train the imitation policy (``workers.il_trainer.train_il``) and return its result as plain
+    """Train the imitation policy (``workers.imitation.trainer.train_il``) and return its result as plain
     values. Calling it again with the same ``out_dir`` resumes from the job's last checkpoint."""
     import configs
-    from workers.il_trainer import train_il
+    from workers.imitation.trainer import train_il
 
     cfg = configs.from_dict(cfg_dict)
     result = train_il(lake_root, cfg, out_dir, policy=cfg.il.policy, num_workers=cfg.il.num_workers,
@@ -269,7 +269,7 @@ class ImitationLauncher:
         launches = self.launches()
         if not launches or launches[-1].get("mlflow_run_id"):
             return
-        from workers.il_trainer import RUN_FILE
+        from workers.imitation.trainer import RUN_FILE
 
         record = Path(launches[-1]["out_dir"]) / RUN_FILE
         if record.exists():

@@ -35,9 +35,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import configs
-from workers.music import ChunkPlan, Song, SongError, load_song, plan_chunks
+from workers.piano.music import ChunkPlan, Song, SongError, load_song, plan_chunks
 from workers.units import Split, UnitSpec
-from workers.files import write_text_atomic
+from configs.files import write_text_atomic
 
 # The config sections that shape what a unit trains: they make up its config hash.
 UNIT_SECTIONS = ("env", "droq", "specialist")

@@ -28,7 +28,7 @@ from workers.units import UnitResult, UnitSpec
 log = logging.getLogger(__name__)
 
 WORKLOADS = {
-    "specialist": ("workers.specialist", "train_unit"),
+    "specialist": ("workers.rl.specialist", "train_unit"),
     "synthetic": ("workers.synthetic", "run_unit"),
 }
 ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is

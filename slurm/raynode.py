@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from configs.files import write_text_atomic
+
 # Each pool node offers this much of its pool resource; a unit asks for 1, so CPUs and GPUs,
 # not the pool resource, limit how many units a node runs.
 POOL_RESOURCE_AMOUNT = 1000
@@ -235,14 +237,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 def write_private(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically, readable by its owner only (mode 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text, permissions=0o600)
 
 
 def run_worker_node(spec: RayNodeSpec) -> int:

@@ -126,7 +126,7 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
             result = UnitResult(unit_id=spec.unit_id, f1=outcome, precision=outcome, recall=outcome,
                                 episode_return=1.0, steps=5000, shard_path=str(shard.path), seconds=12.5 + i)
             store.mark_finished(spec.unit_id, result, SUCCEEDED if outcome >= cfg.gate.f1_threshold else GATED)
-    if finished and mlflow_runs:  # the gate opened: an imitation job ran, as workers.il_trainer logs it
+    if finished and mlflow_runs:  # the gate opened: an imitation job ran, as workers.imitation.trainer logs it
         il_experiment = client.create_experiment("pianoforge-il")
         run = client.create_run(il_experiment, run_name="il-flow", tags={"pianoforge.kind": "imitation"})
         for step in range(0, 1000, 100):
@@ -134,7 +134,7 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
         for step in (300, 600, 900):
             client.log_metric(run.info.run_id, "eval/f1", step / 1000, step=step)
         # ... and `pianoforge eval` logged its evaluation (RP1M table II: seen vs held-out songs).
-        from workers.evaluate import MEAN, EvalRow, log_to_mlflow
+        from workers.imitation.evaluate import MEAN, EvalRow, log_to_mlflow
 
         rows = [EvalRow("flow", group, song, "", 1, 1, 550, f1, f1, f1)
                 for group, song, f1 in [("seen", "Twinkle", 0.81), ("seen", MEAN, 0.8), ("held-out", MEAN, 0.45)]]
@@ -201,7 +201,7 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     from robopianist import music
 
     from dashboards.data import episode_finger_key_counts
-    from workers.env import make_env
+    from workers.piano.env import make_env
     from workers.lake import Episode
 
     cfg = configs.load()

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import configs
-from workers.droq import DroQ, EnsembleLayerNorm, EnsembleLinear
-from workers.replay import ReplayBuffer
+from workers.rl.droq import DroQ, EnsembleLayerNorm, EnsembleLinear
+from workers.rl.replay import ReplayBuffer
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import pytest
 from mujoco_utils import collision_utils
 
 from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, twinkle
-from workers import env as piano_env
-from workers.env import OBS_SLICES, make_env
+from workers.piano import env as piano_env
+from workers.piano.env import OBS_SLICES, make_env
 
 TERMS = {"key_press_reward", "sustain_reward", "energy_reward", "ot_fingering_reward", "collision_reward"}
 
@@ -208,7 +208,7 @@ def test_song_without_notes_is_refused():
 
 def test_episode_length_equals_planned_chunk_length():
     """Chunks come trimmed from the song loader; the env must not trim them again."""
-    from workers.music import load_song, plan_chunks
+    from workers.piano.music import load_song, plan_chunks
 
     cfg = env_config()
     song = load_song(TWINKLE.parent / "nocturne-trimmed.mid")

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import configs
 from orchestrator.cli import app
-from workers.evaluate import EvalRow, rollout, summarize, write_csv
-from workers.music import load_song
-from workers.policies import build_policy, save_policy
+from workers.imitation.evaluate import EvalRow, rollout, summarize, write_csv
+from workers.piano.music import load_song
+from workers.imitation.policies import build_policy, save_policy
 
 SONGS = Path(robopianist.__file__).parent / "music" / "data" / "rousseau"
 TWINKLE, NOCTURNE = SONGS / "twinkle-twinkle-trimmed.mid", SONGS / "nocturne-trimmed.mid"

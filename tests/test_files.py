@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers.files import atomic_write, write_text_atomic
+from configs.files import atomic_write, write_text_atomic
 
 
 def test_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -22,3 +22,10 @@ def test_failed_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"complete"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_private_write_is_owner_only_and_fsyncs_into_place(tmp_path):
+    path = write_text_atomic(tmp_path / "token", "secret", permissions=0o600)
+    assert path.read_text() == "secret"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["token"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from env_fixtures import chord_song, env_config
 
-from workers.env import OBS_SLICES, make_env
-from workers.fingering import assign_fingers, ot_distance, ot_reward
+from workers.piano.env import OBS_SLICES, make_env
+from workers.piano.fingering import assign_fingers, ot_distance, ot_reward
 
 
 def brute_force(fingertips: np.ndarray, keys: np.ndarray) -> float:

@@ -97,7 +97,7 @@ def _store_meta(summary):
 def test_campaign_launches_imitation_when_the_gate_opens(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from workers.policies import load_policy
+    from workers.imitation.policies import load_policy
 
     summary = _campaign(tmp_path, "gated", 3, ["gate.min_shards=2", "il.num_workers=2"])
     launches, gate_seen, events = _store_meta(summary)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 import configs
 from orchestrator.cli import app
 from il_fixtures import write_lake
-from workers.il_trainer import dataset_stats, lr_at, train_il
+from workers.imitation.trainer import dataset_stats, lr_at, train_il
 from workers.lake import Lake
-from workers.policies import FlowPolicy, load_policy
+from workers.imitation.policies import FlowPolicy, load_policy
 
 TINY = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.bc_hidden=64", "il.action_chunk=4",
         "il.batch_size=16", "il.shuffle_buffer=64", "il.log_interval=5", "il.checkpoint_interval=5",

@@ -21,9 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import configs
+from workers.piano.layout import GOAL_BITS, OBS_DIM
 from workers.lake import (
-    GOAL_BITS,
-    OBS_DIM,
     Episode,
     Lake,
     LakeError,
@@ -337,12 +336,12 @@ def test_crashed_writer_leaves_nothing_visible(tmp_path):
 
 
 def _crash_before_catalog_entry(root: str) -> None:
-    import workers.lake
+    import workers.lake.store
 
     def crash(path, data):
         os._exit(18)  # the shard file is in place, its catalog entry is not written yet
 
-    workers.lake._write_json_atomic = crash
+    workers.lake.store.write_json_atomic = crash
     lake = Lake(root, LAKE_CFG)
     lake.info_path.parent.mkdir(parents=True, exist_ok=True)
     lake._ready = True  # info.json exists already

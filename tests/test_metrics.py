@@ -10,8 +10,8 @@ from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
 from robopianist.wrappers.evaluation import MidiEvaluationWrapper
 from sklearn.metrics import precision_recall_fscore_support
 
-from workers.env import make_env, robopianist_task_kwargs
-from workers.metrics import key_press_metrics, step_metrics
+from workers.piano.env import make_env, robopianist_task_kwargs
+from workers.piano.metrics import key_press_metrics, step_metrics
 
 
 def sklearn_metrics(pressed, target) -> tuple[float, float, float]:

@@ -10,7 +10,7 @@ from note_seq import sequences_lib
 from robopianist.music.midi_file import MidiFile, NoteTrajectory
 
 import configs
-from workers.music import SongError, load_chunk, load_song, plan_chunks
+from workers.piano.music import SongError, load_chunk, load_song, plan_chunks
 
 SONGS = sorted((Path(robopianist.__file__).parent / "music" / "data" / "rousseau").glob("*.mid"))
 DT = 0.05

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import configs
-from workers.policies import (
-    GOAL_END,
+from workers.piano.layout import GOAL_BITS
+from workers.imitation.policies import (
+
     BCPolicy,
     FlowPolicy,
     build_policy,
@@ -28,8 +29,8 @@ def fake_batch(n: int, horizon: int = 4, seed: int = 0) -> dict[str, torch.Tenso
     """Binary goal + continuous proprio; the action chunk is a fixed function of the proprio state."""
     g = torch.Generator().manual_seed(seed)
     obs = torch.randn(n, 1144, generator=g)
-    obs[:, :GOAL_END] = (obs[:, :GOAL_END] > 1.0).float()
-    base = torch.tanh(obs[:, GOAL_END : GOAL_END + 39])
+    obs[:, :GOAL_BITS] = (obs[:, :GOAL_BITS] > 1.0).float()
+    base = torch.tanh(obs[:, GOAL_BITS : GOAL_BITS + 39])
     action = torch.stack([base * (k + 1) / horizon for k in range(horizon)], dim=1)
     mask = torch.ones(n, horizon, dtype=torch.bool)
     return {"obs": obs, "action": action, "action_mask": mask}
@@ -148,7 +149,7 @@ def test_normalization_leaves_binary_goal_alone_and_guards_constant_dims():
     obs = np.random.default_rng(0).normal(3.0, 2.0, size=(500, 1144)).astype(np.float32)
     obs[:, 1100] = 5.0  # a joint that never moves
     stats = normalization_stats(obs, np.zeros((500, 39), np.float32))
-    assert np.all(stats["obs_mean"][:GOAL_END] == 0) and np.all(stats["obs_std"][:GOAL_END] == 1)
+    assert np.all(stats["obs_mean"][:GOAL_BITS] == 0) and np.all(stats["obs_std"][:GOAL_BITS] == 1)
     assert stats["obs_mean"][1000] == pytest.approx(3.0, abs=0.3)
     policy = build_policy(il_cfg(), kind="bc")
     policy.set_normalization(stats)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.replay import ReplayBuffer
+from workers.rl.replay import ReplayBuffer
 
 OBS, BIN, ACT = 1144, 979, 39
 

@@ -17,11 +17,11 @@ import robopianist
 import torch
 
 import configs
-from workers.droq import DroQ
-from workers.env import make_env
+from workers.rl.droq import DroQ
+from workers.piano.env import make_env
 from workers.lake import Episode, Lake, ShardMeta
-from workers.music import load_chunk, load_song
-from workers.specialist import (
+from workers.piano.music import load_chunk, load_song
+from workers.rl.specialist import (
     CHECKPOINT,
     load_checkpoint,
     play,

@@ -1,6 +1,6 @@
 """A synthetic unit of work: the specialist's contract without the physics.
 
-``run_unit`` has ``workers.specialist.train_unit``'s signature and result. It sleeps
+``run_unit`` has ``workers.rl.specialist.train_unit``'s signature and result. It sleeps
 ``campaign.synthetic.sleep_s`` spread over ``campaign.synthetic.steps`` progress steps,
 checkpoints its step counter every ``checkpoint_every`` steps (and resumes from it), reports
 metrics, and ends by committing one small lake shard of random episodes. It lets the
@@ -28,7 +28,7 @@ from typing import Callable
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
-from workers.files import write_text_atomic
+from configs.files import write_text_atomic
 
 CHECKPOINT = "checkpoint.json"
 

@@ -26,9 +26,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import configs  # noqa: E402
-from workers.env import make_env, robopianist_task_kwargs  # noqa: E402
-from workers.fingering import assign_fingers  # noqa: E402
-from workers.metrics import step_metrics  # noqa: E402
+from workers.piano.env import make_env, robopianist_task_kwargs  # noqa: E402
+from workers.piano.fingering import assign_fingers  # noqa: E402
+from workers.piano.metrics import step_metrics  # noqa: E402
 
 SONG = "TwinkleTwinkleRousseau"
 
@@ -138,7 +138,7 @@ def main() -> None:
     costs.add_column("µs / step")
     costs.add_row("OT assignment (1-10 keys, 10 fingers)", f"{ot_us:.1f}")
     costs.add_row("OT assignment (1 key, 10 fingers)", f"{ot_one_us:.1f}")
-    costs.add_row("precision/recall/F1 (workers.metrics)", f"{f1_us:.1f}")
+    costs.add_row("precision/recall/F1 (workers.piano.metrics)", f"{f1_us:.1f}")
     costs.add_row("precision/recall/F1 (sklearn, for reference)", f"{sk_us:.1f}")
     Console(width=140).print(costs)
 

@@ -21,7 +21,7 @@ import ray  # noqa: E402
 
 import configs  # noqa: E402
 from il_fixtures import write_lake  # noqa: E402
-from workers.il_trainer import train_il  # noqa: E402
+from workers.imitation.trainer import train_il  # noqa: E402
 
 
 def main() -> None:

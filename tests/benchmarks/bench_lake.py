@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
-from workers.lake_dataset import TrajectoryDataset
+from workers.lake.dataset import TrajectoryDataset
 
 
 def naive_table(episodes) -> pa.Table:

@@ -15,7 +15,7 @@ import robopianist
 
 import configs
 from orchestrator.manifest import load_manifest
-from workers.music import load_song, plan_chunks
+from workers.piano.music import load_song, plan_chunks
 
 
 def timed(fn, repeat):

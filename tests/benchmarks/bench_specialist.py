@@ -22,11 +22,11 @@ import robopianist
 import torch
 
 import configs
-from workers.droq import DroQ
-from workers.env import make_env
-from workers.music import load_chunk, load_song
-from workers.replay import ReplayBuffer
-from workers.specialist import train_unit
+from workers.rl.droq import DroQ
+from workers.piano.env import make_env
+from workers.piano.music import load_chunk, load_song
+from workers.rl.replay import ReplayBuffer
+from workers.rl.specialist import train_unit
 from workers.units import UnitSpec
 
 SONG = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"

@@ -1,7 +1,7 @@
 """Distributed imitation learning on the trajectory lake: Ray Train ``TorchTrainer`` + DDP.
 
 ``train_il(lake_root, cfg, out_dir)`` trains the ``il.policy`` (flow or bc, see
-``workers.policies``) on the lake's train-split shards whose specialist F1 is at least
+``workers.imitation.policies``) on the lake's train-split shards whose specialist F1 is at least
 ``min_f1`` (default: the gate's threshold). Each of ``il.num_workers`` workers streams its
 own part of the lake through ``TrajectoryDataset`` (which splits row groups across ranks);
 ``il.batch_size`` is per worker, so the global batch is ``num_workers * il.batch_size``.
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 import configs
-from workers.policies import atomic_torch_save, build_policy, normalization_stats, policy_state
-from workers.files import atomic_write, write_text_atomic
+from workers.imitation.policies import atomic_torch_save, build_policy, normalization_stats, policy_state
+from configs.files import atomic_write, write_text_atomic
 
 RUN_NAME = "ray_train"  # Ray Train's folder under out_dir; fixed so that a second call resumes
 RUN_FILE = "il_run.json"  # out_dir's record of the MLflow run, so a resumed job logs to the same run
@@ -46,7 +46,7 @@ RUN_FILE = "il_run.json"  # out_dir's record of the MLflow run, so a resumed job
 class ILResult:
     """What a finished imitation-learning job produced."""
 
-    policy_path: Path  # out_dir/policy.pt: load with workers.policies.load_policy
+    policy_path: Path  # out_dir/policy.pt: load with workers.imitation.policies.load_policy
     steps: int  # the step the policy reached
     start_step: int  # where the last (re)start of the worker group picked up from its checkpoint
     metrics: dict[str, Any]  # the last reported metrics (train/loss, train/samples_per_s, train/lr, ...)

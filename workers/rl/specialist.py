@@ -5,7 +5,7 @@
 1. applies ``unit.overrides`` to ``cfg``; returns the saved result at once when
    ``unit_dir/result.json`` says the unit is done and its shard exists (a finished unit is
    never trained again);
-2. rebuilds the chunk (``workers.music.load_chunk``) and two environments on it, one to
+2. rebuilds the chunk (``workers.piano.music.load_chunk``) and two environments on it, one to
    train in and one to evaluate and record in;
 3. trains DroQ for ``specialist.total_steps`` environment steps: ``droq.warmup_steps``
    uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
@@ -53,13 +53,13 @@ import torch
 from tqdm.auto import tqdm
 
 import configs
-from workers.droq import DroQ
-from workers.env import PianoEnv, make_env
+from workers.rl.droq import DroQ
+from workers.piano.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
-from workers.music import load_chunk
-from workers.replay import ReplayBuffer
+from workers.piano.music import load_chunk
+from workers.rl.replay import ReplayBuffer
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
-from workers.files import atomic_write, write_text_atomic
+from configs.files import atomic_write, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -224,7 +224,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     rng = seed_everything(spec.seed)
     agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, droq)
     buffer = ReplayBuffer(env.obs_dim, env.action_dim, droq.replay_capacity, droq.discount, droq.n_step,
-                          binary_dims=env.obs_slices["sustain_goal"].stop, seed=spec.seed)
+                          seed=spec.seed)
 
     step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
     checkpoint = load_checkpoint(unit_dir)  # on the CPU: RNG states and the replay live there

@@ -41,28 +41,11 @@ from robopianist.music.midi_file import MidiFile
 from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
 
 import configs
-from workers.fingering import LITTLE_FINGERS, N_FINGERS, OTFingeringReward
-from workers.metrics import step_metrics
+from workers.piano.fingering import LITTLE_FINGERS, OTFingeringReward
+from workers.piano.layout import (ACTION_DIM, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, N_FINGERS, N_KEYS, OBS_DIM,  # noqa: F401
+                                  OBS_SLICES, PIANO_GOAL, SUSTAIN_GOAL, SUSTAIN_STATE)
+from workers.piano.metrics import step_metrics
 
-N_KEYS = 88
-
-# Observation layout for RP1M's settings (RP1M order), one flat float32 vector.
-PIANO_GOAL = slice(0, 968)  # 11 steps x 88 keys: 1 = should sound (binary)
-SUSTAIN_GOAL = slice(968, 979)  # 11 steps: 1 = pedal down (binary)
-KEY_JOINTS = slice(979, 1067)  # 88 key joint positions / their range (0 up .. 1 down)
-SUSTAIN_STATE = slice(1067, 1068)  # pedal position / its range
-FINGERTIPS = slice(1068, 1098)  # right hand thumb..little xyz, then left hand (world, m)
-HAND_JOINTS = slice(1098, 1144)  # 23 right hand joint positions, then 23 left hand
-OBS_SLICES: dict[str, slice] = {
-    "piano_goal": PIANO_GOAL,
-    "sustain_goal": SUSTAIN_GOAL,
-    "key_joints": KEY_JOINTS,
-    "sustain_state": SUSTAIN_STATE,
-    "fingertips": FINGERTIPS,
-    "hand_joints": HAND_JOINTS,
-}
-OBS_DIM = 1144
-ACTION_DIM = 39  # 19 right hand (17 joints + forearm x, y), 19 left hand, sustain pedal
 
 # Little-finger actuators held in place on four-finger hands.
 _LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
@@ -77,7 +60,7 @@ def robopianist_task_kwargs(env_cfg: configs.EnvConfig) -> dict[str, Any]:
     return dict(
         n_steps_lookahead=env_cfg.n_steps_lookahead,
         # Silence is trimmed once, on the whole song, before it is cut into chunks
-        # (workers.music.plan_chunks); trimming each chunk again would shift a chunk that
+        # (workers.piano.music.plan_chunks); trimming each chunk again would shift a chunk that
         # starts with a rest and make episodes shorter than their chunk.
         trim_silence=False,
         wrong_press_termination=env_cfg.wrong_press_termination,
@@ -183,7 +166,7 @@ class PianoEnv:
     (bool[88]: keys sounding after the step / keys that should sound at it),
     ``sustain_pressed``, ``sustain_target``, this step's ``precision``, ``recall``, ``f1``,
     ``reward_terms`` (weighted, summing to the reward), ``ot_assignment`` (list of
-    (finger, key) pairs, fingers numbered as in ``workers.fingering``), ``ot_distance``
+    (finger, key) pairs, fingers numbered as in ``workers.piano.fingering``), ``ot_distance``
     and ``discount`` (0.0 only when ``wrong_press_termination`` ended the episode early;
     the end of the song is a time limit with discount 1.0).
     """

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs import DroQConfig
-from workers.replay import Batch, ReplayBuffer
+from workers.rl.replay import Batch, ReplayBuffer
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the actor's log std (CleanRL's SAC)
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}

@@ -32,12 +32,10 @@ import numpy as np
 from dm_control.utils import rewards
 from scipy.optimize import linear_sum_assignment
 
+from workers.piano.layout import FINGER_NAMES, N_FINGERS  # noqa: F401
+
 Reduction = Literal["sum", "mean"]
 
-FINGER_NAMES: tuple[str, ...] = tuple(
-    f"{hand}_{finger}" for hand in ("right", "left") for finger in ("thumb", "index", "middle", "ring", "little")
-)
-N_FINGERS = len(FINGER_NAMES)
 LITTLE_FINGERS: tuple[int, ...] = (4, 9)
 
 # RoboPianist's fingering reward: the Gaussian tolerance reaches 0.1 at 10 thresholds.

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from workers.lake import ACTION_DIM, Lake, LakeError, ShardInfo, fixed_list_to_numpy, rebuild_obs
+from workers.lake.schema import ACTION_DIM, LakeError, ShardInfo, fixed_list_to_numpy, rebuild_obs
+from workers.lake.store import Lake
 
 
 def action_chunks(episode: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:

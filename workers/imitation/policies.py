@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from workers.files import atomic_write
+from configs.files import atomic_write
+from workers.piano.layout import ACTION_DIM, GOAL_BITS, N_KEYS, OBS_DIM
 
 # RP1M observation layout (contract 2): 11 x 88 piano goal, 11 sustain goal, then proprioception.
-GOAL_KEYS = 88
-GOAL_END = 979  # [0:968] keys goal, [968:979] sustain goal; everything after is proprioception
 MIN_STD = 1e-2  # near-constant joints must not blow up when standardised
 
 
@@ -46,7 +45,9 @@ class Policy(nn.Module):
     def __init__(self, il_cfg: dict[str, Any]):
         super().__init__()
         self.cfg = dict(il_cfg)
-        self.obs_dim, self.action_dim, self.horizon = il_cfg["obs_dim"], il_cfg["action_dim"], il_cfg["action_chunk"]
+        self.cfg.setdefault("obs_dim", OBS_DIM)  # saved policies record their shapes
+        self.cfg.setdefault("action_dim", ACTION_DIM)
+        self.obs_dim, self.action_dim, self.horizon = self.cfg["obs_dim"], self.cfg["action_dim"], il_cfg["action_chunk"]
         self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
         self.register_buffer("obs_std", torch.ones(self.obs_dim))
         self.register_buffer("action_mean", torch.zeros(self.action_dim))
@@ -121,9 +122,9 @@ class FlowPolicy(Policy):
     def __init__(self, il_cfg: dict[str, Any]):
         super().__init__(il_cfg)
         d = il_cfg["d_model"]
-        self.n_goal = (GOAL_END // (GOAL_KEYS + 1))  # 11 lookahead steps
-        self.goal_in = nn.Linear(GOAL_KEYS + 1, d)
-        self.proprio_in = nn.Linear(self.obs_dim - GOAL_END, d)
+        self.n_goal = (GOAL_BITS // (N_KEYS + 1))  # 11 lookahead steps
+        self.goal_in = nn.Linear(N_KEYS + 1, d)
+        self.proprio_in = nn.Linear(self.obs_dim - GOAL_BITS, d)
         self.action_in = nn.Linear(self.action_dim, d)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.pos = nn.Parameter(torch.randn(self.n_goal + 1 + self.horizon, d) * 0.02)
@@ -136,10 +137,10 @@ class FlowPolicy(Policy):
     def velocity(self, obs_n: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x_t, t | obs) for normalised obs [B,1144], noisy normalised chunk [B,H,39], t [B]."""
         n_look = self.n_goal
-        keys = obs_n[:, : n_look * GOAL_KEYS].reshape(-1, n_look, GOAL_KEYS)
-        sustain = obs_n[:, n_look * GOAL_KEYS : GOAL_END].unsqueeze(-1)
+        keys = obs_n[:, : n_look * N_KEYS].reshape(-1, n_look, N_KEYS)
+        sustain = obs_n[:, n_look * N_KEYS : GOAL_BITS].unsqueeze(-1)
         goal = self.goal_in(torch.cat([keys, sustain], dim=-1))
-        proprio = self.proprio_in(obs_n[:, GOAL_END:]).unsqueeze(1)
+        proprio = self.proprio_in(obs_n[:, GOAL_BITS:]).unsqueeze(1)
         time = self.time_mlp(_sinusoidal(t, self.pos.shape[-1])).unsqueeze(1)
         actions = self.action_in(x_t) + time
         h = self.encoder(torch.cat([goal, proprio, actions], dim=1) + self.pos)
@@ -208,7 +209,7 @@ def build_policy(il_cfg: Any, kind: str | None = None) -> Policy:
 def normalization_stats(obs: np.ndarray, action: np.ndarray) -> dict[str, np.ndarray]:
     """Per-dimension mean/std of observations [N,1144] and actions [N,39]; binary goal left unscaled."""
     obs_mean, obs_std = obs.mean(0), obs.std(0)
-    obs_mean[:GOAL_END], obs_std[:GOAL_END] = 0.0, 1.0
+    obs_mean[:GOAL_BITS], obs_std[:GOAL_BITS] = 0.0, 1.0
     return {"obs_mean": obs_mean.astype(np.float32), "obs_std": obs_std.astype(np.float32),
             "action_mean": action.mean(0).astype(np.float32), "action_std": action.std(0).astype(np.float32)}
 

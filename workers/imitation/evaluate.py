@@ -1,6 +1,6 @@
 """Evaluating an imitation policy: roll it out on songs and score key presses (RP1M table II).
 
-Each song is cut into chunks exactly as for the specialists (``workers.music.plan_chunks``);
+Each song is cut into chunks exactly as for the specialists (``workers.piano.music.plan_chunks``);
 every chunk with notes is played ``episodes`` times in the RP1M environment. Per-step precision,
 recall and F1 come from the environment; a song's numbers are their means over all steps it was
 played. Songs whose content hash is among the policy's training songs (recorded in its
@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 import configs
-from workers.policies import Policy, load_policy
-from workers.files import atomic_write
+from workers.imitation.policies import Policy, load_policy
+from configs.files import atomic_write
 
 GROUPS = ("seen", "held-out")
 MEAN = "mean"  # the ``song`` of a summary row
@@ -80,10 +80,10 @@ def evaluate_policy(
 
     ``policy_path`` may also be an already loaded ``(policy, meta)`` pair. ``max_chunks`` and
     ``max_steps`` (per episode) cut evaluation short for quick checks. Songs that cannot be
-    read raise ``workers.music.SongError`` naming the file.
+    read raise ``workers.piano.music.SongError`` naming the file.
     """
-    from workers.env import make_env
-    from workers.music import load_song, plan_chunks
+    from workers.piano.env import make_env
+    from workers.piano.music import load_song, plan_chunks
 
     if isinstance(policy_path, tuple):
         (policy, meta), label = policy_path, label or policy_path[0].kind

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from workers.piano.layout import GOAL_BITS, pack_bits, unpack_bits
+
 
 class Batch(NamedTuple):
     """A batch of (N-step) transitions; all float32 numpy arrays with the batch first."""
@@ -52,7 +54,7 @@ class ReplayBuffer:
     _ARRAYS = ("bits", "floats", "action", "reward", "has_next", "terminated")
 
     def __init__(self, obs_dim: int, action_dim: int, capacity: int, discount: float,
-                 n_step: int = 1, binary_dims: int = 979, seed: int = 0):
+                 n_step: int = 1, binary_dims: int = GOAL_BITS, seed: int = 0):
         if capacity < 2:
             raise ValueError(f"replay capacity must be at least 2 rows, got {capacity}")
         if not 0 <= binary_dims <= obs_dim:
@@ -86,7 +88,7 @@ class ReplayBuffer:
             raise ValueError(f"observation entry {bad} = {goal[bad]} is not binary; entries "
                              f"[0:{self.binary_dims}] are stored as bits")
         row = self.cursor
-        self.bits[row] = np.packbits(goal.astype(bool))
+        self.bits[row] = pack_bits(goal)
         self.floats[row] = obs[self.binary_dims:]
         self.has_next[row] = False
         self.terminated[row] = False
@@ -125,7 +127,7 @@ class ReplayBuffer:
         return sum(getattr(self, name).nbytes for name in self._ARRAYS)
 
     def _obs(self, rows: np.ndarray) -> np.ndarray:
-        goal = np.unpackbits(self.bits[rows], axis=1, count=self.binary_dims).astype(np.float32)
+        goal = unpack_bits(self.bits[rows], self.binary_dims)
         return np.concatenate([goal, self.floats[rows]], axis=1)
 
     def get(self, rows: np.ndarray) -> Batch:

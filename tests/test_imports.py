@@ -1,0 +1,134 @@
+"""Imports point one way: configs <- workers, slurm <- orchestrator <- dashboards, with the CLI
+the only module that sees everything, and no module imports itself back through others.
+
+Read from the source with ``ast`` (every ``import``, also those inside functions), so a lazy
+import that closes a cycle is caught as well as one at the top of a file.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"configs": 0, "workers": 1, "slurm": 1, "orchestrator": 2, "dashboards": 3}
+SEES_EVERYTHING = {"orchestrator.cli"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for top in LAYERS for p in (ROOT / top).rglob("*.py")}
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports (the deepest known module of each dotted name)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        for target in targets:
+            parts = target.split(".")
+            for i in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:i])
+                if candidate in known:
+                    if candidate != name:
+                        found.add(candidate)
+                    break
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(path, name, known) for name, path in modules.items()}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        if module in SEES_EVERYTHING:
+            continue
+        top = module.split(".")[0]
+        for target in targets:
+            other = target.split(".")[0]
+            if other != top and LAYERS[other] >= LAYERS[top]:
+                bad.append(f"{module} imports {target} ({top} must not depend on {other})")
+    return sorted(bad)
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), ignoring the CLI."""
+    graph = {m: {t for t in ts if t not in SEES_EVERYTHING} for m, ts in graph.items() if m not in SEES_EVERYTHING}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _package_init_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A package's ``__init__`` re-exporting its own submodules is not a cycle: drop those edges."""
+    return {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in graph.items()}
+
+
+def test_imports_point_one_way():
+    assert layer_violations(import_graph()) == []
+
+
+def test_no_import_cycles():
+    assert cycles(_package_init_edges(import_graph())) == []
+
+
+@pytest.mark.parametrize("edge, expected", [
+    ({"workers.lake.store": {"orchestrator.store"}}, "workers.lake.store imports orchestrator.store"),
+    ({"slurm.pools": {"workers.rl.specialist"}}, "slurm.pools imports workers.rl.specialist"),
+    ({"orchestrator.status": {"dashboards.data"}}, "orchestrator.status imports dashboards.data"),
+])
+def test_a_backwards_import_is_reported(edge, expected):
+    graph = {**import_graph(), **edge}
+    assert any(v.startswith(expected) for v in layer_violations(graph))
+
+
+def test_a_new_cycle_is_reported():
+    graph = import_graph()
+    graph["workers.piano.layout"] = graph["workers.piano.layout"] | {"workers.lake.schema"}
+    assert any({"workers.piano.layout", "workers.lake.schema"} <= set(c) for c in cycles(graph))
