@@ -24,10 +24,10 @@ class _Section(BaseModel):
 
 
 class RewardConfig(_Section):
-    ot_distance_threshold: float = 0.01
-    collision_coef: float = 0.5
-    energy_coef: float = 0.005
-    ot_reduction: Literal["sum", "mean"] = "sum"
+    ot_distance_threshold: float = Field(gt=0)
+    collision_coef: float
+    energy_coef: float
+    ot_reduction: Literal["sum", "mean"]
 
 
 class EnvConfig(_Section):
@@ -130,8 +130,6 @@ class GateConfig(_Section):
 
 class ILConfig(_Section):
     policy: Literal["flow", "bc"]
-    obs_dim: int
-    action_dim: int
     action_chunk: int = Field(ge=1)
     d_model: int
     n_layers: int
@@ -154,6 +152,7 @@ class ILConfig(_Section):
     stats_steps: int = Field(50000, ge=1)
     seed: int = 0
     replan_every: int = Field(0, ge=0)
+    eval_max_steps: int = Field(ge=0)
 
 
 class PoolConfig(_Section):

@@ -122,24 +122,6 @@ def _hms(seconds: float) -> str:
 # ---- campaigns: submit, resume, status, demo ------------------------------------------------
 
 # The demo's tiny budgets: a few hundred training steps and 2 rollouts per unit.
-DEMO_OVERRIDES = [
-    "specialist.total_steps=300",
-    "droq.warmup_steps=100",
-    "droq.batch_size=64",
-    "droq.replay_capacity=10000",
-    "specialist.eval_interval=300",
-    "specialist.checkpoint_interval=100",
-    "specialist.log_interval=50",
-    "specialist.rollouts=2",
-]
-# Tiny specialists reach F1 ~0.02, so the demo lowers the gate to let its one train shard
-# (Twinkle Twinkle has one chunk) open it, and trains a tiny flow policy for a few steps.
-DEMO_GATE = ["gate.f1_threshold=0.0", "gate.min_shards=1", "gate.launch=when_passing"]
-DEMO_IL = [
-    "il.steps=20", "il.d_model=64", "il.n_layers=2", "il.n_heads=2", "il.batch_size=32", "il.shuffle_buffer=256",
-    "il.stats_steps=2000", "il.warmup_steps=5", "il.log_interval=5", "il.checkpoint_interval=10", "il.num_workers=1",
-]
-DEMO_EVAL_STEPS = 50  # control steps per evaluation episode
 
 
 def _load_config(profile: str, sets: list[str], workload: Optional[str]):
@@ -272,6 +254,7 @@ def status(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object (for scripts)."),
 ) -> None:
     """Units by state, F1 histogram, throughput, ETA and last errors (reads the store; safe while it runs)."""
     import time as _time
@@ -287,6 +270,12 @@ def status(
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps(dataclasses.asdict(read_status(directory)), default=str, indent=2))
+        return
     if not watch:
         Console().print(render(read_status(directory)))
         return
@@ -315,12 +304,12 @@ def demo(
     from orchestrator.manifest import demo_manifest
 
     t0 = _time.perf_counter()
-    root = Path(root or _load_config("local", [], None).campaign.root).resolve()
+    cfg = _load_config("demo", list(sets), workload)
+    root = Path(root or cfg.campaign.root).resolve()
     manifest = demo_manifest(root / campaign / "manifest")
-    typer.echo(f"demo gate lowered to {DEMO_GATE[0].split('=')[1]} (F1) and {DEMO_GATE[1].split('=')[1]} shard "
+    typer.echo(f"demo gate lowered to {cfg.gate.f1_threshold} (F1) and {cfg.gate.min_shards} shard "
                "so the imitation step runs (tiny specialists reach F1 ~0.02; the real gate is 0.75)")
-    overrides = DEMO_OVERRIDES + DEMO_GATE + DEMO_IL + list(sets)
-    summary = _submit_manifest(manifest, campaign, "local", None, root, overrides, workload)
+    summary = _submit_manifest(manifest, campaign, "demo", None, root, list(sets), workload)
     job = summary.imitation
     if job is None or job["state"] != "succeeded":
         typer.echo(f"error: the imitation step did not succeed: {job and job['error'] or 'not launched'}", err=True)
@@ -330,16 +319,16 @@ def demo(
 
     from workers.imitation.evaluate import evaluate_policy, log_to_mlflow, print_table, summarize, write_csv
 
-    cfg = _load_config("local", overrides, workload)
+    max_steps = cfg.il.eval_max_steps or None
     songs = yaml.safe_load(manifest.read_text())["songs"]
-    typer.echo(f"evaluating on {', '.join(s['name'] for s in songs)} ({DEMO_EVAL_STEPS} steps per chunk)...")
+    typer.echo(f"evaluating on {', '.join(s['name'] for s in songs)} ({max_steps or 'all'} steps per chunk)...")
     rows = summarize(evaluate_policy(job["policy_path"], [s["path"] for s in songs], cfg,
-                                     song_names=[s["name"] for s in songs], max_steps=DEMO_EVAL_STEPS))
+                                     song_names=[s["name"] for s in songs], max_steps=max_steps))
     print_table(rows)
     table = write_csv(rows, Path(job["out_dir"]) / "eval.csv")
     log_to_mlflow(rows, summary.tracking_uri, summary.name, run_name="eval-demo",
-                  params={"policy": job["policy_path"], "max_steps": DEMO_EVAL_STEPS})
-    root_opt = "" if root == Path(_load_config("local", [], None).campaign.root).resolve() else f" --root {root}"
+                  params={"policy": job["policy_path"], "max_steps": max_steps or 0})
+    root_opt = "" if root == Path(cfg.campaign.root).resolve() else f" --root {root}"
     typer.echo(f"\ndemo done in {_time.perf_counter() - t0:.0f} s. Where everything is:\n"
                f"  campaign    {summary.dir}  (store, units/, lake/, il/, logs/)\n"
                f"  policy      {job['policy_path']}\n"

@@ -6,18 +6,6 @@ import configs
 from configs import ConfigError
 
 
-def test_defaults_follow_rp1m_table_iv():
-    cfg = configs.load()
-    assert cfg.droq.hidden_dims == (256, 256, 256)
-    assert cfg.droq.activation == "gelu"
-    assert cfg.droq.num_qs == 2 and cfg.droq.critic_dropout == 0.01 and cfg.droq.critic_layer_norm
-    assert cfg.droq.discount == 0.88 and cfg.droq.tau == 0.05
-    assert (cfg.droq.actor_lr, cfg.droq.batch_size, cfg.droq.replay_capacity, cfg.droq.warmup_steps) == (3e-4, 256, 1_000_000, 5000)
-    assert cfg.specialist.total_steps == 8_000_000 and cfg.specialist.rollouts == 500
-    assert cfg.env.n_steps_lookahead == 10 and cfg.env.stretch_factor == 1.25 and cfg.env.chunk_steps == 550
-    assert cfg.gate.f1_threshold == 0.75
-
-
 def test_overrides_are_typed_and_change_the_hash():
     base = configs.load()
     cfg = configs.load(overrides=["droq.batch_size=64", "specialist.total_steps=1000", "env.four_fingers=true"])

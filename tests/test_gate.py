@@ -68,15 +68,6 @@ TINY_IL = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.action_chunk=4"
            "il.warmup_steps=2", "il.stats_steps=100", "il.max_failures=0"]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _campaign(tmp_path, name, n_units, overrides):
     from orchestrator import campaign
     from workers.synthetic import make_units

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 from typer.testing import CliRunner
 
@@ -20,13 +19,6 @@ from workers.imitation.policies import FlowPolicy, load_policy
 TINY = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.bc_hidden=64", "il.action_chunk=4",
         "il.batch_size=16", "il.shuffle_buffer=64", "il.log_interval=5", "il.checkpoint_interval=5",
         "il.warmup_steps=2", "il.max_failures=1", "il.stats_steps=200"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def test_refuses_a_lake_without_passing_shards(tmp_path, lake_root):
 
 
 @pytest.mark.slow
-def test_two_workers_train_and_a_rerun_continues_from_the_checkpoint(tmp_path, lake_root, local_ray):
+def test_two_workers_train_and_a_rerun_continues_from_the_checkpoint(tmp_path, lake_root, ray_cluster):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -100,7 +92,7 @@ def test_two_workers_train_and_a_rerun_continues_from_the_checkpoint(tmp_path, l
 
 
 @pytest.mark.slow
-def test_a_crashed_worker_restarts_from_the_last_checkpoint_bc(tmp_path, lake_root, local_ray):
+def test_a_crashed_worker_restarts_from_the_last_checkpoint_bc(tmp_path, lake_root, ray_cluster):
     """The BC baseline through the same trainer; its worker dies at step 7 and resumes from step 5."""
     cfg = configs.load(overrides=TINY + ["il.steps=10"])
     out = tmp_path / "bc"

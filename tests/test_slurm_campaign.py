@@ -19,7 +19,6 @@ from orchestrator.store import SUCCEEDED, CampaignStore
 from workers.lake import Lake
 from workers.synthetic import read_checkpoint_step
 from workers.units import read_attempts
-from slurm_fixtures import slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -41,7 +40,7 @@ print("COUNTS", summary.counts)
 """
 
 
-def test_campaign_with_slurm_profile_runs_units_in_pool_jobs(slurm_cluster, tmp_path):  # noqa: F811
+def test_campaign_with_slurm_profile_runs_units_in_pool_jobs(slurm_cluster, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts its own head
     out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=400)
@@ -106,7 +105,7 @@ def _submitted_jobs(camp_dir) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
 
 
-def test_scancel_of_a_pool_job_mid_unit_resumes_the_unit_from_its_checkpoint(slurm_cluster, tmp_path):  # noqa: F811
+def test_scancel_of_a_pool_job_mid_unit_resumes_the_unit_from_its_checkpoint(slurm_cluster, tmp_path):
     camp_dir = tmp_path / "scancelled"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Output to a file, not a pipe: nothing reads a pipe while the test watches the campaign.

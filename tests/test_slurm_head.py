@@ -12,7 +12,6 @@ import pytest
 
 from slurm.head import render_head_sbatch
 
-from slurm_fixtures import slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -43,7 +42,7 @@ manager.shutdown()
 """
 
 
-def test_head_sbatch_runs_driver_whose_pool_job_runs_units(slurm_cluster, tmp_path):  # noqa: F811
+def test_head_sbatch_runs_driver_whose_pool_job_runs_units(slurm_cluster, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     script = tmp_path / "head.sbatch"

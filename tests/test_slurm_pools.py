@@ -20,7 +20,6 @@ from ray.util import get_node_ip_address
 
 import configs
 from slurm import pools, raynode
-from slurm_fixtures import slurm_cluster  # noqa: F401  (session fixture)
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
