@@ -39,10 +39,24 @@ def test_normalisation_stats_come_from_the_selected_shards(lake_root):
     shards = lake.shards(min_f1=0.5)
     episodes = [e for s in shards for e in lake.read_episodes(s)]
     actions = np.concatenate([e.action for e in episodes])
-    stats = dataset_stats(lake_root, shards, max_steps=10_000)
+    stats = dataset_stats(lake_root, shards)
     np.testing.assert_allclose(stats["action_mean"], actions.mean(0), atol=1e-5)
     np.testing.assert_allclose(stats["obs_std"][979:], np.concatenate([e.obs for e in episodes]).std(0)[979:], rtol=1e-4)
-    assert len(dataset_stats(lake_root, shards, max_steps=50)["obs_mean"]) == 1144  # stops early
+    assert (stats["obs_mean"][:979] == 0).all() and (stats["obs_std"][:979] == 1).all()  # goal bits unscaled
+
+
+def test_normalisation_stats_read_no_shard_data(lake_root, monkeypatch):
+    lake = Lake(lake_root)
+    shards = lake.shards(min_f1=0.5)
+    expected = dataset_stats(lake_root, shards)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("dataset_stats read a shard instead of the lake's statistics")
+
+    monkeypatch.setattr(Lake, "open_shard", no_reading)
+    stats = dataset_stats(lake_root, shards)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(stats[name], value)
 
 
 def test_refuses_a_lake_without_passing_shards(tmp_path, lake_root):

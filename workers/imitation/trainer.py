@@ -5,8 +5,8 @@
 ``min_f1`` (default: the gate's threshold). Each of ``il.num_workers`` workers streams its
 own part of the lake through ``TrajectoryDataset`` (which splits row groups across ranks);
 ``il.batch_size`` is per worker, so the global batch is ``num_workers * il.batch_size``.
-Observation/action normalisation comes from the first ``il.stats_steps`` steps of a shuffled
-pass and is stored in the policy. The learning rate warms up linearly, then decays (``lr_at``).
+Observation/action normalisation comes from the lake's per-shard statistics (exact over every
+selected step, no data read; see ``workers.lake.stats``) and is stored in the policy. The learning rate warms up linearly, then decays (``lr_at``).
 
 Fault tolerance: every ``il.checkpoint_interval`` steps rank 0 reports a checkpoint
 (``policy.pt``: weights, normalisation, step, trained-on songs; ``optimizer.pt``), all plain
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import configs
-from workers.imitation.policies import atomic_torch_save, build_policy, normalization_stats, policy_state
+from workers.imitation.policies import atomic_torch_save, build_policy, policy_state
 from configs.files import atomic_write, write_text_atomic
 
 RUN_NAME = "ray_train"  # Ray Train's folder under out_dir; fixed so that a second call resumes
@@ -64,25 +64,18 @@ def lr_at(step: int, il: Any) -> float:
     return il.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def dataset_stats(lake_root: Path, shards: list[Any], max_steps: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Normalisation statistics from the first ``max_steps`` steps of a shuffled pass over ``shards``.
+def dataset_stats(lake_root: Path, shards: list[Any]) -> dict[str, np.ndarray]:
+    """Normalisation statistics over every step of ``shards``, from the lake's per-shard statistics
+    (``meta/stats/<unit_id>.npz``, written when each shard committed): no row of data is read,
+    however large the lake (shards committed before the lake kept statistics are read once)."""
+    from workers.lake import Lake
+    from workers.lake.stats import normalization_from
+    from workers.piano.layout import GOAL_BITS
 
-    Reads row group by row group (the dataset's pieces, in a seeded random order), never a whole lake.
-    """
-    from torch.utils.data import DataLoader
-
-    from workers.lake import TrajectoryDataset
-
-    dataset = TrajectoryDataset(lake_root, min_f1=-math.inf, splits=("train", "eval", "held-out"), shuffle_buffer=0,
-                                seed=seed, action_chunk=1, rank=0, world_size=1, shards=shards)
-    obs, action, n = [], [], 0
-    for batch in DataLoader(dataset, batch_size=4096):
-        obs.append(batch["obs"].numpy())
-        action.append(batch["action"][:, 0].numpy())
-        n += len(obs[-1])
-        if n >= max_steps:
-            break
-    return normalization_stats(np.concatenate(obs)[:max_steps], np.concatenate(action)[:max_steps])
+    moments = Lake(lake_root).stats(shards)
+    if moments is None:
+        raise ValueError(f"{lake_root}: no shards to take normalisation statistics from")
+    return normalization_from(moments, GOAL_BITS)
 
 
 class MetricBatcher:
@@ -279,7 +272,7 @@ def train_il(
         raise ValueError(f"{lake_root}: {len(shards)} passing shard(s) hold {pieces} row group(s), fewer than "
                          f"il.num_workers = {il.num_workers}; some workers would get no data")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = dataset_stats(lake_root, shards, il.stats_steps, seed=il.seed)
+    stats = dataset_stats(lake_root, shards)
 
     params = {f"il.{k}": v for k, v in il.model_dump(mode="json").items()}
     params.update(policy=il.policy, lake=str(lake_root), min_f1=min_f1, n_shards=len(shards), n_songs=len(song_hashes))

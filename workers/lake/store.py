@@ -6,6 +6,8 @@ identity; see ``meta/info.json`` in any lake for the same description in machine
     meta/info.json                         schema, observation layout, fps, path templates
     meta/catalog/<unit_id>.json            one entry per committed shard (the source of truth)
     meta/locks/<unit_id>.lock              serialises concurrent commits of the same unit
+    meta/stats.json                        per-feature count, mean, std, min, max of all shards (LeRobot's layout)
+    meta/stats/<unit_id>.npz               one shard's moments, merged into stats.json at commit (workers.lake.stats)
     data/song=<song_hash>/<unit_id>.parquet  one shard: all rollout episodes of one unit
 
 One Parquet row is one control step (20 per second). The observation is stored compactly: its
@@ -45,9 +47,11 @@ from filelock import FileLock
 
 import configs
 from configs.files import TMP_MARK, fsync_dir, tmp_path, write_json_atomic
+from workers.lake import stats as lake_stats
 from workers.lake.schema import (ACTION_DIM, COLUMN_DOCS, FPS, GOAL_BITS, OBS_DIM, OBS_LAYOUT, SHARD_KV_KEYS,
                                  SHARD_SCHEMA, SUPPORTED_SCHEMA_VERSIONS, Episode, LakeError, ShardInfo, ShardMeta,
-                                 _check_name, _plain_meta, episodes_to_table, table_to_episodes)
+                                 _check_name, _plain_meta, episodes_to_table, fixed_list_to_numpy, rebuild_obs,
+                                 table_to_episodes)
 
 DATA_DIR = "data"
 META_DIR = "meta"
@@ -56,6 +60,7 @@ LOCK_DIR = f"{META_DIR}/locks"
 SHARD_TEMPLATE = "data/song={song_hash}/{unit_id}.parquet"
 CATALOG_TEMPLATE = "meta/catalog/{unit_id}.json"
 LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level
+_NOT_STATS = {"unit_id", "pressed", "target", "seed"}  # columns the statistics do not need
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +104,12 @@ def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
             "keys": list(SHARD_KV_KEYS),
         },
         "catalog_entry_fields": [f.name for f in dataclasses.fields(ShardInfo)],
+        "statistics": {
+            "lake": lake_stats.STATS_JSON + ": {feature: {mean, std, min, max, count}} over all committed shards, "
+                    "features observation.state (1144), action (39), reward (1); population std",
+            "shard": lake_stats.STATS_DIR + "/<unit_id>.npz: one shard's count, mean, m2 (sum of squared deviations), "
+                     "min, max per feature and its commit_id; numpy.load(path, allow_pickle=False)",
+        },
         "rebuild_observation": (
             "obs = float32[n, 1144]; obs[:, 0:979] = numpy.unpackbits(goal_bits as uint8[n, 123], axis=1, "
             "count=979, bitorder='big'); obs[:, 979:1067] = key_joints; obs[:, 1067] = sustain_state; "
@@ -202,14 +213,18 @@ class Lake:
                 writer.add(episode)
             return writer.commit(meta)
 
-    def _commit_file(self, meta: ShardMeta, tmp: Path, **stats: Any) -> ShardInfo:
+    def _commit_file(self, meta: ShardMeta, tmp: Path, moments: lake_stats.FeatureMoments | None = None,
+                     **stats: Any) -> ShardInfo:
         """Rename the finished, fsynced ``tmp`` to the unit's shard path and write its catalog
-        entry (``stats``: the ShardInfo fields that describe the file)."""
+        entry (``stats``: the ShardInfo fields that describe the file); then merge the shard's
+        feature ``moments`` into the lake's ``meta/stats.json``."""
         final = self.shard_path(meta.song_hash, meta.unit_id)
         # One writer at a time per unit between rename and catalog entry, so that the entry
         # always describes the file that is on disk.
         with FileLock(str(self.root / LOCK_DIR / f"{meta.unit_id}.lock")):
             previous = self._read_entry(self.catalog_entry_path(meta.unit_id), missing_ok=True)
+            if moments is not None:  # before the catalog entry: a listed shard always has its statistics
+                lake_stats.write_shard_stats(self.shard_stats_path(meta.unit_id), moments, stats["commit_id"])
             os.replace(tmp, final)
             fsync_dir(final.parent)
             info = ShardInfo(**dataclasses.asdict(meta), path=final, schema_version=self.cfg.schema_version,
@@ -217,7 +232,72 @@ class Lake:
             write_json_atomic(self.catalog_entry_path(meta.unit_id), self._entry(info))
             if previous is not None and previous.path != final:  # the unit moved (e.g. song re-hashed)
                 previous.path.unlink(missing_ok=True)
+        if moments is not None:
+            self._add_to_totals(info, moments)
         return info
+
+    # -- statistics ------------------------------------------------------------------------------
+
+    def shard_stats_path(self, unit_id: str) -> Path:
+        return self.root / lake_stats.STATS_DIR / f"{unit_id}.npz"
+
+    def _add_to_totals(self, info: ShardInfo, moments: lake_stats.FeatureMoments) -> None:
+        """Merge a newly committed shard into ``meta/stats.json``: O(1) for a new unit; a replaced
+        unit (or totals that are missing or unreadable) rebuilds them from the per-shard files."""
+        with FileLock(str(self.root / LOCK_DIR / "stats.lock")):
+            totals = lake_stats.read_totals(self.root / lake_stats.TOTALS_FILE)
+            if totals is None or info.unit_id in totals[1]:
+                self._rebuild_totals()
+                return
+            merged, included = lake_stats.merge_all([totals[0], moments]), dict(totals[1])
+            included[info.unit_id] = info.commit_id
+            lake_stats.write_totals(self.root, merged, included)
+
+    def _rebuild_totals(self) -> None:
+        """Recompute the totals from every committed shard's statistics (caller holds the stats lock)."""
+        shards = self.shards()
+        merged = lake_stats.merge_all(self.shard_stats(s) for s in shards)
+        if merged is not None:
+            lake_stats.write_totals(self.root, merged, {s.unit_id: s.commit_id for s in shards})
+
+    def shard_stats(self, shard: ShardInfo) -> lake_stats.FeatureMoments:
+        """The shard's feature moments from ``meta/stats/<unit_id>.npz``; computed from the shard
+        (and written) when that file is missing or describes another commit (lakes written before
+        statistics existed)."""
+        path = self.shard_stats_path(shard.unit_id)
+        try:
+            moments, commit_id = lake_stats.read_shard_stats(path)
+            if not shard.commit_id or commit_id == shard.commit_id:
+                return moments
+        except (FileNotFoundError, ValueError):
+            pass
+        pf = self.open_shard(shard)
+        parts = []
+        for group in range(pf.num_row_groups):
+            table = pf.read_row_group(group, columns=[c for c in SHARD_SCHEMA.names if c not in _NOT_STATS])
+            parts.append(lake_stats.moments_of(rebuild_obs(table), fixed_list_to_numpy(table.column("action"), ACTION_DIM),
+                                               np.asarray(table.column("reward"), np.float32)))
+        moments = lake_stats.merge_all(parts)
+        if moments is None:
+            raise LakeError(f"{shard.path}: shard of unit {shard.unit_id} has no rows")
+        lake_stats.write_shard_stats(path, moments, shard.commit_id)
+        return moments
+
+    def stats(self, shards: Sequence[ShardInfo] | None = None) -> lake_stats.FeatureMoments | None:
+        """Feature moments (``observation.state``, ``action``, ``reward``) of ``shards`` (default:
+        every committed shard, from ``meta/stats.json``'s totals, rebuilt when they miss a shard).
+        Reads only the small statistics files; None when there are no shards."""
+        if shards is not None:
+            return lake_stats.merge_all(self.shard_stats(s) for s in shards)
+        listed = self.shards()
+        totals = lake_stats.read_totals(self.root / lake_stats.TOTALS_FILE)
+        if totals is not None and totals[1] == {s.unit_id: s.commit_id for s in listed}:
+            return totals[0]
+        if not listed:
+            return None
+        with FileLock(str(self.root / LOCK_DIR / "stats.lock")):  # a crash between commit and totals
+            self._rebuild_totals()
+        return lake_stats.read_totals(self.root / lake_stats.TOTALS_FILE)[0]
 
     # -- the catalog -----------------------------------------------------------------------------
 
@@ -341,6 +421,7 @@ class ShardWriter:
         self._f1s: list[float] = []  # per-episode summaries, for the catalog entry
         self._returns: list[float] = []
         self._pending: list[pa.Table] = []  # encoded episodes of the row group being filled
+        self._moments: lake_stats.FeatureMoments | None = None  # of every step added, for meta/stats.json
         self._pending_rows = 0
         self._open = True
         lake._prepare()
@@ -382,6 +463,8 @@ class ShardWriter:
         self.n_steps += table.num_rows
         self._f1s.append(float(episode.f1))
         self._returns.append(float(episode.episode_return))
+        moments = lake_stats.moments_of(episode.obs, episode.action, episode.reward)
+        self._moments = moments if self._moments is None else lake_stats.merge_all([self._moments, moments])
         if self._pending_rows >= self.lake.cfg.row_group_rows:
             self._flush()
 
@@ -426,7 +509,7 @@ class ShardWriter:
             with open(self.tmp_path, "rb") as f:  # the data must be on disk before the rename makes it visible
                 os.fsync(f.fileno())
             self.info = self.lake._commit_file(
-                meta, self.tmp_path, n_episodes=self.n_episodes, n_steps=self.n_steps,
+                meta, self.tmp_path, moments=self._moments, n_episodes=self.n_episodes, n_steps=self.n_steps,
                 bytes=self.tmp_path.stat().st_size, n_row_groups=self.n_row_groups, commit_id=commit_id,
                 mean_episode_f1=float(np.mean(self._f1s)), mean_episode_return=float(np.mean(self._returns)))
             return self.info
