@@ -502,6 +502,32 @@ def lake_vacuum(
     typer.echo(f"{len(doomed)} file(s)")
 
 
+@lake_app.command("export")
+def lake_export(
+    root: Path = typer.Argument(..., exists=True, file_okay=False, metavar="LAKE", help="Lake root."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="New folder for the dataset (must not exist, or be empty)."),
+    fmt: str = typer.Option("lerobot", "--format", help="Dataset format: lerobot (LeRobot v3.0)."),
+    min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Only shards with specialist F1 >= this."),
+    split: list[str] = typer.Option([], "--split", help="Only these splits (train, eval, held-out; repeatable)."),
+    song: list[str] = typer.Option([], "--song", help="Only these songs: name or content hash (prefix); repeatable."),
+) -> None:
+    """Write the lake's committed shards as a dataset other tools load, e.g. LeRobot's LeRobotDataset."""
+    from workers.lake import LakeError
+    from workers.lake.lerobot import export_lerobot
+
+    if fmt != "lerobot":
+        typer.echo(f"error: --format {fmt}: only lerobot is supported", err=True)
+        raise typer.Exit(2)
+    try:
+        summary = export_lerobot(root, out, min_f1=min_f1, splits=split or None, songs=song or None)
+    except (LakeError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {summary.out}: LeRobot v3.0 dataset, {summary.episodes} episodes, {summary.frames} frames, "
+               f"{summary.tasks} tasks, {summary.data_files} data file(s) from {summary.shards} shard(s); "
+               f"splits {summary.splits}")
+
+
 # ---- imitation learning: train a generalist on the lake, evaluate it on songs ------------------
 @app.command("train-il")
 def train_il_cmd(

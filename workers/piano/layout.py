@@ -64,6 +64,17 @@ OBS_NAMES: tuple[str, ...] = (
 )
 assert len(OBS_NAMES) == OBS_DIM
 
+# RoboPianist's reduced action space, per hand: wrist, thumb and four fingers' actuators (A_ = the
+# Shadow hand's actuator names), then the forearm's x/y slide; both hands, then the sustain pedal.
+HAND_ACTUATORS: tuple[str, ...] = (
+    "A_WRJ2", "A_WRJ1", "A_THJ4", "A_THJ3", "A_THJ2", "A_FFJ4", "A_FFJ3", "A_FFJ0", "A_MFJ4", "A_MFJ3", "A_MFJ0",
+    "A_RFJ4", "A_RFJ3", "A_RFJ0", "A_LFJ4", "A_LFJ3", "A_LFJ0", "forearm_tx", "forearm_ty",
+)
+ACTION_NAMES: tuple[str, ...] = (
+    tuple(f"{hand}_hand.{a}" for hand in ("right", "left") for a in HAND_ACTUATORS) + ("sustain",)
+)
+assert len(ACTION_NAMES) == ACTION_DIM
+
 
 def pack_bits(values: np.ndarray) -> np.ndarray:
     """uint8 [..., ceil(n / 8)]: the 0/1 entries of ``values`` [..., n] packed MSB first."""

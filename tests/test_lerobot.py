@@ -1,0 +1,198 @@
+"""The lake's statistics (meta/stats.json, kept up to date at commit) and its export as a LeRobot
+v3.0 dataset.
+
+LeRobot itself cannot be installed beside this project's torch (every lerobot release with the
+v3.0 format pins torch < 2.11), so the export is checked against LeRobot's published v3.0 layout:
+the reads below are the ones ``lerobot.datasets`` (0.4.4) makes: ``meta/info.json`` and its path
+templates, ``meta/tasks.parquet`` through pandas, ``meta/episodes/*/*.parquet`` and the data files
+found as ``data/*/*.parquet``, an episode's frames located by ``dataset_from_index`` and
+``dataset_to_index``, its task by ``tasks.iloc[task_index].name``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import configs
+from workers.lake import Lake, LakeError, ShardMeta, synthetic_episode
+from workers.lake.lerobot import export_lerobot
+from workers.lake.stats import TOTALS_FILE
+from workers.piano.layout import ACTION_DIM, ACTION_NAMES, OBS_DIM, OBS_NAMES
+
+LAKE_CFG = configs.load().lake.model_copy(update={"row_group_rows": 50})  # several row groups per shard
+
+
+def commit(lake: Lake, unit: str, song: str, split: str = "train", f1: float = 0.9, chunk: int = 0,
+           lengths=(30, 25), seed: int = 0):
+    meta = ShardMeta(unit_id=unit, song_hash=song.encode().hex().ljust(64, "0"), song_name=song, chunk_index=chunk,
+                     split=split, config_hash="cfg", specialist_f1=f1)
+    episodes = [synthetic_episode(n, seed=seed * 100 + i) for i, n in enumerate(lengths)]
+    return lake.commit_shard(meta, episodes), episodes
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    lake = Lake(tmp_path / "lake", LAKE_CFG)
+    commit(lake, "u-held", "Nocturne", split="held-out", f1=0.8, seed=1)
+    commit(lake, "u-twinkle-0", "Twinkle", chunk=0, f1=0.95, seed=2, lengths=(40, 40, 12))
+    commit(lake, "u-twinkle-1", "Twinkle", chunk=1, f1=0.5, seed=3)
+    commit(lake, "u-fur", "Fur Elise", split="eval", f1=0.9, seed=4)
+    return lake
+
+
+def all_steps(lake: Lake, shards=None):
+    episodes = [e for s in (shards or lake.shards()) for e in lake.read_episodes(s)]
+    return (np.concatenate([e.obs for e in episodes]), np.concatenate([e.action for e in episodes]),
+            np.concatenate([e.reward for e in episodes]))
+
+
+# -- the lake's statistics -------------------------------------------------------------------------
+
+
+def check_stats_json(lake: Lake) -> None:
+    obs, action, reward = all_steps(lake)
+    stats = json.loads((lake.root / "meta" / "stats.json").read_text())
+    for name, values in [("observation.state", obs), ("action", action), ("reward", reward[:, None])]:
+        assert stats[name]["count"] == [len(values)]
+        np.testing.assert_allclose(stats[name]["mean"], values.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(stats[name]["std"], values.std(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(stats[name]["min"], values.min(0))
+        np.testing.assert_array_equal(stats[name]["max"], values.max(0))
+
+
+def test_commits_keep_meta_stats_json_equal_to_the_data(lake):
+    check_stats_json(lake)
+    assert len(json.loads((lake.root / "meta" / "stats.json").read_text())["observation.state"]["mean"]) == OBS_DIM
+
+
+def test_a_replaced_shard_leaves_the_statistics_of_the_new_one(lake):
+    commit(lake, "u-fur", "Fur Elise", split="eval", f1=0.9, seed=9, lengths=(7,))  # a retried unit
+    check_stats_json(lake)
+    assert json.loads((lake.root / "meta" / "stats.json").read_text())["action"]["count"] == [30 + 25 + 92 + 55 + 7]
+
+
+def test_statistics_are_rebuilt_when_the_totals_are_lost(lake):
+    (lake.root / TOTALS_FILE).unlink()  # as if a writer died between its catalog entry and the totals
+    commit(lake, "u-new", "New song", seed=5)
+    check_stats_json(lake)
+
+
+def test_statistics_of_a_selection_match_its_steps(lake):
+    shards = lake.shards(split="train")
+    obs, action, _ = all_steps(lake, shards)
+    moments = lake.stats(shards)
+    np.testing.assert_allclose(moments["observation.state"].mean, obs.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(moments["action"].std, action.std(0), rtol=1e-5)
+
+
+def test_a_lake_written_before_statistics_gets_them_from_its_shards(lake):
+    for path in (lake.root / "meta" / "stats").glob("*.npz"):
+        path.unlink()
+    (lake.root / TOTALS_FILE).unlink()
+    assert lake.stats() is not None
+    check_stats_json(lake)
+
+
+# -- the LeRobot export ----------------------------------------------------------------------------
+
+
+def load_like_lerobot(root: Path):
+    """What LeRobot 0.4.4's LeRobotDatasetMetadata / LeRobotDataset read, with the same calls."""
+    info = json.loads((root / "meta" / "info.json").read_text())
+    tasks = pd.read_parquet(root / "meta" / "tasks.parquet")
+    episodes = pa.concat_tables([pq.read_table(p) for p in sorted((root / "meta" / "episodes").glob("*/*.parquet"))])
+    data = pa.concat_tables([pq.read_table(p) for p in sorted((root / "data").glob("*/*.parquet"))])
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    return info, tasks, episodes.to_pylist(), data, stats
+
+
+def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path):
+    out = tmp_path / "dataset"
+    summary = export_lerobot(lake.root, out, data_file_mb=0.05)  # tiny files: episodes spread over several
+    info, tasks, episodes, data, stats = load_like_lerobot(out)
+
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 20 and info["video_path"] is None
+    assert info["total_episodes"] == len(episodes) == summary.episodes == 2 + 3 + 2 + 2
+    assert info["total_frames"] == data.num_rows == sum(s.n_steps for s in lake.shards())
+    assert info["total_tasks"] == len(tasks) == 4
+    assert summary.data_files > 1
+    features = info["features"]
+    assert features["observation.state"]["names"] == list(OBS_NAMES) and features["observation.state"]["shape"] == [1144]
+    assert features["action"]["names"] == list(ACTION_NAMES) and features["action"]["shape"] == [ACTION_DIM]
+    for name in ("timestamp", "frame_index", "episode_index", "index", "task_index", "next.reward", "next.done"):
+        assert features[name]["shape"] == [1]
+    assert set(data.column_names) == set(features)
+    for name, ft in features.items():  # the Arrow types LeRobot's hf features map to
+        dtype = data.schema.field(name).type
+        if ft["shape"] == [1]:
+            assert str(dtype) == {"float32": "float", "int64": "int64", "bool": "bool"}[ft["dtype"]]
+        else:
+            assert isinstance(dtype, pa.FixedSizeListType) and dtype.list_size == ft["shape"][0]
+    assert set(stats) == {"observation.state", "action", "next.reward"}
+    for name, feature_stats in stats.items():
+        assert {"mean", "std", "min", "max", "count"} <= set(feature_stats)
+        assert len(feature_stats["mean"]) == features[name]["shape"][0]
+
+    # Splits are episode ranges: train first, then eval, then held-out.
+    assert info["splits"] == {"train": "0:5", "eval": "5:7", "held-out": "7:9"}
+    np.testing.assert_array_equal(data.column("index").to_numpy(), np.arange(data.num_rows))
+
+    # Every episode: its frames where its row says, in the data file it names, with the lake's values.
+    shards = {s.unit_id: s for s in lake.shards()}
+    first_of_unit: dict[str, int] = {}
+    for row in episodes:
+        first_of_unit.setdefault(row["unit_id"], row["episode_index"])
+    for row in episodes:
+        a, b = row["dataset_from_index"], row["dataset_to_index"]
+        frames = data.slice(a, b - a)
+        assert b - a == row["length"]
+        np.testing.assert_array_equal(frames.column("episode_index").to_numpy(), row["episode_index"])
+        np.testing.assert_array_equal(frames.column("frame_index").to_numpy(), np.arange(row["length"]))
+        np.testing.assert_allclose(frames.column("timestamp").to_numpy(), np.arange(row["length"]) / 20, rtol=1e-6)
+        assert frames.column("next.done").to_pylist() == [False] * (row["length"] - 1) + [True]
+        file = out / info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
+        assert row["episode_index"] in set(pq.read_table(file, columns=["episode_index"]).column(0).to_pylist())
+        task_index = frames.column("task_index")[0].as_py()
+        assert tasks.iloc[task_index].name == row["tasks"][0] == f"{row['song']} / chunk {row['chunk_index']}"
+        shard = shards[row["unit_id"]]
+        lake_episode = lake.read_episodes(shard)[row["episode_index"] - first_of_unit[row["unit_id"]]]
+        assert lake_episode.seed == row["seed"] and lake_episode.f1 == pytest.approx(row["f1"])
+        state = np.stack(frames.column("observation.state").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(state, lake_episode.obs)
+        np.testing.assert_array_equal(np.stack(frames.column("action").to_numpy(zero_copy_only=False)), lake_episode.action)
+        np.testing.assert_array_equal(frames.column("next.reward").to_numpy(), lake_episode.reward)
+    assert [shards[u].split for u in first_of_unit] == ["train", "train", "eval", "held-out"]
+
+
+def test_export_filters_shards_like_training(lake, tmp_path):
+    summary = export_lerobot(lake.root, tmp_path / "a", min_f1=0.85, splits=["train", "held-out"])
+    info, tasks, episodes, data, _ = load_like_lerobot(tmp_path / "a")
+    assert {r["unit_id"] for r in episodes} == {"u-twinkle-0"}  # u-held: F1 0.8; u-fur: eval; u-twinkle-1: 0.5
+    assert summary.episodes == len(episodes) == 3 and len(tasks) == 1
+    export_lerobot(lake.root, tmp_path / "b", songs=["Twinkle"])
+    assert {r["unit_id"] for r in load_like_lerobot(tmp_path / "b")[2]} == {"u-twinkle-0", "u-twinkle-1"}
+    with pytest.raises(LakeError, match="no committed shards match"):
+        export_lerobot(lake.root, tmp_path / "c", songs=["Nope"])
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_lerobot(lake.root, tmp_path / "a")
+
+
+def test_cli_lake_export(lake, tmp_path):
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, ["lake", "export", str(lake.root), "--format", "lerobot", "--out",
+                                      str(tmp_path / "ds"), "--split", "eval"])
+    assert result.exit_code == 0, result.output
+    assert "LeRobot v3.0 dataset, 2 episodes" in result.output
+    assert json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())["total_episodes"] == 2
+    bad = CliRunner().invoke(app, ["lake", "export", str(lake.root), "--format", "rlds", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "only lerobot" in bad.output
