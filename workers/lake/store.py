@@ -254,11 +254,20 @@ class Lake:
             lake_stats.write_totals(self.root, merged, included)
 
     def _rebuild_totals(self) -> None:
-        """Recompute the totals from every committed shard's statistics (caller holds the stats lock)."""
-        shards = self.shards()
-        merged = lake_stats.merge_all(self.shard_stats(s) for s in shards)
+        """Recompute the totals from every committed shard's statistics (caller holds the stats lock).
+        Each unit's catalog entry and statistics are read under its commit lock, so that a commit
+        running meanwhile is seen whole or not at all (it merges itself in afterwards)."""
+        parts, included = [], {}
+        for listed in self.shards():
+            with FileLock(str(self.root / LOCK_DIR / f"{listed.unit_id}.lock")):
+                shard = self._read_entry(self.catalog_entry_path(listed.unit_id), missing_ok=True)
+                if shard is None:
+                    continue
+                parts.append(self.shard_stats(shard))
+            included[shard.unit_id] = shard.commit_id
+        merged = lake_stats.merge_all(parts)
         if merged is not None:
-            lake_stats.write_totals(self.root, merged, {s.unit_id: s.commit_id for s in shards})
+            lake_stats.write_totals(self.root, merged, included)
 
     def shard_stats(self, shard: ShardInfo) -> lake_stats.FeatureMoments:
         """The shard's feature moments from ``meta/stats/<unit_id>.npz``; computed from the shard
