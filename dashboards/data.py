@@ -298,24 +298,9 @@ class KeyCounter:
 def best_episode(lake, shard):
     """The shard's episode with the highest F1 (ties: higher return), reading only the row
     groups that hold it (each row group holds whole episodes)."""
-    from workers.lake import table_to_episodes
+    from workers.lake.episodes import read_episode
 
-    import pyarrow as pa
-
-    pf = lake.open_shard(shard)
-    head = pf.read(columns=["episode", "episode_f1", "episode_return"])
-    episode = np.asarray(head.column("episode"))
-    score = np.lexsort((np.asarray(head.column("episode_return")), np.asarray(head.column("episode_f1"))))
-    best = int(episode[score[-1]])
-    groups, start = [], 0
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if np.any(episode[start:start + n] == best):
-            groups.append(g)
-        start += n
-    table = pf.read_row_groups(groups)
-    mask = pa.compute.equal(table.column("episode"), best)
-    return table_to_episodes(table.filter(mask))[0]
+    return read_episode(lake, shard)
 
 
 @functools.lru_cache(maxsize=1)

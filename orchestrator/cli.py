@@ -431,6 +431,9 @@ def specialist(
     unit = UnitSpec.create(song_path=str(song.resolve()), song_hash=loaded.content_hash, song_name=loaded.name,
                            chunk_index=chunk, config_hash=cfg.hash(*UNIT_SECTIONS))
     out.mkdir(parents=True, exist_ok=True)
+    from orchestrator.playback import write_unit_file
+
+    write_unit_file(out, unit, cfg, lake or out / "lake")  # what render, play and export-policy read
     metrics_log = open(out / "metrics.jsonl", "a")  # append-only log of every report
 
     def report(metrics: dict) -> None:
@@ -449,6 +452,175 @@ def specialist(
     finally:
         metrics_log.close()
     typer.echo(result.model_dump_json(indent=2))
+
+
+# ---- watching and sharing policies: render, play, export-policy ---------------------------------
+def _unit_or_exit(unit_dir: Path):
+    from orchestrator.playback import UnitNotFound, resolve_unit
+
+    try:
+        return resolve_unit(unit_dir)
+    except UnitNotFound as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _render_failed(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1) from None
+
+
+@app.command()
+def render(
+    unit_dir: Optional[Path] = typer.Argument(None, metavar="UNIT_DIR", help="Unit directory (campaign's units/<id>, or specialist --out)."),
+    out: Path = typer.Option(..., "--out", metavar="FILE.mp4", help="Video to write."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The recorded rollout with this seed (default: the best one)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", exists=True, metavar="FILE",
+                                          help="Play this policy instead (export-policy or train-il output); needs --song."),
+    song: Optional[Path] = typer.Option(None, "--song", exists=True, dir_okay=False, metavar="MIDI", help="Song for --policy."),
+    chunk: int = typer.Option(0, "--chunk", min=0, metavar="K", help="Chunk of --song."),
+    width: int = typer.Option(640, "--width", min=16, help="Video width in pixels (even)."),
+    height: int = typer.Option(480, "--height", min=16, help="Video height in pixels (even)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Only the first N control steps."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (for --policy without UNIT_DIR)."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override (for --policy without UNIT_DIR)."),
+) -> None:
+    """Write an MP4 with sound of a unit's best recorded rollout (replayed from the lake), or of a policy playing a song chunk."""
+    from workers.piano.music import SongError
+    from workers.piano.render import RenderError, render_rollout
+
+    try:
+        if policy is not None:
+            if song is None:
+                typer.echo("error: --policy needs --song (and --chunk)", err=True)
+                raise typer.Exit(2)
+            from workers.piano.music import load_song
+
+            cfg = _unit_or_exit(unit_dir).cfg if unit_dir else _load_config(profile, sets, None)
+            result = render_rollout(song, chunk, cfg.env, out, policy=policy, seed=seed or 0, width=width, height=height,
+                                    max_steps=max_steps, soundfont=cfg.dashboard.soundfont,
+                                    song_hash=load_song(song).content_hash)
+        elif unit_dir is None:
+            typer.echo("error: give UNIT_DIR, or --policy with --song", err=True)
+            raise typer.Exit(2)
+        else:
+            from orchestrator.playback import render_unit
+            from workers.lake import LakeError
+
+            view = _unit_or_exit(unit_dir)
+            try:
+                result = render_unit(view, out, seed=seed, width=width, height=height, max_steps=max_steps,
+                                     soundfont=view.cfg.dashboard.soundfont)
+            except LakeError as e:
+                _render_failed(e)
+    except (RenderError, SongError, ValueError) as e:
+        _render_failed(e)
+    typer.echo(f"wrote {result.path}: {result.frames} frames {result.width}x{result.height} at {result.fps} fps "
+               f"({result.steps} steps, seed {result.seed}, F1 {result.f1:.3f}, OpenGL {result.gl})")
+
+
+@app.command()
+def play(
+    target: Path = typer.Argument(..., exists=True, metavar="UNIT_DIR|POLICY",
+                                  help="A unit directory (its specialist) or a policy file (export-policy or train-il)."),
+    song: Optional[Path] = typer.Option(None, "--song", exists=True, dir_okay=False, metavar="MIDI",
+                                        help="Song to play (default: the unit's)."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", min=0, metavar="K", help="Chunk of the song (default: the unit's, else 0)."),
+    episodes: int = typer.Option(1, "--episodes", min=1, help="Episodes to play (seeds SEED, SEED+1, ...)."),
+    seed: int = typer.Option(0, "--seed", help="First episode's seed."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Only the first N control steps."),
+    render_to: Optional[Path] = typer.Option(None, "--render", metavar="FILE.mp4", help="Also write a video of the first episode."),
+    width: int = typer.Option(640, "--width", min=16, help="--render: video width in pixels (even)."),
+    height: int = typer.Option(480, "--height", min=16, help="--render: video height in pixels (even)."),
+    profile: str = typer.Option("local", "--profile", help="Config profile (for a policy file)."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override (for a policy file)."),
+) -> None:
+    """Play a specialist or an imitation policy on a song chunk in the environment; print precision, recall and F1."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from workers.imitation.evaluate import rollout
+    from workers.imitation.export import SpecialistPolicy, load_any_policy, save_state
+    from workers.piano.env import make_env
+    from workers.piano.music import SongError, load_chunk, load_song
+    from workers.piano.render import RenderError, render_rollout
+
+    with tempfile.TemporaryDirectory(prefix="pianoforge-play-") as tmp:
+        if target.is_dir() and not (target / "policy.pt").exists():
+            from orchestrator.playback import UnitNotFound, specialist_policy_state
+
+            view = _unit_or_exit(target)
+            cfg = view.cfg
+            try:
+                state = specialist_policy_state(view)
+            except UnitNotFound as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+            policy_file = save_state(state, Path(tmp) / "policy.pt")
+            policy = SpecialistPolicy(state).eval()
+            song_path = song or Path(view.spec.song_path)
+            chunk = view.spec.chunk_index if chunk is None and song is None else (chunk or 0)
+        else:
+            cfg = _load_config(profile, sets, None)
+            policy_file = target
+            try:
+                policy = load_any_policy(target)
+            except (ValueError, FileNotFoundError) as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+            if song is None:
+                typer.echo("error: a policy file needs --song", err=True)
+                raise typer.Exit(2)
+            song_path, chunk = song, chunk or 0
+        try:
+            loaded = load_song(song_path)
+            midi = load_chunk(song_path, chunk, cfg.env, expected_hash=loaded.content_hash)
+        except SongError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        env = make_env(midi, cfg.env, seed=seed)
+        rows = []
+        try:
+            for i in range(episodes):
+                env.environment.random_state.seed(seed + i)
+                torch.manual_seed(seed + i)
+                metrics, steps, _ = rollout(policy, env, replan_every=policy.horizon, max_steps=max_steps)
+                rows.append(metrics)
+                typer.echo(f"episode {i} (seed {seed + i}): {steps} steps  precision {metrics['precision']:.3f}  "
+                           f"recall {metrics['recall']:.3f}  F1 {metrics['f1']:.3f}")
+        finally:
+            env.close()
+        typer.echo(f"{loaded.name} chunk {chunk}: mean F1 {np.mean([r['f1'] for r in rows]):.3f} over {episodes} episode(s)")
+        if render_to is not None:
+            try:
+                result = render_rollout(song_path, chunk, cfg.env, render_to, policy=policy_file, seed=seed,
+                                        width=width, height=height, max_steps=max_steps, soundfont=cfg.dashboard.soundfont,
+                                        song_hash=loaded.content_hash)
+            except RenderError as e:
+                _render_failed(e)
+            typer.echo(f"wrote {result.path}: {result.frames} frames {result.width}x{result.height} (F1 {result.f1:.3f})")
+
+
+@app.command("export-policy")
+def export_policy(
+    unit_dir: Path = typer.Argument(..., metavar="UNIT_DIR", help="Unit directory of a trained specialist."),
+    out: Path = typer.Option(..., "--out", metavar="FILE.pt", help="Policy file to write (plain tensors, weights_only)."),
+) -> None:
+    """Write a specialist's policy on its own: plain tensors that load with torch.load(weights_only=True) (see the README)."""
+    from orchestrator.playback import UnitNotFound, specialist_policy_state
+    from workers.imitation.export import save_state
+
+    view = _unit_or_exit(unit_dir)
+    try:
+        state = specialist_policy_state(view)
+    except UnitNotFound as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    save_state(state, out)
+    done = "" if state["meta"]["done"] else " (the unit has not finished training: this is its latest checkpoint)"
+    typer.echo(f"wrote {out}: specialist of unit {view.spec.unit_id} at step {state['meta']['step']}{done}")
 
 
 # ---- the trajectory lake --------------------------------------------------------------------
