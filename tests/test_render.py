@@ -1,0 +1,63 @@
+"""Videos with sound of a unit's recorded rollouts: replayed from the lake through MuJoCo's
+offscreen renderer, RoboPianist's synthesizer and ffmpeg; checked with ffprobe."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from unit_fixtures import ffprobe, tiny_unit
+
+
+@pytest.fixture(scope="module")
+def unit(tmp_path_factory):
+    return tiny_unit(tmp_path_factory.getbasetemp())
+
+
+def test_render_replays_the_best_recorded_rollout_with_sound(unit, tmp_path):
+    from orchestrator.playback import render_unit, resolve_unit
+    from workers.lake import Lake
+    from workers.lake.episodes import read_episode
+
+    view = resolve_unit(unit)
+    best = read_episode(Lake(view.lake_root), view.shard())
+    result = render_unit(view, tmp_path / "clip.mp4", width=96, height=64)
+
+    assert result.seed == best.seed and result.steps == best.n_steps == 20
+    # The replay from the lake's seed and actions plays exactly the recorded episode.
+    assert result.f1 == pytest.approx(best.f1, abs=1e-9)
+    streams = ffprobe(tmp_path / "clip.mp4")
+    video, audio = streams["video"], streams["audio"]
+    assert (video["codec_name"], video["width"], video["height"]) == ("h264", 96, 64)
+    assert int(video["nb_read_frames"]) == result.frames == 20 + 20  # one per step, then 1 s of the last frame
+    assert audio["codec_name"] == "aac" and int(audio["sample_rate"]) == 44100
+    assert float(audio["duration"]) == pytest.approx(20 * 0.05 + 1.0, abs=0.05)
+
+
+def test_render_cli_picks_a_recorded_seed(unit, tmp_path):
+    from orchestrator.cli import app
+    from orchestrator.playback import resolve_unit
+    from workers.lake import Lake
+
+    view = resolve_unit(unit)
+    seeds = [ep.seed for ep in Lake(view.lake_root).read_episodes(view.shard())]
+    assert len(seeds) == 2
+    out = tmp_path / "seed.mp4"
+    result = CliRunner().invoke(app, ["render", str(unit), "--out", str(out), "--seed", str(seeds[1]),
+                                      "--width", "64", "--height", "48", "--max-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert f"seed {seeds[1]}" in result.output and "25 frames 64x48" in result.output
+    assert int(ffprobe(out)["video"]["nb_read_frames"]) == 5 + 20
+
+    missing = CliRunner().invoke(app, ["render", str(unit), "--out", str(out), "--seed", "7"])
+    assert missing.exit_code == 1 and "no episode with seed 7" in missing.output
+
+
+def test_gl_backend_falls_back_to_osmesa(monkeypatch):
+    from workers.piano import render
+
+    monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
+    assert render.gl_backend() == "osmesa"
+    assert os.environ["MUJOCO_GL"] == "no-such-backend"  # the choice is passed to the child, not set here
