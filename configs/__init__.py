@@ -186,6 +186,12 @@ class DashboardConfig(_Section):
     soundfont: str | None = None
 
 
+class RayConfig(_Section):
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=0, le=65535)
+
+
 class Config(_Section):
     env: EnvConfig
     droq: DroQConfig
@@ -198,6 +204,7 @@ class Config(_Section):
     slurm: SlurmConfig
     # A default, so that configs saved before this section existed still load.
     dashboard: DashboardConfig = DashboardConfig()
+    ray: RayConfig = RayConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -94,7 +94,8 @@ def _metric_names(runs, patterns) -> list[str]:
     return list(dict.fromkeys(names)) or [p for p in patterns if "*" not in p]
 
 
-def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str | None = None) -> str:
+def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str | None = None,
+                video_src: str | None = None) -> str:
     """The page as HTML. ``live``: served (polls ``/api/summary``, loads plotly from the server,
     links pick units); otherwise self-contained (plotly inline)."""
     dash = campaign.dash
@@ -120,13 +121,14 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
         "unit_rows": rows, "failures": [r for r in rows if r["state"] == "failed" or (r["error"] and r["state"] != "succeeded")],
         "curve_units": [{"label": uid, "link": unit_link(uid)} for uid in s.curves],
         "curve_unit_ids": set(s.curves),
+        "ray_dashboard": s.ray_dashboard,
         "focus": None,
     }
     if s.focus is not None:
         f = s.focus
         view["focus"] = {"unit_id": f.unit_id, "song_name": f.song_name, "chunk_index": f.chunk_index, "seed": f.seed,
                          "f1": f.f1, "n_steps": f.n_steps, "how": f.how, "run_link": f.run_link,
-                         "link": unit_link(f.unit_id), "audio_src": audio_src}
+                         "link": unit_link(f.unit_id), "audio_src": audio_src, "video_src": video_src}
     return _environment().get_template("campaign.html").render(
         s=view, summary=info, figs=figs, states=timeline.STATES, colors=plots.STATE_COLORS, live=live,
         refresh_s=dash.refresh_s, plotly_js_inline=None if live else plotly_js(),
@@ -194,7 +196,8 @@ class _Handler(BaseHTTPRequestHandler):
                 units = [u for u in query.get("units", "").split(",") if u] or None
                 s = self.campaign.snapshot(curve_units=units, focus_unit=query.get("unit"))
                 audio_src = f"/audio/{quote(s.focus.unit_id)}.wav" if s.focus is not None else None
-                body = render_page(s, self.campaign, live=True, audio_src=audio_src).encode()
+                video_src = f"/video/{quote(s.focus.unit_id)}.mp4" if s.focus is not None else None
+                body = render_page(s, self.campaign, live=True, audio_src=audio_src, video_src=video_src).encode()
                 self._send(HTTPStatus.OK, body, "text/html; charset=utf-8")
             elif url.path == "/api/summary":
                 s = self.campaign.snapshot(full=False)
@@ -207,6 +210,13 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
                 wav = self.campaign.render_audio(focus)
                 self._send(HTTPStatus.OK, wav.read_bytes(), "audio/wav", cache="max-age=3600")
+            elif url.path.startswith("/video/") and url.path.endswith(".mp4"):
+                unit_id = unquote(url.path[len("/video/"):-len(".mp4")])
+                focus = self.campaign.focus(unit_id)
+                if focus is None:
+                    return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
+                video = self.campaign.render_video(focus)
+                self._send(HTTPStatus.OK, video.read_bytes(), "video/mp4", cache="max-age=3600")
             elif url.path == "/static/plotly.min.js":
                 self._send(HTTPStatus.OK, plotly_js().encode(), "application/javascript", cache="max-age=86400")
             elif url.path == "/favicon.ico":

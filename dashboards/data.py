@@ -165,6 +165,7 @@ class Snapshot:
     control_timestep: float
     problems: list[str] = field(default_factory=list)
     il_running: bool = False  # the driver's imitation job (store meta il_launches) is still training
+    ray_dashboard: str | None = None  # the Ray dashboard of the driver's cluster (store meta ray_dashboard_url)
 
     @property
     def started_at(self) -> float | None:
@@ -454,6 +455,7 @@ class Campaign:
         self.mlflow = MlflowReader(uri, self.dash.mlflow_ui_url)
         self.keys = KeyCounter()
         self._focus_cache: dict[tuple[str, str], Focus] = {}
+        self._video_locks: dict[Path, threading.Lock] = {}
         self._lock = threading.Lock()
 
     @property
@@ -527,6 +529,7 @@ class Campaign:
             il_curves=il_curves, il_eval=il_eval, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
             il_running=any(rec.get("state") == IL_RUNNING for rec in meta.get(LAUNCHES_KEY) or []),
+            ray_dashboard=meta.get("ray_dashboard_url"),
         )
 
     def _curve_units(self, units: list[Unit], wanted: list[str] | None) -> list[str]:
@@ -568,6 +571,24 @@ class Campaign:
     def audio_path(self, focus: Focus) -> Path:
         """Where the focus rollout's WAV is cached in the campaign directory (rendered on demand)."""
         return self.directory / DASHBOARD_DIR / "audio" / f"{focus.unit_id}-seed{focus.seed}.wav"
+
+    def video_path(self, focus: Focus) -> Path:
+        """Where the focus rollout's MP4 is cached in the campaign directory (rendered on demand)."""
+        return self.directory / DASHBOARD_DIR / "video" / f"{focus.unit_id}-seed{focus.seed}.mp4"
+
+    def render_video(self, focus: Focus, width: int = 640, height: int = 480) -> Path:
+        """The MP4 (with sound) of ``focus``'s best rollout, replayed from the lake once and cached;
+        concurrent requests for the same clip wait for one rendering."""
+        from orchestrator.playback import render_unit, resolve_unit
+
+        path = self.video_path(focus)
+        with self._lock:
+            lock = self._video_locks.setdefault(path, threading.Lock())
+        with lock:
+            if not path.exists():
+                view = resolve_unit(self.directory / "units" / focus.unit_id)
+                render_unit(view, path, seed=focus.seed, width=width, height=height, soundfont=self.dash.soundfont)
+        return path
 
     def render_audio(self, focus: Focus) -> Path:
         """The WAV of ``focus``'s best rollout, rendered once with RoboPianist's synthesizer."""

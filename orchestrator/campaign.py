@@ -225,7 +225,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     handler = logging.FileHandler(paths.logs / "driver.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("orchestrator").addHandler(handler)
-    started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus)
+    started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus, ray_cfg=cfg.ray)
+    store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
     sink = None
     pools = None  # slurm: the PoolManager when the profile names SLURM pools
     attempts_run = 0

@@ -34,21 +34,35 @@ WORKLOADS = {
 ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start one in this process.
+_dashboard_url: str | None = None  # of the cluster connect() joined or started
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: configs.RayConfig | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start one in this process,
+    with Ray's dashboard on ``ray.dashboard_host:dashboard_port`` when ``ray.dashboard`` is on
+    (:func:`dashboard_url` says where it ended up).
 
     Token authentication stays as Ray sets it (on by default for a new local cluster).
     Returns True when this call started Ray (so the caller shuts it down).
     """
+    global _dashboard_url
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address:
-        ray.init(address=address, **kwargs)
+    if address:  # the head's own settings decide its dashboard
+        context = ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray_cfg = ray_cfg or configs.RayConfig()
+        context = ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
+                           dashboard_host=ray_cfg.dashboard_host, dashboard_port=ray_cfg.dashboard_port)
+    url = getattr(context, "dashboard_url", None)
+    _dashboard_url = f"http://{url}" if url and not url.startswith("http") else (url or None)
     return True
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the Ray dashboard of the cluster :func:`connect` reached, or None without one."""
+    return _dashboard_url
 
 
 def _workload(name: str):

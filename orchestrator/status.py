@@ -34,6 +34,7 @@ class CampaignStatus:
     mlflow: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
     il_launches: list[dict] = field(default_factory=list)  # imitation jobs it launched, oldest first
+    ray_dashboard: str | None = None      # Ray dashboard URL of the driver's cluster (recorded at its start)
     read_seconds: float = 0.0
 
     @property
@@ -90,11 +91,12 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         mlflow = {k: str(store.get_meta(k, "")) for k in ("tracking_uri", "mlflow_experiment_id", "mlflow_parent_run_id")}
         name = store.get_meta("name", campaign_dir.name)
         gate, il_launches = store.get_meta("gate"), store.get_meta("il_launches") or []
+        ray_dashboard = store.get_meta("ray_dashboard_url")
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
         running=running, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
-        read_seconds=time.perf_counter() - t0)
+        ray_dashboard=ray_dashboard, read_seconds=time.perf_counter() - t0)
 
 
 def _driver_state(store: CampaignStore) -> str:
@@ -148,6 +150,9 @@ def render(status: CampaignStatus):
                          "throughput: -   ", f"ETA: {_duration(status.eta_s)}")
     if status.logging_overhead is not None:
         head.append(f"   logging overhead: {status.logging_overhead:.3%} of worker time")
+    if status.ray_dashboard:
+        live = status.driver.startswith("running")
+        head.append(f"\nRay dashboard: {status.ray_dashboard}" + ("" if live else " (while the driver runs)"))
 
     states = Table(title="units by state", show_edge=False,
                    caption="gated: finished with F1 below gate.f1_threshold (its shard is not used for imitation)")

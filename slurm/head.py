@@ -44,7 +44,8 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float 
     raise RuntimeError(f"the Ray head did not listen on {host}:{port} within {timeout:.0f} s")
 
 
-def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs.SlurmConfig) -> int:
+def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs.SlurmConfig,
+                  ray_cfg: configs.RayConfig | None = None) -> int:
     """Start a Ray head, run ``command`` against it, stop the head; returns the command's status."""
     check_temp_root(slurm_cfg.ray_tmp_root)
     token_file = ensure_token_file(token_file)
@@ -57,12 +58,18 @@ def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     env.pop("RAY_AUTH_TOKEN", None)
     ray = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen(head_start_command(port, temp_dir, pick_ports(tag), ray=ray if Path(ray).exists() else "ray"),
-                            env=env, start_new_session=True)
+    ray_cfg = ray_cfg or configs.RayConfig()
+    dashboard = (ray_cfg.dashboard_host, ray_cfg.dashboard_port) if ray_cfg.dashboard else None
+    head = subprocess.Popen(head_start_command(port, temp_dir, pick_ports(tag), ray=ray if Path(ray).exists() else "ray",
+                                               dashboard=dashboard), env=env, start_new_session=True)
     try:
         _wait_for_port(host, port, head)
         address = f"{host}:{port}"
         print(f"[pianoforge] Ray head at {address} (token {token_file}, temp dir {temp_dir})", flush=True)
+        if dashboard:
+            print(f"[pianoforge] Ray dashboard on {socket.gethostname()} at http://{dashboard[0]}:{dashboard[1]}; from "
+                  f"your machine: ssh -L {dashboard[1]}:{dashboard[0]}:{dashboard[1]} -J <login node> "
+                  f"{socket.gethostname()}, then open http://localhost:{dashboard[1]}", flush=True)
         return subprocess.call(command, env=dict(env, RAY_ADDRESS=address))
     finally:
         stop_process(head, timeout=60)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give the command to run next to the head after --")
     cfg = configs.load(profile=args.profile, overrides=args.overrides)
-    return run_with_head(command, args.token_file, cfg.slurm)
+    return run_with_head(command, args.token_file, cfg.slurm, cfg.ray)
 
 
 if __name__ == "__main__":

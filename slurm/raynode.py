@@ -186,11 +186,15 @@ def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePort
     return cmd
 
 
-def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int = 0, ray: str = "ray") -> list[str]:
+def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int = 0, ray: str = "ray",
+                       dashboard: tuple[str, int] | None = None) -> list[str]:
     """``ray start --head`` for a campaign head on a login node or in a SLURM job.
 
-    ``num_cpus=0`` by default: units run on pool nodes, not next to the driver.
+    ``num_cpus=0`` by default: units run on pool nodes, not next to the driver. ``dashboard``:
+    (host, port) of Ray's dashboard (loopback by default in the config), or None for none.
     """
+    dashboard_flags = ["--include-dashboard=false"] if dashboard is None else [
+        "--include-dashboard=true", f"--dashboard-host={dashboard[0]}", f"--dashboard-port={dashboard[1]}"]
     return [
         ray, "start", "--head", "--block",
         f"--port={port}",
@@ -198,7 +202,7 @@ def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int
         "--num-gpus=0",
         f"--temp-dir={temp_dir}",
         *port_flags(ports),
-        "--include-dashboard=false",
+        *dashboard_flags,
         "--disable-usage-stats",
     ]
 
