@@ -53,10 +53,24 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
         context = ray.init(address=address, log_to_driver=False)
     else:
         ray_cfg = ray_cfg or configs.RayConfig()
+        port = ray_cfg.dashboard_port
+        if ray_cfg.dashboard and port and not _port_free(ray_cfg.dashboard_host, port):
+            log.warning("Ray dashboard port %s:%d is taken (another Ray on this machine?); using a free one",
+                        ray_cfg.dashboard_host, port)
+            port = 0  # Ray refuses to start on a taken dashboard port; 0 lets it pick
         context = ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
-                           dashboard_host=ray_cfg.dashboard_host, dashboard_port=ray_cfg.dashboard_port)
+                           dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
     url = getattr(context, "dashboard_url", None)
     _dashboard_url = f"http://{url}" if url and not url.startswith("http") else (url or None)
+    return True
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
     return True
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import configs
-from slurm.raynode import _free_ports, check_temp_root, head_start_command, pick_ports, stop_process, write_private
+from slurm.raynode import _free_ports, _port_free, check_temp_root, head_start_command, pick_ports, stop_process, write_private
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -59,7 +59,11 @@ def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs
     env.pop("RAY_AUTH_TOKEN", None)
     ray = str(Path(sys.executable).with_name("ray"))
     ray_cfg = ray_cfg or configs.RayConfig()
-    dashboard = (ray_cfg.dashboard_host, ray_cfg.dashboard_port) if ray_cfg.dashboard else None
+    dashboard = None
+    if ray_cfg.dashboard:  # a taken port (another head on this node) would stop `ray start`: take a free one
+        dashboard_port = ray_cfg.dashboard_port if ray_cfg.dashboard_port and _port_free(ray_cfg.dashboard_port) \
+            else _free_ports(1)[0]
+        dashboard = (ray_cfg.dashboard_host, dashboard_port)
     head = subprocess.Popen(head_start_command(port, temp_dir, pick_ports(tag), ray=ray if Path(ray).exists() else "ray",
                                                dashboard=dashboard), env=env, start_new_session=True)
     try:

@@ -3,6 +3,7 @@ campaign store records its URL, and ``status`` shows it."""
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -18,12 +19,16 @@ from slurm.raynode import NodePorts, head_start_command
 def test_a_started_cluster_serves_the_dashboard_on_loopback():
     if ray.is_initialized():
         pytest.skip("Ray already runs in this process")
-    ray_cfg = configs.load(overrides=["ray.dashboard_port=0"]).ray  # any free port: tests may run side by side
+    taken = socket.socket()  # another Ray (or anything) holds the configured port: a free one is used
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ray_cfg = configs.load(overrides=[f"ray.dashboard_port={taken.getsockname()[1]}"]).ray
     assert ray_cfg.dashboard and ray_cfg.dashboard_host == "127.0.0.1"
     assert scheduler.connect(num_cpus=1, ray_cfg=ray_cfg)
     try:
         url = scheduler.dashboard_url()
         assert url is not None and url.startswith("http://127.0.0.1:")
+        assert not url.endswith(f":{taken.getsockname()[1]}")
         from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
         headers = get_auth_headers_if_auth_enabled({})  # the cluster's token (Ray turns token auth on)
@@ -45,6 +50,7 @@ def test_a_started_cluster_serves_the_dashboard_on_loopback():
                 urllib.request.urlopen(f"{url}/api/version", timeout=5)
     finally:
         ray.shutdown()
+        taken.close()
 
 
 def test_the_slurm_head_starts_the_dashboard_as_configured():
