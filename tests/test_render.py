@@ -61,3 +61,40 @@ def test_gl_backend_falls_back_to_osmesa(monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
     assert render.gl_backend() == "osmesa"
     assert os.environ["MUJOCO_GL"] == "no-such-backend"  # the choice is passed to the child, not set here
+
+
+def test_dashboard_serves_the_best_rollouts_video_made_once(unit, tmp_path):
+    """A campaign holding the tiny unit: the page shows the video beside the audio, and
+    /video/<unit>.mp4 renders it on the first request and serves the cached file after."""
+    import shutil
+    import urllib.request
+
+    import yaml
+
+    from dashboards.app import DashboardServer
+    from dashboards.data import Campaign
+    from orchestrator.playback import resolve_unit
+    from orchestrator.store import CampaignStore
+
+    view = resolve_unit(unit)
+    campaign = tmp_path / "camp"
+    (campaign / "units" / view.spec.unit_id).mkdir(parents=True)  # the store, not unit.json, says what it is
+    shutil.copytree(view.lake_root, campaign / "lake")
+    (campaign / "config.yaml").write_text(yaml.safe_dump(view.cfg.to_dict()))
+    with CampaignStore(campaign / "campaign.db") as store:
+        store.put_config(view.cfg.to_dict(), "k")
+        store.add_units([view.spec], "k")
+
+    camp = Campaign(campaign)
+    focus = camp.focus(view.spec.unit_id)
+    with DashboardServer(camp, port=0) as url:
+        page = urllib.request.urlopen(f"{url}/?unit={view.spec.unit_id}", timeout=60).read().decode()
+        assert f'src="/video/{view.spec.unit_id}.mp4"' in page and 'id="rollout-audio"' in page
+        with urllib.request.urlopen(f"{url}/video/{view.spec.unit_id}.mp4", timeout=600) as response:
+            assert response.headers["Content-Type"] == "video/mp4"
+            first = response.read()
+        made = camp.video_path(focus).stat().st_mtime_ns
+        second = urllib.request.urlopen(f"{url}/video/{view.spec.unit_id}.mp4", timeout=60).read()
+    assert first == second and camp.video_path(focus).stat().st_mtime_ns == made
+    streams = ffprobe(camp.video_path(focus))
+    assert int(streams["video"]["nb_read_frames"]) == focus.n_steps + 20 and "audio" in streams
