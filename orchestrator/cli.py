@@ -482,6 +482,7 @@ def render(
     width: int = typer.Option(640, "--width", min=16, help="Video width in pixels (even)."),
     height: int = typer.Option(480, "--height", min=16, help="Video height in pixels (even)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Only the first N control steps."),
+    quality: str = typer.Option("fast", "--quality", help="fast (no shadows or reflections) or full."),
     profile: str = typer.Option("local", "--profile", help="Config profile (for --policy without UNIT_DIR)."),
     sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override (for --policy without UNIT_DIR)."),
 ) -> None:
@@ -499,7 +500,7 @@ def render(
             cfg = _unit_or_exit(unit_dir).cfg if unit_dir else _load_config(profile, sets, None)
             result = render_rollout(song, chunk, cfg.env, out, policy=policy, seed=seed or 0, width=width, height=height,
                                     max_steps=max_steps, soundfont=cfg.dashboard.soundfont,
-                                    song_hash=load_song(song).content_hash)
+                                    song_hash=load_song(song).content_hash, quality=quality)
         elif unit_dir is None:
             typer.echo("error: give UNIT_DIR, or --policy with --song", err=True)
             raise typer.Exit(2)
@@ -510,7 +511,7 @@ def render(
             view = _unit_or_exit(unit_dir)
             try:
                 result = render_unit(view, out, seed=seed, width=width, height=height, max_steps=max_steps,
-                                     soundfont=view.cfg.dashboard.soundfont)
+                                     soundfont=view.cfg.dashboard.soundfont, quality=quality)
             except LakeError as e:
                 _render_failed(e)
     except (RenderError, SongError, ValueError) as e:
