@@ -110,3 +110,25 @@ def test_action_names_follow_the_environments_actuators():
             assert theirs.startswith({"right_hand": "rh_", "left_hand": "lh_"}[hand]) and theirs.endswith(actuator)
     finally:
         env.close()
+
+
+def test_an_imitation_bc_policy_runs_in_plain_pytorch(tmp_path):
+    """The README's recipe for a trained BC policy file: normalise, MLP, de-normalise."""
+    from workers.imitation.policies import build_policy, load_policy, save_policy
+
+    il = configs.load(overrides=["il.bc_hidden=32", "il.action_chunk=4"]).il
+    policy = build_policy(il, kind="bc")
+    rng = np.random.default_rng(0)
+    policy.set_normalization({"obs_mean": rng.normal(size=1144), "obs_std": rng.uniform(0.5, 2, 1144),
+                              "action_mean": rng.normal(size=39), "action_std": rng.uniform(0.5, 2, 39)})
+    path = save_policy(policy, tmp_path / "bc.pt", step=0, song_hashes=[])
+    obs = rng.normal(size=(3, 1144)).astype(np.float32)
+
+    state = torch.load(path, weights_only=True)
+    m = state["model"]
+    x = (torch.as_tensor(obs) - m["obs_mean"]) / m["obs_std"]
+    x = F.gelu(x @ m["net.0.weight"].T + m["net.0.bias"])
+    x = F.gelu(x @ m["net.2.weight"].T + m["net.2.bias"])
+    chunk = (x @ m["net.4.weight"].T + m["net.4.bias"]).view(3, state["il"]["action_chunk"], 39)
+    actions = chunk * m["action_std"] + m["action_mean"]
+    np.testing.assert_allclose(actions.numpy(), load_policy(path)[0].act(obs), atol=1e-5)
