@@ -1,5 +1,5 @@
 """A tiny trained unit directory (20-step chunk, random-action training, 2 recorded rollouts),
-made once per test session and shared by the render and play tests (no pytest fixtures here)."""
+made once per pytest run and shared by the render and play tests (no pytest fixtures here)."""
 
 from __future__ import annotations
 

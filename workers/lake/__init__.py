@@ -6,6 +6,9 @@
   (streaming, atomic commits), and ``meta/info.json``;
 - :mod:`workers.lake.dataset`: ``TrajectoryDataset``, the torch ``IterableDataset`` the
   imitation trainer streams (imported lazily: it needs torch);
+- :mod:`workers.lake.stats`: per-feature statistics kept at commit (``meta/stats.json``);
+- :mod:`workers.lake.episodes`: one episode of a shard read back (the best, or by seed);
+- :mod:`workers.lake.lerobot`: the lake exported as a LeRobot v3.0 dataset;
 - :mod:`workers.lake.testdata`: synthetic episodes for tests and benchmarks.
 
 ``from workers.lake import Lake, ShardMeta, Episode`` is the usual way in.
