@@ -101,6 +101,28 @@ def test_a_lake_written_before_statistics_gets_them_from_its_shards(lake):
     check_stats_json(lake)
 
 
+def _commit_in_process(root: str, worker: int, start) -> None:
+    lake = Lake(root, LAKE_CFG)
+    start.wait()
+    for k in range(3):  # "shared" units are committed by every process: replacements race with new units
+        unit = "shared" if k != 1 else f"own-{worker}"
+        commit(lake, unit, "Song", seed=worker * 10 + k, lengths=(10 + worker, 5))
+
+
+def test_concurrent_commits_leave_statistics_of_what_the_catalog_lists(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_commit_in_process, args=(str(tmp_path / "lake"), w, start)) for w in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    check_stats_json(Lake(tmp_path / "lake"))
+
+
 # -- the LeRobot export ----------------------------------------------------------------------------
 
 
