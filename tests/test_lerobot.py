@@ -136,9 +136,13 @@ def load_like_lerobot(root: Path):
     return info, tasks, episodes.to_pylist(), data, stats
 
 
-def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path):
+def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path, monkeypatch):
+    import workers.lake.lerobot as lerobot
+
+    monkeypatch.setattr(lerobot, "EPISODES_PER_META_FILE", 4)  # several episode-metadata files too
     out = tmp_path / "dataset"
     summary = export_lerobot(lake.root, out, data_file_mb=0.05)  # tiny files: episodes spread over several
+    assert len(list((out / "meta" / "episodes").glob("chunk-000/file-*.parquet"))) == 3
     info, tasks, episodes, data, stats = load_like_lerobot(out)
 
     assert info["codebase_version"] == "v3.0" and info["fps"] == 20 and info["video_path"] is None
@@ -182,6 +186,9 @@ def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path):
         assert frames.column("next.done").to_pylist() == [False] * (row["length"] - 1) + [True]
         file = out / info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
         assert row["episode_index"] in set(pq.read_table(file, columns=["episode_index"]).column(0).to_pylist())
+        meta_file = out / "meta" / "episodes" / f"chunk-{row['meta/episodes/chunk_index']:03d}" / \
+            f"file-{row['meta/episodes/file_index']:03d}.parquet"
+        assert row["episode_index"] in pq.read_table(meta_file).column("episode_index").to_pylist()
         task_index = frames.column("task_index")[0].as_py()
         assert tasks.iloc[task_index].name == row["tasks"][0] == f"{row['song']} / chunk {row['chunk_index']}"
         shard = shards[row["unit_id"]]

@@ -145,6 +145,32 @@ class _DataFiles:
             self.writer = None
 
 
+class _EpisodeRows:
+    """Episode metadata rows, written ``EPISODES_PER_META_FILE`` to a file as they come (memory:
+    one file's rows), each row naming its own metadata chunk and file as LeRobot's do."""
+
+    def __init__(self, root: Path):
+        self.root, self.count, self.pending = root, 0, []
+
+    def add(self, row: dict) -> None:
+        row["meta/episodes/chunk_index"], row["meta/episodes/file_index"] = divmod(
+            self.count // EPISODES_PER_META_FILE, CHUNKS_SIZE)
+        self.pending.append(row)
+        self.count += 1
+        if len(self.pending) == EPISODES_PER_META_FILE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        first = self.pending[0]
+        path = self.root / EPISODES_PATH.format(chunk_index=first["meta/episodes/chunk_index"],
+                                                file_index=first["meta/episodes/file_index"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(self.pending), path)
+        self.pending = []
+
+
 def _frames(table: pa.Table, first_episode: int, first_index: int, task_index: int) -> tuple[pa.Table, np.ndarray]:
     """A lake row group as LeRobot frames, and the local episode number of each row."""
     n = table.num_rows
@@ -171,7 +197,8 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
                    splits: Sequence[str] | None = None, songs: Sequence[str] | None = None,
                    data_file_mb: float = DATA_FILE_MB) -> ExportSummary:
     """Write the selected committed shards (see :func:`select_shards`) as a LeRobot v3 dataset in
-    ``out``, which must not exist yet (or be an empty folder). Memory: one lake row group."""
+    ``out``, which must not exist yet (or be an empty folder). Memory: one lake row group and
+    one episodes-metadata file's rows."""
     import pandas as pd
 
     lake, out = Lake(lake_root), Path(out).absolute()
@@ -188,12 +215,12 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
     work.mkdir(parents=True)
     try:
         data = _DataFiles(work, int(data_file_mb * 1e6))
-        episodes: list[dict] = []
+        episodes = _EpisodeRows(work)
         split_ranges: dict[str, list[int]] = {}
         n_frames = 0
         for shard in shards:
             pf = lake.open_shard(shard)
-            first_episode = len(episodes)
+            first_episode = episodes.count
             kv = {"unit_id": shard.unit_id, "song": shard.song_name, "song_hash": shard.song_hash,
                   "chunk_index": shard.chunk_index, "split": shard.split}
             for group in range(pf.num_row_groups):
@@ -207,7 +234,7 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
                 stops = np.r_[starts[1:], len(local)]
                 per_episode = {c: table.column(c).to_numpy() for c in ("seed", "episode_return", "episode_f1")}
                 for a, b in zip(starts, stops):
-                    episodes.append({
+                    episodes.add({
                         "episode_index": first_episode + int(local[a]), "tasks": [task_of(shard)],
                         "length": int(b - a), "data/chunk_index": chunk, "data/file_index": file,
                         "dataset_from_index": n_frames + int(a), "dataset_to_index": n_frames + int(b),
@@ -215,22 +242,14 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
                         "f1": float(per_episode["episode_f1"][a]),
                     })
                 n_frames += table.num_rows
-            if len(episodes) - first_episode != shard.n_episodes:
-                raise LakeError(f"{shard.path}: holds {len(episodes) - first_episode} episodes, "
+            if episodes.count - first_episode != shard.n_episodes:
+                raise LakeError(f"{shard.path}: holds {episodes.count - first_episode} episodes, "
                                 f"its catalog entry says {shard.n_episodes}")
             span = split_ranges.setdefault(shard.split, [first_episode, first_episode])
-            span[1] = len(episodes)
+            span[1] = episodes.count
         data.close()
 
-        for i, row in enumerate(episodes):  # the metadata's own chunk/file, EPISODES_PER_META_FILE rows each
-            file = i // EPISODES_PER_META_FILE
-            row["meta/episodes/chunk_index"], row["meta/episodes/file_index"] = divmod(file, CHUNKS_SIZE)
-        for start in range(0, len(episodes), EPISODES_PER_META_FILE):
-            rows = episodes[start:start + EPISODES_PER_META_FILE]
-            path = work / EPISODES_PATH.format(chunk_index=rows[0]["meta/episodes/chunk_index"],
-                                               file_index=rows[0]["meta/episodes/file_index"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows), path)
+        episodes.flush()
         (work / TASKS_PATH).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"task_index": list(tasks.values())}, index=pd.Index(list(tasks), name="task")).to_parquet(
             work / TASKS_PATH)
@@ -242,7 +261,7 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
         info = {
             "codebase_version": CODEBASE_VERSION,
             "robot_type": ROBOT_TYPE,
-            "total_episodes": len(episodes),
+            "total_episodes": episodes.count,
             "total_frames": n_frames,
             "total_tasks": len(tasks),
             "chunks_size": CHUNKS_SIZE,
@@ -261,7 +280,7 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportSummary(out=out, shards=len(shards), episodes=len(episodes), frames=n_frames, tasks=len(tasks),
+    return ExportSummary(out=out, shards=len(shards), episodes=episodes.count, frames=n_frames, tasks=len(tasks),
                          data_files=data.files, splits=splits_doc)
 
 
