@@ -57,7 +57,10 @@ def resolve_unit(unit_dir: str | Path) -> UnitView:
     if record.exists():
         data = json.loads(record.read_text())
         spec = UnitSpec(**data["spec"])
-        cfg = configs.from_dict(data["config"])
+        try:
+            cfg = configs.from_dict(data["config"])
+        except configs.ConfigError as e:
+            raise UnitNotFound(f"{record}: its config no longer loads ({e})") from None
         return UnitView(unit_dir, spec, cfg.with_overrides(spec.overrides) if spec.overrides else cfg, Path(data["lake"]))
     campaign = unit_dir.parent.parent
     if unit_dir.parent.name == "units" and (campaign / "campaign.db").exists():
