@@ -34,9 +34,6 @@ WORKLOADS = {
 ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is
 
 
-_dashboard_url: str | None = None  # of the cluster connect() joined or started
-
-
 def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: configs.RayConfig | None = None) -> bool:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start one in this process,
     with Ray's dashboard on ``ray.dashboard_host:dashboard_port`` when ``ray.dashboard`` is on
@@ -45,12 +42,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
     Token authentication stays as Ray sets it (on by default for a new local cluster).
     Returns True when this call started Ray (so the caller shuts it down).
     """
-    global _dashboard_url
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # the head's own settings decide its dashboard
-        context = ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
     else:
         ray_cfg = ray_cfg or configs.RayConfig()
         port = ray_cfg.dashboard_port
@@ -58,10 +54,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
             log.warning("Ray dashboard port %s:%d is taken (another Ray on this machine?); using a free one",
                         ray_cfg.dashboard_host, port)
             port = 0  # Ray refuses to start on a taken dashboard port; 0 lets it pick
-        context = ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
-                           dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
-    url = getattr(context, "dashboard_url", None)
-    _dashboard_url = f"http://{url}" if url and not url.startswith("http") else (url or None)
+        ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
+                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
     return True
 
 
@@ -75,8 +69,17 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def dashboard_url() -> str | None:
-    """``http://host:port`` of the Ray dashboard of the cluster :func:`connect` reached, or None without one."""
-    return _dashboard_url
+    """``http://host:port`` of the Ray dashboard of the cluster this process is connected to, or
+    None (not connected, or the cluster runs no dashboard)."""
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.worker import get_dashboard_url  # what ray.init's context reports, for any caller
+
+        url = get_dashboard_url()
+    except Exception:  # noqa: BLE001 - a Ray without it: the link is only a convenience
+        return None
+    return (url if url.startswith("http") else f"http://{url}") if url else None
 
 
 def _workload(name: str):
