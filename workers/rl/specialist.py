@@ -11,7 +11,8 @@
    uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
    critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
    ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
-   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
+   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically (the loop is
+   ``workers.rl.pack``'s: this unit is a pack of one);
 4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
    shard as soon as it ends (only per-episode summaries stay in memory); the shard's
    ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
@@ -23,7 +24,9 @@
    ``deterministic`` plays the policy mean instead. Evaluations during training always play
    the mean, with the first ``eval_episodes`` of those seeds.
 5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds`` and the speeds are this
-   run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``.
+   run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``;
+6. sheds the replay buffer: the final checkpoint keeps only ``FINAL_AGENT_KEYS`` of the agent
+   (actor, critic, temperature) and the metadata, a few MB instead of ~0.9 GB per unit.
 
 Torch uses ``campaign.cpus_per_unit`` intra-op threads while the unit runs.
 
@@ -43,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,16 +56,15 @@ from tqdm.auto import tqdm
 
 import configs
 from workers.rl.droq import DroQ
-from workers.piano.env import PianoEnv, make_env
-from workers.lake import Episode, Lake, ShardMeta, ShardWriter
-from workers.piano.music import load_chunk
-from workers.rl.replay import ReplayBuffer
+from workers.piano.env import PianoEnv
+from workers.lake import Episode, ShardWriter
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
-from configs.files import atomic_write, write_text_atomic
+from configs.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 CHECKPOINT_FORMAT = 1
+FINAL_AGENT_KEYS = ("actor", "critic", "log_alpha", "updates")  # what a finished unit keeps
 
 Report = Callable[[dict], None]
 
@@ -78,6 +79,31 @@ def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") ->
     """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none."""
     path = Path(unit_dir) / CHECKPOINT
     return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
+
+
+def save_checkpoint(unit_dir: Path, *, unit_id: str, step: int, episodes: int, resumed_from: list[int],
+                    last_eval: dict, agent: dict, replay: dict, rng: np.random.Generator) -> None:
+    """Write ``unit_dir/checkpoint.pt`` atomically: everything a unit resumes from (the module
+    docstring), tensors and plain containers only."""
+    state = {"format": CHECKPOINT_FORMAT, "unit_id": unit_id, "step": step, "episodes": episodes,
+             "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent, "replay": replay,
+             "rng": rng_state(rng)}
+    with atomic_write(Path(unit_dir) / CHECKPOINT, "wb") as f:
+        torch.save(state, f)
+
+
+def shed_checkpoint(unit_dir: Path) -> None:
+    """Rewrite a finished unit's checkpoint with only its policy and metadata: the actor, the
+    critic and temperature (for fine-tuning), step and evaluation; no replay buffer, optimiser
+    state or target network (about 0.9 GB -> a few MB with the default networks). Idempotent."""
+    checkpoint = load_checkpoint(unit_dir)
+    if checkpoint is None or "replay" not in checkpoint:
+        return
+    agent = checkpoint["agent"]
+    kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval")}
+    kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
+    with atomic_write(Path(unit_dir) / CHECKPOINT, "wb") as f:
+        torch.save(kept, f)
 
 
 # --- RNG state as tensors and plain values ---------------------------------------------
@@ -178,12 +204,16 @@ def record_rollouts(agent: DroQ, env: PianoEnv, writer: ShardWriter, seeds: Sequ
 
 
 # --- the unit --------------------------------------------------------------------------
-def _finished(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
+def finished_result(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
+    """The saved result of a finished unit (whose shard still exists), else None. A finished
+    unit's checkpoint that still holds its replay buffer (the run stopped right after writing
+    ``result.json``) sheds it here."""
     saved = read_result(unit_dir)
     if not saved or not saved.get("done") or saved.get("unit_id") != unit.unit_id:
         return None
     if saved["shard_path"] is not None and not Path(saved["shard_path"]).exists():
         return None  # the lake lost the shard: record the rollouts again
+    shed_checkpoint(unit_dir)
     return UnitResult(**{k: saved[k] for k in UnitResult.model_fields})
 
 
@@ -193,142 +223,21 @@ def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: P
 
     Resumes from ``unit_dir/checkpoint.pt`` when present; returns the saved result without
     training when the unit is already done. ``progress``: show a progress bar (default: when
-    stderr is a terminal).
+    stderr is a terminal). The training loop is ``workers.rl.pack``'s, with one member whose
+    environment runs in this process.
     """
-    t_start = time.perf_counter()
-    unit_dir = Path(unit_dir)
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.with_overrides(unit.overrides) if unit.overrides else cfg
-    done = _finished(unit, unit_dir)
-    if done is not None:
-        return done
-    report = report or (lambda metrics: None)
-    progress = os.isatty(2) if progress is None else progress
+    from workers.rl.pack import train_pack  # the pack builds on this module's helpers
+
+    cpus = (cfg.with_overrides(unit.overrides) if unit.overrides else cfg).campaign.cpus_per_unit
     threads = torch.get_num_threads()
     # As many intra-op threads as CPUs reserved for the unit: units sharing a node must not
     # oversubscribe it (spinning OpenMP threads make a contended CPU update ~10x slower).
-    torch.set_num_threads(max(1, int(cfg.campaign.cpus_per_unit)))
+    torch.set_num_threads(max(1, int(cpus)))
     try:
-        return _train(unit, cfg, unit_dir, Path(lake_root), report, progress, t_start)
+        [outcome] = train_pack([unit], cfg, [Path(unit_dir)], Path(lake_root), [report], env_workers=0,
+                               progress=os.isatty(2) if progress is None else progress)
     finally:
         torch.set_num_threads(threads)
-
-
-def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path, report: Report,
-           progress: bool, t_start: float) -> UnitResult:
-    spec, droq = cfg.specialist, cfg.droq
-
-    midi = load_chunk(unit.song_path, unit.chunk_index, cfg.env, expected_hash=unit.song_hash)
-    env = make_env(midi, cfg.env, seed=spec.seed)
-    player = make_env(midi, cfg.env, seed=spec.seed + 1)  # evaluation and rollouts
-    rng = seed_everything(spec.seed)
-    agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, droq)
-    buffer = ReplayBuffer(env.obs_dim, env.action_dim, droq.replay_capacity, droq.discount, droq.n_step,
-                          seed=spec.seed)
-
-    step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
-    checkpoint = load_checkpoint(unit_dir)  # on the CPU: RNG states and the replay live there
-    if checkpoint is not None:
-        if checkpoint["unit_id"] != unit.unit_id:
-            raise ValueError(f"{unit_dir / CHECKPOINT}: belongs to unit {checkpoint['unit_id']}, "
-                             f"not {unit.unit_id}; use another unit directory")
-        agent.load_state_dict(checkpoint["agent"])
-        buffer.load_state_dict(checkpoint["replay"])
-        set_rng_state(checkpoint["rng"], rng)
-        step, episodes_done = int(checkpoint["step"]), int(checkpoint["episodes"])
-        resumed_from = list(checkpoint["resumed_from"]) + [step]
-        last_eval = dict(checkpoint["last_eval"])
-        report({"step": step, "resume/step": step})
-    attempts = read_attempts(unit_dir)
-    with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
-        f.write(json.dumps({"attempt": len(attempts) + 1, "start_step": step, "pid": os.getpid(),
-                            "time": time.time()}) + "\n")
-    write_text_atomic(unit_dir / PID_FILE, str(os.getpid()))
-
-    def save_checkpoint() -> None:
-        state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
-                 "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent.state_dict(),
-                 "replay": buffer.state_dict(), "rng": rng_state(rng)}
-        with atomic_write(unit_dir / CHECKPOINT, "wb") as f:
-            torch.save(state, f)
-
-    def evaluate() -> dict[str, float]:
-        played = [play(agent, player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
-        return summarise(played, "eval")
-
-    # --- training --------------------------------------------------------------------
-    start_step, start_updates = step, agent.updates
-    t_train = time.perf_counter()
-    t_log, step_log, updates_log = t_train, step, agent.updates
-    returns, f1s, update_metrics = [], [], {}
-    buffer.end_episode()  # the episode under way at the checkpoint is not restored
-    obs, episode_return = env.reset(), 0.0
-    bar = tqdm(total=spec.total_steps, initial=step, disable=not progress, desc=unit.unit_id, unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-    while step < spec.total_steps:
-        step += 1
-        if step <= droq.warmup_steps:
-            action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
-        else:
-            action = agent.act(obs)
-        next_obs, reward, ended, info = env.step(action)
-        terminated = ended and info["discount"] == 0.0  # the end of the chunk is a time limit
-        buffer.add(obs, action, reward, next_obs, terminated, truncated=ended and not terminated)
-        episode_return += reward
-        obs = next_obs
-        if ended:
-            returns.append(episode_return)
-            f1s.append(env.episode_metrics()["f1"])
-            episodes_done += 1
-            obs, episode_return = env.reset(), 0.0
-        if step > droq.warmup_steps:
-            update_metrics = agent.update(buffer)
-        bar.update(1)
-
-        if step % spec.log_interval == 0:
-            now = time.perf_counter()
-            metrics = {"step": step, **update_metrics, "train/episodes": episodes_done,
-                       "perf/env_steps_per_s": (step - step_log) / (now - t_log),
-                       "perf/updates_per_s": (agent.updates - updates_log) / (now - t_log)}
-            if returns:
-                metrics.update({"train/return": float(np.mean(returns)), "train/f1": float(np.mean(f1s))})
-            report(metrics)
-            t_log, step_log, updates_log, returns, f1s = now, step, agent.updates, [], []
-        if step % spec.eval_interval == 0 or step == spec.total_steps:
-            last_eval = evaluate()
-            report({"step": step, **last_eval})
-            bar.set_postfix({"eval_f1": f"{last_eval['eval/f1']:.3f}"})
-        if step % spec.checkpoint_interval == 0 or step == spec.total_steps:
-            save_checkpoint()
-            report({"step": step, "checkpoint_step": step})  # the campaign store shows it while the unit runs
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
-    env_steps_per_s = (step - start_step) / train_seconds if step > start_step else 0.0
-    updates_per_s = (agent.updates - start_updates) / train_seconds if step > start_step else 0.0
-
-    # --- rollouts into the lake ------------------------------------------------------
-    shard_path = None
-    if spec.rollouts > 0:
-        seeds = [spec.seed * 1000 + i for i in range(spec.rollouts)]
-        with Lake(lake_root, cfg.lake).shard_writer(unit.unit_id, unit.song_hash) as writer:
-            rollouts = record_rollouts(agent, player, writer, seeds, progress=progress,
-                                       deterministic=spec.rollout_policy == "deterministic")
-            summary = summarise(rollouts, "rollout")
-            meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
-                             chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
-                             specialist_f1=summary["rollout/f1"])
-            shard_path = str(writer.commit(meta).path)
-        report({"step": step, **summary})
-    else:
-        summary = {k.replace("eval/", "rollout/"): v for k, v in (last_eval or evaluate()).items()}
-    env.close()
-    player.close()
-
-    result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
-                        recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=step,
-                        shard_path=shard_path, seconds=time.perf_counter() - t_start,
-                        env_steps_per_s=env_steps_per_s, updates_per_s=updates_per_s)
-    saved = {**result.model_dump(), "done": True, "resumed_from": resumed_from,
-             "steps_this_run": step - start_step, "config_hash": unit.config_hash}
-    write_text_atomic(unit_dir / RESULT, json.dumps(saved, indent=2))
-    return result
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result

@@ -1,0 +1,410 @@
+"""A pack: K specialist units trained together in one process, one learner for all of them.
+
+``train_pack(units, cfg, unit_dirs, lake_root, reports)`` trains every unit as
+``workers.rl.specialist.train_unit`` trains one (that function is a pack of one whose
+environment runs in its own process), and returns one ``MemberOutcome`` per unit: its
+``UnitResult`` or the error that stopped it.
+
+The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pack.run``):
+
+1. act: members in their warm-up draw uniform random actions from their own generator; the
+   learner acts for all K at once (one batched forward pass);
+2. step the K environments together (``workers.rl.envpool``: worker processes with shared
+   memory, or this process for a pack of one);
+3. store each member's transition in its own replay buffer;
+4. update: one call updates every agent (``DroQ(num_agents=K).update`` on the K buffers), once
+   every running member is past its warm-up;
+5. per member: report metrics, evaluate, checkpoint, and when it reaches its
+   ``specialist.total_steps``, record its rollouts into its own lake shard and write its
+   ``result.json``.
+
+Each member keeps its own identity, unit directory, checkpoint (its slice of the learner, the
+same format as a single unit's, so it resumes alone or in any other pack), attempts log,
+metrics callback (its MLflow run) and shard. A member whose environment, evaluation or
+rollouts raise fails alone: its slot goes idle and the others go on. A finished member's slot
+also stays idle until the pack ends: slots are not refilled, so the unit the orchestrator
+schedules, retries and resumes stays the pack as it was launched; pending units go to the next
+pack.
+
+Idle slots still take part in the stacked update (the learner updates K agents or none);
+their results are thrown away, and a slot whose own buffer cannot fill a batch samples
+another member's buffer. Members of one pack must share the network and update settings
+(``droq.*``) and the environment's dimensions; the scheduler only packs units of one config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import configs
+from configs.files import write_text_atomic
+from workers.lake import Lake, ShardMeta
+from workers.piano.env import PianoEnv
+from workers.rl.droq import DroQ
+from workers.rl.envpool import EnvPool, EnvSpec, make_pool
+from workers.rl.replay import ReplayBuffer
+from workers.rl.specialist import (
+    RESULT,
+    EpisodeStats,
+    finished_result,
+    load_checkpoint,
+    play,
+    record_rollouts,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    shed_checkpoint,
+    summarise,
+)
+from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts
+
+Report = Callable[[dict], None]
+
+
+class MemberFailed(RuntimeError):
+    """A member's environment, evaluation or rollouts failed; the text carries the cause."""
+
+
+@dataclass
+class MemberOutcome:
+    """What became of one member: ``result`` on success, else ``error`` (the exception)."""
+
+    unit_id: str
+    result: UnitResult | None
+    error: BaseException | None = None
+
+    @property
+    def error_text(self) -> str | None:
+        if self.error is None:
+            return None
+        return "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
+
+
+@dataclass
+class Member:
+    """One unit's state inside a pack."""
+
+    slot: int
+    unit: UnitSpec
+    cfg: configs.Config
+    unit_dir: Path
+    report: Report
+    rng: np.random.Generator
+    buffer: ReplayBuffer | None = None
+    player: PianoEnv | None = None  # evaluation and rollouts
+    step: int = 0
+    episodes: int = 0
+    updates: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+    last_eval: dict = field(default_factory=dict)
+    start_step: int = 0
+    start_updates: int = 0
+    episode_return: float = 0.0
+    returns: list[float] = field(default_factory=list)
+    f1s: list[float] = field(default_factory=list)
+    update_metrics: dict = field(default_factory=dict)
+    t_log: float = 0.0
+    step_log: int = 0
+    updates_log: int = 0
+    outcome: MemberOutcome | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.outcome is None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.specialist.total_steps
+
+
+class Learner:
+    """The K agents behind one interface: ``DroQ(num_agents=K)`` for a pack, today's single
+    ``DroQ`` for a pack of one (whose calls take one observation and one buffer)."""
+
+    def __init__(self, k: int, obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray,
+                 cfg: configs.DroQConfig, seed: int):
+        self.k, self.cfg = k, cfg
+        self.dims = (obs_dim, action_dim, low, high)
+        if k == 1:
+            self.agent = DroQ(obs_dim, action_dim, low, high, cfg)
+        else:
+            self.agent = DroQ(obs_dim, action_dim, low, high, cfg, seed=seed, num_agents=k)
+        self._policy: DroQ | None = None
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Stochastic actions for all K slots: (K, obs_dim) -> (K, action_dim)."""
+        return self.agent.act(obs[0])[None] if self.k == 1 else self.agent.act(obs, deterministic=False)
+
+    def update(self, buffers: Sequence[ReplayBuffer]) -> list[dict]:
+        return [self.agent.update(buffers[0])] if self.k == 1 else self.agent.update(list(buffers))
+
+    def state_dict(self, i: int) -> dict:
+        return self.agent.state_dict() if self.k == 1 else self.agent.agent_state_dict(i)
+
+    def load_state_dict(self, i: int, state: dict) -> None:
+        if self.k == 1:
+            self.agent.load_state_dict(state)
+        else:
+            self.agent.load_agent_state_dict(i, state)
+
+    def policy(self, i: int) -> DroQ:
+        """Agent ``i`` as a single agent, to evaluate and record rollouts with (``play``)."""
+        if self.k == 1:
+            return self.agent
+        if self._policy is None:
+            self._policy = DroQ(*self.dims, self.cfg, device=self.agent.device)
+        self._policy.load_state_dict(self.agent.agent_state_dict(i))
+        return self._policy
+
+
+class Pack:
+    """K units trained in one process (module docstring)."""
+
+    def __init__(self, units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
+                 reports: Sequence[Report | None], env_workers: int = 0, progress: bool = False):
+        if not units or not len(units) == len(unit_dirs) == len(reports):
+            raise ValueError("a pack needs one unit directory and one report callback per unit")
+        self.lake_root, self.env_workers, self.progress = Path(lake_root), env_workers, progress
+        self.cfgs = [cfg.with_overrides(u.overrides) if u.overrides else cfg for u in units]
+        droqs = {json.dumps(c.droq.model_dump(), sort_keys=True) for c in self.cfgs}
+        if len(droqs) > 1:
+            raise ValueError("units of one pack must share droq.* settings; pack units of one config")
+        self.cfg = self.cfgs[0]
+        self.units, self.unit_dirs = list(units), [Path(d) for d in unit_dirs]
+        self.reports = [r or (lambda metrics: None) for r in reports]
+
+    # --- setup -----------------------------------------------------------------------
+    def _members(self) -> list[Member]:
+        members = []
+        for i, (unit, cfg, unit_dir, report) in enumerate(zip(self.units, self.cfgs, self.unit_dirs, self.reports)):
+            unit_dir.mkdir(parents=True, exist_ok=True)
+            member = Member(i, unit, cfg, unit_dir, report, np.random.default_rng(cfg.specialist.seed))
+            done = finished_result(unit, unit_dir)
+            if done is not None:  # a finished unit is never trained again
+                member.outcome = MemberOutcome(unit.unit_id, done)
+            members.append(member)
+        return members
+
+    def _fail(self, member: Member, error: BaseException, pool: EnvPool | None = None) -> None:
+        member.outcome = MemberOutcome(member.unit.unit_id, None, error)
+        if pool is not None:
+            pool.drop(member.slot)
+        if member.player is not None:
+            member.player.close()
+            member.player = None
+
+    def run(self) -> list[MemberOutcome]:
+        self._t_start = time.perf_counter()
+        members = self._members()
+        if all(not m.running for m in members):
+            return [m.outcome for m in members]
+        for m in members:
+            if m.running:
+                try:
+                    m.player = self._env_spec(m, m.cfg.specialist.seed + 1).make()
+                except Exception as e:  # noqa: BLE001 - a broken chunk fails its unit alone
+                    self._fail(m, e)
+        players = [m.player for m in members if m.player is not None]
+        if not players:
+            return [m.outcome for m in members]
+        first = players[0]
+        obs_dim, action_dim, low, high = first.obs_dim, first.action_dim, first.action_low, first.action_high
+        for m in members:
+            if m.player is not None and (m.player.obs_dim, m.player.action_dim) != (obs_dim, action_dim):
+                self._fail(m, ValueError(f"unit {m.unit.unit_id}: observation/action sizes differ from the pack's"))
+        specs = [self._env_spec(m, m.cfg.specialist.seed) for m in members]
+        try:
+            with make_pool(specs, obs_dim, action_dim, self.env_workers) as pool:
+                for m in members:
+                    if not m.running:
+                        pool.drop(m.slot)
+                # The first member's seed seeds the process (a pack of one: exactly as a single unit).
+                seed_everything(members[0].cfg.specialist.seed)
+                droq = self.cfg.droq
+                learner = Learner(len(members), obs_dim, action_dim, low, high, droq, seed=members[0].cfg.specialist.seed)
+                for m in members:
+                    m.buffer = ReplayBuffer(obs_dim, action_dim, droq.replay_capacity, droq.discount, droq.n_step,
+                                            seed=m.cfg.specialist.seed)
+                    if m.running:
+                        try:
+                            self._resume(m, learner, restore_process_rng=len(members) == 1)
+                        except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another unit
+                            self._fail(m, e, pool)
+                self._loop(members, learner, pool)
+        finally:
+            for m in members:
+                if m.player is not None:
+                    m.player.close()
+        return [m.outcome for m in members]
+
+    @staticmethod
+    def _env_spec(m: Member, seed: int) -> EnvSpec:
+        return EnvSpec(m.unit.song_path, m.unit.chunk_index, m.unit.song_hash, m.cfg.env.model_dump(), seed)
+
+    def _resume(self, m: Member, learner: Learner, restore_process_rng: bool) -> None:
+        checkpoint = load_checkpoint(m.unit_dir)  # on the CPU: RNG states and the replay live there
+        if checkpoint is not None:
+            if checkpoint["unit_id"] != m.unit.unit_id:
+                raise ValueError(f"{m.unit_dir}: its checkpoint belongs to unit {checkpoint['unit_id']}, "
+                                 f"not {m.unit.unit_id}; use another unit directory")
+            learner.load_state_dict(m.slot, checkpoint["agent"])
+            m.buffer.load_state_dict(checkpoint["replay"])
+            if restore_process_rng:
+                set_rng_state(checkpoint["rng"], m.rng)
+            else:  # the process-wide RNGs are the pack's; the member's own generator is its
+                m.rng.bit_generator.state = checkpoint["rng"]["numpy"]
+            m.step, m.episodes = int(checkpoint["step"]), int(checkpoint["episodes"])
+            m.updates = int(checkpoint["agent"]["updates"])
+            m.resumed_from = list(checkpoint["resumed_from"]) + [m.step]
+            m.last_eval = dict(checkpoint["last_eval"])
+            m.report({"step": m.step, "resume/step": m.step})
+        with open(m.unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
+            f.write(json.dumps({"attempt": len(read_attempts(m.unit_dir)) + 1, "start_step": m.step,
+                                "pid": os.getpid(), "time": time.time()}) + "\n")
+        write_text_atomic(m.unit_dir / PID_FILE, str(os.getpid()))
+        m.start_step, m.start_updates = m.step, m.updates
+        m.buffer.end_episode()  # the episode under way at the checkpoint is not restored
+
+    # --- training --------------------------------------------------------------------
+    def _loop(self, members: list[Member], learner: Learner, pool: EnvPool) -> None:
+        droq = self.cfg.droq
+        low, high = learner.dims[2], learner.dims[3]
+        for slot, error in pool.reset([m.slot for m in members if m.running]).items():
+            self._fail(members[slot], MemberFailed(error), pool)
+        t0 = self._t_train = time.perf_counter()
+        for m in members:
+            m.t_log, m.step_log, m.updates_log = t0, m.step, m.updates
+        bar = tqdm(total=sum(m.total_steps for m in members), initial=sum(m.step for m in members),
+                   disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
+        while running := [m for m in members if m.running and m.step < m.total_steps]:
+            # 1. act
+            obs = pool.obs.copy()
+            if any(m.step >= droq.warmup_steps for m in running):
+                pool.action[:] = learner.act(obs)
+            for m in running:
+                if m.step < droq.warmup_steps:
+                    pool.action[m.slot] = m.rng.uniform(low, high).astype(np.float32)
+            # 2. step the environments together
+            errors = pool.step([m.slot for m in running])
+            # 3. store the transitions
+            for m in running:
+                if m.slot in errors:
+                    self._fail(m, MemberFailed(f"unit {m.unit.unit_id}: its environment raised\n{errors[m.slot]}"), pool)
+                    continue
+                s = m.slot
+                m.step += 1
+                ended, terminated = bool(pool.ended[s]), bool(pool.terminated[s])
+                reward = float(pool.reward[s])
+                m.buffer.add(obs[s], pool.action[s], reward, pool.next_obs[s], terminated,
+                             truncated=ended and not terminated)
+                m.episode_return += reward
+                if ended:
+                    m.returns.append(m.episode_return)
+                    m.f1s.append(float(pool.episode_f1[s]))
+                    m.episodes += 1
+                    m.episode_return = 0.0
+            bar.update(len(running) - len(errors))
+            # 4. update every agent, once every running member is past its warm-up
+            stepped = [m for m in running if m.running]
+            if stepped and all(m.step > droq.warmup_steps for m in stepped):
+                metrics = learner.update(self._update_buffers(members, stepped))
+                for m in stepped:
+                    m.update_metrics = metrics[m.slot]
+                    m.updates += droq.utd_ratio
+            # 5. per member: report, evaluate, checkpoint, finish
+            for m in stepped:
+                try:
+                    self._after_step(m, learner, bar)
+                except Exception as e:  # noqa: BLE001 - its evaluation or rollouts failed: it alone
+                    self._fail(m, e)
+                if not m.running:
+                    pool.drop(m.slot)
+        bar.close()
+
+    def _update_buffers(self, members: list[Member], stepped: list[Member]) -> list[ReplayBuffer]:
+        """Each slot's own buffer; an idle slot whose buffer cannot fill a batch borrows a
+        running member's (its agent's update is thrown away)."""
+        batch = self.cfg.droq.batch_size
+        return [m.buffer if m in stepped or len(m.buffer) >= batch else stepped[0].buffer for m in members]
+
+    def _after_step(self, m: Member, learner: Learner, bar: tqdm) -> None:
+        spec = m.cfg.specialist
+        if m.step % spec.log_interval == 0:
+            now = time.perf_counter()
+            metrics = {"step": m.step, **m.update_metrics, "train/episodes": m.episodes,
+                       "perf/env_steps_per_s": (m.step - m.step_log) / (now - m.t_log),
+                       "perf/updates_per_s": (m.updates - m.updates_log) / (now - m.t_log)}
+            if m.returns:
+                metrics.update({"train/return": float(np.mean(m.returns)), "train/f1": float(np.mean(m.f1s))})
+            m.report(metrics)
+            m.t_log, m.step_log, m.updates_log, m.returns, m.f1s = now, m.step, m.updates, [], []
+        if m.step % spec.eval_interval == 0 or m.step == spec.total_steps:
+            m.last_eval = self._evaluate(m, learner)
+            m.report({"step": m.step, **m.last_eval})
+            if len(self.units) == 1:
+                bar.set_postfix({"eval_f1": f"{m.last_eval['eval/f1']:.3f}"})
+        if m.step % spec.checkpoint_interval == 0 or m.step == spec.total_steps:
+            save_checkpoint(m.unit_dir, unit_id=m.unit.unit_id, step=m.step, episodes=m.episodes,
+                            resumed_from=m.resumed_from, last_eval=m.last_eval, agent=learner.state_dict(m.slot),
+                            replay=m.buffer.state_dict(), rng=m.rng)
+            m.report({"step": m.step, "checkpoint_step": m.step})  # the campaign store shows it while the unit runs
+        if m.step == spec.total_steps:
+            self._finish(m, learner)
+
+    def _evaluate(self, m: Member, learner: Learner) -> dict[str, float]:
+        spec = m.cfg.specialist
+        agent = learner.policy(m.slot)
+        return summarise([play(agent, m.player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)], "eval")
+
+    # --- the end of a member -----------------------------------------------------------
+    def _finish(self, m: Member, learner: Learner) -> None:
+        """Rollouts into the member's own lake shard, ``result.json``, then the final checkpoint
+        sheds its replay buffer (the unit is done; only the policy is kept)."""
+        spec, unit = m.cfg.specialist, m.unit
+        train_seconds = time.perf_counter() - self._t_train
+        steps_run = m.step - m.start_step
+        agent = learner.policy(m.slot)
+        shard_path = None
+        if spec.rollouts > 0:
+            seeds = [spec.seed * 1000 + i for i in range(spec.rollouts)]
+            with Lake(self.lake_root, m.cfg.lake).shard_writer(unit.unit_id, unit.song_hash) as writer:
+                rollouts: list[EpisodeStats] = record_rollouts(
+                    agent, m.player, writer, seeds, progress=self.progress,
+                    deterministic=spec.rollout_policy == "deterministic")
+                summary = summarise(rollouts, "rollout")
+                meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
+                                 chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
+                                 specialist_f1=summary["rollout/f1"])
+                shard_path = str(writer.commit(meta).path)
+            m.report({"step": m.step, **summary})
+        else:
+            summary = {k.replace("eval/", "rollout/"): v for k, v in (m.last_eval or self._evaluate(m, learner)).items()}
+        m.player.close()
+        m.player = None
+        result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
+                            recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=m.step,
+                            shard_path=shard_path, seconds=time.perf_counter() - self._t_start,
+                            env_steps_per_s=steps_run / train_seconds if steps_run else 0.0,
+                            updates_per_s=(m.updates - m.start_updates) / train_seconds if steps_run else 0.0)
+        saved = {**result.model_dump(), "done": True, "resumed_from": m.resumed_from, "steps_this_run": steps_run,
+                 "config_hash": unit.config_hash}
+        write_text_atomic(m.unit_dir / RESULT, json.dumps(saved, indent=2))
+        shed_checkpoint(m.unit_dir)
+        m.outcome = MemberOutcome(unit.unit_id, result)
+
+
+def train_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
+               reports: Sequence[Report | None] | None = None, env_workers: int = 1,
+               progress: bool = False) -> list[MemberOutcome]:
+    """Train ``units`` as one pack (module docstring); one outcome per unit, in order."""
+    return Pack(units, cfg, unit_dirs, lake_root, reports or [None] * len(units), env_workers, progress).run()
