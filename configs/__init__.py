@@ -108,7 +108,24 @@ class CampaignConfig(_Section):
     max_attempts: int = Field(ge=1)
     cpus_per_unit: float = Field(ge=0)
     gpus_per_unit: float = Field(ge=0)
+    pack_size: int = Field(default=1, ge=1)
+    cpus_per_pack: float = Field(default=0, ge=0)
+    gpus_per_pack: float | None = Field(default=None, ge=0)
     synthetic: SyntheticConfig
+
+    def pack_resources(self, pool: "PoolConfig | None" = None) -> tuple[float, float]:
+        """(CPUs, GPUs) one launch holds: a unit's with ``pack_size`` 1 (as before packs);
+        for a pack, ``gpus_per_pack`` (None: one whole GPU when units use GPUs) and
+        ``cpus_per_pack`` (0: on a GPU ``pool``, its cores split among its GPUs' packs;
+        otherwise ``pack_size * cpus_per_unit``)."""
+        if self.pack_size == 1:
+            return self.cpus_per_unit, self.gpus_per_unit
+        gpus = self.gpus_per_pack if self.gpus_per_pack is not None else (1.0 if self.gpus_per_unit > 0 else 0.0)
+        if self.cpus_per_pack > 0:
+            return self.cpus_per_pack, gpus
+        if gpus > 0 and pool is not None and pool.gpus_per_job > 0:
+            return pool.cpus_per_job * min(1.0, gpus / pool.gpus_per_job), gpus
+        return self.pack_size * self.cpus_per_unit, gpus
 
 
 class MlflowConfig(_Section):

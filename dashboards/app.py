@@ -34,7 +34,7 @@ import jinja2
 
 import configs
 from dashboards import plots, timeline
-from dashboards.data import Campaign, Snapshot, summary
+from dashboards.data import Campaign, Snapshot, running_packs, summary
 from configs.files import atomic_write
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -122,6 +122,7 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
         "curve_units": [{"label": uid, "link": unit_link(uid)} for uid in s.curves],
         "curve_unit_ids": set(s.curves),
         "ray_dashboard": s.ray_dashboard,
+        "packs": running_packs(s.units),
         "focus": None,
     }
     if s.focus is not None:

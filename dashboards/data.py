@@ -112,6 +112,8 @@ class Unit:
     shard_path: str | None
     step: int | None = None
     run_link: str | None = None
+    pack_id: str | None = None  # the pack of its latest attempt (campaign.pack_size > 1)
+    steps_per_s: float | None = None  # env steps/s its running attempt last reported
 
 
 @dataclass
@@ -181,6 +183,21 @@ class Snapshot:
     def until(self) -> float:
         """The end of the campaign's time axis: its last state change once finished, else now."""
         return max((c.time for c in self.changes), default=self.taken_at) if self.finished else self.taken_at
+
+
+def running_packs(units: list[Unit]) -> list[dict[str, Any]]:
+    """Packs with a running unit: which units share each, its node, and its env steps/s (the
+    sum of its running units' last reported rates)."""
+    packs: dict[str, dict[str, Any]] = {}
+    for u in sorted(units, key=lambda u: u.unit_id):
+        if u.state != "running" or not u.pack_id:
+            continue
+        p = packs.setdefault(u.pack_id, {"pack_id": u.pack_id, "units": [], "node": u.node, "steps_per_s": None})
+        p["units"].append(u.unit_id)
+        p["node"] = p["node"] or u.node
+        if u.steps_per_s is not None:
+            p["steps_per_s"] = (p["steps_per_s"] or 0.0) + u.steps_per_s
+    return list(packs.values())
 
 
 def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
@@ -258,7 +275,7 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
     units = [Unit(unit_id=r.unit_id, song_name=r.song_name, chunk_index=r.chunk_index, split=r.split, state=r.state,
                   attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
                   seconds=r.seconds, node=r.hostname or r.node_id, error=_ANSI.sub("", r.error) if r.error else None, mlflow_run_id=r.mlflow_run_id,
-                  shard_path=r.shard_path, step=r.step)
+                  shard_path=r.shard_path, step=r.step, pack_id=r.pack_id, steps_per_s=r.steps_per_s)
              for r in rows]
     changes = [StateChange(e.ts, e.unit_id, e.to_state) for e in events
                if e.kind == "state" and e.unit_id and e.to_state]

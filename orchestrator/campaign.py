@@ -27,6 +27,7 @@ Campaign directory (``<root>/<campaign>/``)::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -251,6 +252,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
             pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
             scheduler.extra_resources = unit_resources(pool)
+            scheduler.pool = cfg.slurm.pools[pool]
 
         def reconcile_pools() -> None:
             # Units in flight count as running (never cancel a node that may hold one); the rest wait.
@@ -275,8 +277,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 return
             for n in notes["started"]:
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
-            for unit_id, (step, ckpt) in notes["progress"].items():
-                store.note_progress(unit_id, step, ckpt)
+            for unit_id, (step, ckpt, steps_per_s) in notes["progress"].items():
+                store.note_progress(unit_id, step, ckpt, steps_per_s)
             for unit_id, run_id in notes["runs"].items():
                 store.set_mlflow_run(unit_id, run_id)
 
@@ -312,19 +314,29 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             # Until no unit is left and the imitation job (if the gate launched one) has ended.
             while imitation.step(units_left=bool(queue or len(scheduler))) or queue or len(scheduler):
                 while queue and scheduler.has_room():
-                    unit_id = queue.popleft()
-                    row = store.unit(unit_id)
-                    if row.state != PENDING:
+                    rows = _next_pack(queue, store, scheduler.pack_size)
+                    if not rows:
                         continue
-                    attempt = store.mark_running(unit_id)
-                    attempts_run += 1
-                    sink.open_unit.remote(unit_id, row.mlflow_run_id, _unit_params(row),
-                                          {"state": "running", "attempt": attempt})
+                    pack_id = None
+                    if scheduler.pack_size > 1:
+                        packs_launched = int(store.get_meta("packs_launched", 0)) + 1
+                        store.set_meta("packs_launched", packs_launched)
+                        pack_id = f"pack-{packs_launched}"
+                    for row in rows:
+                        attempt = store.mark_running(row.unit_id, pack_id)
+                        attempts_run += 1
+                        sink.open_unit.remote(row.unit_id, row.mlflow_run_id, _unit_params(row),
+                                              {"state": "running", "attempt": attempt, **({"pack_id": pack_id} if pack_id else {})})
+                    row = rows[0]
                     if row.config_key not in config_dicts:
                         config_dicts[row.config_key] = store.get_config(row.config_key)
-                    scheduler.launch(unit_id, row.spec_json,
-                                     scheduler.config_ref(row.config_key, config_dicts[row.config_key]),
-                                     paths.unit_dir(unit_id), paths.lake)
+                    config_ref = scheduler.config_ref(row.config_key, config_dicts[row.config_key])
+                    if pack_id is None:
+                        scheduler.launch(row.unit_id, row.spec_json, config_ref, paths.unit_dir(row.unit_id), paths.lake)
+                    else:
+                        scheduler.launch_pack([r.unit_id for r in rows], [r.spec_json for r in rows], config_ref,
+                                              [paths.unit_dir(r.unit_id) for r in rows], paths.lake)
+                        log.info("%s: %s", pack_id, ", ".join(r.unit_id for r in rows))
                 reconcile_pools()  # slurm
                 outcomes = scheduler.wait(timeout=1.0)
                 if outcomes or time.monotonic() - last_drain > 1.0:
@@ -369,6 +381,31 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                            experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
                            logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
                            imitation=launches[-1] if launches else None)
+
+
+def _next_pack(queue: deque, store: CampaignStore, size: int) -> list:
+    """Up to ``size`` pending units from the front of ``queue`` that can share one pack: the
+    same config and the same overrides (one learner, one set of network settings). Units
+    taken leave the queue; the others keep their places. Empty when the front was not pending."""
+    rows = []
+    while queue and not rows:
+        row = store.unit(queue.popleft())
+        if row.state == PENDING:
+            rows.append(row)
+    if not rows or size == 1:
+        return rows
+    key = (rows[0].config_key, json.dumps(rows[0].spec.overrides, sort_keys=True))
+    kept = deque()
+    while queue and len(rows) < size:
+        row = store.unit(queue.popleft())
+        if row.state != PENDING:
+            continue
+        if (row.config_key, json.dumps(row.spec.overrides, sort_keys=True)) == key:
+            rows.append(row)
+        else:
+            kept.append(row.unit_id)
+    queue.extendleft(reversed(kept))
+    return rows
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:

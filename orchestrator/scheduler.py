@@ -1,5 +1,11 @@
-"""Running units on Ray: connect to (or start) a cluster, launch one task per unit attempt with
-the resources the config declares, and hand back finished attempts as ``Outcome``s.
+"""Running units on Ray: connect to (or start) a cluster, launch one task per unit attempt (or
+per pack of ``campaign.pack_size`` unit attempts) with the resources the config declares, and
+hand back finished attempts as ``Outcome``s, one per unit.
+
+A pack is one Ray task holding ``CampaignConfig.pack_resources()``; it returns each member's
+result or error, so a member that failed is retried alone while the others succeed. When the
+pack's process dies (killed, out of memory, node lost) every member's attempt fails with that
+error and each is retried from its own checkpoint.
 
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
@@ -31,6 +37,13 @@ WORKLOADS = {
     "specialist": ("workers.rl.specialist", "train_unit"),
     "synthetic": ("workers.synthetic", "run_unit"),
 }
+PACK_WORKLOADS = {
+    "specialist": ("workers.rl.pack", "run_pack"),
+    "synthetic": ("workers.synthetic", "run_pack"),
+}
+# Pack processes run a multi-threaded learner beside their environment workers: OpenMP threads
+# must sleep, not spin, while they wait (set before torch is imported in the worker process).
+PACK_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 ERROR_CHARS = 4000  # how much of a traceback the store keeps: the end, where the cause is
 
 
@@ -82,11 +95,22 @@ def dashboard_url() -> str | None:
     return (url if url.startswith("http") else f"http://{url}") if url else None
 
 
-def _workload(name: str):
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r} (known: {', '.join(WORKLOADS)})")
-    module, func = WORKLOADS[name]
+def _workload(name: str, table: dict[str, tuple[str, str]] = WORKLOADS):
+    if name not in table:
+        raise ValueError(f"unknown workload {name!r} (known: {', '.join(table)})")
+    module, func = table[name]
     return getattr(__import__(module, fromlist=[func]), func)
+
+
+def _note_start(sink, unit_id: str) -> None:
+    if sink is not None:
+        ctx = ray.get_runtime_context()
+        sink.started.remote(unit_id, {
+            "hostname": socket.gethostname(),
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID") or _node_label(ctx, SLURM_JOB_LABEL),
+        })
 
 
 def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink) -> dict:
@@ -99,14 +123,7 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     cfg = configs.from_dict(cfg_dict)
     if unit.overrides:
         cfg = cfg.with_overrides(unit.overrides)
-    if sink is not None:
-        ctx = ray.get_runtime_context()
-        sink.started.remote(unit.unit_id, {
-            "hostname": socket.gethostname(),
-            "node_id": ctx.get_node_id(),
-            "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID") or _node_label(ctx, SLURM_JOB_LABEL),
-        })
+    _note_start(sink, unit.unit_id)
     report = Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s)
     run = _workload(workload)
     try:
@@ -114,6 +131,34 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     finally:
         report.close()  # metrics of a failed attempt still reach MLflow
     return {**result.model_dump(), "report_seconds": report.seconds, "reports": report.calls}
+
+
+def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs: list[str], lake_root: str,
+                 sink, cpus: float) -> list[dict]:
+    """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``).
+
+    Returns one dict per member: ``{"unit_id", "result"}`` with ``UnitResult`` fields plus
+    ``report_seconds`` and ``reports``, or ``{"unit_id", "error"}`` with the member's traceback.
+    """
+    units = [UnitSpec.model_validate_json(s) for s in specs_json]
+    cfg = configs.from_dict(cfg_dict)  # each member applies its own overrides
+    for unit in units:
+        _note_start(sink, unit.unit_id)
+    reporters = [Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s) for unit in units]
+    run = _workload(workload, PACK_WORKLOADS)
+    try:
+        outcomes = run(units, cfg, [Path(d) for d in unit_dirs], Path(lake_root), reporters, cpus)
+    finally:
+        for report in reporters:
+            report.close()  # metrics of failed members still reach MLflow
+    out = []
+    for outcome, report in zip(outcomes, reporters):
+        if outcome.error is not None:
+            out.append({"unit_id": outcome.unit_id, "error": _clip(outcome.error_text)})
+        else:
+            out.append({"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(),
+                        "report_seconds": report.seconds, "reports": report.calls}})
+    return out
 
 
 class Reporter:
@@ -148,6 +193,7 @@ class Reporter:
 
 
 _execute_unit_remote = ray.remote(execute_unit)
+_execute_pack_remote = ray.remote(execute_pack)
 
 
 def _node_label(ctx, key: str) -> str | None:
@@ -177,57 +223,76 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
     else:
         kind = "system"
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return kind, _clip(text)
+
+
+def _clip(text: str) -> str:
+    """The first line and the end of a long error, where the cause is."""
     if len(text) > ERROR_CHARS:
         first, rest = text.split("\n", 1) if "\n" in text else (text, "")
         text = first + "\n...\n" + rest[-(ERROR_CHARS - len(first)):]
-    return kind, text
+    return text
 
 
 class Scheduler:
-    """Launches unit attempts as Ray tasks and reports them as they finish."""
+    """Launches unit attempts (alone, or ``campaign.pack_size`` at a time as one pack) as Ray
+    tasks and reports them, one ``Outcome`` per unit, as they finish."""
 
     def __init__(self, cfg: configs.Config, workload: str, sink=None):
         _workload(workload)  # fail early on a bad name
         self.workload = workload
         self.camp = cfg.campaign
         self.sink = sink
-        self._inflight: dict[ray.ObjectRef, str] = {}
+        self._inflight: dict[ray.ObjectRef, tuple[str, ...]] = {}  # launch -> its unit ids
+        self._packed: set[ray.ObjectRef] = set()  # launches that are packs
         self._config_refs: dict[str, ray.ObjectRef] = {}
         self._capacity: int | None = None
         self._capacity_at = 0.0
         # --- slurm: custom resources that pin units to a SLURM pool's nodes (slurm.pools.unit_resources)
         self.extra_resources: dict[str, float] = {}
+        self.pool: configs.PoolConfig | None = None  # sizes packs on a SLURM GPU pool (pack_resources)
         # --- end slurm
 
+    @property
+    def pack_size(self) -> int:
+        return self.camp.pack_size
+
+    def resources(self) -> tuple[float, float]:
+        """(CPUs, GPUs) of one launch: a unit, or a pack."""
+        return self.camp.pack_resources(self.pool)
+
     def __len__(self) -> int:
-        return len(self._inflight)
+        """Unit attempts in flight (queued in Ray or running), alone or in packs."""
+        return sum(len(ids) for ids in self._inflight.values())
 
     def inflight(self) -> list[str]:
         """Unit ids of the attempts in flight (queued in Ray or running)."""
-        return list(self._inflight.values())
+        return [unit_id for ids in self._inflight.values() for unit_id in ids]
 
     def capacity(self) -> int:
-        """How many attempts to keep in flight: ``max_concurrent_units``, or (0) what the
-        cluster's CPUs/GPUs fit, rechecked every few seconds as nodes join or leave."""
+        """How many launches (units, or packs) to keep in flight: ``max_concurrent_units``
+        (in units, so packs of K take K each), or (0) what the cluster's CPUs/GPUs fit,
+        rechecked every few seconds as nodes join or leave."""
         if self.camp.max_concurrent_units > 0:
-            return self.camp.max_concurrent_units
+            return max(1, self.camp.max_concurrent_units // self.pack_size)
         now = time.monotonic()
         if self._capacity is None or now - self._capacity_at > 5.0:
+            cpus, gpus = self.resources()
             res = ray.cluster_resources()
             fits = []
-            if self.camp.cpus_per_unit > 0:
-                fits.append(int(res.get("CPU", 0) // self.camp.cpus_per_unit))
-            if self.camp.gpus_per_unit > 0:
-                fits.append(int(math.floor(res.get("GPU", 0) / self.camp.gpus_per_unit + 1e-9)))
+            if cpus > 0:
+                fits.append(int(res.get("CPU", 0) // cpus))
+            if gpus > 0:
+                fits.append(int(math.floor(res.get("GPU", 0) / gpus + 1e-9)))
             slots = min(fits) if fits else int(res.get("CPU", 1))
             # At least one queued attempt, so an autoscaling pool sees demand even with no nodes yet.
             self._capacity, self._capacity_at = max(1, slots), now
         return self._capacity
 
     def has_room(self) -> bool:
-        """Room for another attempt: ``max_concurrent_units`` bounds attempts in flight exactly;
-        with 0, up to twice what fits are in flight, so Ray has the next one queued when a
-        unit ends (those wait in Ray's queue, ``running`` in the store with no host yet)."""
+        """Room for another launch: ``max_concurrent_units`` bounds launches in flight exactly;
+        with 0, up to twice what fits are in flight, so Ray has the next one queued when one
+        ends (those wait in Ray's queue, ``running`` in the store with no host yet)."""
         limit = self.capacity() if self.camp.max_concurrent_units > 0 else 2 * self.capacity()
         return len(self._inflight) < limit
 
@@ -238,17 +303,33 @@ class Scheduler:
         return self._config_refs[config_key]
 
     def launch(self, unit_id: str, spec_json: str, config_ref: ray.ObjectRef, unit_dir: Path, lake_root: Path) -> None:
+        cpus, gpus = self.camp.cpus_per_unit, self.camp.gpus_per_unit
         ref = _execute_unit_remote.options(
-            num_cpus=self.camp.cpus_per_unit,
-            num_gpus=self.camp.gpus_per_unit,
+            num_cpus=cpus,
+            num_gpus=gpus,
             resources=self.extra_resources,  # slurm: {"pool:<name>": 1} with --profile slurm, else {}
             max_retries=0,             # the store counts attempts; see the module docstring
             retry_exceptions=False,
         ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink)
-        self._inflight[ref] = unit_id
+        self._inflight[ref] = (unit_id,)
+
+    def launch_pack(self, unit_ids: list[str], specs_json: list[str], config_ref: ray.ObjectRef,
+                    unit_dirs: list[Path], lake_root: Path) -> None:
+        """One Ray task training ``unit_ids`` together (one config for all of them)."""
+        cpus, gpus = self.resources()
+        ref = _execute_pack_remote.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            resources=self.extra_resources,
+            runtime_env={"env_vars": PACK_ENV_VARS},
+            max_retries=0,
+            retry_exceptions=False,
+        ).remote(self.workload, specs_json, config_ref, [str(d) for d in unit_dirs], str(lake_root), self.sink, cpus)
+        self._inflight[ref] = tuple(unit_ids)
+        self._packed.add(ref)
 
     def wait(self, timeout: float) -> list[Outcome]:
-        """Attempts that finished within ``timeout`` seconds (possibly none)."""
+        """Attempts that finished within ``timeout`` seconds (possibly none), one per unit."""
         if not self._inflight:
             time.sleep(min(timeout, 0.1))
             return []
@@ -258,21 +339,33 @@ class Scheduler:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         outcomes = []
         for ref in ready:
-            unit_id = self._inflight.pop(ref)
+            unit_ids = self._inflight.pop(ref)
+            packed = ref in self._packed
+            self._packed.discard(ref)
             try:
-                outcomes.append(Outcome(unit_id, ray.get(ref), None, None))
+                value = ray.get(ref)
             except Exception as e:  # RayTaskError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
                 kind, text = describe_failure(e)
-                outcomes.append(Outcome(unit_id, None, text, kind))
+                outcomes.extend(Outcome(unit_id, None, text, kind) for unit_id in unit_ids)
+                continue
+            if not packed:
+                outcomes.append(Outcome(unit_ids[0], value, None, None))
+                continue
+            for member in value:
+                if "error" in member:
+                    outcomes.append(Outcome(member["unit_id"], None, member["error"], "unit"))
+                else:
+                    outcomes.append(Outcome(member["unit_id"], member["result"], None, None))
         return outcomes
 
     def cancel_all(self) -> list[str]:
         """Cancel every attempt in flight (driver shutting down); returns their unit ids."""
-        ids = list(self._inflight.values())
+        ids = self.inflight()
         for ref in list(self._inflight):
             try:
                 ray.cancel(ref, force=True)
             except Exception:
                 pass
         self._inflight.clear()
+        self._packed.clear()
         return ids

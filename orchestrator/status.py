@@ -30,6 +30,7 @@ class CampaignStatus:
     driver: str                           # 'running (pid N on HOST)', 'stopped', 'gone (...)', 'unknown'
     logging_overhead: float | None        # worker time in the metrics callback / worker time
     running: list[dict] = field(default_factory=list)
+    packs: list[dict] = field(default_factory=list)  # running packs: pack_id, units, hostname, steps_per_s
     last_errors: list[dict] = field(default_factory=list)
     mlflow: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
@@ -82,9 +83,12 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         overhead_row = db.execute(
             f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({marks}) AND report_seconds IS NOT NULL",
             FINISHED).fetchone()
+        columns = store.unit_columns  # NULLs for columns an older store lacks
         running = [dict(r) for r in db.execute(
-            "SELECT unit_id, attempts, hostname, slurm_job_id, step, checkpoint_step, started_at FROM units"
-            " WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+            f"SELECT {columns} FROM units WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+        packs = _packs([dict(r) for r in db.execute(
+            f"SELECT {columns} FROM units WHERE state = ? AND pack_id IS NOT NULL", (RUNNING,))]) \
+            if "NULL AS pack_id" not in columns else []
         errors = [dict(r) for r in db.execute(
             "SELECT unit_id, state, attempts, finished_at, error FROM units WHERE error IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
@@ -95,8 +99,22 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
+        running=running, packs=packs, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
         ray_dashboard=ray_dashboard, read_seconds=time.perf_counter() - t0)
+
+
+def _packs(rows: list[dict]) -> list[dict]:
+    """Running units grouped by pack: which units share one, where, and its env steps/s (the
+    sum of its units' last reported rates)."""
+    packs: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["unit_id"]):
+        p = packs.setdefault(r["pack_id"], {"pack_id": r["pack_id"], "units": [], "hostname": r["hostname"],
+                                            "steps_per_s": None, "started_at": r["started_at"]})
+        p["units"].append(r["unit_id"])
+        p["hostname"] = p["hostname"] or r["hostname"]
+        if r["steps_per_s"] is not None:
+            p["steps_per_s"] = (p["steps_per_s"] or 0.0) + r["steps_per_s"]
+    return sorted(packs.values(), key=lambda p: int(p["pack_id"].rsplit("-", 1)[-1]) if p["pack_id"][-1:].isdigit() else 0)
 
 
 def _driver_state(store: CampaignStore) -> str:
@@ -170,15 +188,24 @@ def render(status: CampaignStatus):
     parts = [head, states, hist]
     if status.running:
         run = Table(title="running", show_edge=False)
-        for col in ("unit", "attempt", "host", "slurm job", "step", "checkpoint", "for"):
+        for col in ("unit", "pack", "attempt", "host", "slurm job", "step", "checkpoint", "steps/s", "for"):
             run.add_column(col)
         now = time.time()
         for r in status.running:
-            run.add_row(r["unit_id"], str(r["attempts"]), r["hostname"] or "-", r["slurm_job_id"] or "-",
-                        str(r["step"] if r["step"] is not None else "-"),
+            run.add_row(r["unit_id"], r["pack_id"] or "-", str(r["attempts"]), r["hostname"] or "-",
+                        r["slurm_job_id"] or "-", str(r["step"] if r["step"] is not None else "-"),
                         str(r["checkpoint_step"] if r["checkpoint_step"] is not None else "-"),
+                        f"{r['steps_per_s']:.0f}" if r["steps_per_s"] is not None else "-",
                         _duration(now - r["started_at"]) if r["started_at"] else "-")
         parts.append(run)
+    if status.packs:
+        packs = Table(title="packs", show_edge=False)
+        for col in ("pack", "units", "host", "steps/s"):
+            packs.add_column(col)
+        for p in status.packs:
+            packs.add_row(p["pack_id"], ", ".join(p["units"]), p["hostname"] or "-",
+                          f"{p['steps_per_s']:.0f}" if p["steps_per_s"] is not None else "-")
+        parts.append(packs)
     if status.last_errors:
         err = Table(title="last errors", show_edge=False)
         for col in ("unit", "state", "attempts", "error"):

@@ -73,7 +73,9 @@ CREATE TABLE IF NOT EXISTS units (
     slurm_job_id    TEXT,
     error           TEXT,                  -- last failure: exception type, message, traceback tail
     mlflow_run_id   TEXT,                  -- the unit's child run
-    updated_at      REAL NOT NULL
+    updated_at      REAL NOT NULL,
+    pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
+    steps_per_s     REAL                   -- env steps/s the running attempt last reported
 );
 CREATE INDEX IF NOT EXISTS units_by_state ON units(state);
 CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state over time) and driver events
@@ -127,6 +129,8 @@ class UnitRow:
     error: str | None
     mlflow_run_id: str | None
     updated_at: float
+    pack_id: str | None = None
+    steps_per_s: float | None = None
 
     @property
     def spec(self) -> UnitSpec:
@@ -169,12 +173,25 @@ class CampaignStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
             version = self.get_meta("schema_version")
             if version is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
             elif int(version) > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version} is newer than this pianoforge ({SCHEMA_VERSION})")
         self.db.row_factory = sqlite3.Row
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
+        # A reader of a store from before a column was added (no driver has opened it since) sees NULLs.
+        self.unit_columns = ", ".join(c if c in have else f"NULL AS {c}" for c in _UNIT_COLUMNS.split(", "))
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to ``units`` since a store was created (``CREATE TABLE IF NOT EXISTS``
+        leaves an older table as it was)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
+        with self.db:
+            for name, kind in (("pack_id", "TEXT"), ("steps_per_s", "REAL")):
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE units ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -234,14 +251,14 @@ class CampaignStore:
         return added
 
     def unit(self, unit_id: str) -> UnitRow:
-        row = self.db.execute(f"SELECT {_UNIT_COLUMNS} FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
+        row = self.db.execute(f"SELECT {self.unit_columns} FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
         if row is None:
             raise StoreError(f"{self.path}: no unit {unit_id}")
         return UnitRow(**dict(row))
 
     def units(self, states: Iterable[str] | None = None) -> Iterator[UnitRow]:
         """Units (optionally only those in ``states``), oldest first."""
-        sql, args = f"SELECT {_UNIT_COLUMNS} FROM units", ()
+        sql, args = f"SELECT {self.unit_columns} FROM units", ()
         if states is not None:
             states = tuple(states)
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
@@ -269,18 +286,20 @@ class CampaignStore:
 
     # ---- transitions (driver only) ----------------------------------------------------
 
-    def mark_running(self, unit_id: str) -> int:
-        """pending -> running; counts a new attempt and returns its number (1-based)."""
+    def mark_running(self, unit_id: str, pack_id: str | None = None) -> int:
+        """pending -> running; counts a new attempt and returns its number (1-based). ``pack_id``
+        names the pack the attempt runs in (None: a unit alone)."""
         now = time.time()
         with self.db:
             row = self._expect(unit_id, PENDING)
             attempt = row["attempts"] + 1
             self.db.execute(
                 "UPDATE units SET state = ?, attempts = ?, started_at = ?, finished_at = NULL, seconds = NULL,"
-                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, updated_at = ? WHERE unit_id = ?",
-                (RUNNING, attempt, now, now, unit_id),
+                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, pack_id = ?, steps_per_s = NULL,"
+                " updated_at = ? WHERE unit_id = ?",
+                (RUNNING, attempt, now, pack_id, now, unit_id),
             )
-            self._event(now, unit_id, "state", PENDING, RUNNING, attempt, None)
+            self._event(now, unit_id, "state", PENDING, RUNNING, attempt, pack_id and f"pack {pack_id}")
         return attempt
 
     def note_worker(self, unit_id: str, hostname: str | None, node_id: str | None, pid: int | None,
@@ -292,13 +311,14 @@ class CampaignStore:
                 (hostname, node_id, pid, slurm_job_id, time.time(), unit_id),
             )
 
-    def note_progress(self, unit_id: str, step: int | None, checkpoint_step: int | None) -> None:
-        """Latest reported step and checkpoint step (never moves the checkpoint step backwards to NULL)."""
+    def note_progress(self, unit_id: str, step: int | None, checkpoint_step: int | None,
+                      steps_per_s: float | None = None) -> None:
+        """Latest reported step, checkpoint step and env steps/s (a None keeps the value before)."""
         with self.db:
             self.db.execute(
                 "UPDATE units SET step = COALESCE(?, step), checkpoint_step = COALESCE(?, checkpoint_step),"
-                " updated_at = ? WHERE unit_id = ?",
-                (step, checkpoint_step, time.time(), unit_id),
+                " steps_per_s = COALESCE(?, steps_per_s), updated_at = ? WHERE unit_id = ?",
+                (step, checkpoint_step, steps_per_s, time.time(), unit_id),
             )
 
     def set_mlflow_run(self, unit_id: str, run_id: str) -> None:

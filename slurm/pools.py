@@ -366,12 +366,14 @@ class PoolManager:
 
 
 def units_per_job(cfg: configs.Config, pool: str) -> int:
-    """How many units of the campaign one job of ``pool`` runs at once."""
+    """How many units of the campaign one job of ``pool`` runs at once: launches (units, or
+    packs of ``campaign.pack_size``, by default one pack per GPU) that fit, times the pack size."""
     p = cfg.slurm.pools[pool]
-    fits = [p.cpus_per_job / cfg.campaign.cpus_per_unit] if cfg.campaign.cpus_per_unit > 0 else []
-    if cfg.campaign.gpus_per_unit > 0:
-        fits.append(p.gpus_per_job / cfg.campaign.gpus_per_unit)
-    return max(1, int(min(fits))) if fits else 1
+    cpus, gpus = cfg.campaign.pack_resources(p)
+    fits = [p.cpus_per_job / cpus] if cpus > 0 else []
+    if gpus > 0:
+        fits.append(p.gpus_per_job / gpus)
+    return (max(1, int(min(fits) + 1e-9)) if fits else 1) * cfg.campaign.pack_size
 
 
 def pool_for_units(slurm_cfg: SlurmConfig, gpus_per_unit: float) -> str:

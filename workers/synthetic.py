@@ -23,11 +23,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
-from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
+from workers.units import ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
 from configs.files import write_text_atomic
 
 CHECKPOINT = "checkpoint.json"
@@ -87,6 +87,20 @@ def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Pat
         steps=syn.steps, shard_path=str(shard.path), seconds=seconds,
         env_steps_per_s=syn.steps_per_episode * syn.episodes / seconds, updates_per_s=0.0,
     )
+
+
+def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
+             reports: Sequence[Callable[[dict], None] | None], cpus: float) -> list[MemberOutcome]:
+    """A synthetic pack: its units one after another in this process, each failure caught for
+    its unit alone (what the orchestrator needs of ``workers.rl.pack.run_pack``, cheaply)."""
+    outcomes = []
+    for unit, unit_dir, report in zip(units, unit_dirs, reports):
+        unit_cfg = cfg.with_overrides(unit.overrides) if unit.overrides else cfg
+        try:
+            outcomes.append(MemberOutcome(unit.unit_id, run_unit(unit, unit_cfg, unit_dir, lake_root, report)))
+        except Exception as e:  # noqa: BLE001 - this unit fails alone
+            outcomes.append(MemberOutcome(unit.unit_id, None, e))
+    return outcomes
 
 
 def make_units(n_songs: int, chunks_per_song: int, config_hash: str, split: str = "train") -> list[UnitSpec]:

@@ -4,6 +4,8 @@ workload keeps in its unit directory for failure drills."""
 from __future__ import annotations
 
 import json
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,3 +66,19 @@ class UnitResult(BaseModel):
     seconds: float
     env_steps_per_s: float = 0.0
     updates_per_s: float = 0.0
+
+
+@dataclass
+class MemberOutcome:
+    """What became of one unit of a pack: ``result`` on success, else ``error`` (the exception
+    that stopped it; the pack's other units went on)."""
+
+    unit_id: str
+    result: UnitResult | None
+    error: BaseException | None = None
+
+    @property
+    def error_text(self) -> str | None:
+        if self.error is None:
+            return None
+        return "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))

@@ -37,19 +37,19 @@ from __future__ import annotations
 import json
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 import configs
 from configs.files import write_text_atomic
 from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
-from workers.rl.droq import DroQ
+from workers.rl.droq import DroQ, resolve_device
 from workers.rl.envpool import EnvPool, EnvSpec, make_pool
 from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
@@ -65,28 +65,13 @@ from workers.rl.specialist import (
     shed_checkpoint,
     summarise,
 )
-from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts
+from workers.units import ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec, read_attempts
 
 Report = Callable[[dict], None]
 
 
 class MemberFailed(RuntimeError):
     """A member's environment, evaluation or rollouts failed; the text carries the cause."""
-
-
-@dataclass
-class MemberOutcome:
-    """What became of one member: ``result`` on success, else ``error`` (the exception)."""
-
-    unit_id: str
-    result: UnitResult | None
-    error: BaseException | None = None
-
-    @property
-    def error_text(self) -> str | None:
-        if self.error is None:
-            return None
-        return "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
 
 
 @dataclass
@@ -408,3 +393,16 @@ def train_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequen
                progress: bool = False) -> list[MemberOutcome]:
     """Train ``units`` as one pack (module docstring); one outcome per unit, in order."""
     return Pack(units, cfg, unit_dirs, lake_root, reports or [None] * len(units), env_workers, progress).run()
+
+
+def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
+             reports: Sequence[Report | None], cpus: float) -> list[MemberOutcome]:
+    """A pack as the scheduler runs it, on ``cpus`` CPUs: one environment worker per CPU, and
+    as many torch threads for a CPU learner (one for a GPU learner, which waits on kernels)."""
+    threads = torch.get_num_threads()
+    on_gpu = resolve_device(cfg.droq.device).type == "cuda"
+    torch.set_num_threads(1 if on_gpu else max(1, int(cpus)))
+    try:
+        return train_pack(units, cfg, unit_dirs, lake_root, reports, env_workers=max(1, int(cpus)))
+    finally:
+        torch.set_num_threads(threads)
