@@ -112,42 +112,41 @@ class Member:
 
 
 class Learner:
-    """The K agents behind one interface: ``DroQ(num_agents=K)`` for a pack, today's single
-    ``DroQ`` for a pack of one (whose calls take one observation and one buffer)."""
+    """The K agents behind one interface: ``DroQ(num_agents=K)`` for a pack, the single ``DroQ``
+    of today's specialist for a pack of one (initialised from the process's seeded RNG, whose
+    calls take one observation and one buffer). Agent i of a pack starts as a lone agent with
+    its member's ``specialist.seed`` would."""
 
-    def __init__(self, k: int, obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray,
-                 cfg: configs.DroQConfig, seed: int):
-        self.k, self.cfg = k, cfg
+    def __init__(self, obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray,
+                 cfg: configs.DroQConfig, seeds: list[int]):
+        self.k, self.cfg = len(seeds), cfg
         self.dims = (obs_dim, action_dim, low, high)
-        if k == 1:
+        if self.k == 1:
             self.agent = DroQ(obs_dim, action_dim, low, high, cfg)
         else:
-            self.agent = DroQ(obs_dim, action_dim, low, high, cfg, seed=seed, num_agents=k)
+            self.agent = DroQ(obs_dim, action_dim, low, high, cfg, seed=seeds, num_agents=self.k)
         self._policy: DroQ | None = None
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Stochastic actions for all K slots: (K, obs_dim) -> (K, action_dim)."""
-        return self.agent.act(obs[0])[None] if self.k == 1 else self.agent.act(obs, deterministic=False)
+        return self.agent.act(obs[0])[None] if self.k == 1 else self.agent.act(obs)
 
     def update(self, buffers: Sequence[ReplayBuffer]) -> list[dict]:
         return [self.agent.update(buffers[0])] if self.k == 1 else self.agent.update(list(buffers))
 
     def state_dict(self, i: int) -> dict:
-        return self.agent.state_dict() if self.k == 1 else self.agent.agent_state_dict(i)
+        return self.agent.agent_state_dict(i)
 
     def load_state_dict(self, i: int, state: dict) -> None:
-        if self.k == 1:
-            self.agent.load_state_dict(state)
-        else:
-            self.agent.load_agent_state_dict(i, state)
+        self.agent.load_agent_state_dict(i, state)
 
     def policy(self, i: int) -> DroQ:
         """Agent ``i`` as a single agent, to evaluate and record rollouts with (``play``)."""
         if self.k == 1:
             return self.agent
         if self._policy is None:
-            self._policy = DroQ(*self.dims, self.cfg, device=self.agent.device)
-        self._policy.load_state_dict(self.agent.agent_state_dict(i))
+            self._policy = DroQ(*self.dims, self.cfg, device=self.agent.device, seed=0)
+        self._policy.load_agent_state_dict(0, self.agent.agent_state_dict(i))
         return self._policy
 
 
@@ -215,7 +214,7 @@ class Pack:
                 # The first member's seed seeds the process (a pack of one: exactly as a single unit).
                 seed_everything(members[0].cfg.specialist.seed)
                 droq = self.cfg.droq
-                learner = Learner(len(members), obs_dim, action_dim, low, high, droq, seed=members[0].cfg.specialist.seed)
+                learner = Learner(obs_dim, action_dim, low, high, droq, [m.cfg.specialist.seed for m in members])
                 for m in members:
                     m.buffer = ReplayBuffer(obs_dim, action_dim, droq.replay_capacity, droq.discount, droq.n_step,
                                             seed=m.cfg.specialist.seed)

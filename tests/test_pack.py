@@ -1,0 +1,209 @@
+"""Packs of specialist units on real song chunks: environments in worker processes, a pack of
+one equal to a lone unit, members that fail alone, a killed pack whose members all resume,
+and finished units that keep only their policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import configs
+from test_specialist import REPO, TINY, TWINKLE, tiny_unit
+from workers.lake import Lake
+from workers.rl import pack as pack_mod
+from workers.rl.envpool import EnvSpec, InProcessEnvPool, WorkerEnvPool
+from workers.rl.pack import train_pack
+from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result, train_unit
+from workers.units import read_attempts
+
+MB = 1 << 20
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def env_specs(cfg: configs.Config, chunks: list[int]) -> list[EnvSpec]:
+    unit = tiny_unit(cfg)
+    return [EnvSpec(str(TWINKLE), c, unit.song_hash, cfg.env.model_dump(), seed=c) for c in chunks]
+
+
+@pytest.mark.slow
+def test_worker_processes_step_like_this_process_and_a_raising_slot_fails_alone():
+    cfg = configs.load(overrides={"env.chunk_steps": 12})
+    specs = env_specs(cfg, [1, 2])
+    probe = specs[0].make()
+    dims = (probe.obs_dim, probe.action_dim)
+    low, high = probe.action_low, probe.action_high
+    probe.close()
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(low, high, size=(30, 2, dims[1])).astype(np.float32)
+    actions[20, 1, 3] = np.nan  # slot 1's environment raises at step 21
+    seen = []
+    for pool in (InProcessEnvPool(specs, *dims), WorkerEnvPool(specs, *dims, n_workers=2)):
+        with pool:
+            assert pool.reset([0, 1]) == {}
+            trace, errors = [pool.obs.copy()], {}
+            for t in range(30):
+                slots = [0] if 1 in errors else [0, 1]
+                pool.action[slots] = actions[t, slots]
+                errors.update(pool.step(slots))
+                trace.append((pool.obs.copy(), pool.next_obs.copy(), pool.reward.copy(), pool.ended.copy(),
+                              pool.episode_f1.copy()))
+            seen.append((trace, errors))
+    (local, local_errors), (workers, worker_errors) = seen
+    assert set(local_errors) == set(worker_errors) == {1}
+    assert "non-finite" in worker_errors[1]
+    assert sum(bool(step[3][0]) for step in workers[1:]) >= 2  # slot 0 went through episode ends
+    for a, b in zip(local[1:], workers[1:]):  # bit for bit: the same physics in another process
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x[0], y[0])  # slot 0 throughout
+    np.testing.assert_array_equal(local[20][0], workers[20][0])  # slot 1 until it failed
+
+
+@pytest.mark.slow
+def test_a_pack_of_one_trains_bit_identically_to_a_lone_unit(tmp_path):
+    cfg = configs.load(overrides={**TINY, "specialist.total_steps": 120, "specialist.checkpoint_interval": 60,
+                                  "specialist.eval_interval": 60})
+    unit = tiny_unit(cfg)
+    alone, packed = [], []
+    result = train_unit(unit, cfg, tmp_path / "alone", tmp_path / "lake-a", report=alone.append, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train_unit runs it (campaign.cpus_per_unit)
+    try:
+        [outcome] = train_pack([unit], cfg, [tmp_path / "packed"], tmp_path / "lake-p", [packed.append], env_workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert outcome.error is None, outcome.error_text
+    speeds = ("perf/", )
+    assert [{k: v for k, v in r.items() if not k.startswith(speeds)} for r in packed] == \
+        [{k: v for k, v in r.items() if not k.startswith(speeds)} for r in alone]
+    a, b = load_checkpoint(tmp_path / "alone"), load_checkpoint(tmp_path / "packed")
+    for part in ("actor", "critic"):
+        for name, tensor in a["agent"][part].items():
+            assert torch.equal(tensor, b["agent"][part][name]), f"{part}.{name}"
+    assert outcome.result.f1 == result.f1 and outcome.result.episode_return == result.episode_return
+    [sa], [sb] = Lake(tmp_path / "lake-a").shards(), Lake(tmp_path / "lake-p").shards()
+    for x, y in zip(Lake(tmp_path / "lake-a").read_episodes(sa), Lake(tmp_path / "lake-p").read_episodes(sb)):
+        np.testing.assert_array_equal(x.action, y.action)
+
+
+@pytest.mark.slow
+def test_a_member_whose_environment_raises_fails_alone_and_resumes_in_a_pack_of_one(tmp_path, monkeypatch):
+    # The default networks, so that the checkpoint of a unit under way (networks, optimiser
+    # state, replay) is well over the 10 MB a finished unit may keep.
+    cfg = configs.load(overrides={**{k: v for k, v in TINY.items() if k != "droq.hidden_dims"},
+                                  "droq.warmup_steps": 40, "specialist.total_steps": 150,
+                                  "specialist.checkpoint_interval": 50, "specialist.eval_interval": 150,
+                                  "specialist.log_interval": 50})
+    units = [tiny_unit(cfg, chunk) for chunk in (1, 2, 3)]
+    dirs = [tmp_path / u.unit_id for u in units]
+    act, calls = pack_mod.Learner.act, []
+
+    def act_breaking_member_1(self, obs):  # after step 100 member 1 sends its environment NaNs
+        actions = act(self, obs)
+        calls.append(1)
+        if len(calls) > 100 - cfg.droq.warmup_steps:
+            actions[1] = np.nan
+        return actions
+
+    monkeypatch.setattr(pack_mod.Learner, "act", act_breaking_member_1)
+    reports = [[], [], []]
+    outcomes = train_pack(units, cfg, dirs, tmp_path / "lake", [r.append for r in reports], env_workers=2)
+    monkeypatch.undo()
+
+    assert [o.unit_id for o in outcomes] == [u.unit_id for u in units]
+    assert outcomes[1].result is None and "non-finite" in outcomes[1].error_text
+    assert all(outcomes[i].error is None and outcomes[i].result.steps == 150 for i in (0, 2))
+    lake = Lake(tmp_path / "lake", cfg.lake)
+    assert sorted(s.unit_id for s in lake.shards()) == sorted([units[0].unit_id, units[2].unit_id])
+    for i in (0, 2):  # every member reports to its own callback, with its own evaluations
+        assert [r["step"] for r in reports[i] if "eval/f1" in r] == [150]
+        saved = read_result(dirs[i])
+        assert saved["done"] and saved["steps_this_run"] == 150
+        # A finished unit keeps its policy and metadata only.
+        final = load_checkpoint(dirs[i])
+        assert "replay" not in final and set(final["agent"]) == set(FINAL_AGENT_KEYS) and final["step"] == 150
+        assert dir_bytes(dirs[i]) <= 10 * MB
+    # The failed member keeps its last checkpoint, replay included, and no result.
+    assert read_result(dirs[1]) is None
+    kept = load_checkpoint(dirs[1])
+    assert kept["step"] == 100 and kept["replay"]["transitions_added"] == 100
+    assert dir_bytes(dirs[1]) > 10 * MB
+
+    # Its checkpoint continues in a pack of one (a lone unit) from its step.
+    result = train_unit(units[1], cfg, dirs[1], tmp_path / "lake", progress=False)
+    assert result.steps == 150 and read_result(dirs[1])["resumed_from"] == [100]
+    assert [a["start_step"] for a in read_attempts(dirs[1])] == [0, 100]
+    assert len(lake.shards()) == 3 and dir_bytes(dirs[1]) <= 10 * MB
+
+
+PACK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import configs
+from workers.rl.pack import train_pack
+from workers.units import UnitSpec
+cfg = configs.load(overrides=json.loads(sys.argv[1]))
+units = [UnitSpec.model_validate_json(s) for s in json.loads(sys.argv[2])]
+out = Path(sys.argv[3])
+outcomes = train_pack(units, cfg, [out / u.unit_id for u in units], out / "lake", env_workers=2)
+print(json.dumps([o.result.steps if o.error is None else o.error_text for o in outcomes]))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_killed_pack_resumes_every_member_from_its_checkpoint_without_duplicate_shards(tmp_path):
+    overrides = {**TINY, "specialist.total_steps": 300, "specialist.checkpoint_interval": 100,
+                 "specialist.eval_interval": 300, "specialist.rollouts": 1}
+    cfg = configs.load(overrides=overrides)
+    units = [tiny_unit(cfg, chunk) for chunk in (1, 2)]
+    dirs = [tmp_path / u.unit_id for u in units]
+    command = [sys.executable, "-c", PACK_SCRIPT, json.dumps(overrides),
+               json.dumps([u.model_dump_json() for u in units]), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not all((d / CHECKPOINT).exists() for d in dirs):
+        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoints within 300 s"
+        time.sleep(0.05)
+    workers = _children(first.pid)
+    assert len(workers) >= 2  # the environment workers
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stderr.close()
+    killed_at = [load_checkpoint(d)["step"] for d in dirs]
+    assert all(100 <= s < 300 and s % 100 == 0 for s in killed_at)
+    assert all(read_result(d) is None for d in dirs)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in workers):  # workers notice the pack is gone and exit
+        assert time.monotonic() < deadline, "environment workers outlived their pack"
+        time.sleep(0.1)
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(second.stdout.strip().splitlines()[-1]) == [300, 300]
+    for d, step in zip(dirs, killed_at):
+        saved = read_result(d)
+        assert saved["resumed_from"] == [step] and saved["steps_this_run"] == 300 - step
+        assert [a["start_step"] for a in read_attempts(d)] == [0, step]
+    shards = Lake(tmp_path / "lake", cfg.lake).shards()
+    assert sorted(s.unit_id for s in shards) == sorted(u.unit_id for u in units)  # one each, no duplicates
+    data = list((tmp_path / "lake").rglob("*.parquet"))
+    assert len([p for p in data if not p.name.startswith(".")]) == 2
