@@ -415,7 +415,7 @@ def specialist(
     with contextlib.redirect_stdout(sys.stderr):
         from orchestrator.manifest import UNIT_SECTIONS
         from workers.piano.music import SongError, load_song, plan_chunks
-        from workers.rl.specialist import train_unit
+        from workers.rl.pack import train_unit
 
     budget = {"specialist.total_steps": steps, "droq.warmup_steps": warmup, "specialist.eval_interval": eval_every,
               "specialist.checkpoint_interval": checkpoint_every, "specialist.rollouts": rollouts}

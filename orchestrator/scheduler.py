@@ -34,7 +34,7 @@ from workers.units import UnitResult, UnitSpec
 log = logging.getLogger(__name__)
 
 WORKLOADS = {
-    "specialist": ("workers.rl.specialist", "train_unit"),
+    "specialist": ("workers.rl.pack", "train_unit"),
     "synthetic": ("workers.synthetic", "run_unit"),
 }
 PACK_WORKLOADS = {

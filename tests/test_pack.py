@@ -21,11 +21,21 @@ from test_specialist import REPO, TINY, TWINKLE, tiny_unit
 from workers.lake import Lake
 from workers.rl import pack as pack_mod
 from workers.rl.envpool import EnvSpec, InProcessEnvPool, WorkerEnvPool
-from workers.rl.pack import train_pack
-from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result, train_unit
+from workers.rl.pack import train_pack, train_unit
+from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result
 from workers.units import read_attempts
 
 MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as ``train_unit`` runs with ``campaign.cpus_per_unit: 1``: the same
+    float summation order whichever way a unit is trained."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def dir_bytes(path: Path) -> int:
@@ -77,16 +87,10 @@ def test_a_pack_of_one_trains_bit_identically_to_a_lone_unit(tmp_path):
     unit = tiny_unit(cfg)
     alone, packed = [], []
     result = train_unit(unit, cfg, tmp_path / "alone", tmp_path / "lake-a", report=alone.append, progress=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as train_unit runs it (campaign.cpus_per_unit)
-    try:
-        [outcome] = train_pack([unit], cfg, [tmp_path / "packed"], tmp_path / "lake-p", [packed.append], env_workers=1)
-    finally:
-        torch.set_num_threads(threads)
+    [outcome] = train_pack([unit], cfg, [tmp_path / "packed"], tmp_path / "lake-p", [packed.append], env_workers=1)
     assert outcome.error is None, outcome.error_text
-    speeds = ("perf/", )
-    assert [{k: v for k, v in r.items() if not k.startswith(speeds)} for r in packed] == \
-        [{k: v for k, v in r.items() if not k.startswith(speeds)} for r in alone]
+    assert [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in packed] == \
+        [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in alone]
     a, b = load_checkpoint(tmp_path / "alone"), load_checkpoint(tmp_path / "packed")
     for part in ("actor", "critic"):
         for name, tensor in a["agent"][part].items():
@@ -145,6 +149,13 @@ def test_a_member_whose_environment_raises_fails_alone_and_resumes_in_a_pack_of_
     assert result.steps == 150 and read_result(dirs[1])["resumed_from"] == [100]
     assert [a["start_step"] for a in read_attempts(dirs[1])] == [0, 100]
     assert len(lake.shards()) == 3 and dir_bytes(dirs[1]) <= 10 * MB
+
+    # A finished unit whose shard was lost records its rollouts again from the policy it kept.
+    lost = Path(read_result(dirs[0])["shard_path"])
+    lost.unlink()
+    again = train_unit(units[0], cfg, dirs[0], tmp_path / "lake", progress=False)
+    assert again.steps == 150 and read_result(dirs[0])["steps_this_run"] == 0 and lost.exists()
+    assert again.f1 == outcomes[0].result.f1  # the same policy, seeds and chunk: the same rollouts
 
 
 PACK_SCRIPT = """

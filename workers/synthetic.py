@@ -1,6 +1,6 @@
 """A synthetic unit of work: the specialist's contract without the physics.
 
-``run_unit`` has ``workers.rl.specialist.train_unit``'s signature and result. It sleeps
+``run_unit`` has ``workers.rl.pack.train_unit``'s signature and result. It sleeps
 ``campaign.synthetic.sleep_s`` spread over ``campaign.synthetic.steps`` progress steps,
 checkpoints its step counter every ``checkpoint_every`` steps (and resumes from it), reports
 metrics, and ends by committing one small lake shard of random episodes. It lets the

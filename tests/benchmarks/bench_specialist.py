@@ -26,7 +26,7 @@ from workers.rl.droq import DroQ
 from workers.piano.env import make_env
 from workers.piano.music import load_chunk, load_song
 from workers.rl.replay import ReplayBuffer
-from workers.rl.specialist import train_unit
+from workers.rl.pack import train_unit
 from workers.units import UnitSpec
 
 SONG = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"

@@ -1,8 +1,8 @@
 """A pack: K specialist units trained together in one process, one learner for all of them.
 
-``train_pack(units, cfg, unit_dirs, lake_root, reports)`` trains every unit as
-``workers.rl.specialist.train_unit`` trains one (that function is a pack of one whose
-environment runs in its own process), and returns one ``MemberOutcome`` per unit: its
+``train_pack(units, cfg, unit_dirs, lake_root, reports)`` trains every unit as ``train_unit``
+trains one (``workers.rl.specialist`` says how; ``train_unit`` is a pack of one whose
+environment runs in this process), and returns one ``MemberOutcome`` per unit: its
 ``UnitResult`` or the error that stopped it.
 
 The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pack.run``):
@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,9 @@ from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
     RESULT,
     EpisodeStats,
+    Report,
     finished_result,
+    load_agent,
     load_checkpoint,
     play,
     record_rollouts,
@@ -66,8 +68,6 @@ from workers.rl.specialist import (
     summarise,
 )
 from workers.units import ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec, read_attempts
-
-Report = Callable[[dict], None]
 
 
 class MemberFailed(RuntimeError):
@@ -138,7 +138,7 @@ class Learner:
         return self.agent.agent_state_dict(i)
 
     def load_state_dict(self, i: int, state: dict) -> None:
-        self.agent.load_agent_state_dict(i, state)
+        load_agent(self.agent, i, state)
 
     def policy(self, i: int) -> DroQ:
         """Agent ``i`` as a single agent, to evaluate and record rollouts with (``play``)."""
@@ -241,11 +241,12 @@ class Pack:
                 raise ValueError(f"{m.unit_dir}: its checkpoint belongs to unit {checkpoint['unit_id']}, "
                                  f"not {m.unit.unit_id}; use another unit directory")
             learner.load_state_dict(m.slot, checkpoint["agent"])
-            m.buffer.load_state_dict(checkpoint["replay"])
-            if restore_process_rng:
-                set_rng_state(checkpoint["rng"], m.rng)
-            else:  # the process-wide RNGs are the pack's; the member's own generator is its
-                m.rng.bit_generator.state = checkpoint["rng"]["numpy"]
+            if "replay" in checkpoint:  # else a finished unit whose shard was lost: rollouts only
+                m.buffer.load_state_dict(checkpoint["replay"])
+                if restore_process_rng:
+                    set_rng_state(checkpoint["rng"], m.rng)
+                else:  # the process-wide RNGs are the pack's; the member's own generator is its
+                    m.rng.bit_generator.state = checkpoint["rng"]["numpy"]
             m.step, m.episodes = int(checkpoint["step"]), int(checkpoint["episodes"])
             m.updates = int(checkpoint["agent"]["updates"])
             m.resumed_from = list(checkpoint["resumed_from"]) + [m.step]
@@ -267,6 +268,12 @@ class Pack:
         t0 = self._t_train = time.perf_counter()
         for m in members:
             m.t_log, m.step_log, m.updates_log = t0, m.step, m.updates
+            if m.running and m.step >= m.total_steps:  # trained before; its rollouts were not committed
+                try:
+                    self._finish(m, learner)
+                except Exception as e:  # noqa: BLE001 - it alone
+                    self._fail(m, e)
+                pool.drop(m.slot)
         bar = tqdm(total=sum(m.total_steps for m in members), initial=sum(m.step for m in members),
                    disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=1.0,
                    desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
@@ -405,3 +412,27 @@ def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence
         return train_pack(units, cfg, unit_dirs, lake_root, reports, env_workers=max(1, int(cpus)))
     finally:
         torch.set_num_threads(threads)
+
+
+def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
+               report: Report | None = None, progress: bool | None = None) -> UnitResult:
+    """Train one specialist, commit its rollouts as one lake shard, and return the result.
+
+    Resumes from ``unit_dir/checkpoint.pt`` when present; returns the saved result without
+    training when the unit is already done. ``progress``: show a progress bar (default: when
+    stderr is a terminal). It is a pack of one whose environment runs in this process; what
+    it does is in ``workers.rl.specialist``'s docstring.
+    """
+    cpus = (cfg.with_overrides(unit.overrides) if unit.overrides else cfg).campaign.cpus_per_unit
+    threads = torch.get_num_threads()
+    # As many intra-op threads as CPUs reserved for the unit: units sharing a node must not
+    # oversubscribe it (spinning OpenMP threads make a contended CPU update ~10x slower).
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        [outcome] = train_pack([unit], cfg, [Path(unit_dir)], Path(lake_root), [report], env_workers=0,
+                               progress=os.isatty(2) if progress is None else progress)
+    finally:
+        torch.set_num_threads(threads)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result

@@ -1,6 +1,8 @@
 """One unit of work: train a DroQ specialist on one chunk of one song, then record its rollouts.
 
-``train_unit(unit, cfg, unit_dir, lake_root, report)``:
+This module holds the unit's pieces (playing, rollouts into the lake, checkpoints, results);
+the training loop is ``workers.rl.pack``'s, shared by a unit alone and a pack of units.
+``workers.rl.pack.train_unit(unit, cfg, unit_dir, lake_root, report)``:
 
 1. applies ``unit.overrides`` to ``cfg``; returns the saved result at once when
    ``unit_dir/result.json`` says the unit is done and its shard exists (a finished unit is
@@ -11,8 +13,7 @@
    uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
    critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
    ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
-   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically (the loop is
-   ``workers.rl.pack``'s: this unit is a pack of one);
+   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
 4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
    shard as soon as it ends (only per-episode summaries stay in memory); the shard's
    ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
@@ -44,7 +45,6 @@ pid, time) and ``worker.pid`` (the pid of the process running the unit).
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +104,15 @@ def shed_checkpoint(unit_dir: Path) -> None:
     kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
     with atomic_write(Path(unit_dir) / CHECKPOINT, "wb") as f:
         torch.save(kept, f)
+
+
+def load_agent(agent: DroQ, i: int, state: dict) -> None:
+    """Put a checkpoint's ``agent`` state into slot ``i`` of ``agent``; a finished unit's
+    (``FINAL_AGENT_KEYS`` only) too: its target network starts as its critic and its optimiser
+    state fresh, enough to play it or to record its rollouts again."""
+    if "critic_target" not in state:
+        state = {**agent.agent_state_dict(i), **state, "critic_target": state["critic"]}
+    agent.load_agent_state_dict(i, state)
 
 
 # --- RNG state as tensors and plain values ---------------------------------------------
@@ -215,29 +224,3 @@ def finished_result(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
         return None  # the lake lost the shard: record the rollouts again
     shed_checkpoint(unit_dir)
     return UnitResult(**{k: saved[k] for k in UnitResult.model_fields})
-
-
-def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
-               report: Report | None = None, progress: bool | None = None) -> UnitResult:
-    """Train one specialist, commit its rollouts as one lake shard, and return the result.
-
-    Resumes from ``unit_dir/checkpoint.pt`` when present; returns the saved result without
-    training when the unit is already done. ``progress``: show a progress bar (default: when
-    stderr is a terminal). The training loop is ``workers.rl.pack``'s, with one member whose
-    environment runs in this process.
-    """
-    from workers.rl.pack import train_pack  # the pack builds on this module's helpers
-
-    cpus = (cfg.with_overrides(unit.overrides) if unit.overrides else cfg).campaign.cpus_per_unit
-    threads = torch.get_num_threads()
-    # As many intra-op threads as CPUs reserved for the unit: units sharing a node must not
-    # oversubscribe it (spinning OpenMP threads make a contended CPU update ~10x slower).
-    torch.set_num_threads(max(1, int(cpus)))
-    try:
-        [outcome] = train_pack([unit], cfg, [Path(unit_dir)], Path(lake_root), [report], env_workers=0,
-                               progress=os.isatty(2) if progress is None else progress)
-    finally:
-        torch.set_num_threads(threads)
-    if outcome.error is not None:
-        raise outcome.error
-    return outcome.result
