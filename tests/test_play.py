@@ -43,7 +43,7 @@ def plain_pytorch_action(p: dict, obs: np.ndarray) -> np.ndarray:
 def test_exported_specialist_acts_like_the_trained_agent(unit, exported):
     from workers.lake import Lake
     from workers.rl.droq import DroQ
-    from workers.rl.specialist import load_checkpoint
+    from workers.rl.specialist import load_agent, load_checkpoint
     from orchestrator.playback import resolve_unit
 
     p = torch.load(exported, weights_only=True)
@@ -52,7 +52,7 @@ def test_exported_specialist_acts_like_the_trained_agent(unit, exported):
     assert p["meta"]["unit_id"] == view.spec.unit_id and p["meta"]["done"]
 
     agent = DroQ(1144, 39, p["action_low"].numpy(), p["action_high"].numpy(), view.cfg.droq, device="cpu")
-    agent.load_state_dict(load_checkpoint(unit)["agent"])
+    load_agent(agent, 0, load_checkpoint(unit)["agent"])  # a finished unit keeps its policy only
     obs = Lake(view.lake_root).read_episodes(view.shard())[0].obs[:8]
     np.testing.assert_allclose(plain_pytorch_action(p, obs), agent.act(obs, deterministic=True), atol=1e-5)
 
