@@ -1,7 +1,7 @@
 """Environment stepping of a pack: K environments in worker processes (shared memory) versus
 the same K stepped one after another in this process.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_pack_env.py [--steps 300] [--ks 1 2 4 8] [--workers N]
+Run: OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_pack_env.py [--steps 100] [--rounds 3] [--ks 1 2 4] [--workers N]
 
 For each K it builds K environments on K chunks of one song, both ways, and times ``--steps``
 pack steps of uniform random actions (episodes restart as they end), alternating the two ways
@@ -48,13 +48,13 @@ def rate(pool: EnvPool, steps: int, low: np.ndarray, high: np.ndarray, rng: np.r
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="pack steps per timed round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=100, help="pack steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
 
-    cfg = configs.load(overrides={"env.chunk_steps": 100})
+    cfg = configs.load(overrides={"env.chunk_steps": 60})
     song_hash = load_song(SONG).content_hash
     rng = np.random.default_rng(0)
     table = Table(title=f"pack env stepping: aggregate env steps/s ({args.steps} pack steps x {args.rounds} rounds, "
@@ -70,7 +70,9 @@ def main() -> None:
         local, remote = InProcessEnvPool(specs, *dims), WorkerEnvPool(specs, *dims, n_workers=n_workers)
         try:
             for pool in (local, remote):
-                pool.reset(list(range(k)))
+                errors = pool.reset(list(range(k)))
+                if errors:
+                    raise RuntimeError(next(iter(errors.values())))
                 rate(pool, 20, low, high, rng)  # warm up
             rates: dict[str, list[float]] = {"local": [], "remote": []}
             for _ in range(args.rounds):
