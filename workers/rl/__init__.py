@@ -1,0 +1,6 @@
+"""Reinforcement learning of one specialist per song chunk (RP1M).
+
+- :mod:`workers.rl.droq`: the DroQ learner (SAC with a dropout + LayerNorm Q ensemble);
+- :mod:`workers.rl.replay`: compact replay memory with N-step returns;
+- :mod:`workers.rl.specialist`: one unit of work: train, checkpoint, evaluate, record rollouts to the lake.
+"""
