@@ -151,8 +151,17 @@ def _drive_with_progress(run, total: int):
         return run(on_progress)
 
 
-def _report_summary(summary) -> None:
-    """Print where the campaign stands and exit 0 (all finished), 1 (units failed) or 130 (interrupted)."""
+# Exit statuses of submit, resume and demo (documented in the README):
+EXIT_UNITS_FAILED = 1  # units used up their attempts (`resume` retries them)
+EXIT_USAGE = 2  # a bad option, config, manifest file or campaign: nothing ran
+EXIT_REJECTED = 3  # the campaign ran, but manifest entries were rejected (`--allow-errors`: 0)
+EXIT_NODE_FAULT = 4  # the driver stopped on a fault of this machine (disk full); `resume` continues
+EXIT_INTERRUPTED = 130
+
+
+def _report_summary(summary, rejected: int = 0) -> None:
+    """Print where the campaign stands and exit 0 (all finished), 1 (units failed), 3 (``rejected``
+    manifest entries), 4 (stopped on a node fault) or 130 (interrupted)."""
     from rich.console import Console
 
     from orchestrator.status import read_status, render
@@ -161,10 +170,14 @@ def _report_summary(summary) -> None:
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
                f"mlflow ui --backend-store-uri {summary.tracking_uri}")
     if summary.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     if summary.counts.get("failed"):
         typer.echo(f"{summary.counts['failed']} units failed; `pianoforge resume {summary.name}` retries them", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_UNITS_FAILED)
+    if rejected:
+        typer.echo(f"{rejected} manifest entries were rejected (errors above) and dropped from the campaign; "
+                   "exit status 3 (--allow-errors: 0)", err=True)
+        raise typer.Exit(EXIT_REJECTED)
 
 
 def _manifest_or_exit(path, cfg):
@@ -181,8 +194,9 @@ def _manifest_or_exit(path, cfg):
     return manifest
 
 
-def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload):
-    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors)."""
+def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload, allow_errors: bool = False):
+    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors;
+    entries the manifest rejected make it exit 3 at the end unless ``allow_errors``)."""
     from orchestrator import campaign as campaign_mod
 
     cfg = _load_config(profile, sets, workload)
@@ -192,15 +206,17 @@ def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workl
         typer.echo(f"error: {manifest}: no units to train", err=True)
         raise typer.Exit(2)
     name = campaign or Path(manifest).stem
-    typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}")
+    rejected = len(loaded.errors)
+    dropped = f", {rejected} manifest entries dropped (errors above)" if rejected else ""
+    typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}{dropped}")
     try:
         summary = _drive_with_progress(
             lambda cb: campaign_mod.submit(units, cfg, name, root=root, ray_address=ray_address, on_progress=cb),
             total=len(units))
     except campaign_mod.CampaignError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    _report_summary(summary)
+        raise typer.Exit(EXIT_USAGE) from None
+    _report_summary(summary, rejected=0 if allow_errors else rejected)
     return summary
 
 
@@ -213,9 +229,15 @@ def submit(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
     sets: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. specialist.total_steps=1000."),
     workload: Optional[str] = typer.Option(None, "--workload", help="specialist (default) or synthetic (no physics, for drills)."),
+    allow_errors: bool = typer.Option(False, "--allow-errors", help="Exit 0 even when manifest entries were rejected."),
 ) -> None:
-    """Train every unit (song chunk x config) of a manifest; submitting it again continues the campaign."""
-    _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload)
+    """Train every unit (song chunk x config) of a manifest; submitting it again continues the campaign.
+
+    Exit status: 0 all units finished; 1 units failed (`resume` retries them); 2 bad options,
+    config or manifest file (nothing ran); 3 the valid entries trained but some were rejected
+    (0 with --allow-errors); 4 the driver stopped on a full disk (`resume` continues); 130 interrupted.
+    """
+    _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload, allow_errors)
 
 
 @app.command()

@@ -222,3 +222,19 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
     saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
     assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]
+
+
+def test_submit_with_rejected_entries_exits_3_unless_errors_are_allowed(ray_cluster, tmp_path):
+    _write_midi(tmp_path / "good.mid", 10.0)
+    manifest = tmp_path / "mixed.yaml"
+    manifest.write_text("songs:\n  - good.mid\n  - path: gone.mid\n")
+    args = ["submit", str(manifest), "--root", str(tmp_path / "c"), *[f"--set={s}" for s in FAST]]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 3, out.output
+    assert "1 songs, 1 units, workload synthetic, 1 manifest entries dropped (errors above)" in out.output
+    assert "gone.mid: no such file" in out.output and "1 manifest entries were rejected" in out.output
+    with CampaignStore(tmp_path / "c" / "mixed" / "campaign.db", readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == 1  # the valid song trained
+    allowed = CliRunner().invoke(app, args + ["--allow-errors"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "1 manifest entries dropped" in allowed.output

@@ -56,7 +56,7 @@ import configs
 from workers.rl.droq import DroQ
 from workers.piano.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
-from workers.piano.music import load_chunk
+from workers.piano.music import load_chunk, song_limits
 from workers.rl.replay import ReplayBuffer
 from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
 from configs.files import atomic_write, write_text_atomic
@@ -218,7 +218,8 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
            progress: bool, t_start: float) -> UnitResult:
     spec, droq = cfg.specialist, cfg.droq
 
-    midi = load_chunk(unit.song_path, unit.chunk_index, cfg.env, expected_hash=unit.song_hash)
+    midi = load_chunk(unit.song_path, unit.chunk_index, cfg.env, expected_hash=unit.song_hash,
+                      limits=song_limits(cfg.manifest))
     env = make_env(midi, cfg.env, seed=spec.seed)
     player = make_env(midi, cfg.env, seed=spec.seed + 1)  # evaluation and rollouts
     rng = seed_everything(spec.seed)
