@@ -25,7 +25,7 @@ from orchestrator.store import FAILED, SUCCEEDED, CampaignStore
 from orchestrator.tracking import PARENT_TAG
 from workers.lake import Lake
 from workers.synthetic import make_units, read_attempts, read_checkpoint_step
-from workers.units import UnitSpec
+from workers.units import UnitSpec, live_worker_pid
 
 FAST = [
     "campaign.workload=synthetic",
@@ -127,7 +127,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         time.sleep(0.1)
     killed_at = read_checkpoint_step(unit_dir)
     assert killed_at >= 5
-    os.kill(int((unit_dir / "worker.pid").read_text()), signal.SIGKILL)
+    os.kill(live_worker_pid(unit_dir), signal.SIGKILL)
     driver.join(timeout=180)
     assert result["s"].counts[SUCCEEDED] == 2
 

@@ -35,7 +35,7 @@ a fresh episode and the replay buffer keeps the steps it had stored of the old o
 after training but before the shard is committed only repeats the rollouts.
 
 Other files in ``unit_dir``: ``attempts.jsonl`` (one line per start: attempt, start_step,
-pid, time) and ``worker.pid`` (the pid of the process running the unit).
+pid, time) and, while an attempt runs, ``worker.pid`` (``workers.units.live_worker_pid``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ from workers.piano.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
 from workers.piano.music import load_chunk, song_limits
 from workers.rl.replay import ReplayBuffer
-from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
+from workers.units import (ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, clear_pid_file,  # noqa: F401 (re-exported)
+                           read_attempts, write_pid_file)
 from configs.files import atomic_write, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -212,6 +213,7 @@ def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: P
         return _train(unit, cfg, unit_dir, Path(lake_root), report, progress, t_start)
     finally:
         torch.set_num_threads(threads)
+        clear_pid_file(unit_dir)
 
 
 def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path, report: Report,
@@ -244,7 +246,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
         f.write(json.dumps({"attempt": len(attempts) + 1, "start_step": step, "pid": os.getpid(),
                             "time": time.time()}) + "\n")
-    write_text_atomic(unit_dir / PID_FILE, str(os.getpid()))
+    write_pid_file(unit_dir, unit.unit_id)
 
     def save_checkpoint() -> None:
         state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
