@@ -34,6 +34,10 @@ the checkpoint's step; the episode that was under way is not restored: the envir
 a fresh episode and the replay buffer keeps the steps it had stored of the old one. A crash
 after training but before the shard is committed only repeats the rollouts.
 
+A damaged checkpoint (truncated, unreadable) is moved aside as ``checkpoint.pt.damaged-<time>``
+and the unit continues from ``checkpoint.prev.pt`` (the last two are kept) or from scratch
+(``workers.rl.checkpoints``); the start's line in ``attempts.jsonl`` says so, naming the files.
+
 Other files in ``unit_dir``: ``attempts.jsonl`` (one line per start: attempt, start_step,
 pid, time) and, while an attempt runs, ``worker.pid`` (``workers.units.live_worker_pid``).
 """
@@ -53,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 import configs
+from workers.rl import checkpoints
 from workers.rl.droq import DroQ
 from workers.piano.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
@@ -60,7 +65,7 @@ from workers.piano.music import load_chunk, song_limits
 from workers.rl.replay import ReplayBuffer
 from workers.units import (ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, clear_pid_file,  # noqa: F401 (re-exported)
                            read_attempts, write_pid_file)
-from configs.files import atomic_write, write_text_atomic
+from configs.files import write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -76,9 +81,11 @@ def read_result(unit_dir: Path) -> dict | None:
 
 
 def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") -> dict | None:
-    """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none."""
-    path = Path(unit_dir) / CHECKPOINT
-    return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
+    """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none.
+
+    A damaged checkpoint is skipped for the previous one (``workers.rl.checkpoints``).
+    """
+    return checkpoints.load(Path(unit_dir) / CHECKPOINT, map_location=map_location).state
 
 
 # --- RNG state as tensors and plain values ---------------------------------------------
@@ -230,7 +237,9 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
                           seed=spec.seed)
 
     step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
-    checkpoint = load_checkpoint(unit_dir)  # on the CPU: RNG states and the replay live there
+    # On the CPU: RNG states and the replay live there. A damaged checkpoint is moved aside.
+    loaded = checkpoints.load(unit_dir / CHECKPOINT, repair=True)
+    checkpoint = loaded.state
     if checkpoint is not None:
         if checkpoint["unit_id"] != unit.unit_id:
             raise ValueError(f"{unit_dir / CHECKPOINT}: belongs to unit {checkpoint['unit_id']}, "
@@ -245,15 +254,16 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     attempts = read_attempts(unit_dir)
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
         f.write(json.dumps({"attempt": len(attempts) + 1, "start_step": step, "pid": os.getpid(),
-                            "time": time.time()}) + "\n")
+                            "time": time.time(), **({"checkpoint": loaded.messages} if loaded.messages else {})}) + "\n")
+    if loaded.messages:
+        report({"step": step, "checkpoint/damaged": len(loaded.damaged)})
     write_pid_file(unit_dir, unit.unit_id)
 
     def save_checkpoint() -> None:
         state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
                  "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent.state_dict(),
                  "replay": buffer.state_dict(), "rng": rng_state(rng)}
-        with atomic_write(unit_dir / CHECKPOINT, "wb") as f:
-            torch.save(state, f)
+        checkpoints.save(state, unit_dir / CHECKPOINT)
 
     def evaluate() -> dict[str, float]:
         played = [play(agent, player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
