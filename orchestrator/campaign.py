@@ -13,6 +13,11 @@ checks the lake, and when enough train shards pass it starts imitation learning 
 (``gate.launch``: when_passing, after_campaign or never). A campaign is finished when its
 imitation job is; ``resume`` restarts an interrupted (or failed) job from its checkpoint.
 
+A full disk (a unit's write, the store's or the driver's) is the node's fault, not a unit's:
+the driver stops at once, cancels the attempts in flight and puts them back to pending without
+counting them, and ``CampaignSummary.no_space`` names the full path; SQLite leaves the store as
+it was before the failed write. Once there is space, ``resume`` continues.
+
 Campaign directory (``<root>/<campaign>/``)::
 
     campaign.db     the store (orchestrator.store; the driver is its only writer)
@@ -27,6 +32,7 @@ Campaign directory (``<root>/<campaign>/``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -41,6 +47,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 import configs
+from configs.files import NoSpaceError, disk_full
 from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.units import UnitResult, UnitSpec
@@ -120,6 +127,7 @@ class CampaignSummary:
     sink_stats: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     imitation: dict[str, Any] | None = None  # the latest imitation job's record (store meta il_launches), if any
+    no_space: NoSpaceError | None = None  # the driver stopped because this path's disk is full
 
     @property
     def done(self) -> bool:
@@ -222,18 +230,19 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
 
     t_start = time.perf_counter()
-    handler = logging.FileHandler(paths.logs / "driver.log")
+    handler = _QuietFileHandler(paths.logs / "driver.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("orchestrator").addHandler(handler)
     started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus, ray_cfg=cfg.ray)
-    store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
     sink = None
     pools = None  # slurm: the PoolManager when the profile names SLURM pools
     attempts_run = 0
     interrupted = False
+    no_space: NoSpaceError | None = None
     parent = {"experiment_id": "", "run_id": ""}
     uri = tracking_uri_for(cfg.mlflow, paths.dir)
     try:
+        store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
         sink = start_sink(uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
         parent = ray.get(sink.open_campaign.remote(paths.name, store.get_meta("mlflow_parent_run_id"), cfg.to_dict(),
                                                    str(paths.config), cfg.mlflow.system_metrics))
@@ -281,6 +290,11 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 store.set_mlflow_run(unit_id, run_id)
 
         def finish(outcome) -> None:
+            nonlocal no_space
+            if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted below
+                log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
+                no_space = no_space or outcome.no_space
+                return
             unit_id = outcome.unit_id
             row = store.unit(unit_id)
             tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
@@ -311,6 +325,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         try:
             # Until no unit is left and the imitation job (if the gate launched one) has ended.
             while imitation.step(units_left=bool(queue or len(scheduler))) or queue or len(scheduler):
+                if no_space is not None:
+                    break
                 while queue and scheduler.has_room():
                     unit_id = queue.popleft()
                     row = store.unit(unit_id)
@@ -335,7 +351,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                     imitation.note_unit_finished()
                 if outcomes and on_progress is not None:
                     on_progress(store.counts())
-            drain()
+            if no_space is None:
+                drain()
         except KeyboardInterrupt:
             interrupted = True
             scheduler.cancel_all()
@@ -343,6 +360,20 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             n = store.requeue_interrupted("driver interrupted")
             log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
                         n, paths.name)
+        except Exception as e:  # noqa: BLE001 - only a full disk is handled here; the rest is raised
+            no_space = disk_full(e, paths=(paths.dir,))
+            if no_space is None:
+                raise
+        if no_space is not None:
+            scheduler.cancel_all()
+            imitation.interrupt()
+            with _unless_disk_full():  # else `resume` puts them back, uncounted, the same way
+                store.requeue_interrupted(f"stopped: {no_space}")
+            log.error("%s: stopped; `pianoforge resume %s` continues", no_space, paths.name)
+    except Exception as e:  # noqa: BLE001 - a full disk while starting (store, MLflow): stop the same way
+        no_space = disk_full(e, paths=(paths.dir,))
+        if no_space is None:
+            raise
     finally:
         if pools is not None:  # slurm: no pool job outlives the driver
             pools.shutdown()
@@ -352,13 +383,15 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         if sink is not None:
             try:
                 sink_stats = ray.get(sink.close.remote(
-                    "KILLED" if interrupted else ("FAILED" if counts[FAILED] else "FINISHED"),
+                    "KILLED" if interrupted or no_space else ("FAILED" if counts[FAILED] else "FINISHED"),
                     {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=900)
                 for unit_id, run_id in ray.get(sink.drain.remote())["runs"].items():  # runs made while closing
                     store.set_mlflow_run(unit_id, run_id)
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
                 log.warning("closing the metrics sink failed: %s", e)
-        store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}")
+        with _unless_disk_full():
+            store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}"
+                                           + (f" no_space={no_space.filename}" if no_space else ""))
         launches = store.get_meta(LAUNCHES_KEY) or []
         logging.getLogger("orchestrator").removeHandler(handler)
         handler.close()
@@ -368,7 +401,24 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                            seconds=time.perf_counter() - t_start, tracking_uri=uri,
                            experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
                            logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
-                           imitation=launches[-1] if launches else None)
+                           imitation=launches[-1] if launches else None, no_space=no_space)
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """The driver log: a line that cannot be written (full disk) is dropped, not printed as a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _unless_disk_full():
+    """Skip a bookkeeping write that a full disk refuses (SQLite rolls it back); raise anything else."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        if disk_full(e) is None:
+            raise
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:

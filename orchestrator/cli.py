@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from configs.files import write_text_atomic
+from configs.files import disk_full, write_text_atomic
 
 app = typer.Typer(
     name="pianoforge",
@@ -169,6 +169,8 @@ def _report_summary(summary, rejected: int = 0) -> None:
     Console().print(render(read_status(summary.dir)))
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
                f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+    if summary.no_space is not None:
+        _exit_no_space(summary.no_space, summary.name)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.counts.get("failed"):
@@ -178,6 +180,14 @@ def _report_summary(summary, rejected: int = 0) -> None:
         typer.echo(f"{rejected} manifest entries were rejected (errors above) and dropped from the campaign; "
                    "exit status 3 (--allow-errors: 0)", err=True)
         raise typer.Exit(EXIT_REJECTED)
+
+
+def _exit_no_space(no_space, campaign: str):
+    """The one message of a driver stopped by a full disk, then exit 4."""
+    typer.echo(f"error: disk full: no space left on device at {no_space.filename or 'the campaign directory'}. "
+               f"The campaign stopped cleanly: what was written is intact and no unit lost an attempt. "
+               f"Free some space, then `pianoforge resume {campaign}` continues.", err=True)
+    raise typer.Exit(EXIT_NODE_FAULT)
 
 
 def _manifest_or_exit(path, cfg):
@@ -216,6 +226,11 @@ def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workl
     except campaign_mod.CampaignError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
+        no_space = disk_full(e)
+        if no_space is None:
+            raise
+        _exit_no_space(no_space, name)
     _report_summary(summary, rejected=0 if allow_errors else rejected)
     return summary
 
@@ -266,7 +281,12 @@ def resume(
             total=total)
     except (campaign_mod.CampaignError, configs.ConfigError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
+        no_space = disk_full(e)
+        if no_space is None:
+            raise
+        _exit_no_space(no_space, campaign)
     _report_summary(summary)
 
 

@@ -3,7 +3,8 @@ the resources the config declares, and hand back finished attempts as ``Outcome`
 
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
-or node that died) comes back to the driver, which decides whether to retry.
+or node that died) comes back to the driver, which decides whether to retry. A full disk is
+the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ray
 import ray.exceptions
 
 import configs
+from configs.files import NoSpaceError, disk_full
 from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
 from workers.units import UnitResult, UnitSpec
 
@@ -111,6 +113,11 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     run = _workload(workload)
     try:
         result: UnitResult = run(unit, cfg, Path(unit_dir), Path(lake_root), report)
+    except Exception as e:
+        full = disk_full(e, paths=(unit_dir, lake_root))  # seen here, where the worker's disks are
+        if full is not None and full is not e:
+            raise full from e
+        raise
     finally:
         report.close()  # metrics of a failed attempt still reach MLflow
     return {**result.model_dump(), "report_seconds": report.seconds, "reports": report.calls}
@@ -164,14 +171,17 @@ class Outcome:
     unit_id: str
     result: dict | None
     error: str | None
-    error_kind: str | None  # 'unit' (exception in the unit) or 'system' (worker/node died, ...)
+    # 'unit' (exception in the unit), 'system' (worker/node died, ...) or 'disk_full' (the node's
+    # disk: ``no_space`` names the path; the attempt is not the unit's fault)
+    error_kind: str | None
+    no_space: NoSpaceError | None = None
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
     """(kind, text) for a failed attempt; text is the exception and the tail of its traceback."""
     if isinstance(exc, ray.exceptions.RayTaskError):
-        kind = "unit"
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        kind = "disk_full" if cause is not None and disk_full(cause) is not None else "unit"
         head = f"{type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
         text = f"{head}\n{exc}"
     else:
@@ -263,7 +273,8 @@ class Scheduler:
                 outcomes.append(Outcome(unit_id, ray.get(ref), None, None))
             except Exception as e:  # RayTaskError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
                 kind, text = describe_failure(e)
-                outcomes.append(Outcome(unit_id, None, text, kind))
+                no_space = disk_full(e.cause) if kind == "disk_full" else None
+                outcomes.append(Outcome(unit_id, None, text, kind, no_space))
         return outcomes
 
     def cancel_all(self) -> list[str]:

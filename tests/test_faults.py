@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
+import pytest
+from typer.testing import CliRunner
+
 import configs
+from orchestrator import cli
+from orchestrator.cli import app
+from orchestrator.store import FAILED, SUCCEEDED, CampaignStore
+from workers.lake import Lake
 from workers.synthetic import make_units, run_unit
 from workers.units import PID_FILE, live_worker_pid
 
@@ -47,3 +55,62 @@ def test_a_pid_file_left_by_a_dead_worker_names_no_process(tmp_path):
     assert live_worker_pid(unit_dir) is None
     (unit_dir / PID_FILE).write_text(str(os.getpid()))  # the old bare-pid form carries no proof
     assert live_worker_pid(unit_dir) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 15 MB tmpfs of its own, mounted for the test and unmounted after it."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=15m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip() or done.returncode}); "
+                    "the disk-full test needs a small file system of its own")
+    yield mnt
+    subprocess.run(["umount", "--lazy", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_campaign_cleanly_without_burning_attempts_and_resume_continues(ray_cluster, small_disk):
+    # 8 units of ~3 MB shards (four random 1000-step episodes each) cannot fit in 15 MB.
+    sets = SYNTHETIC + ["campaign.synthetic.sleep_s=0.1", "campaign.synthetic.steps_per_episode=1000",
+                        "campaign.synthetic.episodes=4", "campaign.max_attempts=2", "gate.f1_threshold=0.0",
+                        "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5"]
+    cfg = configs.load(overrides=sets)
+    units = make_units(4, 2, cfg.hash("env", "droq", "specialist"))
+    with pytest.MonkeyPatch.context() as mp:  # submit's CLI path, with synthetic units instead of a manifest
+        mp.setattr(cli, "_manifest_or_exit", lambda path, cfg: _Loaded(units))
+        manifest = small_disk.parent / "full.yaml"
+        manifest.write_text("songs: []\n")
+        out = CliRunner().invoke(app, ["submit", str(manifest), "--root", str(small_disk), *[f"--set={s}" for s in sets]])
+    assert out.exit_code == 4, out.output
+    assert f"error: disk full: no space left on device at {small_disk}" in out.output
+    assert "`pianoforge resume full` continues" in out.output and "Traceback" not in out.output
+    db = small_disk / "full" / "campaign.db"
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"  # never half-written
+    with CampaignStore(db, readonly=True) as store:
+        counts = store.counts()
+        assert counts[FAILED] == 0 and counts[SUCCEEDED] < len(units), counts  # stopped, nobody blamed
+        assert all(r.attempts <= 1 for r in store.units())
+
+    subprocess.run(["mount", "-o", "remount,size=300m", str(small_disk)], check=True)  # space freed
+    again = CliRunner().invoke(app, ["resume", "full", "--root", str(small_disk)])
+    assert again.exit_code == 0, again.output
+    with CampaignStore(db, readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == len(units)
+        assert [r.attempts for r in store.units()] == [1] * len(units)  # the full disk cost no attempt
+    lake = Lake(small_disk / "full" / "lake", cfg.lake)
+    assert sorted(s.unit_id for s in lake.shards()) == sorted(u.unit_id for u in units)
+    for shard in lake.shards():
+        assert len(lake.read_episodes(shard)) == 4  # every shard complete
+
+
+class _Loaded:
+    """A stand-in for a loaded manifest holding synthetic units."""
+
+    def __init__(self, units):
+        self._units, self.songs, self.errors = units, units, []
+
+    def units(self):
+        return self._units
