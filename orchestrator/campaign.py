@@ -5,8 +5,10 @@ that runs them to the end.
 submitting the same manifest again continues the campaign) and drives every pending unit.
 ``resume`` drives a campaign again after its driver stopped: units left ``running`` by a
 driver that is gone go back to ``pending`` (that interrupted attempt is not counted) and
-``failed`` units get a fresh set of ``campaign.max_attempts`` attempts. Either way a unit
-restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
+``failed`` units get a fresh set of ``campaign.max_attempts`` attempts, and finished units whose
+lake shard is damaged (its file not the size the catalog records) are run again: the damaged
+file is set aside and the unit, from its final checkpoint, only records its rollouts. Either
+way a unit restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
 
 The driver also runs the F1 gate (``orchestrator.gate.ImitationLauncher``): as units finish it
 checks the lake, and when enough train shards pass it starts imitation learning as a Ray task
@@ -50,6 +52,7 @@ import configs
 from configs.files import NoSpaceError, disk_full
 from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
+from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
 from configs.files import write_text_atomic
 
@@ -207,9 +210,33 @@ def resume(name: str, root: str | Path | None = None, overrides: list[str] | Non
         save_config(cfg, paths.config)
         requeued = store.requeue_interrupted("driver gone; requeued by resume")
         reset = store.reset_failed("failed; attempts reset by resume")
-        store.log_event("resume", f"{requeued} interrupted and {reset} failed units requeued")
-        log.info("campaign %s: resuming %d interrupted and %d failed units", name, requeued, reset)
+        rerecord = requeue_damaged_shards(store, Lake(paths.lake, cfg.lake))
+        store.log_event("resume", f"{requeued} interrupted, {reset} failed and {rerecord} units with a damaged "
+                                  "shard requeued")
+        log.info("campaign %s: resuming %d interrupted, %d failed and %d units with a damaged shard",
+                 name, requeued, reset, rerecord)
         return _drive(paths, store, cfg, ray_address, num_cpus, on_progress, restart_failed_il=True)
+
+
+def requeue_damaged_shards(store: CampaignStore, lake: Lake) -> int:
+    """Finished units whose shard is damaged (or gone from the catalog) back to pending: the
+    damaged file is set aside (``Lake.set_aside``) and the unit, whose final checkpoint is kept,
+    only records its rollouts again. Returns how many."""
+    listed = {s.unit_id: s for s in lake.shards()}
+    n = 0
+    for row in store.units(FINISHED):
+        if row.shard_path is None:
+            continue
+        shard = listed.get(row.unit_id)
+        problem = "no catalog entry" if shard is None else lake.shard_problem(shard)
+        if problem is None:
+            continue
+        aside = lake.set_aside(shard) if shard is not None else None
+        detail = f"shard {row.shard_path} damaged ({problem})" + (f", set aside as {aside}" if aside else "")
+        log.warning("unit %s: %s; recording its rollouts again", row.unit_id, detail)
+        store.set_state(row.unit_id, PENDING, detail + "; rollouts recorded again")
+        n += 1
+    return n
 
 
 def _unit_params(row) -> dict[str, Any]:

@@ -667,7 +667,7 @@ def export_policy(
 
 
 # ---- the trajectory lake --------------------------------------------------------------------
-lake_app = typer.Typer(help="The trajectory lake: list committed shards, clean up after crashed writers.",
+lake_app = typer.Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
                        no_args_is_help=True)
 app.add_typer(lake_app, name="lake")
 
@@ -678,28 +678,65 @@ def lake_list(
     min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Only shards with specialist F1 >= this."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train, eval, held-out)."),
 ) -> None:
-    """List the committed shards of a lake, one line each, and the totals."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """List the committed shards of a lake, one line each, and the totals; a shard whose file is
+    not the size its catalog entry records is marked DAMAGED (exit 1 when there is one)."""
     from workers.lake import Lake, LakeError
 
+    lake = Lake(root)
     try:
-        shards = Lake(root).shards(min_f1=min_f1, split=split)
+        shards = lake.shards(min_f1=min_f1, split=split)
     except LakeError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    _print_shards(root, [(s, lake.shard_problem(s)) for s in shards])
+
+
+def _print_shards(root: Path, checked: list) -> None:
+    """A table of (shard, problem) rows with totals; damaged ones named below it, then exit 1 if any."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for column, justify in [("unit", "left"), ("song", "left"), ("chunk", "right"), ("split", "left"),
-                            ("F1", "right"), ("episodes", "right"), ("steps", "right"), ("MB", "right")]:
+                            ("F1", "right"), ("episodes", "right"), ("steps", "right"), ("MB", "right"),
+                            ("health", "left")]:
         table.add_column(column, justify=justify)
-    for s in shards:
+    for s, problem in checked:
         table.add_row(s.unit_id, s.song_name, str(s.chunk_index), s.split, f"{s.specialist_f1:.3f}",
-                      str(s.n_episodes), str(s.n_steps), f"{s.bytes / 1e6:.1f}")
+                      str(s.n_episodes), str(s.n_steps), f"{s.bytes / 1e6:.1f}", "DAMAGED" if problem else "ok",
+                      style="red" if problem else None)
+    shards = [s for s, _ in checked]
+    damaged = [(s, problem) for s, problem in checked if problem]
     table.add_section()
     table.add_row(f"{len(shards)} shards", "", "", "", "", str(sum(s.n_episodes for s in shards)),
-                  str(sum(s.n_steps for s in shards)), f"{sum(s.bytes for s in shards) / 1e6:.1f}", style="bold")
-    Console().print(table)
+                  str(sum(s.n_steps for s in shards)), f"{sum(s.bytes for s in shards) / 1e6:.1f}",
+                  f"{len(damaged)} damaged", style="bold")
+    Console(width=200).print(table)
+    for s, problem in damaged:
+        typer.echo(f"damaged: {s.path}: {problem}", err=True)
+    if damaged:
+        typer.echo(f"{len(damaged)} damaged shard(s) in {root}: the gate and the dataset reader leave them out; "
+                   "`pianoforge resume CAMPAIGN` records their units' rollouts again", err=True)
+        raise typer.Exit(1)
+
+
+@lake_app.command("verify")
+def lake_verify(
+    root: Path = typer.Argument(..., exists=True, file_okay=False, metavar="LAKE", help="Lake root (e.g. CAMPAIGN_DIR/lake)."),
+) -> None:
+    """Check every committed shard against its catalog entry: size and sha256 (reads every byte).
+
+    Entries catalogued before checksums were kept get theirs when the file reads whole.
+    Exit 1 when a shard is damaged.
+    """
+    from workers.lake import Lake, LakeError
+
+    try:
+        checked = Lake(root).verify()
+    except LakeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    _print_shards(root, checked)
 
 
 @lake_app.command("vacuum")

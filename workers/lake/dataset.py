@@ -47,6 +47,8 @@ class TrajectoryDataset(IterableDataset):
 
     Shards are those with ``specialist_f1 >= min_f1`` in ``splits``, listed once when the dataset
     is made (pass ``shards`` to share one listing between DDP ranks of a lake that is growing).
+    Damaged shards (a file whose size is not the catalogued one) are left out with a warning and
+    kept in ``damaged`` as (shard, problem).
     ``rank``/``world_size`` default to torch.distributed's when it is initialised, else 0/1.
     ``repeat=True`` goes on forever, reshuffling each epoch; otherwise call ``set_epoch``.
     ``batch_size=B`` yields ready batches (``obs`` [B, 1144], ...; the last one may be smaller),
@@ -82,8 +84,12 @@ class TrajectoryDataset(IterableDataset):
         self.min_f1 = min_f1
         self.splits = (splits,) if isinstance(splits, str) else tuple(splits)
         listed = self.lake.shards() if shards is None else list(shards)
-        self.shards: list[ShardInfo] = sorted(
-            (s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits), key=lambda s: s.unit_id)
+        whole, self.damaged = self.lake.split_damaged(
+            [s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits])
+        if self.damaged:
+            warnings.warn(f"{self.root}: leaving out {len(self.damaged)} damaged shard(s): "
+                          + "; ".join(f"{s.path}: {problem}" for s, problem in self.damaged[:5]))
+        self.shards: list[ShardInfo] = sorted(whole, key=lambda s: s.unit_id)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.action_chunk = action_chunk
