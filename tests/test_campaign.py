@@ -238,3 +238,24 @@ def test_submit_with_rejected_entries_exits_3_unless_errors_are_allowed(ray_clus
     allowed = CliRunner().invoke(app, args + ["--allow-errors"])
     assert allowed.exit_code == 0, allowed.output
     assert "1 manifest entries dropped" in allowed.output
+
+
+def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST)
+    units = make_units(1, 3, cfg.hash("env", "droq", "specialist"))
+    campaign.submit(units, cfg, "rot", root=tmp_path)
+    lake = Lake(tmp_path / "rot" / "lake", cfg.lake)
+    damaged = next(s for s in lake.shards() if s.unit_id == units[1].unit_id)
+    damaged.path.write_bytes(damaged.path.read_bytes()[:200])  # truncated on disk
+    listed = CliRunner().invoke(app, ["lake", "list", str(lake.root)])
+    assert listed.exit_code == 1 and "DAMAGED" in listed.output
+
+    resumed = campaign.resume("rot", root=tmp_path)
+    assert resumed.attempts_run == 1 and resumed.counts[SUCCEEDED] == 3
+    unit_dir = tmp_path / "rot" / "units" / units[1].unit_id
+    assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
+    assert all(p is None for _, p in lake.verify()) and len(lake.shards()) == 3
+    assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
+    with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
+        requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
+        assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
