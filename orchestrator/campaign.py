@@ -350,10 +350,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                                                                 "error": outcome.error.splitlines()[0][:500]})
 
         try:
-            # Until no unit is left and the imitation job (if the gate launched one) has ended.
-            while imitation.step(units_left=bool(queue or len(scheduler))) or queue or len(scheduler):
-                if no_space is not None:
-                    break
+            # Until no unit is left and the imitation job (if the gate launched one) has ended, or a disk is full.
+            while no_space is None and (imitation.step(units_left=bool(queue or len(scheduler))) or queue
+                                        or len(scheduler)):
                 while queue and scheduler.has_room():
                     unit_id = queue.popleft()
                     row = store.unit(unit_id)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -141,8 +142,8 @@ class TrajectoryDataset(IterableDataset):
                 if shard_index != open_index:
                     open_file, open_index = self.lake.open_shard(shard), shard_index
                 table = open_file.read_row_group(group)
-            except LakeError as e:
-                warnings.warn(f"skipping row group {group} of unit {shard.unit_id}: {e}")
+            except (LakeError, OSError, pa.ArrowException) as e:  # damage the size check cannot see (bit rot)
+                warnings.warn(f"skipping row group {group} of unit {shard.unit_id} ({shard.path}): {e}")
                 continue
             episode = np.asarray(table.column("episode"), dtype=np.int64)
             action = fixed_list_to_numpy(table.column("action"), ACTION_DIM)
