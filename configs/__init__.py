@@ -72,6 +72,9 @@ class DroQConfig(_Section):
     # keeps full float32; "high"/"medium" let CUDA use TF32 and "medium" lets a CPU with bf16
     # support multiply in bfloat16 (8-bit mantissa inputs, float32 accumulation).
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    # Multiply the observation's goal (979 entries, ~2% ones) into the first layers as sums of
+    # weight rows instead of a dense matmul: the same function, float sums in another order.
+    sparse_goal: bool = False
 
 
 class SpecialistConfig(_Section):
@@ -207,6 +210,14 @@ class DashboardConfig(_Section):
     soundfont: str | None = None
 
 
+class ManifestConfig(_Section):
+    """Bounds on a song's MIDI file, checked on its raw messages before it is expanded in memory."""
+
+    max_midi_ticks: int = Field(10_000_000, gt=0)
+    max_song_duration_s: float = Field(3600.0, gt=0)
+    max_song_notes: int = Field(200_000, gt=0)
+
+
 class RayConfig(_Section):
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
@@ -226,6 +237,7 @@ class Config(_Section):
     # A default, so that configs saved before this section existed still load.
     dashboard: DashboardConfig = DashboardConfig()
     ray: RayConfig = RayConfig()
+    manifest: ManifestConfig = ManifestConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -239,7 +251,7 @@ class Config(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> Config:
-        return _validate(_apply_overrides(self.to_dict(), overrides), source="overrides")
+        return _validate(_apply_overrides(self.to_dict(), overrides), source="overrides", overrides=overrides)
 
 
 class ConfigError(ValueError):
@@ -295,13 +307,19 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _validate(data: dict, source: str) -> Config:
+def _validate(data: dict, source: str, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """The config, or a :class:`ConfigError` naming what is wrong: the override that set a bad
+    value (as given: ``--set key=value``), else ``source``."""
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: invalid config"]
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
+        locs = [".".join(str(x) for x in err["loc"]) for err in e.errors()]
+        given = ([(k, f"{k}={v!r}") for k, v in overrides.items()] if isinstance(overrides, dict)
+                 else [(_split_override(o)[0], f"--set {o}") for o in overrides or []])
+        blamed = [text for key, text in given if any(loc == key or loc.startswith(key + ".") for loc in locs)]
+        by_file = any(not any(loc == key or loc.startswith(key + ".") for key, _ in given) for loc in locs)
+        lines = [f"{', '.join(blamed + ([source] if by_file else []))}: invalid config"]
+        for loc, err in zip(locs, e.errors()):
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
 
@@ -325,7 +343,7 @@ def load(
         data = _deep_merge(data, _read_yaml(src), str(src))
     if overrides:
         data = _apply_overrides(data, overrides)
-    return _validate(data, source=str(sources[-1]) if sources else "default.yaml")
+    return _validate(data, source=str(sources[-1]) if sources else "default.yaml", overrides=overrides)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -13,8 +13,10 @@ survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -68,3 +70,53 @@ def write_text_atomic(path: str | Path, text: str, *, permissions: int = 0o644) 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON (with a final newline), atomically."""
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+# ---- a full disk: the node's fault, not the work's -----------------------------------------
+
+LOW_SPACE_BYTES = 1 << 20  # under this much free space, a failed write is put down to a full disk
+
+
+class NoSpaceError(OSError):
+    """A write failed because the file system at ``filename`` is full (``errno.ENOSPC``)."""
+
+    def __init__(self, path: str | Path | None, detail: str = ""):
+        super().__init__(errno.ENOSPC, f"no space left on device{f' ({detail})' if detail else ''}",
+                         str(path) if path else None)
+
+    def __reduce__(self):  # crosses Ray as itself
+        return type(self), (self.filename, self.strerror.partition(" (")[2].rstrip(")"))
+
+
+def disk_full(exc: BaseException, paths: tuple[str | Path, ...] = ()) -> NoSpaceError | None:
+    """``exc`` as a :class:`NoSpaceError` when a full disk caused it, else None.
+
+    Recognised anywhere in its chain of causes: an ``OSError`` with ``ENOSPC`` or ``EDQUOT``,
+    SQLite's "database or disk is full", or the words "No space left on device" (pyarrow's
+    message). Errors that hide the cause (torch's "file write failed") count when one of
+    ``paths`` has less than ``LOW_SPACE_BYTES`` free. The path named is the error's own, else
+    the one of ``paths`` with the least free space.
+    """
+    found, seen, e = None, set(), exc
+    while e is not None and id(e) not in seen and found is None:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, NoSpaceError):
+            found = e
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            found = NoSpaceError(e.filename)
+        elif "database or disk is full" in text or "No space left on device" in text:
+            found = NoSpaceError(getattr(e, "filename", None), text.splitlines()[0][:200] if text else "")
+        e = e.__cause__ or e.__context__
+    free = {}
+    for path in paths:
+        try:
+            free[str(path)] = shutil.disk_usage(path).free
+        except OSError:
+            continue
+    fullest = min(free, key=free.get) if free else None
+    if found is None and fullest is not None and free[fullest] < LOW_SPACE_BYTES:
+        return NoSpaceError(fullest, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    if found is not None and found.filename is None and fullest is not None:
+        return NoSpaceError(fullest, found.strerror.partition(" (")[2].rstrip(")"))
+    return found

@@ -5,13 +5,20 @@ that runs them to the end.
 submitting the same manifest again continues the campaign) and drives every pending unit.
 ``resume`` drives a campaign again after its driver stopped: units left ``running`` by a
 driver that is gone go back to ``pending`` (that interrupted attempt is not counted) and
-``failed`` units get a fresh set of ``campaign.max_attempts`` attempts. Either way a unit
-restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
+``failed`` units get a fresh set of ``campaign.max_attempts`` attempts, and finished units whose
+lake shard is damaged (its file not the size the catalog records) are run again: the damaged
+file is set aside and the unit, from its final checkpoint, only records its rollouts. Either
+way a unit restarts from its last checkpoint, because its directory ``units/<unit_id>/`` persists.
 
 The driver also runs the F1 gate (``orchestrator.gate.ImitationLauncher``): as units finish it
 checks the lake, and when enough train shards pass it starts imitation learning as a Ray task
 (``gate.launch``: when_passing, after_campaign or never). A campaign is finished when its
 imitation job is; ``resume`` restarts an interrupted (or failed) job from its checkpoint.
+
+A full disk (a unit's write, the store's or the driver's) is the node's fault, not a unit's:
+the driver stops at once, cancels the attempts in flight and puts them back to pending without
+counting them, and ``CampaignSummary.no_space`` names the full path; SQLite leaves the store as
+it was before the failed write. Once there is space, ``resume`` continues.
 
 Campaign directory (``<root>/<campaign>/``)::
 
@@ -27,6 +34,7 @@ Campaign directory (``<root>/<campaign>/``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,8 +50,10 @@ import yaml
 from filelock import FileLock, Timeout
 
 import configs
+from configs.files import NoSpaceError, disk_full
 from orchestrator.gate import LAUNCHES_KEY
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
+from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
 from configs.files import write_text_atomic
 
@@ -121,6 +131,7 @@ class CampaignSummary:
     sink_stats: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     imitation: dict[str, Any] | None = None  # the latest imitation job's record (store meta il_launches), if any
+    no_space: NoSpaceError | None = None  # the driver stopped because this path's disk is full
 
     @property
     def done(self) -> bool:
@@ -200,9 +211,33 @@ def resume(name: str, root: str | Path | None = None, overrides: list[str] | Non
         save_config(cfg, paths.config)
         requeued = store.requeue_interrupted("driver gone; requeued by resume")
         reset = store.reset_failed("failed; attempts reset by resume")
-        store.log_event("resume", f"{requeued} interrupted and {reset} failed units requeued")
-        log.info("campaign %s: resuming %d interrupted and %d failed units", name, requeued, reset)
+        rerecord = requeue_damaged_shards(store, Lake(paths.lake, cfg.lake))
+        store.log_event("resume", f"{requeued} interrupted, {reset} failed and {rerecord} units with a damaged "
+                                  "shard requeued")
+        log.info("campaign %s: resuming %d interrupted, %d failed and %d units with a damaged shard",
+                 name, requeued, reset, rerecord)
         return _drive(paths, store, cfg, ray_address, num_cpus, on_progress, restart_failed_il=True)
+
+
+def requeue_damaged_shards(store: CampaignStore, lake: Lake) -> int:
+    """Finished units whose shard is damaged (or gone from the catalog) back to pending: the
+    damaged file is set aside (``Lake.set_aside``) and the unit, whose final checkpoint is kept,
+    only records its rollouts again. Returns how many."""
+    listed = {s.unit_id: s for s in lake.shards()}
+    n = 0
+    for row in store.units(FINISHED):
+        if row.shard_path is None:
+            continue
+        shard = listed.get(row.unit_id)
+        problem = "no catalog entry" if shard is None else lake.shard_problem(shard)
+        if problem is None:
+            continue
+        aside = lake.set_aside(shard) if shard is not None else None
+        detail = f"shard {row.shard_path} damaged ({problem})" + (f", set aside as {aside}" if aside else "")
+        log.warning("unit %s: %s; recording its rollouts again", row.unit_id, detail)
+        store.set_state(row.unit_id, PENDING, detail + "; rollouts recorded again")
+        n += 1
+    return n
 
 
 def _unit_params(row) -> dict[str, Any]:
@@ -223,18 +258,19 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
 
     t_start = time.perf_counter()
-    handler = logging.FileHandler(paths.logs / "driver.log")
+    handler = _QuietFileHandler(paths.logs / "driver.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("orchestrator").addHandler(handler)
     started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus, ray_cfg=cfg.ray)
-    store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
     sink = None
     pools = None  # slurm: the PoolManager when the profile names SLURM pools
     attempts_run = 0
     interrupted = False
+    no_space: NoSpaceError | None = None
     parent = {"experiment_id": "", "run_id": ""}
     uri = tracking_uri_for(cfg.mlflow, paths.dir)
     try:
+        store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
         sink = start_sink(uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
         parent = ray.get(sink.open_campaign.remote(paths.name, store.get_meta("mlflow_parent_run_id"), cfg.to_dict(),
                                                    str(paths.config), cfg.mlflow.system_metrics))
@@ -283,6 +319,11 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 store.set_mlflow_run(unit_id, run_id)
 
         def finish(outcome) -> None:
+            nonlocal no_space
+            if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted below
+                log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
+                no_space = no_space or outcome.no_space
+                return
             unit_id = outcome.unit_id
             row = store.unit(unit_id)
             tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
@@ -311,8 +352,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                                                                 "error": outcome.error.splitlines()[0][:500]})
 
         try:
-            # Until no unit is left and the imitation job (if the gate launched one) has ended.
-            while imitation.step(units_left=bool(queue or len(scheduler))) or queue or len(scheduler):
+            # Until no unit is left and the imitation job (if the gate launched one) has ended, or a disk is full.
+            while no_space is None and (imitation.step(units_left=bool(queue or len(scheduler))) or queue
+                                        or len(scheduler)):
                 while queue and scheduler.has_room():
                     rows = _next_pack(queue, store, scheduler.pack_size)
                     if not rows:
@@ -347,7 +389,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                     imitation.note_unit_finished()
                 if outcomes and on_progress is not None:
                     on_progress(store.counts())
-            drain()
+            if no_space is None:
+                drain()
         except KeyboardInterrupt:
             interrupted = True
             scheduler.cancel_all()
@@ -355,6 +398,20 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             n = store.requeue_interrupted("driver interrupted")
             log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
                         n, paths.name)
+        except Exception as e:  # noqa: BLE001 - only a full disk is handled here; the rest is raised
+            no_space = disk_full(e, paths=(paths.dir,))
+            if no_space is None:
+                raise
+        if no_space is not None:
+            scheduler.cancel_all()
+            imitation.interrupt()
+            with _unless_disk_full():  # else `resume` puts them back, uncounted, the same way
+                store.requeue_interrupted(f"stopped: {no_space}")
+            log.error("%s: stopped; `pianoforge resume %s` continues", no_space, paths.name)
+    except Exception as e:  # noqa: BLE001 - a full disk while starting (store, MLflow): stop the same way
+        no_space = disk_full(e, paths=(paths.dir,))
+        if no_space is None:
+            raise
     finally:
         if pools is not None:  # slurm: no pool job outlives the driver
             pools.shutdown()
@@ -364,13 +421,15 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         if sink is not None:
             try:
                 sink_stats = ray.get(sink.close.remote(
-                    "KILLED" if interrupted else ("FAILED" if counts[FAILED] else "FINISHED"),
+                    "KILLED" if interrupted or no_space else ("FAILED" if counts[FAILED] else "FINISHED"),
                     {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=900)
                 for unit_id, run_id in ray.get(sink.drain.remote())["runs"].items():  # runs made while closing
                     store.set_mlflow_run(unit_id, run_id)
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
                 log.warning("closing the metrics sink failed: %s", e)
-        store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}")
+        with _unless_disk_full():
+            store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}"
+                                           + (f" no_space={no_space.filename}" if no_space else ""))
         launches = store.get_meta(LAUNCHES_KEY) or []
         logging.getLogger("orchestrator").removeHandler(handler)
         handler.close()
@@ -380,7 +439,24 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                            seconds=time.perf_counter() - t_start, tracking_uri=uri,
                            experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
                            logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
-                           imitation=launches[-1] if launches else None)
+                           imitation=launches[-1] if launches else None, no_space=no_space)
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """The driver log: a line that cannot be written (full disk) is dropped, not printed as a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _unless_disk_full():
+    """Skip a bookkeeping write that a full disk refuses (SQLite rolls it back); raise anything else."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        if disk_full(e) is None:
+            raise
 
 
 def _next_pack(queue: deque, store: CampaignStore, size: int) -> list:

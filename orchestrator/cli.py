@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from configs.files import write_text_atomic
+from configs.files import disk_full, write_text_atomic
 
 app = typer.Typer(
     name="pianoforge",
@@ -151,8 +151,17 @@ def _drive_with_progress(run, total: int):
         return run(on_progress)
 
 
-def _report_summary(summary) -> None:
-    """Print where the campaign stands and exit 0 (all finished), 1 (units failed) or 130 (interrupted)."""
+# Exit statuses of submit, resume and demo (documented in the README):
+EXIT_UNITS_FAILED = 1  # units used up their attempts (`resume` retries them)
+EXIT_USAGE = 2  # a bad option, config, manifest file or campaign: nothing ran
+EXIT_REJECTED = 3  # the campaign ran, but manifest entries were rejected (`--allow-errors`: 0)
+EXIT_NODE_FAULT = 4  # the driver stopped on a fault of this machine (disk full); `resume` continues
+EXIT_INTERRUPTED = 130
+
+
+def _report_summary(summary, rejected: int = 0) -> None:
+    """Print where the campaign stands and exit 0 (all finished), 1 (units failed), 3 (``rejected``
+    manifest entries), 4 (stopped on a node fault) or 130 (interrupted)."""
     from rich.console import Console
 
     from orchestrator.status import read_status, render
@@ -160,11 +169,25 @@ def _report_summary(summary) -> None:
     Console().print(render(read_status(summary.dir)))
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
                f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+    if summary.no_space is not None:
+        _exit_no_space(summary.no_space, summary.name)
     if summary.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     if summary.counts.get("failed"):
         typer.echo(f"{summary.counts['failed']} units failed; `pianoforge resume {summary.name}` retries them", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_UNITS_FAILED)
+    if rejected:
+        typer.echo(f"{rejected} manifest entries were rejected (errors above) and dropped from the campaign; "
+                   "exit status 3 (--allow-errors: 0)", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _exit_no_space(no_space, campaign: str):
+    """The one message of a driver stopped by a full disk, then exit 4."""
+    typer.echo(f"error: disk full: no space left on device at {no_space.filename or 'the campaign directory'}. "
+               f"The campaign stopped cleanly: what was written is intact and no unit lost an attempt. "
+               f"Free some space, then `pianoforge resume {campaign}` continues.", err=True)
+    raise typer.Exit(EXIT_NODE_FAULT)
 
 
 def _manifest_or_exit(path, cfg):
@@ -181,8 +204,9 @@ def _manifest_or_exit(path, cfg):
     return manifest
 
 
-def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload):
-    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors)."""
+def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload, allow_errors: bool = False):
+    """Load, submit and drive ``manifest``; print the summary and return it (exits on errors;
+    entries the manifest rejected make it exit 3 at the end unless ``allow_errors``)."""
     from orchestrator import campaign as campaign_mod
 
     cfg = _load_config(profile, sets, workload)
@@ -192,15 +216,22 @@ def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workl
         typer.echo(f"error: {manifest}: no units to train", err=True)
         raise typer.Exit(2)
     name = campaign or Path(manifest).stem
-    typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}")
+    rejected = len(loaded.errors)
+    dropped = f", {rejected} manifest entries dropped (errors above)" if rejected else ""
+    typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}{dropped}")
     try:
         summary = _drive_with_progress(
             lambda cb: campaign_mod.submit(units, cfg, name, root=root, ray_address=ray_address, on_progress=cb),
             total=len(units))
     except campaign_mod.CampaignError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    _report_summary(summary)
+        raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
+        no_space = disk_full(e)
+        if no_space is None:
+            raise
+        _exit_no_space(no_space, name)
+    _report_summary(summary, rejected=0 if allow_errors else rejected)
     return summary
 
 
@@ -213,9 +244,15 @@ def submit(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
     sets: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. specialist.total_steps=1000."),
     workload: Optional[str] = typer.Option(None, "--workload", help="specialist (default) or synthetic (no physics, for drills)."),
+    allow_errors: bool = typer.Option(False, "--allow-errors", help="Exit 0 even when manifest entries were rejected."),
 ) -> None:
-    """Train every unit (song chunk x config) of a manifest; submitting it again continues the campaign."""
-    _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload)
+    """Train every unit (song chunk x config) of a manifest; submitting it again continues the campaign.
+
+    Exit status: 0 all units finished; 1 units failed (`resume` retries them); 2 bad options,
+    config or manifest file (nothing ran); 3 the valid entries trained but some were rejected
+    (0 with --allow-errors); 4 the driver stopped on a full disk (`resume` continues); 130 interrupted.
+    """
+    _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workload, allow_errors)
 
 
 @app.command()
@@ -244,7 +281,12 @@ def resume(
             total=total)
     except (campaign_mod.CampaignError, configs.ConfigError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
+        no_space = disk_full(e)
+        if no_space is None:
+            raise
+        _exit_no_space(no_space, campaign)
     _report_summary(summary)
 
 
@@ -625,7 +667,7 @@ def export_policy(
 
 
 # ---- the trajectory lake --------------------------------------------------------------------
-lake_app = typer.Typer(help="The trajectory lake: list committed shards, clean up after crashed writers.",
+lake_app = typer.Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
                        no_args_is_help=True)
 app.add_typer(lake_app, name="lake")
 
@@ -636,28 +678,65 @@ def lake_list(
     min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Only shards with specialist F1 >= this."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train, eval, held-out)."),
 ) -> None:
-    """List the committed shards of a lake, one line each, and the totals."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """List the committed shards of a lake, one line each, and the totals; a shard whose file is
+    not the size its catalog entry records is marked DAMAGED (exit 1 when there is one)."""
     from workers.lake import Lake, LakeError
 
+    lake = Lake(root)
     try:
-        shards = Lake(root).shards(min_f1=min_f1, split=split)
+        shards = lake.shards(min_f1=min_f1, split=split)
     except LakeError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    _print_shards(root, [(s, lake.shard_problem(s)) for s in shards])
+
+
+def _print_shards(root: Path, checked: list) -> None:
+    """A table of (shard, problem) rows with totals; damaged ones named below it, then exit 1 if any."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for column, justify in [("unit", "left"), ("song", "left"), ("chunk", "right"), ("split", "left"),
-                            ("F1", "right"), ("episodes", "right"), ("steps", "right"), ("MB", "right")]:
+                            ("F1", "right"), ("episodes", "right"), ("steps", "right"), ("MB", "right"),
+                            ("health", "left")]:
         table.add_column(column, justify=justify)
-    for s in shards:
+    for s, problem in checked:
         table.add_row(s.unit_id, s.song_name, str(s.chunk_index), s.split, f"{s.specialist_f1:.3f}",
-                      str(s.n_episodes), str(s.n_steps), f"{s.bytes / 1e6:.1f}")
+                      str(s.n_episodes), str(s.n_steps), f"{s.bytes / 1e6:.1f}", "DAMAGED" if problem else "ok",
+                      style="red" if problem else None)
+    shards = [s for s, _ in checked]
+    damaged = [(s, problem) for s, problem in checked if problem]
     table.add_section()
     table.add_row(f"{len(shards)} shards", "", "", "", "", str(sum(s.n_episodes for s in shards)),
-                  str(sum(s.n_steps for s in shards)), f"{sum(s.bytes for s in shards) / 1e6:.1f}", style="bold")
-    Console().print(table)
+                  str(sum(s.n_steps for s in shards)), f"{sum(s.bytes for s in shards) / 1e6:.1f}",
+                  f"{len(damaged)} damaged", style="bold")
+    Console(width=200).print(table)
+    for s, problem in damaged:
+        typer.echo(f"damaged: {s.path}: {problem}", err=True)
+    if damaged:
+        typer.echo(f"{len(damaged)} damaged shard(s) in {root}: the gate and the dataset reader leave them out; "
+                   "`pianoforge resume CAMPAIGN` records their units' rollouts again", err=True)
+        raise typer.Exit(1)
+
+
+@lake_app.command("verify")
+def lake_verify(
+    root: Path = typer.Argument(..., exists=True, file_okay=False, metavar="LAKE", help="Lake root (e.g. CAMPAIGN_DIR/lake)."),
+) -> None:
+    """Check every committed shard against its catalog entry: size and sha256 (reads every byte).
+
+    Entries catalogued before checksums were kept get theirs when the file reads whole.
+    Exit 1 when a shard is damaged.
+    """
+    from workers.lake import Lake, LakeError
+
+    try:
+        checked = Lake(root).verify()
+    except LakeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    _print_shards(root, checked)
 
 
 @lake_app.command("vacuum")

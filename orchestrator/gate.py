@@ -37,6 +37,7 @@ class GateDecision:
     launch: bool
     passing: int
     shards: list[Any] = field(default_factory=list, repr=False)  # the passing ShardInfo records
+    damaged: int = 0  # shards that would pass but whose file is damaged: not counted, not used
 
     @property
     def song_hashes(self) -> list[str]:
@@ -63,13 +64,16 @@ class Gate:
         return self.relaunch_every > 0 and passing - last_launch_count >= self.relaunch_every
 
     def passing_shards(self, lake: Any) -> list[Any]:
-        """Committed train-split shards of ``lake`` (a ``workers.lake.Lake``) with F1 >= the threshold."""
-        return list(lake.shards(min_f1=self.f1_threshold, split="train"))
+        """Committed train-split shards of ``lake`` (a ``workers.lake.Lake``) with F1 >= the threshold
+        and an undamaged file."""
+        return lake.split_damaged(lake.shards(min_f1=self.f1_threshold, split="train"))[0]
 
     def check(self, lake: Any, last_launch_count: int | None = None) -> GateDecision:
-        """Read the lake catalog and decide; the decision carries the passing shards."""
-        shards = self.passing_shards(lake)
-        return GateDecision(launch=self.decide(len(shards), last_launch_count), passing=len(shards), shards=shards)
+        """Read the lake catalog and decide; the decision carries the passing shards and counts
+        the damaged ones it left out."""
+        shards, damaged = lake.split_damaged(lake.shards(min_f1=self.f1_threshold, split="train"))
+        return GateDecision(launch=self.decide(len(shards), last_launch_count), passing=len(shards), shards=shards,
+                            damaged=len(damaged))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ class ImitationLauncher:
     def check(self, lake: Any) -> GateDecision:
         """Check the gate against the latest launch and record what it saw in the store."""
         decision = self.gate.check(lake, self.last_launch_count())
-        self.store.set_meta(GATE_KEY, {"passing": decision.passing, "needed": self.gate.min_shards,
+        self.store.set_meta(GATE_KEY, {"passing": decision.passing, "damaged": decision.damaged,
+                                       "needed": self.gate.min_shards,
                                        "threshold": self.gate.f1_threshold, "launch": self.policy,
                                        "relaunch_every": self.gate.relaunch_every, "checked_at": time.time()})
         return decision

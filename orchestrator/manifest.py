@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import configs
-from workers.piano.music import ChunkPlan, Song, SongError, load_song, plan_chunks
+from workers.piano.music import ChunkPlan, Song, SongError, load_song, plan_chunks, song_limits
 from workers.units import Split, UnitSpec
 from configs.files import write_text_atomic
 
@@ -226,7 +226,7 @@ def _load_entry(item: _RawEntry, defaults: ManifestDefaults, manifest: Manifest,
             problem(_not_per_song(k), "overrides", label, "warning")
 
     try:
-        song = load_song(song_path, name=entry.name)
+        song = load_song(song_path, name=entry.name, limits=song_limits(song_cfg.manifest))
     except SongError as e:
         problem(str(e), "path", label)
         return None

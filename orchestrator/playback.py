@@ -80,13 +80,14 @@ def specialist_policy_state(view: UnitView) -> dict:
     """The unit's trained actor in the exported form (``workers.imitation.export``)."""
     from workers.imitation.export import specialist_state
     from workers.piano.env import make_env
-    from workers.piano.music import load_chunk
+    from workers.piano.music import load_chunk, song_limits
     from workers.rl.specialist import load_checkpoint, read_result
 
     checkpoint = load_checkpoint(view.unit_dir)
     if checkpoint is None:
         raise UnitNotFound(f"{view.unit_dir}: no checkpoint.pt: the unit has not trained yet")
-    midi = load_chunk(view.spec.song_path, view.spec.chunk_index, view.cfg.env, expected_hash=view.spec.song_hash)
+    midi = load_chunk(view.spec.song_path, view.spec.chunk_index, view.cfg.env, expected_hash=view.spec.song_hash,
+                      limits=song_limits(view.cfg.manifest))
     env = make_env(midi, view.cfg.env)  # the action bounds the actor was trained in
     try:
         low, high = env.action_low, env.action_high

@@ -9,7 +9,8 @@ error and each is retried from its own checkpoint.
 
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
-or node that died) comes back to the driver, which decides whether to retry.
+or node that died) comes back to the driver, which decides whether to retry. A full disk is
+the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ray
 import ray.exceptions
 
 import configs
+from configs.files import NoSpaceError, disk_full
 from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
 from workers.units import UnitResult, UnitSpec
 
@@ -128,6 +130,11 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     run = _workload(workload)
     try:
         result: UnitResult = run(unit, cfg, Path(unit_dir), Path(lake_root), report)
+    except Exception as e:
+        full = disk_full(e, paths=(unit_dir, lake_root))  # seen here, where the worker's disks are
+        if full is not None and full is not e:
+            raise full from e
+        raise
     finally:
         report.close()  # metrics of a failed attempt still reach MLflow
     return {**result.model_dump(), "report_seconds": report.seconds, "reports": report.calls}
@@ -138,7 +145,8 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
     """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``).
 
     Returns one dict per member: ``{"unit_id", "result"}`` with ``UnitResult`` fields plus
-    ``report_seconds`` and ``reports``, or ``{"unit_id", "error"}`` with the member's traceback.
+    ``report_seconds`` and ``reports``, or ``{"unit_id", "error", "kind", "no_space"}`` with the
+    member's traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it).
     """
     units = [UnitSpec.model_validate_json(s) for s in specs_json]
     cfg = configs.from_dict(cfg_dict)  # each member applies its own overrides
@@ -152,9 +160,11 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
         for report in reporters:
             report.close()  # metrics of failed members still reach MLflow
     out = []
-    for outcome, report in zip(outcomes, reporters):
+    for outcome, report, unit_dir in zip(outcomes, reporters, unit_dirs):
         if outcome.error is not None:
-            out.append({"unit_id": outcome.unit_id, "error": _clip(outcome.error_text)})
+            full = disk_full(outcome.error, paths=(unit_dir, lake_root))  # the node's fault, not the unit's
+            out.append({"unit_id": outcome.unit_id, "error": _clip(outcome.error_text),
+                        "kind": "disk_full" if full is not None else "unit", "no_space": full})
         else:
             out.append({"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(),
                         "report_seconds": report.seconds, "reports": report.calls}})
@@ -210,14 +220,17 @@ class Outcome:
     unit_id: str
     result: dict | None
     error: str | None
-    error_kind: str | None  # 'unit' (exception in the unit) or 'system' (worker/node died, ...)
+    # 'unit' (exception in the unit), 'system' (worker/node died, ...) or 'disk_full' (the node's
+    # disk: ``no_space`` names the path; the attempt is not the unit's fault)
+    error_kind: str | None
+    no_space: NoSpaceError | None = None
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
     """(kind, text) for a failed attempt; text is the exception and the tail of its traceback."""
     if isinstance(exc, ray.exceptions.RayTaskError):
-        kind = "unit"
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        kind = "disk_full" if cause is not None and disk_full(cause) is not None else "unit"
         head = f"{type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
         text = f"{head}\n{exc}"
     else:
@@ -346,14 +359,16 @@ class Scheduler:
                 value = ray.get(ref)
             except Exception as e:  # RayTaskError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
                 kind, text = describe_failure(e)
-                outcomes.extend(Outcome(unit_id, None, text, kind) for unit_id in unit_ids)
+                no_space = disk_full(e.cause) if kind == "disk_full" else None
+                outcomes.extend(Outcome(unit_id, None, text, kind, no_space) for unit_id in unit_ids)
                 continue
             if not packed:
                 outcomes.append(Outcome(unit_ids[0], value, None, None))
                 continue
             for member in value:
                 if "error" in member:
-                    outcomes.append(Outcome(member["unit_id"], None, member["error"], "unit"))
+                    outcomes.append(Outcome(member["unit_id"], None, member["error"], member["kind"],
+                                            member.get("no_space")))
                 else:
                     outcomes.append(Outcome(member["unit_id"], member["result"], None, None))
         return outcomes

@@ -77,3 +77,20 @@ def oracle_ish_keys(obs_goal_now: np.ndarray, rng: np.random.Generator) -> np.nd
     if rng.random() < 0.3:
         keys = np.append(keys, rng.integers(0, 88))
     return keys
+
+
+# A 47-byte type-0 MIDI: tempo, program, one note-on, then one delta of 268,435,455 ticks (the
+# largest a MIDI variable-length number holds) before its note-off. Expanding it per tick costs
+# minutes and gigabytes; it must be refused from its raw messages.
+CRAFTED_MIDI = (b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60"
+                b"MTrk\x00\x00\x00\x19"
+                b"\x00\xff\x51\x03\x07\xa1\x20"  # tempo 120 bpm
+                b"\x00\xc0\x00"                  # program 0
+                b"\x00\x90\x3c\x40"              # note on C4
+                b"\xff\xff\xff\x7f\x80\x3c\x40"  # 268,435,455 ticks later: note off
+                b"\x00\xff\x2f\x00")             # end of track
+
+
+def write_crafted_midi(path: Path) -> Path:
+    path.write_bytes(CRAFTED_MIDI)
+    return path

@@ -25,7 +25,7 @@ from orchestrator.store import FAILED, SUCCEEDED, CampaignStore
 from orchestrator.tracking import PARENT_TAG
 from workers.lake import Lake
 from workers.synthetic import make_units, read_attempts, read_checkpoint_step
-from workers.units import UnitSpec
+from workers.units import UnitSpec, live_worker_pid
 
 FAST = [
     "campaign.workload=synthetic",
@@ -127,7 +127,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         time.sleep(0.1)
     killed_at = read_checkpoint_step(unit_dir)
     assert killed_at >= 5
-    os.kill(int((unit_dir / "worker.pid").read_text()), signal.SIGKILL)
+    os.kill(live_worker_pid(unit_dir), signal.SIGKILL)
     driver.join(timeout=180)
     assert result["s"].counts[SUCCEEDED] == 2
 
@@ -222,3 +222,40 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
     saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
     assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]
+
+
+def test_submit_with_rejected_entries_exits_3_unless_errors_are_allowed(ray_cluster, tmp_path):
+    _write_midi(tmp_path / "good.mid", 10.0)
+    manifest = tmp_path / "mixed.yaml"
+    manifest.write_text("songs:\n  - good.mid\n  - path: gone.mid\n")
+    args = ["submit", str(manifest), "--root", str(tmp_path / "c"), *[f"--set={s}" for s in FAST]]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 3, out.output
+    assert "1 songs, 1 units, workload synthetic, 1 manifest entries dropped (errors above)" in out.output
+    assert "gone.mid: no such file" in out.output and "1 manifest entries were rejected" in out.output
+    with CampaignStore(tmp_path / "c" / "mixed" / "campaign.db", readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == 1  # the valid song trained
+    allowed = CliRunner().invoke(app, args + ["--allow-errors"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "1 manifest entries dropped" in allowed.output
+
+
+def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST)
+    units = make_units(1, 3, cfg.hash("env", "droq", "specialist"))
+    campaign.submit(units, cfg, "rot", root=tmp_path)
+    lake = Lake(tmp_path / "rot" / "lake", cfg.lake)
+    damaged = next(s for s in lake.shards() if s.unit_id == units[1].unit_id)
+    damaged.path.write_bytes(damaged.path.read_bytes()[:200])  # truncated on disk
+    listed = CliRunner().invoke(app, ["lake", "list", str(lake.root)])
+    assert listed.exit_code == 1 and "DAMAGED" in listed.output
+
+    resumed = campaign.resume("rot", root=tmp_path)
+    assert resumed.attempts_run == 1 and resumed.counts[SUCCEEDED] == 3
+    unit_dir = tmp_path / "rot" / "units" / units[1].unit_id
+    assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
+    assert all(p is None for _, p in lake.verify()) and len(lake.shards()) == 3
+    assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
+    with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
+        requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
+        assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail

@@ -558,7 +558,7 @@ def test_streamed_shard_equals_a_commit_shard_one_row_for_row(tmp_path):
            [pb.metadata.row_group(g).num_rows for g in range(pb.num_row_groups)] == [90, 100, 75]
     kv_a, kv_b = read_shard_kv(committed.path), read_shard_kv(streamed.path)
     assert kv_a.pop("commit_id") != kv_b.pop("commit_id") and kv_a == kv_b
-    different = {"path", "commit_id", "committed_at", "bytes"}
+    different = {"path", "commit_id", "committed_at", "bytes", "sha256"}  # the files differ in commit_id
     same = lambda info: {k: v for k, v in dataclasses.asdict(info).items() if k not in different}  # noqa: E731
     assert same(committed) == same(streamed) and lake.shards() == [streamed]
     assert_same_episodes(tagged_episodes(1, lengths), lake.read_episodes(streamed))
@@ -626,3 +626,93 @@ def test_shard_writer_refuses_misuse_and_cleans_up(tmp_path):
     with pytest.raises(LakeError, match="committed"):
         writer.add(synthetic_episode(5, seed=0))
     assert lake.shards() == [info] and info.path.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged shards
+# --------------------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_the_catalog_records_size_and_checksum_and_damage_is_found(tmp_path):
+    import hashlib
+
+    lake = Lake(tmp_path, LAKE_CFG)
+    a = lake.commit_shard(make_meta("unit-a"), tagged_episodes(1, [20, 5]))
+    b = lake.commit_shard(make_meta("unit-b"), tagged_episodes(2, [7]))
+    entry = json.loads(lake.catalog_entry_path("unit-a").read_text())
+    assert entry["bytes"] == a.path.stat().st_size and entry["sha256"] == hashlib.sha256(a.path.read_bytes()).hexdigest()
+    assert lake.shard_problem(a, full=True) is None
+
+    _truncate(a.path)
+    assert "truncated or overwritten" in lake.shard_problem(a)  # the cheap check sees a truncation
+    flipped = bytearray(b.path.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte changed: only the checksum sees it
+    b.path.write_bytes(bytes(flipped))
+    assert lake.shard_problem(b) is None and "the content changed" in lake.shard_problem(b, full=True)
+    assert [(s.unit_id, p is not None) for s, p in lake.verify()] == [("unit-a", True), ("unit-b", True)]
+
+
+def test_verify_gives_entries_catalogued_without_a_checksum_theirs(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    for unit in ("unit-old", "unit-broken"):
+        info = lake.commit_shard(make_meta(unit), tagged_episodes(3, [9]))
+        entry = json.loads(lake.catalog_entry_path(unit).read_text())
+        del entry["sha256"]  # as catalogued before checksums were kept
+        lake.catalog_entry_path(unit).write_text(json.dumps(entry))
+    broken = info.path.read_bytes()
+    info.path.write_bytes(broken[:100] + b"\0" * (len(broken) - 100))  # same size, unreadable
+    old, broken_shard = sorted(lake.shards(), key=lambda s: s.unit_id != "unit-old")
+    assert old.sha256 == "" and lake.shard_problem(old) is None
+    checked = dict((s.unit_id, p) for s, p in lake.verify())
+    assert checked["unit-old"] is None and checked["unit-broken"].startswith("unreadable")
+    migrated = {s.unit_id: s for s in lake.shards()}
+    assert len(migrated["unit-old"].sha256) == 64 and migrated["unit-broken"].sha256 == ""  # no checksum of damage
+
+
+def test_readers_and_the_gate_leave_damaged_shards_out_and_count_them(small_lake):
+    from orchestrator.gate import Gate
+
+    lake = Lake(small_lake)
+    _truncate(next(s for s in lake.shards() if s.unit_id == "unit-1").path)
+    with pytest.warns(UserWarning, match=r"leaving out 1 damaged shard\(s\): .*unit-1.parquet"):
+        data = TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=1, seed=0)
+    assert [s.unit_id for s, _ in data.damaged] == ["unit-1"] and "unit-1" not in {s.unit_id for s in data.shards}
+    ids = sorted(int(sample["obs"][-1]) for sample in data)
+    assert ids == step_ids({k: v for k, v in TRAIN_HIGH_F1.items() if k != 1})
+
+    decision = Gate(configs.load(overrides={"gate.f1_threshold": 0.75, "gate.min_shards": 4}).gate).check(lake)
+    assert (decision.passing, decision.damaged, decision.launch) == (3, 1, False)
+
+
+def test_cli_list_and_verify_report_damaged_shards(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    lake = Lake(tmp_path, LAKE_CFG)
+    good = lake.commit_shard(make_meta("unit-good"), tagged_episodes(1, [20]))
+    bad = lake.commit_shard(make_meta("unit-bad"), tagged_episodes(2, [20]))
+    assert CliRunner().invoke(app, ["lake", "verify", str(tmp_path)]).exit_code == 0
+    _truncate(bad.path)
+    for command in ("list", "verify"):
+        result = CliRunner().invoke(app, ["lake", command, str(tmp_path)])
+        assert result.exit_code == 1, result.output
+        assert "DAMAGED" in result.output and "1 damaged" in result.output
+        assert f"damaged: {bad.path}: " in result.output and str(good.path) not in result.output
+
+
+def test_set_aside_takes_a_damaged_shard_out_and_keeps_its_file(tmp_path):
+    lake = Lake(tmp_path, LAKE_CFG)
+    lake.commit_shard(make_meta("unit-keep"), tagged_episodes(1, [20]))
+    bad = lake.commit_shard(make_meta("unit-bad"), tagged_episodes(2, [30]))
+    _truncate(bad.path)
+    aside = lake.set_aside(bad)
+    assert aside.name.startswith(".unit-bad.parquet.damaged-") and aside.exists() and not bad.path.exists()
+    assert [s.unit_id for s in lake.shards()] == ["unit-keep"]
+    assert lake.stats()["reward"].count == 20  # the totals no longer hold the damaged shard
+    assert ds.dataset(tmp_path / "data", format="parquet").count_rows() == 20  # plain readers skip it too
+    assert lake.vacuum(min_age_s=0) == [] and aside.exists()  # kept for inspection

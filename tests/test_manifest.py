@@ -258,3 +258,24 @@ def test_check_reports_bad_config_and_missing_manifest(tmp_path):
     demo = demo_manifest(tmp_path)
     bad = runner.invoke(app, ["manifest", "check", str(demo), "--set", "env.nope=1"])
     assert bad.exit_code == 1 and "env.nope" in bad.output
+
+
+def test_a_crafted_midi_is_an_error_naming_it_and_the_rest_goes_on(tmp_path):
+    from env_fixtures import write_crafted_midi
+
+    _song(tmp_path / "a.mid")
+    write_crafted_midi(tmp_path / "crafted.mid")
+    (tmp_path / "m.yaml").write_text("songs:\n  - crafted.mid\n  - a.mid\n")
+    result = runner.invoke(app, ["manifest", "check", str(tmp_path / "m.yaml")])
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / 'm.yaml'}:2: error: [crafted] path: " in result.output
+    assert "crafted.mid: 268,435,455 MIDI ticks long" in result.output and "manifest.max_midi_ticks" in result.output
+    assert "1 songs, 1 units" in result.output
+
+
+def test_a_bad_set_value_names_the_set_option_not_the_profile(tmp_path):
+    path = demo_manifest(tmp_path)
+    result = runner.invoke(app, ["manifest", "check", str(path), "--set", "env.chunk_steps=many"])
+    assert result.exit_code == 1
+    assert "--set env.chunk_steps=many" in result.output and "env.chunk_steps" in result.output
+    assert "profiles/local.yaml" not in result.output

@@ -275,3 +275,30 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     truncated.write_bytes(SONGS[1].read_bytes()[:200])
     with pytest.raises(SongError, match="truncated.mid"):
         load_song(truncated)
+
+
+def test_a_crafted_huge_delta_is_refused_before_expansion(tmp_path):
+    from env_fixtures import CRAFTED_MIDI, write_crafted_midi
+
+    assert len(CRAFTED_MIDI) == 47
+    crafted = write_crafted_midi(tmp_path / "crafted.mid")
+    assert mido.MidiFile(str(crafted)).tracks[0][3].time == 268_435_455  # the file is what it claims
+    with pytest.raises(SongError, match=r"crafted.mid: 268,435,455 MIDI ticks long, over the limit of 10,000,000 "
+                                        r"\(manifest.max_midi_ticks\)"):
+        load_song(crafted)
+
+
+def test_song_duration_and_note_limits_come_from_the_config(tmp_path):
+    from workers.piano.music import song_limits
+
+    path = _write_pm(tmp_path / "long.mid", [[(60 + i % 12, i * 1.0, i * 1.0 + 0.5) for i in range(40)]])
+    assert load_song(path).n_notes == 40  # within the defaults
+    short = song_limits(configs.load(overrides=["manifest.max_song_duration_s=30"]).manifest)
+    with pytest.raises(SongError, match=r"long.mid: 40 s long, over the limit of 30 s \(manifest.max_song_duration_s\)"):
+        load_song(path, limits=short)
+    few = song_limits(configs.load(overrides=["manifest.max_song_notes=39"]).manifest)
+    with pytest.raises(SongError, match=r"long.mid: 40 notes, over the limit of 39 \(manifest.max_song_notes\)"):
+        load_song(path, limits=few)
+    slow = _write_pm(tmp_path / "slow.mid", [[(60, 0.0, 20.0)]], tempo=30.0)  # the tempo map is followed
+    with pytest.raises(SongError, match=r"slow.mid: 20 s long"):
+        load_song(slow, limits=song_limits(configs.load(overrides=["manifest.max_song_duration_s=10"]).manifest))

@@ -19,7 +19,7 @@ import configs
 from workers.rl.droq import DroQ
 from workers.rl.replay import ReplayBuffer
 
-OBS, ACT = 5, 3
+OBS, ACT, GOAL = 6, 3, 3  # the first GOAL observation entries are binary, like the piano's goal
 LOW, HIGH = np.array([-1.0, 0.0, -2.0]), np.array([1.0, 0.5, 2.0])
 
 
@@ -37,14 +37,18 @@ def small_cfg(**overrides) -> configs.DroQConfig:
     return configs.load(overrides=base).droq
 
 
+def observation(rng: np.random.Generator) -> np.ndarray:
+    return np.concatenate([rng.random(GOAL) < 0.3, rng.normal(size=OBS - GOAL)]).astype(np.float32)
+
+
 def make_buffer(seed: int) -> ReplayBuffer:
     """Short random episodes, different for each seed."""
     rng = np.random.default_rng(seed)
-    buffer = ReplayBuffer(OBS, ACT, 400, discount=0.88, binary_dims=0, seed=seed)
+    buffer = ReplayBuffer(OBS, ACT, 400, discount=0.88, binary_dims=GOAL, seed=seed)
     for _ in range(30):
-        obs = rng.normal(size=OBS).astype(np.float32)
+        obs = observation(rng)
         for t in range(5):
-            nxt = rng.normal(size=OBS).astype(np.float32)
+            nxt = observation(rng)
             action = rng.uniform(LOW, HIGH).astype(np.float32)
             buffer.add(obs, action, float(rng.normal()), nxt, terminated=t == 4 and seed % 2 == 0, truncated=t == 4)
             obs = nxt
@@ -52,7 +56,7 @@ def make_buffer(seed: int) -> ReplayBuffer:
 
 
 def agent(cfg, **kwargs) -> DroQ:
-    return DroQ(OBS, ACT, LOW, HIGH, cfg, device="cpu", **kwargs)
+    return DroQ(OBS, ACT, LOW, HIGH, cfg, device="cpu", goal_dims=GOAL, **kwargs)
 
 
 def assert_same_state(a: dict, b: dict, exact: bool = False) -> None:
@@ -82,7 +86,7 @@ def train(learner: DroQ, batches: list, steps: int) -> list:
     return metrics
 
 
-@pytest.mark.parametrize("overrides", [{}, {"utd_ratio": 2, "num_qs": 3}])
+@pytest.mark.parametrize("overrides", [{}, {"utd_ratio": 2, "num_qs": 3, "sparse_goal": True}])
 def test_a_packed_update_equals_separate_updates(overrides):
     cfg = small_cfg(**overrides)
     seeds = [11, 12, 13]
@@ -138,7 +142,7 @@ def test_a_lone_agent_starts_as_before_packing():
     actor and the Q ensemble did, in the same order, so a seeded specialist starts unchanged."""
     cfg = small_cfg()
     torch.manual_seed(5)
-    linears = [nn.Linear(i, o) for i, o in ((OBS, 32), (32, 32), (32, ACT), (32, ACT))]
+    linears = [nn.Linear(i, o) for i, o in ((OBS, 32), (32, 32), (32, ACT), (32, ACT))]  # trunk, mean, log_std
     critic = []
     for i, o in ((OBS + ACT, 32), (32, 32), (32, 1)):
         bound = 1.0 / math.sqrt(i)
@@ -217,3 +221,67 @@ def test_bfloat16_matmuls_stay_local_to_the_learner():
     metrics = learner.update([make_buffer(0), make_buffer(1)])
     assert all(np.isfinite(list(m.values())).all() for m in metrics)
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_a_sparse_goal_computes_the_same_updates():
+    dense, sparse = (agent(small_cfg(sparse_goal=on), seed=4, num_agents=2) for on in (False, True))
+    buffers = [make_buffer(s) for s in (4, 5)]
+    batches = [[b.sample(16) for b in buffers] for _ in range(3)]
+    obs = batches[0][0].obs[:5]
+    np.testing.assert_allclose(sparse.act(np.stack([obs, obs])), dense.act(np.stack([obs, obs])), atol=1e-6)
+    for a, b in zip(train(dense, batches, 3), train(sparse, batches, 3)):  # per step, per agent
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+    for i in range(2):
+        assert_same_state(dense.agent_state_dict(i), sparse.agent_state_dict(i))
+    with pytest.raises(ValueError, match="goal_dims"):
+        DroQ(OBS, ACT, LOW, HIGH, small_cfg(sparse_goal=True), device="cpu", goal_dims=OBS)
+
+
+def test_agent_state_is_torch_adam_and_nn_linear_state():
+    """A lone agent's checkpoint is what plain torch modules and torch.optim.Adam save, so
+    checkpoints written before packing load, and exported actors run in plain PyTorch."""
+    cfg = small_cfg()
+    learner = agent(cfg, seed=0)
+    learner.update(make_buffer(0))
+    state = learner.state_dict()
+    actor = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(OBS, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU()),
+                           "mean": nn.Linear(32, ACT), "log_std": nn.Linear(32, ACT)})
+    actor.load_state_dict(state["actor"])
+    opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
+    opt.load_state_dict(state["actor_opt"])
+    for p in actor.parameters():  # one plain Adam step, then back into the learner
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state["actor"], state["actor_opt"] = actor.state_dict(), opt.state_dict()
+    restored = agent(cfg, seed=1)
+    restored.load_state_dict(state)
+    assert_same_state(restored.state_dict(), state, exact=True)
+    assert restored.actor_opt.steps[0].eq(2).all()
+    obs = np.random.default_rng(0).normal(size=(4, OBS)).astype(np.float32)
+    plain = torch.tanh(actor["mean"](actor["trunk"](torch.as_tensor(obs)))).detach().numpy()
+    np.testing.assert_allclose(restored.act(obs, deterministic=True), LOW + (plain + 1) / 2 * (HIGH - LOW), atol=1e-5)
+
+
+def test_an_agent_without_a_buffer_sits_the_update_out():
+    """A member still in its warm-up (or an idle slot) passes None: it stays exactly as it was,
+    generator included, while the others train exactly as alone."""
+    cfg = small_cfg(utd_ratio=2)
+    pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
+    alone = [agent(cfg, seed=s) for s in (1, 3)]
+    idle = pack.agent_state_dict(1)
+    for _ in range(2):
+        metrics = pack.update([make_buffer(1), None, make_buffer(3)])
+        for single, seed in zip(alone, (1, 3)):
+            single.update(make_buffer(seed))
+    assert metrics[1] == {} and set(metrics[0]) == set(metrics[2]) and "train/critic_loss" in metrics[0]
+    assert_same_state(pack.agent_state_dict(1), idle, exact=True)
+    for i, single in zip((0, 2), alone):
+        assert_same_state(pack.agent_state_dict(i), single.state_dict())
+    # Its first update later is a fresh agent's first update.
+    lone = agent(cfg, seed=2)
+    pack.update([make_buffer(1), make_buffer(2), make_buffer(3)])
+    lone.update(make_buffer(2))
+    assert_same_state(pack.agent_state_dict(1), lone.state_dict())
+    with pytest.raises(ValueError, match="every entry is None"):
+        pack.update([None, None, None])

@@ -218,3 +218,49 @@ def test_rollouts_stream_into_the_lake_one_episode_at_a_time(player, tmp_path):
     assert [e.f1 for e in episodes] == [s.f1 for s in stats]
     assert info.specialist_f1 == pytest.approx(np.mean([e.f1 for e in episodes]))
     assert np.array_equal(episodes[2].action, play(agent, env, seed=12, deterministic=False).action)
+
+
+def test_checkpoints_keep_the_last_two_and_set_a_damaged_one_aside(tmp_path):
+    from workers.rl import checkpoints
+
+    path = tmp_path / "checkpoint.pt"
+    for step in (1, 2, 3):
+        checkpoints.save({"step": step, "w": torch.full((4,), float(step))}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert torch.load(checkpoints.previous_path(path), weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]  # no temporaries
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert checkpoints.load(path).state["step"] == 2 and path.exists()  # a reader only skips it
+    loaded = checkpoints.load(path, repair=True)
+    assert loaded.state["step"] == 2 and loaded.path == checkpoints.previous_path(path) and loaded.damaged == [path]
+    [aside] = tmp_path.glob("checkpoint.pt.damaged-*")
+    assert aside.stat().st_size == 100 and not path.exists()
+    assert f"checkpoint {path} is damaged" in loaded.messages[0] and f"moved to {aside}" in loaded.messages[0]
+    assert loaded.messages[-1] == f"continuing from {checkpoints.previous_path(path)} (step 2)"
+
+    checkpoints.save({"step": 4}, path)  # the next save: the previous good one stays the fallback
+    checkpoints.previous_path(path).write_bytes(b"not a zip")
+    path.write_bytes(b"")
+    loaded = checkpoints.load(path, repair=True)
+    assert loaded.state is None and len(loaded.damaged) == 2
+    assert loaded.messages[-1] == f"no good checkpoint left: starting from scratch in {tmp_path}"
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_set_aside_and_the_unit_goes_on_from_the_previous_one(tmp_path):
+    cfg = configs.load(overrides={**TINY, "specialist.rollouts": 1})
+    unit, unit_dir = tiny_unit(cfg), tmp_path / "unit"
+    train_unit(unit, cfg, unit_dir, tmp_path / "lake", progress=False)  # checkpoints at steps 100 and 200
+    (unit_dir / "result.json").unlink()  # as if it had died after its last checkpoint
+    ckpt = unit_dir / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    reports: list[dict] = []
+    result = train_unit(unit, cfg, unit_dir, tmp_path / "lake", report=reports.append, progress=False)
+    assert result.steps == 200
+    second = read_attempts(unit_dir)[-1]
+    assert second["start_step"] == 100  # from checkpoint.prev.pt, not from scratch
+    [aside] = unit_dir.glob("checkpoint.pt.damaged-*")
+    assert f"checkpoint {ckpt} is damaged" in second["checkpoint"][0] and str(aside) in second["checkpoint"][0]
+    assert {"step": 100, "checkpoint/damaged": 1} in reports
+    assert load_checkpoint(unit_dir)["step"] == 200

@@ -8,7 +8,8 @@ orchestrator be tested and benchmarked at scale (thousands of units on one machi
 
 Drills for failure handling, all recorded in the unit directory:
 
-- ``worker.pid``: the pid of the process running the unit (kill it to simulate a crash);
+- ``worker.pid``: the process running the unit while an attempt runs (kill
+  ``workers.units.live_worker_pid(unit_dir)`` to simulate a crash);
 - ``attempts.jsonl``: one line per start, ``{"attempt", "start_step", "pid", "time"}``: shows
   whether a restarted unit resumed from its checkpoint;
 - units whose id matches the glob ``campaign.synthetic.fail_pattern`` raise
@@ -27,7 +28,8 @@ from typing import Callable, Sequence
 
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
-from workers.units import ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
+from workers.units import (ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec,  # noqa: F401 (re-exported)
+                           clear_pid_file, read_attempts, write_pid_file)
 from configs.files import write_text_atomic
 
 CHECKPOINT = "checkpoint.json"
@@ -50,16 +52,24 @@ def _unit_seed(unit_id: str) -> int:
 def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
              report: Callable[[dict], None] | None = None) -> UnitResult:
     """Run one synthetic unit: resume from its checkpoint, sleep, report, commit one shard."""
-    syn = cfg.campaign.synthetic
     unit_dir = Path(unit_dir)
     unit_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(unit, cfg, unit_dir, lake_root, report)
+    finally:
+        clear_pid_file(unit_dir)
+
+
+def _run(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
+         report: Callable[[dict], None] | None) -> UnitResult:
+    syn = cfg.campaign.synthetic
     t0 = time.perf_counter()
 
     start_step = read_checkpoint_step(unit_dir)
     attempt = len(read_attempts(unit_dir)) + 1
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only log: a torn last line is harmless
         f.write(json.dumps({"attempt": attempt, "start_step": start_step, "pid": os.getpid(), "time": time.time()}) + "\n")
-    write_text_atomic(unit_dir / PID_FILE, str(os.getpid()))
+    write_pid_file(unit_dir, unit.unit_id)
 
     if syn.fail_pattern and fnmatch.fnmatchcase(unit.unit_id, syn.fail_pattern) and attempt <= syn.fail_first_attempts:
         raise SyntheticFailure(f"unit {unit.unit_id}: planned failure on attempt {attempt} of {syn.fail_first_attempts}")

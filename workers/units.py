@@ -4,6 +4,7 @@ workload keeps in its unit directory for failure drills."""
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,58 @@ Split = Literal["train", "eval", "held-out"]
 
 # In every unit directory, whatever the workload:
 ATTEMPTS_LOG = "attempts.jsonl"  # one line per start: {"attempt", "start_step", "pid", "time"}
-PID_FILE = "worker.pid"  # the pid of the process running the unit (kill it to simulate a crash)
+PID_FILE = "worker.pid"  # while an attempt runs: {"pid", "unit_id", "started"} (see live_worker_pid)
 
 
 def read_attempts(unit_dir: Path) -> list[dict]:
     """Every start of the unit in ``unit_dir``, oldest first: ``{"attempt", "start_step", "pid", "time"}``."""
     path = Path(unit_dir) / ATTEMPTS_LOG
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); None if it is gone.
+
+    With the pid it names one process for good: a pid the kernel hands out again gets another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def write_pid_file(unit_dir: Path, unit_id: str) -> None:
+    """Say that this process runs ``unit_id`` now (removed again by :func:`clear_pid_file`)."""
+    from configs.files import write_text_atomic
+
+    pid = os.getpid()
+    write_text_atomic(Path(unit_dir) / PID_FILE,
+                      json.dumps({"pid": pid, "unit_id": unit_id, "started": process_start_time(pid)}))
+
+
+def clear_pid_file(unit_dir: Path) -> None:
+    """The attempt ended: its process (a Ray worker that lives on) runs other units next."""
+    Path(unit_dir, PID_FILE).unlink(missing_ok=True)
+
+
+def live_worker_pid(unit_dir: Path, unit_id: str | None = None) -> int | None:
+    """The pid of the process running the unit in ``unit_dir`` (``unit_id``, default the folder's
+    name) now, or None.
+
+    None when no attempt runs: no ``worker.pid`` (attempts remove it when they end), or one left
+    by an attempt whose process died, even if its pid now belongs to another process (the start
+    time differs) or was written in the old bare-pid form. Check this before signalling a worker.
+    """
+    path = Path(unit_dir) / PID_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("unit_id") != (unit_id or Path(unit_dir).name):
+        return None
+    started = process_start_time(int(info["pid"]))
+    return int(info["pid"]) if started is not None and started == info.get("started") else None
 
 
 def unit_id_for(song_hash: str, chunk_index: int, config_hash: str) -> str:

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,10 @@ def train_il(
     min_f1 = cfg.gate.f1_threshold if min_f1 is None else float(min_f1)
 
     lake = Lake(lake_root, cfg.lake)
-    shards = lake.shards(min_f1=min_f1, split="train")
+    shards, damaged = lake.split_damaged(lake.shards(min_f1=min_f1, split="train"))
+    if damaged:
+        warnings.warn(f"{lake_root}: leaving out {len(damaged)} damaged shard(s): "
+                      + "; ".join(f"{s.path}: {problem}" for s, problem in damaged[:5]))
     if not shards:
         raise ValueError(f"{lake_root}: no committed train shards with specialist F1 >= {min_f1}")
     song_hashes = sorted({s.song_hash for s in shards})
@@ -275,7 +279,8 @@ def train_il(
     stats = dataset_stats(lake_root, shards)
 
     params = {f"il.{k}": v for k, v in il.model_dump(mode="json").items()}
-    params.update(policy=il.policy, lake=str(lake_root), min_f1=min_f1, n_shards=len(shards), n_songs=len(song_hashes))
+    params.update(policy=il.policy, lake=str(lake_root), min_f1=min_f1, n_shards=len(shards), n_damaged_shards=len(damaged),
+                  n_songs=len(song_hashes))
     run_id = _mlflow_run(out_dir, tracking_uri, experiment, params)
 
     loop_config = {

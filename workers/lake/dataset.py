@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -47,6 +48,8 @@ class TrajectoryDataset(IterableDataset):
 
     Shards are those with ``specialist_f1 >= min_f1`` in ``splits``, listed once when the dataset
     is made (pass ``shards`` to share one listing between DDP ranks of a lake that is growing).
+    Damaged shards (a file whose size is not the catalogued one) are left out with a warning and
+    kept in ``damaged`` as (shard, problem).
     ``rank``/``world_size`` default to torch.distributed's when it is initialised, else 0/1.
     ``repeat=True`` goes on forever, reshuffling each epoch; otherwise call ``set_epoch``.
     ``batch_size=B`` yields ready batches (``obs`` [B, 1144], ...; the last one may be smaller),
@@ -82,8 +85,12 @@ class TrajectoryDataset(IterableDataset):
         self.min_f1 = min_f1
         self.splits = (splits,) if isinstance(splits, str) else tuple(splits)
         listed = self.lake.shards() if shards is None else list(shards)
-        self.shards: list[ShardInfo] = sorted(
-            (s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits), key=lambda s: s.unit_id)
+        whole, self.damaged = self.lake.split_damaged(
+            [s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits])
+        if self.damaged:
+            warnings.warn(f"{self.root}: leaving out {len(self.damaged)} damaged shard(s): "
+                          + "; ".join(f"{s.path}: {problem}" for s, problem in self.damaged[:5]))
+        self.shards: list[ShardInfo] = sorted(whole, key=lambda s: s.unit_id)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.action_chunk = action_chunk
@@ -135,8 +142,8 @@ class TrajectoryDataset(IterableDataset):
                 if shard_index != open_index:
                     open_file, open_index = self.lake.open_shard(shard), shard_index
                 table = open_file.read_row_group(group)
-            except LakeError as e:
-                warnings.warn(f"skipping row group {group} of unit {shard.unit_id}: {e}")
+            except (LakeError, OSError, pa.ArrowException) as e:  # damage the size check cannot see (bit rot)
+                warnings.warn(f"skipping row group {group} of unit {shard.unit_id} ({shard.path}): {e}")
                 continue
             episode = np.asarray(table.column("episode"), dtype=np.int64)
             action = fixed_list_to_numpy(table.column("action"), ACTION_DIM)

@@ -99,6 +99,9 @@ class ShardInfo:
     committed_at: str = ""  # ISO-8601 UTC
     mean_episode_f1: float = float("nan")
     mean_episode_return: float = float("nan")
+    # sha256 of the file as committed ("" in entries catalogued before checksums were kept;
+    # ``Lake.verify`` adds it to those whose file checks whole)
+    sha256: str = ""
 
     @property
     def meta(self) -> ShardMeta:

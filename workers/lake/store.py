@@ -4,7 +4,7 @@ Layout under the lake root (``<song_hash>`` is the song's content hash, ``<unit_
 identity; see ``meta/info.json`` in any lake for the same description in machine-readable form)::
 
     meta/info.json                         schema, observation layout, fps, path templates
-    meta/catalog/<unit_id>.json            one entry per committed shard (the source of truth)
+    meta/catalog/<unit_id>.json            one entry per committed shard (the source of truth; its size and sha256)
     meta/locks/<unit_id>.lock              serialises concurrent commits of the same unit
     meta/stats.json                        per-feature count, mean, std, min, max of all shards (LeRobot's layout)
     meta/stats/<unit_id>.npz               one shard's moments, merged into stats.json at commit (workers.lake.stats)
@@ -27,12 +27,20 @@ shard; ``Lake.commit_shard(meta, episodes)`` is the same writer fed a list. The 
 (``SHARD_KV_KEYS``) are the file's Parquet key-value metadata, written at commit: read them with
 ``pyarrow.parquet.read_metadata(path).metadata`` (or :func:`read_shard_kv`, DuckDB's
 ``parquet_kv_metadata``), not from the Arrow schema stored in the file.
+
+Damage: each catalog entry records its file's size (``bytes``) and sha256. :meth:`Lake.shard_problem`
+checks the size (cheap: a stat; what listing, the gate and the dataset reader do) or, with
+``full``, the checksum; :meth:`Lake.verify` checks every shard in full (``pianoforge lake verify``)
+and gives entries catalogued before checksums were kept theirs once their file reads whole (the
+catalog's migration). :meth:`Lake.set_aside` takes a damaged shard out of the lake, keeping its
+file under a hidden name, so that its unit records its rollouts again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -60,6 +68,7 @@ LOCK_DIR = f"{META_DIR}/locks"
 SHARD_TEMPLATE = "data/song={song_hash}/{unit_id}.parquet"
 CATALOG_TEMPLATE = "meta/catalog/{unit_id}.json"
 LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level
+DAMAGED_MARK = ".damaged-"  # a damaged shard set aside: ".<unit_id>.parquet.damaged-<UTC time>"
 _NOT_STATS = {"unit_id", "pressed", "target", "seed"}  # columns the statistics do not need
 
 
@@ -391,6 +400,91 @@ class Lake:
         for group in range(pf.num_row_groups):
             yield from table_to_episodes(pf.read_row_group(group))
 
+    # -- damage ------------------------------------------------------------------------------------
+
+    def shard_problem(self, shard: ShardInfo, full: bool = False) -> str | None:
+        """What is wrong with a committed shard's file, or None when it is whole.
+
+        Always: the file is there with the size its entry records (a truncated or overwritten
+        file shows). ``full``: also its sha256 (any changed byte); an entry catalogued before
+        checksums were kept is instead read whole (footer and every row group).
+        """
+        try:
+            size = shard.path.stat().st_size
+        except FileNotFoundError:
+            return "the file is missing"
+        except OSError as e:
+            return f"cannot read the file ({e.strerror or e})"
+        if size != shard.bytes:
+            return f"{size:,} bytes on disk, {shard.bytes:,} catalogued (truncated or overwritten)"
+        if not full:
+            return None
+        if shard.sha256:
+            digest = file_sha256(shard.path)
+            return None if digest == shard.sha256 else \
+                f"sha256 {digest[:12]}... on disk, {shard.sha256[:12]}... catalogued (the content changed)"
+        try:
+            pf = self.open_shard(shard)
+            for group in range(pf.num_row_groups):
+                pf.read_row_group(group)
+        except (LakeError, OSError, pa.ArrowException) as e:
+            return f"unreadable: {str(e).splitlines()[0][:300]}"
+        return None
+
+    def split_damaged(self, shards: Sequence[ShardInfo]) -> tuple[list[ShardInfo], list[tuple[ShardInfo, str]]]:
+        """``shards`` as (whole ones, [(damaged one, what is wrong)]) by the cheap check (sizes)."""
+        whole, damaged = [], []
+        for shard in shards:
+            problem = self.shard_problem(shard)
+            if problem is None:
+                whole.append(shard)
+            else:
+                damaged.append((shard, problem))
+        return whole, damaged
+
+    def verify(self, shards: Sequence[ShardInfo] | None = None) -> list[tuple[ShardInfo, str | None]]:
+        """Check every shard (default: all committed) in full: (shard, problem or None) each.
+
+        An entry without a checksum (catalogued before they were kept) whose file reads whole
+        gets one now, so later checks compare bytes.
+        """
+        out = []
+        for shard in self.shards() if shards is None else shards:
+            problem = self.shard_problem(shard, full=True)
+            if problem is None and not shard.sha256:
+                shard = self._add_checksum(shard)
+            out.append((shard, problem))
+        return out
+
+    def _add_checksum(self, shard: ShardInfo) -> ShardInfo:
+        with FileLock(str(self.root / LOCK_DIR / f"{shard.unit_id}.lock")):
+            current = self._read_entry(self.catalog_entry_path(shard.unit_id), missing_ok=True)
+            if current is None or current.commit_id != shard.commit_id or current.sha256:
+                return current or shard  # replaced or removed meanwhile: that writer's entry stands
+            updated = dataclasses.replace(current, sha256=file_sha256(current.path))
+            write_json_atomic(self.catalog_entry_path(shard.unit_id), self._entry(updated))
+        return updated
+
+    def set_aside(self, shard: ShardInfo) -> Path | None:
+        """Take a damaged shard out of the lake: its file is renamed ``.<name>.damaged-<UTC time>``
+        (hidden from readers, kept for inspection) and its catalog entry and statistics removed,
+        so the gate and the readers no longer see it and its unit records it again. Returns the
+        new name (None: the file was already gone). A newer commit of the unit is left alone."""
+        with FileLock(str(self.root / LOCK_DIR / f"{shard.unit_id}.lock")):
+            current = self._read_entry(self.catalog_entry_path(shard.unit_id), missing_ok=True)
+            if current is not None and current.commit_id != shard.commit_id:
+                return None
+            aside = shard.path.with_name(f".{shard.path.name}{DAMAGED_MARK}"
+                                         f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            try:
+                os.replace(shard.path, aside)
+            except FileNotFoundError:
+                aside = None
+            self.catalog_entry_path(shard.unit_id).unlink(missing_ok=True)
+            self.shard_stats_path(shard.unit_id).unlink(missing_ok=True)
+            fsync_dir(self.catalog_entry_path(shard.unit_id).parent)
+        return aside  # meta/stats.json no longer matches the catalog: the next Lake.stats() rebuilds it
+
     # -- housekeeping ----------------------------------------------------------------------------
 
     def vacuum(self, min_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
@@ -410,6 +504,15 @@ class Lake:
             for path in doomed:
                 path.unlink(missing_ok=True)
         return doomed
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -519,7 +622,8 @@ class ShardWriter:
                 os.fsync(f.fileno())
             self.info = self.lake._commit_file(
                 meta, self.tmp_path, moments=self._moments, n_episodes=self.n_episodes, n_steps=self.n_steps,
-                bytes=self.tmp_path.stat().st_size, n_row_groups=self.n_row_groups, commit_id=commit_id,
+                bytes=self.tmp_path.stat().st_size, sha256=file_sha256(self.tmp_path),
+                n_row_groups=self.n_row_groups, commit_id=commit_id,
                 mean_episode_f1=float(np.mean(self._f1s)), mean_episode_return=float(np.mean(self._returns)))
             return self.info
         finally:

@@ -19,7 +19,11 @@ What loading does with messy files (each fix is listed in ``Song.problems``):
 - overlapping notes of the same pitch: the earlier note is cut where the later begins; two
   notes with the same pitch and onset keep only the longer one;
 - notes without duration (note-off at the note-on tick, or never released): dropped;
-- nothing playable left, an empty file, a missing or unreadable file: :class:`SongError`.
+- nothing playable left, an empty file, a missing or unreadable file: :class:`SongError`;
+- a file past the :class:`SongLimits` (length in ticks, duration, note count): :class:`SongError`,
+  found by a scan of the raw MIDI messages before pretty_midi expands anything in memory
+  (pretty_midi allocates per tick; its own tick guard is switched off by note_seq, which raises
+  ``pretty_midi.MAX_TICK`` to 1e10 on import).
 
 Chunks (``plan_chunks``): the song is stretched by ``env.stretch_factor``; with
 ``env.trim_silence`` the whole song's silence is trimmed as RoboPianist's
@@ -66,6 +70,19 @@ class SongError(ValueError):
     """A MIDI file cannot become a song; the message names the file and the problem."""
 
 
+@dataclass(frozen=True)
+class SongLimits:
+    """Bounds a MIDI file must respect before it is expanded in memory (``manifest.*`` in the config).
+
+    A crafted file with one huge delta time is a few bytes long but would make pretty_midi
+    build a per-tick table of gigabytes; these are checked on the raw messages first.
+    """
+
+    max_midi_ticks: int = 10_000_000  # pretty_midi's own MAX_TICK before note_seq raises it
+    max_song_duration_s: float = 3600.0
+    max_song_notes: int = 200_000
+
+
 @dataclass(frozen=True, eq=False)
 class Song:
     """A cleaned note list read from one MIDI file; times in seconds as written in the file.
@@ -99,11 +116,18 @@ class Song:
                                            self.sustain_time, self.sustain_value, self.duration))
 
 
-def load_song(path: str | Path, name: str | None = None) -> Song:
+def song_limits(manifest_cfg) -> SongLimits:
+    """The limits of a :class:`configs.ManifestConfig` (``manifest.*``)."""
+    return SongLimits(max_midi_ticks=manifest_cfg.max_midi_ticks, max_song_duration_s=manifest_cfg.max_song_duration_s,
+                      max_song_notes=manifest_cfg.max_song_notes)
+
+
+def load_song(path: str | Path, name: str | None = None, limits: SongLimits | None = None) -> Song:
     """Read a MIDI file into a :class:`Song` (named ``name`` or the file's stem).
 
-    Raises :class:`SongError` naming the file when it is missing, unreadable, or has no
-    playable notes. Fixes that still leave a playable song go to ``Song.problems``.
+    Raises :class:`SongError` naming the file when it is missing, unreadable, past ``limits``
+    (default :class:`SongLimits`), or has no playable notes. Fixes that still leave a playable
+    song go to ``Song.problems``.
     """
     path = Path(path)
     try:
@@ -116,6 +140,10 @@ def load_song(path: str | Path, name: str | None = None) -> Song:
         raise SongError(f"{path}: empty file, no playable notes")
     try:
         midi = mido.MidiFile(file=io.BytesIO(data))
+    except Exception as e:  # mido raises many types for damaged files
+        raise SongError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
+    _check_limits(midi, path, limits or SongLimits())
+    try:
         problems = _tempo_into_first_track(midi)
         n_note_ons = sum(msg.type == "note_on" and msg.velocity > 0 for track in midi.tracks for msg in track)
         with warnings.catch_warnings():  # its warnings are about the tempo map handled above
@@ -162,6 +190,35 @@ def load_song(path: str | Path, name: str | None = None) -> Song:
                 pitch=pitch[order], velocity=velocity[order], start=start[order], end=end[order],
                 sustain_time=pedal_arr[by_time, 0], sustain_value=pedal_arr[by_time, 1].astype(np.int16),
                 problems=problems)
+
+
+def _check_limits(midi: mido.MidiFile, path: Path, limits: SongLimits) -> None:
+    """Raise :class:`SongError` when the raw messages go past ``limits`` (one pass, nothing expanded)."""
+    last_tick, n_notes, tempos = 0, 0, []
+    for track in midi.tracks:
+        tick = 0
+        for msg in track:
+            tick += msg.time
+            if msg.type == "note_on" and msg.velocity > 0:
+                n_notes += 1
+            elif msg.type == "set_tempo":
+                tempos.append((tick, msg.tempo))
+        last_tick = max(last_tick, tick)
+    if last_tick > limits.max_midi_ticks:
+        raise SongError(f"{path}: {last_tick:,} MIDI ticks long, over the limit of {limits.max_midi_ticks:,} "
+                        "(manifest.max_midi_ticks); a crafted or damaged file?")
+    if n_notes > limits.max_song_notes:
+        raise SongError(f"{path}: {n_notes:,} notes, over the limit of {limits.max_song_notes:,} (manifest.max_song_notes)")
+    if midi.type == 2:  # independent tracks: no shared tempo map to measure with; the tick limit holds
+        return
+    seconds, at, tempo = 0.0, 0, 500_000  # MIDI's default tempo: 120 bpm
+    for tick, new_tempo in sorted(tempos):
+        seconds += (min(tick, last_tick) - at) * tempo / (1e6 * max(midi.ticks_per_beat, 1))
+        at, tempo = min(tick, last_tick), new_tempo
+    seconds += (last_tick - at) * tempo / (1e6 * max(midi.ticks_per_beat, 1))
+    if seconds > limits.max_song_duration_s:
+        raise SongError(f"{path}: {seconds:,.0f} s long, over the limit of {limits.max_song_duration_s:,.0f} s "
+                        "(manifest.max_song_duration_s)")
 
 
 def _tempo_into_first_track(midi: mido.MidiFile) -> list[str]:
@@ -356,12 +413,13 @@ def plan_chunks(song: Song, env_cfg) -> ChunkPlan:
     return ChunkPlan(song_hash=song.content_hash, chunk_steps=size, n_steps=n_steps, chunks=chunks, skipped=skipped)
 
 
-def load_chunk(path: str | Path, chunk_index: int, env_cfg, expected_hash: str | None = None) -> MidiFile:
+def load_chunk(path: str | Path, chunk_index: int, env_cfg, expected_hash: str | None = None,
+               limits: SongLimits | None = None) -> MidiFile:
     """Rebuild chunk ``chunk_index`` of the song at ``path`` (what a worker calls).
 
     With ``expected_hash``, refuse a file whose content changed since the unit was planned.
     """
-    song = load_song(path)
+    song = load_song(path, limits=limits)
     if expected_hash and song.content_hash != expected_hash:
         raise SongError(f"{path}: content changed since the unit was planned "
                         f"(sha256 {song.content_hash[:12]}, expected {expected_hash[:12]})")

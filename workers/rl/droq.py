@@ -19,6 +19,15 @@ K is one batched matmul per layer. Agents share nothing but the arithmetic: each
 own batch from its own replay buffer, draws its dropout masks and action noise from its own
 generator, and has its own temperature and Adam state (moments and step count). A pack of 1
 is the plain specialist, and ``agent_state_dict(i)`` is exactly what a pack of 1 saves.
+
+What the packed learner does differently from the single-agent one it replaced (the same
+algorithm and initial weights; other random draws and float rounding): Adam is torch's fused
+kernel; dropout masks come from 16-bit random integers (``MaskDropout``) and, with action
+noise, from each agent's generator rather than torch's global RNG. Two options trade
+exactness for speed: ``droq.sparse_goal`` adds the goal's weight rows instead of a dense
+matmul (the same sums in another order; it pays on a CPU, where the goal is 83% of the first
+layers' inputs at ~2% density), and ``droq.matmul_precision: medium`` lets matmuls run in
+bfloat16 (8-bit mantissa inputs, float32 accumulation: ~3 significant digits per product).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +44,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 
 from configs import DroQConfig
+from workers.piano.layout import GOAL_BITS
 from workers.rl.replay import Batch, ReplayBuffer
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the actor's log std (CleanRL's SAC)
@@ -66,6 +77,58 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class SparseRows(NamedTuple):
+    """The non-zeros of (K, B, D) inputs, row by row: the goal (~2% ones) multiplied as sums of
+    weight rows rather than as a dense matmul."""
+
+    agents: int
+    batch: int
+    index: torch.Tensor  # (nnz,) agent * D + column: the weight row of (K * D, N) it selects
+    values: torch.Tensor  # (nnz,)
+    offsets: torch.Tensor  # (K * B,) where each row's non-zeros start
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> SparseRows:
+        k, b, d = x.shape
+        flat = x.reshape(-1)
+        nz = flat.nonzero().squeeze(1)  # (agent * B + row) * D + column, in order
+        offsets = torch.zeros(k * b, dtype=torch.long, device=x.device)
+        offsets[1:] = torch.bincount(nz // d, minlength=k * b).cumsum(0)[:-1]
+        return cls(k, b, nz // (b * d) * d + nz % d, flat[nz], offsets)
+
+    def times(self, weight: torch.Tensor) -> torch.Tensor:
+        """(K, B, D) x (K, D, N) -> (K, B, N)."""
+        k, d, n = weight.shape
+        out = F.embedding_bag(self.index, weight.view(k * d, n), self.offsets, mode="sum",
+                              per_sample_weights=self.values)
+        return out.view(k, self.batch, n)
+
+
+class InputLinear(nn.Module):
+    """The first layer of K agents' networks, ``m`` per agent (its Q ensemble), all seeing the
+    agent's input: (K, B, in) -> (K * m, B, out) as one (K, B, in) x (K, in, m * out) matmul.
+
+    The input rows come in blocks (``blocks``: their sizes), one parameter each, so that a
+    block needing no gradient (the observation when the actor learns through the critic)
+    costs none, and a sparse block (the goal) skips the matmul; inputs are given per block.
+    """
+
+    def __init__(self, k: int, m: int, blocks: Sequence[int], out_features: int):
+        super().__init__()
+        self.m, self.in_features, self.out_features = m, sum(blocks), out_features
+        self.blocks = nn.ParameterList([nn.Parameter(torch.empty(k, rows, m * out_features)) for rows in blocks])
+        self.bias = nn.Parameter(torch.empty(k, 1, m * out_features))
+
+    def forward(self, inputs: Sequence[torch.Tensor | SparseRows]) -> torch.Tensor:
+        h = self.bias
+        for x, w in zip(inputs, self.blocks):
+            h = h + x.times(w) if isinstance(x, SparseRows) else torch.baddbmm(h, x, w)
+        if self.m == 1:
+            return h
+        k, b = h.shape[:2]
+        return h.view(k, b, self.m, self.out_features).transpose(1, 2).reshape(k * self.m, b, self.out_features)
+
+
 class EnsembleLayerNorm(nn.Module):
     """LayerNorm over features with a separate scale and shift for each ensemble member."""
 
@@ -75,63 +138,59 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, 1, features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
 
 
 class MaskDropout(nn.Dropout):
-    """Dropout with the keep mask given by the caller (``keep``, bool, x's shape).
+    """Dropout with the mask given by the caller (``mask``: x's shape, 0 or 1 / keep probability).
 
-    The agent draws all masks of a step at once from 16-bit integers, 4 per 64-bit random
-    draw: a quarter of the random numbers ``bernoulli_`` needs. The drop probability is thus
-    rounded to a multiple of 2**-16 (0.01 -> 0.009995) and kept units are scaled by the
-    inverse of the exact keep probability, so the layer's expectation is unchanged."""
+    The agent draws masks from 16-bit integers, 4 per 64-bit random draw: a quarter of the
+    random numbers ``bernoulli_`` needs. The drop probability is thus rounded to a multiple of
+    2**-16 (0.01 -> 0.009995) and kept units are scaled by the inverse of the exact keep
+    probability, so the layer's expectation is unchanged."""
 
-    @property
-    def threshold(self) -> int:
-        """Keep a unit when its int16 draw is >= this."""
-        return -(MASK_LEVELS // 2) + round(self.p * MASK_LEVELS)
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        """The mask for uniform int16 ``bits``."""
+        dropped = round(self.p * MASK_LEVELS)
+        return torch.where(bits >= dropped - MASK_LEVELS // 2, MASK_LEVELS / (MASK_LEVELS - dropped), 0.0)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        if keep is None:
-            return x
-        scale = MASK_LEVELS / (MASK_LEVELS - round(self.p * MASK_LEVELS))
-        return torch.where(keep, x, 0.0) * scale
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x if mask is None else x * mask
 
 
 class QEnsemble(nn.Module):
-    """``n`` Q-networks (agents x Q-ensemble) evaluated together.
+    """K agents' ``num_qs`` Q-networks evaluated together.
 
-    ``forward(obs, action, keep)`` takes (K, B, .) inputs shared by each agent's ``num_qs``
-    members and returns Q values of shape (K, num_qs, B); ``keep`` holds one dropout mask of
-    shape (K * num_qs, B, hidden) per dropout layer, or None for no dropout."""
+    ``forward(obs, action, keep)`` takes (K, B, .) inputs (``obs`` as its blocks: the sparse
+    goal and the rest, or just the whole) shared by each agent's ``num_qs`` members and returns
+    Q values of shape (K, num_qs, B); ``keep`` holds one dropout mask of shape
+    (K * num_qs, B, hidden) per dropout layer, or None for no dropout."""
 
-    def __init__(self, n: int, obs_dim: int, action_dim: int, cfg: DroQConfig):
+    def __init__(self, k: int, obs_blocks: Sequence[int], action_dim: int, cfg: DroQConfig):
         super().__init__()
         self.num_qs = cfg.num_qs
         layers: list[nn.Module] = []
-        width = obs_dim + action_dim
-        for hidden in cfg.hidden_dims:
-            layers.append(EnsembleLinear(n, width, hidden))
+        for i, hidden in enumerate(cfg.hidden_dims):
+            layers.append(InputLinear(k, cfg.num_qs, [*obs_blocks, action_dim], hidden) if i == 0
+                          else EnsembleLinear(k * cfg.num_qs, cfg.hidden_dims[i - 1], hidden))
             if cfg.critic_dropout > 0:
                 layers.append(MaskDropout(cfg.critic_dropout))
             if cfg.critic_layer_norm:
-                layers.append(EnsembleLayerNorm(n, hidden))
+                layers.append(EnsembleLayerNorm(k * cfg.num_qs, hidden))
             layers.append(ACTIVATIONS[cfg.activation]())
-            width = hidden
-        layers.append(EnsembleLinear(n, width, 1))
+        layers.append(EnsembleLinear(k * cfg.num_qs, cfg.hidden_dims[-1], 1))
         self.net = nn.Sequential(*layers)
 
     @property
     def dropouts(self) -> list[MaskDropout]:
         return [m for m in self.net if isinstance(m, MaskDropout)]
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor,
+    def forward(self, obs: Sequence[torch.Tensor | SparseRows], action: torch.Tensor,
                 keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        k, b = obs.shape[:2]
-        x = torch.cat([obs, action], dim=-1)
-        x = x.unsqueeze(1).expand(k, self.num_qs, b, x.shape[-1]).reshape(k * self.num_qs, b, x.shape[-1])
+        k, b = action.shape[:2]
         masks = iter(keep) if keep is not None else None
-        for layer in self.net:
+        x = self.net[0]([*obs, action])
+        for layer in self.net[1:]:
             if isinstance(layer, MaskDropout):
                 x = layer(x, next(masks) if masks is not None else None)
             else:
@@ -140,26 +199,27 @@ class QEnsemble(nn.Module):
 
 
 class Actor(nn.Module):
-    """K tanh-squashed Gaussian policies over actions in [-1, 1]: (K, B, obs) -> (K, B, action)."""
+    """K tanh-squashed Gaussian policies over actions in [-1, 1]: (K, B, obs) -> (K, B, action);
+    the observation is given as its blocks (see ``QEnsemble``)."""
 
-    def __init__(self, n: int, obs_dim: int, action_dim: int, cfg: DroQConfig):
+    def __init__(self, k: int, obs_blocks: Sequence[int], action_dim: int, cfg: DroQConfig):
         super().__init__()
         layers: list[nn.Module] = []
-        width = obs_dim
-        for hidden in cfg.hidden_dims:
-            layers += [EnsembleLinear(n, width, hidden), ACTIVATIONS[cfg.activation]()]
-            width = hidden
+        for i, hidden in enumerate(cfg.hidden_dims):
+            layers += [InputLinear(k, 1, obs_blocks, hidden) if i == 0
+                       else EnsembleLinear(k, cfg.hidden_dims[i - 1], hidden), ACTIVATIONS[cfg.activation]()]
         self.trunk = nn.Sequential(*layers)
-        self.mean = EnsembleLinear(n, width, action_dim)
-        self.log_std = EnsembleLinear(n, width, action_dim)
+        self.mean = EnsembleLinear(k, cfg.hidden_dims[-1], action_dim)
+        self.log_std = EnsembleLinear(k, cfg.hidden_dims[-1], action_dim)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(obs)
+    def forward(self, obs: Sequence[torch.Tensor | SparseRows]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk[1:](self.trunk[0](obs))
         log_std = torch.tanh(self.log_std(h))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
         return self.mean(h), log_std
 
-    def sample(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: Sequence[torch.Tensor | SparseRows],
+               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reparameterised action in [-1, 1] for standard normal ``noise`` (K, B, action)
         and its log-probability (K, B)."""
         mean, log_std = self(obs)
@@ -171,7 +231,7 @@ class Actor(nn.Module):
         log_prob = log_prob - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return action, log_prob.sum(-1)
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+    def deterministic(self, obs: Sequence[torch.Tensor | SparseRows]) -> torch.Tensor:
         return torch.tanh(self(obs)[0])
 
 
@@ -203,11 +263,16 @@ class PackedAdam:
         for p in self.params:
             p.grad = None
 
-    def step(self) -> None:
-        grads = [p.grad.reshape(self.num_agents, -1)[k] for k in range(self.num_agents) for p in self.params]
+    def step(self, agents: Sequence[int] | None = None) -> None:
+        """One Adam step of every agent, or of ``agents`` only (the others stay as they are)."""
+        n = len(self.params)
+        agents = range(self.num_agents) if agents is None else agents
+        pick = [k * n + j for k in agents for j in range(n)]
+        grads = [p.grad.reshape(self.num_agents, -1)[k] for k in agents for p in self.params]
         group = self.param_groups[0]
         adam(
-            self._params, grads, self._exp_avg, self._exp_avg_sq, [], self._steps,
+            [self._params[x] for x in pick], grads, [self._exp_avg[x] for x in pick],
+            [self._exp_avg_sq[x] for x in pick], [], [self._steps[x] for x in pick],
             fused=self.fused, foreach=None if self.fused else True, amsgrad=False,
             beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=0.0,
             eps=group["eps"], maximize=False)
@@ -226,14 +291,18 @@ class DroQ:
 
     ``seed``: None initialises from torch's global RNG (as ``torch.manual_seed`` set it), an int
     gives agent k the seed ``seed + k``, a sequence gives each agent its own; an agent with seed
-    s starts exactly as ``DroQ(..., seed=s)`` and ``reset_agent(i, s)`` do.
+    s starts exactly as ``DroQ(..., seed=s)`` and ``reset_agent(i, s)`` do. ``goal_dims``: how
+    many leading observation entries ``droq.sparse_goal`` multiplies as sparse (the goal).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, action_low: np.ndarray, action_high: np.ndarray,
                  cfg: DroQConfig, device: str | torch.device | None = None,
-                 seed: int | Sequence[int] | None = None, num_agents: int = 1):
+                 seed: int | Sequence[int] | None = None, num_agents: int = 1, goal_dims: int = GOAL_BITS):
         if num_agents < 1:
             raise ValueError(f"num_agents must be >= 1, got {num_agents}")
+        if cfg.sparse_goal and not 0 < goal_dims < obs_dim:
+            raise ValueError(f"droq.sparse_goal needs 0 < goal_dims < obs_dim, got {goal_dims} and {obs_dim}")
+        self.goal_dims = goal_dims if cfg.sparse_goal else 0  # leading observation entries taken as sparse
         self.cfg, self.num_agents = cfg, num_agents
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
@@ -245,18 +314,19 @@ class DroQ:
         self.action_scale = torch.as_tensor((high - low) / 2, device=self.device)
         self.action_bias = torch.as_tensor((high + low) / 2, device=self.device)
 
-        k, q = num_agents, cfg.num_qs
-        self.actor = Actor(k, obs_dim, action_dim, cfg).to(self.device)
-        self.critic = QEnsemble(k * q, obs_dim, action_dim, cfg).to(self.device)
-        self.critic_target = QEnsemble(k * q, obs_dim, action_dim, cfg).to(self.device)
+        k = num_agents
+        blocks = [self.goal_dims, obs_dim - self.goal_dims] if self.goal_dims else [obs_dim]
+        self.actor = Actor(k, blocks, action_dim, cfg).to(self.device)
+        self.critic = QEnsemble(k, blocks, action_dim, cfg).to(self.device)
+        self.critic_target = QEnsemble(k, blocks, action_dim, cfg).to(self.device)
         self.critic_target.requires_grad_(False)
         self.log_alpha = torch.zeros(k, device=self.device, requires_grad=True)
         self.target_entropy = -action_dim / 2 if cfg.target_entropy is None else float(cfg.target_entropy)
 
-        adam = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, num_agents=k)
-        self.actor_opt = PackedAdam(list(self.actor.parameters()), lr=cfg.actor_lr, **adam)
-        self.critic_opt = PackedAdam(list(self.critic.parameters()), lr=cfg.critic_lr, **adam)
-        self.alpha_opt = PackedAdam([self.log_alpha], lr=cfg.temp_lr, **adam)
+        settings = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, num_agents=k)
+        self.actor_opt = PackedAdam(list(self.actor.parameters()), lr=cfg.actor_lr, **settings)
+        self.critic_opt = PackedAdam(list(self.critic.parameters()), lr=cfg.critic_lr, **settings)
+        self.alpha_opt = PackedAdam([self.log_alpha], lr=cfg.temp_lr, **settings)
         self.generators = [torch.Generator(self.device) for _ in range(k)]
         self.agent_updates = [0] * k  # critic steps of each agent (its checkpoint's ``updates``)
         self.updates = 0  # critic steps of the pack (each steps every agent)
@@ -284,29 +354,72 @@ class DroQ:
         finally:
             torch.set_float32_matmul_precision(before)
 
+    # --- one agent's slice -----------------------------------------------------------
+    def _layout(self, module: nn.Module, m: int, i: int) -> list[tuple[str, nn.Module, list, int]]:
+        """Agent i's part of ``module`` (m networks per agent) in a lone agent's layout, the one
+        checkpoints keep (nn.Linear's (out, in) actor weights): per lone-agent parameter, in
+        its order, (name, layer, parts, dim). The parameter is the concatenation along ``dim``
+        of ``view(tensors[index])`` for ``(index, view)`` in parts, where ``tensors`` are
+        ``module``'s parameters or anything shaped like them (Adam's moments)."""
+        index = {n: j for j, (n, _) in enumerate(module.named_parameters())}
+
+        def member(t: torch.Tensor) -> torch.Tensor:
+            return t[i * m:(i + 1) * m]
+
+        def transposed(t: torch.Tensor) -> torch.Tensor:  # (K, in, out) -> (out, in)
+            return t[i].T
+
+        def row(t: torch.Tensor) -> torch.Tensor:  # (K, 1, out) -> (out,)
+            return t[i, 0]
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (K, rows, m * out) -> (m, rows, out)
+            return t[i].view(t.shape[1], m, -1).transpose(0, 1)
+
+        out = []
+        for prefix, layer in module.named_modules():
+            if isinstance(layer, InputLinear):
+                blocks = [index[f"{prefix}.blocks.{b}"] for b in range(len(layer.blocks))]
+                out.append((f"{prefix}.weight", layer, [(j, transposed if m == 1 else split) for j in blocks], 1))
+                out.append((f"{prefix}.bias", layer, [(index[f"{prefix}.bias"], row if m == 1 else split)], 0))
+            elif isinstance(layer, (EnsembleLinear, EnsembleLayerNorm)):
+                weight = transposed if isinstance(layer, EnsembleLinear) else row
+                for name, view in (("weight", weight), ("bias", row)):
+                    out.append((f"{prefix}.{name}", layer, [(index[f"{prefix}.{name}"], view if m == 1 else member)], 0))
+        return out
+
+    def _components(self) -> list[tuple[str, nn.Module, int, PackedAdam | None]]:
+        q = self.cfg.num_qs
+        return [("actor", self.actor, 1, self.actor_opt), ("critic", self.critic, q, self.critic_opt),
+                ("critic_target", self.critic_target, q, None)]
+
     @torch.no_grad()
     def reset_agent(self, i: int, seed: int | None = None) -> None:
         """Re-initialise agent i (weights, target, temperature, optimiser state, update count,
         noise generator) as a fresh agent with ``seed`` (None: from torch's global RNG). The
-        draws are today's: nn.Linear's initialisation for the actor, then the critic's."""
+        draws are a lone agent's before packing: nn.Linear's initialisation for the actor,
+        layer by layer, then the critic's uniform(+-1/sqrt(fan_in)) weights and biases."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for layer in [m for m in self.actor.modules() if isinstance(m, EnsembleLinear)]:
-            weight = torch.empty(layer.out_features, layer.in_features)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=gen)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            layer.weight[i].copy_(weight.T)
-            layer.bias[i, 0].copy_(torch.empty(layer.out_features).uniform_(-bound, bound, generator=gen))
-        q = slice(i * self.cfg.num_qs, (i + 1) * self.cfg.num_qs)
-        for layer in self.critic.net:
-            if isinstance(layer, EnsembleLinear):
+        params = list(self.actor.parameters())
+        for _, layer, parts, dim in self._layout(self.actor, 1, i):
+            value = torch.empty(_gather(params, parts, dim).shape)
+            if value.dim() == 2:  # weight (out, in)
+                nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=gen)
+            else:
                 bound = 1.0 / math.sqrt(layer.in_features)
-                for p in (layer.weight, layer.bias):
-                    p[q].copy_(torch.empty(p[q].shape).uniform_(-bound, bound, generator=gen))
-            elif isinstance(layer, EnsembleLayerNorm):
-                layer.weight[q] = 1.0
-                layer.bias[q] = 0.0
+                value.uniform_(-bound, bound, generator=gen)
+            _scatter(params, parts, dim, value)
+        params = list(self.critic.parameters())
+        for name, layer, parts, dim in self._layout(self.critic, self.cfg.num_qs, i):
+            shape = _gather(params, parts, dim).shape
+            if isinstance(layer, EnsembleLayerNorm):
+                value = torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
+            else:
+                bound = 1.0 / math.sqrt(layer.in_features)
+                value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+            _scatter(params, parts, dim, value)
+        k = self.num_agents
         for p, target in zip(self.critic.parameters(), self.critic_target.parameters()):
-            target[q].copy_(p[q])
+            target.view(k, -1)[i] = p.view(k, -1)[i]  # every parameter holds agent i in row i
         self.log_alpha[i] = math.log(self.cfg.init_temperature)
         for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
             opt.reset_agent(i)
@@ -334,93 +447,130 @@ class DroQ:
         x = x.view(self.num_agents, -1, self.obs_dim)
         with self._precision():
             if deterministic:
-                a = self.actor.deterministic(x)
+                a = self.actor.deterministic(self._blocks(x))
             else:
                 shape = (*x.shape[:2], self.action_dim)
                 noise = torch.randn(shape, generator=generator, device=self.device) if generator is not None \
-                    else self._normal(shape[1:])
-                a = self.actor.sample(x, noise)[0]
+                    else self._normal(shape[1:], range(self.num_agents))
+                a = self.actor.sample(self._blocks(x), noise)[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
         if single:
             return a[0] if batched else a[0, 0]
         return a if batched else a[:, 0]
 
+    def _blocks(self, obs: torch.Tensor) -> list[torch.Tensor | SparseRows]:
+        """Observations as the first layers take them: [sparse goal, the rest] or [all]."""
+        if not self.goal_dims:
+            return [obs]
+        return [SparseRows.of(obs[..., :self.goal_dims]), obs[..., self.goal_dims:]]
+
     # --- randomness --------------------------------------------------------------------
-    def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Standard normal noise (K, *shape), agent k's from its own generator."""
-        out = torch.empty(self.num_agents, *shape, device=self.device)
-        for k, gen in enumerate(self.generators):
-            out[k].normal_(generator=gen)
+    def _normal(self, shape: tuple[int, ...], agents: Sequence[int]) -> torch.Tensor:
+        """Standard normal noise (K, *shape), agent k's from its own generator; zeros for
+        agents not in ``agents`` (whose generators are left as they are)."""
+        fill = torch.empty if len(agents) == self.num_agents else torch.zeros
+        out = fill(self.num_agents, *shape, device=self.device)
+        for k in agents:
+            out[k].normal_(generator=self.generators[k])
         return out
 
-    def _dropout_masks(self, passes: int, batch: int) -> list[list[torch.Tensor] | None]:
-        """Keep masks for ``passes`` critic forward passes: per pass, one (K * num_qs, batch,
-        hidden) bool mask per dropout layer, agent k's from its own generator."""
-        if not self.critic.dropouts:
+    def _dropout_masks(self, passes: int, batch: int, agents: Sequence[int]) -> list[list[torch.Tensor] | None]:
+        """Dropout masks for ``passes`` critic forward passes: per pass, one (K * num_qs, batch,
+        hidden) mask per dropout layer, agent k's part drawn from its own generator (for agents
+        not in ``agents``, a mask that keeps everything)."""
+        dropouts = self.critic.dropouts
+        if not dropouts:
             return [None] * passes
         q, k = self.cfg.num_qs, self.num_agents
-        sizes = [q * batch * h for h in self.cfg.hidden_dims]
-        per_agent = passes * sum(sizes)
-        bits = torch.empty(k, -(-per_agent // 4), dtype=torch.int64, device=self.device)
-        for i, gen in enumerate(self.generators):
-            bits[i].random_(-(2 ** 63), None, generator=gen)  # all 64 bits uniform
-        keep = bits.view(torch.int16)[:, :per_agent] >= self.critic.dropouts[0].threshold
+        sizes = [q * batch * h for h in self.cfg.hidden_dims]  # each agent's share per layer, in 16-bit draws
+        total = passes * sum(sizes)
+        # One draw per agent for the whole step; each mask is computed from a column range of
+        # it, which lays it out agent-major without a copy.
+        bits = (torch.empty if len(agents) == k else torch.zeros)(k, -(-total // 4), dtype=torch.int64,
+                                                                   device=self.device)
+        for i in agents:
+            bits[i].random_(-(2 ** 63), None, generator=self.generators[i])  # all 64 bits uniform
+        bits = bits.view(torch.int16)
         out, at = [], 0
         for _ in range(passes):
             masks = []
-            for h, n in zip(self.cfg.hidden_dims, sizes):
-                masks.append(keep[:, at:at + n].reshape(k * q, batch, h))
+            for layer, h, n in zip(dropouts, self.cfg.hidden_dims, sizes):
+                masks.append(layer.mask(bits[:, at:at + n]).view(k * q, batch, h))
                 at += n
             out.append(masks)
         return out
 
     # --- learning ----------------------------------------------------------------------
-    def _batches(self, buffers: Sequence[ReplayBuffer]) -> tuple[torch.Tensor, ...]:
-        """One batch from each agent's buffer, stacked (K, B, .) on the device."""
-        return self._staging.put([b.sample(self.cfg.batch_size) for b in buffers])
+    def _batches(self, buffers: Sequence[ReplayBuffer | None]) -> tuple[torch.Tensor, ...]:
+        """One batch from each agent's buffer (zeros for None), stacked (K, B, .) on the device."""
+        b = self.cfg.batch_size
+
+        def zeros() -> Batch:
+            obs = np.zeros((b, self.obs_dim), np.float32)
+            return Batch(obs, np.zeros((b, self.action_dim), np.float32), np.zeros(b, np.float32), obs,
+                         np.zeros(b, np.float32))
+
+        return self._staging.put([zeros() if buffer is None else buffer.sample(b) for buffer in buffers])
 
     def _critic_step(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor,
-                     discount: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One critic step for every agent, then the target EMA; (K,) losses and mean Qs."""
+                     discount: torch.Tensor, active: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One critic step for every agent (or the ``active`` ones: the others' losses do not
+        count and their state stays), then the target EMA; (K,) losses and mean Qs."""
+        agents = range(self.num_agents) if active is None else active
         action = (action - self.action_bias) / self.action_scale
-        noise = self._normal(next_obs.shape[1:2] + (self.action_dim,))
-        target_keep, keep = self._dropout_masks(2, obs.shape[1])
+        noise = self._normal(next_obs.shape[1:2] + (self.action_dim,), agents)
+        target_keep, keep = self._dropout_masks(2, obs.shape[1], agents)
         alpha = self.log_alpha.detach().exp()[:, None]
         with torch.no_grad():
+            next_obs = self._blocks(next_obs)
             next_action, next_log_prob = self.actor.sample(next_obs, noise)
             # The target ensemble keeps dropout on too (DroQ), and the min over it curbs overestimation.
             next_q = self.critic_target(next_obs, next_action, target_keep).min(dim=1).values
             target = reward + discount * (next_q - alpha * next_log_prob)
-        q = self.critic(obs, action, keep)
+        q = self.critic(self._blocks(obs), action, keep)
         losses = (q - target[:, None]).square().mean(dim=(1, 2))  # each agent's MSE, as alone
         self.critic_opt.zero_grad()
-        losses.sum().backward()
-        self.critic_opt.step()
+        self._total(losses, active).backward()
+        self.critic_opt.step(active)
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau)
+            targets, online = list(self.critic_target.parameters()), list(self.critic.parameters())
+            if active is not None:  # each parameter holds agent i in row i
+                k = self.num_agents
+                targets = [t.view(k, -1)[i] for i in active for t in targets]
+                online = [p.view(k, -1)[i] for i in active for p in online]
+            torch._foreach_lerp_(targets, online, self.cfg.tau)
         self.updates += 1
-        self.agent_updates = [n + 1 for n in self.agent_updates]
+        for i in agents:
+            self.agent_updates[i] += 1
         return losses.detach(), q.detach().mean(dim=(1, 2))
 
-    def _actor_step(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _total(self, losses: torch.Tensor, active: list[int] | None) -> torch.Tensor:
+        """The sum of the (K,) per-agent ``losses`` whose gradients are wanted."""
+        if active is None:
+            return losses.sum()
+        return losses[torch.as_tensor(active, device=self.device)].sum()
+
+    def _actor_step(self, obs: torch.Tensor, active: list[int] | None = None) -> tuple[torch.Tensor, ...]:
         """One actor step (maximise mean ensemble Q + entropy), then one temperature step, for
-        every agent; (K,) actor losses, temperatures and entropies."""
-        noise = self._normal(obs.shape[1:2] + (self.action_dim,))
-        (keep,) = self._dropout_masks(1, obs.shape[1])
+        every agent (or the ``active`` ones); (K,) actor losses, temperatures and entropies."""
+        agents = range(self.num_agents) if active is None else active
+        noise = self._normal(obs.shape[1:2] + (self.action_dim,), agents)
+        (keep,) = self._dropout_masks(1, obs.shape[1], agents)
+        obs = self._blocks(obs)
         action, log_prob = self.actor.sample(obs, noise)
         self.critic.requires_grad_(False)  # gradients flow through the critic, not into it
         q = self.critic(obs, action, keep).mean(dim=1)  # dropout active, as in DroQ
         losses = (self.log_alpha.detach().exp()[:, None] * log_prob - q).mean(dim=1)
         self.actor_opt.zero_grad()
-        losses.sum().backward()
-        self.actor_opt.step()
+        self._total(losses, active).backward()
+        self.actor_opt.step(active)
         self.critic.requires_grad_(True)
 
         alpha_loss = (self.log_alpha.exp()[:, None] * (-log_prob.detach() - self.target_entropy)).mean(dim=1)
         self.alpha_opt.zero_grad()
-        alpha_loss.sum().backward()
-        self.alpha_opt.step()
+        self._total(alpha_loss, active).backward()
+        self.alpha_opt.step(active)
         return losses.detach(), self.log_alpha.detach().exp(), -log_prob.detach().mean(dim=1)
 
     def _as_list(self, batches: Batch | Sequence[Batch]) -> list[Batch]:
@@ -454,83 +604,70 @@ class DroQ:
         """``utd_ratio`` critic updates on fresh batches, then one actor/temperature update.
 
         A pack of 1 takes one buffer and returns one dict; otherwise one buffer per agent (each
-        agent samples its own batches) and one dict per agent."""
+        agent samples its own batches) and one dict per agent. An agent whose buffer is None
+        sits this update out: nothing of it changes (weights, optimiser, temperature, update
+        count, generator) and its dict is empty -- for a member still in its warm-up, or idle.
+        """
         single = isinstance(buffers, ReplayBuffer)
         buffers = [buffers] if single else list(buffers)
         if len(buffers) != self.num_agents:
             raise ValueError(f"{len(buffers)} replay buffers for {self.num_agents} agents")
+        active = [i for i, b in enumerate(buffers) if b is not None]
+        if not active:
+            raise ValueError("no replay buffer to update from: every entry is None")
+        active = None if len(active) == self.num_agents else active
         with self._precision():
             for _ in range(self.cfg.utd_ratio):
                 batch = self._batches(buffers)
-                loss, q = self._critic_step(*batch)
-            actor_loss, temperature, entropy = self._actor_step(batch[0])
+                loss, q = self._critic_step(*batch, active=active)
+            actor_loss, temperature, entropy = self._actor_step(batch[0], active=active)
         metrics = self._metrics({"train/critic_loss": loss, "train/q": q, "train/actor_loss": actor_loss,
                                  "train/temperature": temperature, "train/entropy": entropy})
+        if active is not None:
+            metrics = [m if i in active else {} for i, m in enumerate(metrics)]
         return metrics[0] if single else metrics
 
     # --- checkpointing -----------------------------------------------------------------
-    def _agent_views(self, i: int) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]]:
-        """Agent i's part of every stacked tensor in a lone agent's layout (nn.Linear's (out, in)
-        actor weights): per component, (name, parameter, exp_avg, exp_avg_sq) views."""
-        q = slice(i * self.cfg.num_qs, (i + 1) * self.cfg.num_qs)
-
-        def actor_view(t: torch.Tensor) -> torch.Tensor:
-            return t[i, 0] if t.shape[1] == 1 else t[i].T  # (K, 1, out) biases, (K, in, out) weights
-
-        views = {}
-        for name, module, opt, view in (("actor", self.actor, self.actor_opt, actor_view),
-                                        ("critic", self.critic, self.critic_opt, lambda t: t[q])):
-            views[name] = [(n, view(p), view(m), view(v))
-                           for (n, p), m, v in zip(module.named_parameters(), opt.exp_avg, opt.exp_avg_sq)]
-        views["critic_target"] = [(n, p[q], None, None) for n, p in self.critic_target.named_parameters()]
-        views["log_alpha"] = [("log_alpha", self.log_alpha[i], self.alpha_opt.exp_avg[0][i],
-                               self.alpha_opt.exp_avg_sq[0][i])]
-        return views
-
     def agent_state_dict(self, i: int) -> dict:
         """Agent i alone, exactly as a pack of 1 saves it: tensors and plain containers only
-        (loads with ``torch.load(weights_only=True)``), torch.optim.Adam's state format."""
-        views = self._agent_views(i)
-        cpu = lambda t: t.detach().to("cpu", copy=True).contiguous()  # noqa: E731
-        state = {name: {n: cpu(p) for n, p, _, _ in views[name]} for name in ("actor", "critic", "critic_target")}
-        state["log_alpha"] = cpu(self.log_alpha[i])
-        for name, opt, key in (("actor_opt", self.actor_opt, "actor"), ("critic_opt", self.critic_opt, "critic"),
-                               ("alpha_opt", self.alpha_opt, "log_alpha")):
-            steps = opt.steps[i].tolist()
-            state[name] = {
-                "state": {j: {"step": torch.tensor(steps[j]), "exp_avg": cpu(m), "exp_avg_sq": cpu(v)}
-                          for j, (_, _, m, v) in enumerate(views[key]) if steps[j] > 0},
-                "param_groups": [_adam_group(opt, len(views[key]))],
-            }
+        (loads with ``torch.load(weights_only=True)``), optimiser state in torch.optim.Adam's
+        format; ``rng`` is the agent's noise generator (``rng_device`` the device it is for)."""
+        state = {}
+        for name, module, m, opt in self._components():
+            layout = self._layout(module, m, i)
+            params = list(module.parameters())
+            state[name] = {n: _gather(params, parts, dim).detach().cpu() for n, _, parts, dim in layout}
+            if opt is not None:
+                state[f"{name}_opt"] = _adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout])
+        state["log_alpha"] = self.log_alpha[i].detach().cpu().clone()
+        state["alpha_opt"] = _adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)])
         state["updates"] = self.agent_updates[i]
-        state["rng"] = self.generators[i].get_state()
+        state["rng"], state["rng_device"] = self.generators[i].get_state(), self.device.type
         return state
 
     @torch.no_grad()
     def load_agent_state_dict(self, i: int, state: dict) -> None:
         """Put a lone agent's state (``agent_state_dict`` of any pack) into slot i."""
-        views = self._agent_views(i)
-        for name in ("actor", "critic", "critic_target"):
-            if set(state[name]) != {n for n, *_ in views[name]}:
+        for name, module, m, opt in self._components():
+            layout = self._layout(module, m, i)
+            names = [n for n, *_ in layout]
+            if sorted(state[name]) != sorted(names):
                 raise ValueError(f"agent state's {name} has parameters {sorted(state[name])}, "
-                                 f"this learner has {sorted(n for n, *_ in views[name])}")
-            for n, p, _, _ in views[name]:
-                p.copy_(state[name][n])
+                                 f"this learner has {sorted(names)}")
+            params = list(module.parameters())
+            for n, _, parts, dim in layout:
+                _scatter(params, parts, dim, state[name][n])
+            if opt is not None:
+                _load_adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout], state[f"{name}_opt"], name)
         self.log_alpha[i] = state["log_alpha"]
-        for name, opt, key in (("actor_opt", self.actor_opt, "actor"), ("critic_opt", self.critic_opt, "critic"),
-                               ("alpha_opt", self.alpha_opt, "log_alpha")):
-            opt.reset_agent(i)
-            if len(state[name]["param_groups"][0]["params"]) != len(views[key]):
-                raise ValueError(f"agent state's {name} has {len(state[name]['param_groups'][0]['params'])} "
-                                 f"parameters, this learner has {len(views[key])}")
-            for j, s in state[name]["state"].items():
-                _, _, m, v = views[key][int(j)]
-                m.copy_(s["exp_avg"])
-                v.copy_(s["exp_avg_sq"])
-                opt.steps[i, int(j)] = float(s["step"])
+        _load_adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)], state["alpha_opt"], "alpha")
         self.agent_updates[i] = int(state["updates"])
-        if "rng" in state:  # saved before agents had their own generators: keep the current one
+        if "rng" not in state:  # saved before agents had their own generators: keep the current one
+            return
+        if state.get("rng_device", "cpu") == self.device.type:
             self.generators[i].set_state(state["rng"])
+        else:  # a CPU generator's state does not fit a CUDA one: continue from a seed derived from it
+            self.generators[i].manual_seed(int(torch.as_tensor(state["rng"]).long().sum()) * 1_000_003 + i)
 
     def state_dict(self) -> dict:
         """A pack of 1: its agent's state (``agent_state_dict(0)``); a pack: every agent's."""
@@ -550,11 +687,59 @@ class DroQ:
         self.updates = int(state["updates"])
 
 
-def _adam_group(opt: PackedAdam, n: int) -> dict:
-    """torch.optim.Adam's param_groups entry for ``n`` parameters with ``opt``'s settings."""
+def _gather(tensors: list[torch.Tensor], parts: list, dim: int) -> torch.Tensor:
+    """A lone agent's tensor from its ``parts`` (see ``DroQ._layout``) of ``tensors``."""
+    views = [view(tensors[j]) for j, view in parts]
+    return views[0].clone(memory_format=torch.contiguous_format) if len(views) == 1 else torch.cat(views, dim)
+
+
+def _scatter(tensors: list[torch.Tensor], parts: list, dim: int, value: torch.Tensor) -> None:
+    """Write a lone agent's tensor ``value`` into its ``parts`` of ``tensors``."""
+    views = [view(tensors[j]) for j, view in parts]
+    value = torch.as_tensor(value)
+    if value.shape != _cat_shape(views, dim):
+        raise ValueError(f"a tensor of shape {tuple(value.shape)} where {tuple(_cat_shape(views, dim))} belongs")
+    if len(views) == 1:
+        views[0].copy_(value)
+        return
+    for v, piece in zip(views, value.split([v.shape[dim] for v in views], dim)):
+        v.copy_(piece)
+
+
+def _cat_shape(views: list[torch.Tensor], dim: int) -> torch.Size:
+    shape = list(views[0].shape)
+    if shape:
+        shape[dim] = sum(v.shape[dim] for v in views)
+    return torch.Size(shape)
+
+
+def _adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]]) -> dict:
+    """Agent i's part of ``opt`` as torch.optim.Adam's ``state_dict`` of a lone agent."""
+    steps = opt.steps[i].tolist()
+    state = {}
+    for j, (parts, dim) in enumerate(layout):
+        step = steps[parts[0][0]]  # all parts of a parameter step together
+        if step > 0:
+            state[j] = {"step": torch.tensor(step), "exp_avg": _gather(opt.exp_avg, parts, dim).cpu(),
+                        "exp_avg_sq": _gather(opt.exp_avg_sq, parts, dim).cpu()}
     group = opt.param_groups[0]
     template = torch.optim.Adam([torch.zeros(1)], lr=group["lr"], betas=group["betas"], eps=group["eps"])
-    return {**template.state_dict()["param_groups"][0], "params": list(range(n))}
+    return {"state": state, "param_groups": [{**template.state_dict()["param_groups"][0],
+                                              "params": list(range(len(layout)))}]}
+
+
+def _load_adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]], state: dict, name: str) -> None:
+    """Put a lone agent's torch.optim.Adam ``state_dict`` into agent i's part of ``opt``."""
+    count = len(state["param_groups"][0]["params"])
+    if count != len(layout):
+        raise ValueError(f"agent state's {name} optimiser has {count} parameters, this learner has {len(layout)}")
+    opt.reset_agent(i)
+    for j, s in state["state"].items():
+        parts, dim = layout[int(j)]
+        _scatter(opt.exp_avg, parts, dim, s["exp_avg"])
+        _scatter(opt.exp_avg_sq, parts, dim, s["exp_avg_sq"])
+        for index, _ in parts:
+            opt.steps[i, index] = float(s["step"])
 
 
 class _Staging:

@@ -30,7 +30,7 @@ import numpy as np
 
 import configs
 from workers.piano.env import PianoEnv, make_env
-from workers.piano.music import load_chunk
+from workers.piano.music import SongLimits, load_chunk
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,11 @@ class EnvSpec:
     song_hash: str
     env: dict[str, Any]  # configs.EnvConfig as a dict
     seed: int
+    limits: SongLimits | None = None  # manifest.* limits on the song (song_limits)
 
     def make(self) -> PianoEnv:
         env_cfg = configs.EnvConfig.model_validate(self.env)
-        midi = load_chunk(self.song_path, self.chunk_index, env_cfg, expected_hash=self.song_hash)
+        midi = load_chunk(self.song_path, self.chunk_index, env_cfg, expected_hash=self.song_hash, limits=self.limits)
         return make_env(midi, env_cfg, seed=self.seed)
 
 

@@ -12,8 +12,8 @@ The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pa
 2. step the K environments together (``workers.rl.envpool``: worker processes with shared
    memory, or this process for a pack of one);
 3. store each member's transition in its own replay buffer;
-4. update: one call updates every agent (``DroQ(num_agents=K).update`` on the K buffers), once
-   every running member is past its warm-up;
+4. update: one call updates the agents of every member past its warm-up
+   (``DroQ(num_agents=K).update`` on their buffers);
 5. per member: report metrics, evaluate, checkpoint, and when it reaches its
    ``specialist.total_steps``, record its rollouts into its own lake shard and write its
    ``result.json``.
@@ -26,9 +26,8 @@ also stays idle until the pack ends: slots are not refilled, so the unit the orc
 schedules, retries and resumes stays the pack as it was launched; pending units go to the next
 pack.
 
-Idle slots still take part in the stacked update (the learner updates K agents or none);
-their results are thrown away, and a slot whose own buffer cannot fill a batch samples
-another member's buffer. Members of one pack must share the network and update settings
+Agents of members still in their warm-up, finished or failed sit the update out (their
+buffer is passed as None: nothing of them changes). Members of one pack must share the network and update settings
 (``droq.*``) and the environment's dimensions; the scheduler only packs units of one config.
 """
 
@@ -49,16 +48,18 @@ import configs
 from configs.files import write_text_atomic
 from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
+from workers.piano.music import song_limits
+from workers.rl import checkpoints
 from workers.rl.droq import DroQ, resolve_device
 from workers.rl.envpool import EnvPool, EnvSpec, make_pool
 from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
+    CHECKPOINT,
     RESULT,
     EpisodeStats,
     Report,
     finished_result,
     load_agent,
-    load_checkpoint,
     play,
     record_rollouts,
     save_checkpoint,
@@ -67,7 +68,7 @@ from workers.rl.specialist import (
     shed_checkpoint,
     summarise,
 )
-from workers.units import ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec, read_attempts
+from workers.units import ATTEMPTS_LOG, MemberOutcome, UnitResult, UnitSpec, clear_pid_file, read_attempts, write_pid_file
 
 
 class MemberFailed(RuntimeError):
@@ -131,7 +132,8 @@ class Learner:
         """Stochastic actions for all K slots: (K, obs_dim) -> (K, action_dim)."""
         return self.agent.act(obs[0])[None] if self.k == 1 else self.agent.act(obs)
 
-    def update(self, buffers: Sequence[ReplayBuffer]) -> list[dict]:
+    def update(self, buffers: Sequence[ReplayBuffer | None]) -> list[dict]:
+        """One update; agents whose buffer is None sit it out."""
         return [self.agent.update(buffers[0])] if self.k == 1 else self.agent.update(list(buffers))
 
     def state_dict(self, i: int) -> dict:
@@ -228,14 +230,18 @@ class Pack:
             for m in members:
                 if m.player is not None:
                     m.player.close()
+                clear_pid_file(m.unit_dir)  # the attempt ended (the process may run other units next)
         return [m.outcome for m in members]
 
     @staticmethod
     def _env_spec(m: Member, seed: int) -> EnvSpec:
-        return EnvSpec(m.unit.song_path, m.unit.chunk_index, m.unit.song_hash, m.cfg.env.model_dump(), seed)
+        return EnvSpec(m.unit.song_path, m.unit.chunk_index, m.unit.song_hash, m.cfg.env.model_dump(), seed,
+                       song_limits(m.cfg.manifest))
 
     def _resume(self, m: Member, learner: Learner, restore_process_rng: bool) -> None:
-        checkpoint = load_checkpoint(m.unit_dir)  # on the CPU: RNG states and the replay live there
+        # On the CPU: RNG states and the replay live there. A damaged checkpoint is moved aside.
+        loaded = checkpoints.load(m.unit_dir / CHECKPOINT, repair=True)
+        checkpoint = loaded.state
         if checkpoint is not None:
             if checkpoint["unit_id"] != m.unit.unit_id:
                 raise ValueError(f"{m.unit_dir}: its checkpoint belongs to unit {checkpoint['unit_id']}, "
@@ -254,8 +260,11 @@ class Pack:
             m.report({"step": m.step, "resume/step": m.step})
         with open(m.unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
             f.write(json.dumps({"attempt": len(read_attempts(m.unit_dir)) + 1, "start_step": m.step,
-                                "pid": os.getpid(), "time": time.time()}) + "\n")
-        write_text_atomic(m.unit_dir / PID_FILE, str(os.getpid()))
+                                "pid": os.getpid(), "time": time.time(),
+                                **({"checkpoint": loaded.messages} if loaded.messages else {})}) + "\n")
+        if loaded.messages:
+            m.report({"step": m.step, "checkpoint/damaged": len(loaded.damaged)})
+        write_pid_file(m.unit_dir, m.unit.unit_id)
         m.start_step, m.start_updates = m.step, m.updates
         m.buffer.end_episode()  # the episode under way at the checkpoint is not restored
 
@@ -305,11 +314,15 @@ class Pack:
                     m.episodes += 1
                     m.episode_return = 0.0
             bar.update(len(running) - len(errors))
-            # 4. update every agent, once every running member is past its warm-up
+            # 4. update the agents of members past their warm-up, in one call
             stepped = [m for m in running if m.running]
-            if stepped and all(m.step > droq.warmup_steps for m in stepped):
-                metrics = learner.update(self._update_buffers(members, stepped))
-                for m in stepped:
+            learning = [m for m in stepped if m.step > droq.warmup_steps]
+            if learning:
+                buffers = [None] * len(members)  # the others sit the update out, unchanged
+                for m in learning:
+                    buffers[m.slot] = m.buffer
+                metrics = learner.update(buffers)
+                for m in learning:
                     m.update_metrics = metrics[m.slot]
                     m.updates += droq.utd_ratio
             # 5. per member: report, evaluate, checkpoint, finish
@@ -321,12 +334,6 @@ class Pack:
                 if not m.running:
                     pool.drop(m.slot)
         bar.close()
-
-    def _update_buffers(self, members: list[Member], stepped: list[Member]) -> list[ReplayBuffer]:
-        """Each slot's own buffer; an idle slot whose buffer cannot fill a batch borrows a
-        running member's (its agent's update is thrown away)."""
-        batch = self.cfg.droq.batch_size
-        return [m.buffer if m in stepped or len(m.buffer) >= batch else stepped[0].buffer for m in members]
 
     def _after_step(self, m: Member, learner: Learner, bar: tqdm) -> None:
         spec = m.cfg.specialist

@@ -38,8 +38,12 @@ the checkpoint's step; the episode that was under way is not restored: the envir
 a fresh episode and the replay buffer keeps the steps it had stored of the old one. A crash
 after training but before the shard is committed only repeats the rollouts.
 
+A damaged checkpoint (truncated, unreadable) is moved aside as ``checkpoint.pt.damaged-<time>``
+and the unit continues from ``checkpoint.prev.pt`` (the last two are kept) or from scratch
+(``workers.rl.checkpoints``); the start's line in ``attempts.jsonl`` says so, naming the files.
+
 Other files in ``unit_dir``: ``attempts.jsonl`` (one line per start: attempt, start_step,
-pid, time) and ``worker.pid`` (the pid of the process running the unit).
+pid, time) and, while an attempt runs, ``worker.pid`` (``workers.units.live_worker_pid``).
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ import torch
 from tqdm.auto import tqdm
 
 import configs
+from workers.rl import checkpoints
 from workers.rl.droq import DroQ
 from workers.piano.env import PianoEnv
 from workers.lake import Episode, ShardWriter
-from workers.units import ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, read_attempts  # noqa: F401 (re-exported)
-from configs.files import atomic_write
+from workers.units import (ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, clear_pid_file,  # noqa: F401 (re-exported)
+                           read_attempts, write_pid_file)
+from configs.files import atomic_write, fsync_dir
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -76,34 +82,40 @@ def read_result(unit_dir: Path) -> dict | None:
 
 
 def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") -> dict | None:
-    """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none."""
-    path = Path(unit_dir) / CHECKPOINT
-    return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
+    """The unit's checkpoint (loaded with ``weights_only=True``), or None when there is none.
+
+    A damaged checkpoint is skipped for the previous one (``workers.rl.checkpoints``).
+    """
+    return checkpoints.load(Path(unit_dir) / CHECKPOINT, map_location=map_location).state
 
 
 def save_checkpoint(unit_dir: Path, *, unit_id: str, step: int, episodes: int, resumed_from: list[int],
                     last_eval: dict, agent: dict, replay: dict, rng: np.random.Generator) -> None:
-    """Write ``unit_dir/checkpoint.pt`` atomically: everything a unit resumes from (the module
-    docstring), tensors and plain containers only."""
+    """Write ``unit_dir/checkpoint.pt`` (``workers.rl.checkpoints.save``: atomic, the one before
+    kept): everything a unit resumes from (the module docstring), tensors and plain containers only."""
     state = {"format": CHECKPOINT_FORMAT, "unit_id": unit_id, "step": step, "episodes": episodes,
              "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent, "replay": replay,
              "rng": rng_state(rng)}
-    with atomic_write(Path(unit_dir) / CHECKPOINT, "wb") as f:
-        torch.save(state, f)
+    checkpoints.save(state, Path(unit_dir) / CHECKPOINT)
 
 
 def shed_checkpoint(unit_dir: Path) -> None:
     """Rewrite a finished unit's checkpoint with only its policy and metadata: the actor, the
     critic and temperature (for fine-tuning), step and evaluation; no replay buffer, optimiser
-    state or target network (about 0.9 GB -> a few MB with the default networks). Idempotent."""
+    state, target network or previous checkpoint (about 0.9 GB -> a few MB with the default
+    networks). Idempotent."""
+    path = Path(unit_dir) / CHECKPOINT
     checkpoint = load_checkpoint(unit_dir)
-    if checkpoint is None or "replay" not in checkpoint:
-        return
-    agent = checkpoint["agent"]
-    kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval")}
-    kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
-    with atomic_write(Path(unit_dir) / CHECKPOINT, "wb") as f:
-        torch.save(kept, f)
+    if checkpoint is not None and "replay" in checkpoint:
+        agent = checkpoint["agent"]
+        kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval")}
+        kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
+        with atomic_write(path, "wb") as f:
+            torch.save(kept, f)
+    previous = checkpoints.previous_path(path)
+    if previous.exists():
+        previous.unlink()
+        fsync_dir(previous.parent)
 
 
 def load_agent(agent: DroQ, i: int, state: dict) -> None:

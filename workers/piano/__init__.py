@@ -1,0 +1,11 @@
+"""The piano: songs, the RP1M environment, fingering, metrics, and what a rollout looks and sounds like.
+
+- :mod:`workers.piano.layout`: the one definition of the observation/action layout and the goal encoding;
+- :mod:`workers.piano.music`: songs from MIDI and their cut into chunks (the units of work);
+- :mod:`workers.piano.env`: the RP1M environment (RoboPianist's two Shadow hands) and ``make_env``;
+- :mod:`workers.piano.fingering`: the optimal-transport fingering reward (RP1M eq. 1-2);
+- :mod:`workers.piano.metrics`: key-press precision, recall and F1;
+- :mod:`workers.piano.audio` and :mod:`workers.piano.render`: a rollout as WAV and as MP4 with sound.
+
+Nothing here imports torch: the environment runs in processes that never train.
+"""
