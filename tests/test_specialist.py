@@ -18,6 +18,7 @@ import torch
 
 import configs
 from workers.rl.droq import DroQ
+from workers.rl import pack as pack_module
 from workers.rl.pack import train_unit
 from workers.piano.env import make_env
 from workers.lake import Episode, Lake, ShardMeta
@@ -248,11 +249,17 @@ def test_checkpoints_keep_the_last_two_and_set_a_damaged_one_aside(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_truncated_checkpoint_is_set_aside_and_the_unit_goes_on_from_the_previous_one(tmp_path):
+def test_a_truncated_checkpoint_is_set_aside_and_the_unit_goes_on_from_the_previous_one(tmp_path, monkeypatch):
     cfg = configs.load(overrides={**TINY, "specialist.rollouts": 1})
     unit, unit_dir = tiny_unit(cfg), tmp_path / "unit"
-    train_unit(unit, cfg, unit_dir, tmp_path / "lake", progress=False)  # checkpoints at steps 100 and 200
-    (unit_dir / "result.json").unlink()  # as if it had died after its last checkpoint
+
+    def die(*args, **kwargs):  # as if the unit had died after its last checkpoint
+        raise RuntimeError("died")
+
+    monkeypatch.setattr(pack_module, "record_rollouts", die)
+    with pytest.raises(RuntimeError, match="died"):
+        train_unit(unit, cfg, unit_dir, tmp_path / "lake", progress=False)  # checkpoints at steps 100 and 200
+    monkeypatch.undo()
     ckpt = unit_dir / CHECKPOINT
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     reports: list[dict] = []
