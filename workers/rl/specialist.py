@@ -11,7 +11,10 @@
    uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
    critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
    ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
-   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
+   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically. With
+   ``specialist.budget.enabled`` a ``workers.rl.budget.StopRule`` judges every evaluation's
+   F1 and may end training early (target, plateau) or extend it past ``total_steps`` up to
+   ``budget.max_steps`` for a unit still improving; its state is in the checkpoint;
 4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
    shard as soon as it ends (only per-episode summaries stay in memory); the shard's
    ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
@@ -22,8 +25,9 @@
    replays a rollout exactly (the final checkpoint holds the policy that played them).
    ``deterministic`` plays the policy mean instead. Evaluations during training always play
    the mean, with the first ``eval_episodes`` of those seeds.
-5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds`` and the speeds are this
-   run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``.
+5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds``, ``eval_seconds`` and the
+   speeds are this run's; ``stop_reason``, ``stop_step`` and ``budget_steps`` say why training
+   ended) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``.
 
 Torch uses ``campaign.cpus_per_unit`` intra-op threads while the unit runs.
 
@@ -58,6 +62,7 @@ from tqdm.auto import tqdm
 
 import configs
 from workers.rl import checkpoints
+from workers.rl.budget import StopRule
 from workers.rl.droq import DroQ
 from workers.piano.env import PianoEnv, make_env
 from workers.lake import Episode, Lake, ShardMeta, ShardWriter
@@ -192,7 +197,7 @@ def _finished(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
         return None
     if saved["shard_path"] is not None and not Path(saved["shard_path"]).exists():
         return None  # the lake lost the shard: record the rollouts again
-    return UnitResult(**{k: saved[k] for k in UnitResult.model_fields})
+    return UnitResult(**{k: saved[k] for k in UnitResult.model_fields if k in saved})  # older files lack newer fields
 
 
 def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
@@ -237,6 +242,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
                           seed=spec.seed)
 
     step, episodes_done, resumed_from, last_eval = 0, 0, [], {}
+    rule = StopRule(spec.budget, spec.total_steps)
     # On the CPU: RNG states and the replay live there. A damaged checkpoint is moved aside.
     loaded = checkpoints.load(unit_dir / CHECKPOINT, repair=True)
     checkpoint = loaded.state
@@ -250,6 +256,8 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
         step, episodes_done = int(checkpoint["step"]), int(checkpoint["episodes"])
         resumed_from = list(checkpoint["resumed_from"]) + [step]
         last_eval = dict(checkpoint["last_eval"])
+        if "budget" in checkpoint:  # checkpoints written before budgets existed start judging afresh
+            rule.load_state_dict(checkpoint["budget"])
         report({"step": step, "resume/step": step})
     attempts = read_attempts(unit_dir)
     with open(unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
@@ -262,11 +270,17 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     def save_checkpoint() -> None:
         state = {"format": CHECKPOINT_FORMAT, "unit_id": unit.unit_id, "step": step, "episodes": episodes_done,
                  "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent.state_dict(),
-                 "replay": buffer.state_dict(), "rng": rng_state(rng)}
+                 "replay": buffer.state_dict(), "rng": rng_state(rng),
+                 "budget": rule.state_dict()}
         checkpoints.save(state, unit_dir / CHECKPOINT)
 
+    eval_seconds = 0.0
+
     def evaluate() -> dict[str, float]:
+        nonlocal eval_seconds
+        t = time.perf_counter()
         played = [play(agent, player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
+        eval_seconds += time.perf_counter() - t
         return summarise(played, "eval")
 
     # --- training --------------------------------------------------------------------
@@ -276,9 +290,9 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     returns, f1s, update_metrics = [], [], {}
     buffer.end_episode()  # the episode under way at the checkpoint is not restored
     obs, episode_return = env.reset(), 0.0
-    bar = tqdm(total=spec.total_steps, initial=step, disable=not progress, desc=unit.unit_id, unit="step",
+    bar = tqdm(total=rule.end_step, initial=step, disable=not progress, desc=unit.unit_id, unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    while step < spec.total_steps:
+    while step < rule.end_step and not rule.stopped:
         step += 1
         if step <= droq.warmup_steps:
             action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
@@ -307,11 +321,14 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
                 metrics.update({"train/return": float(np.mean(returns)), "train/f1": float(np.mean(f1s))})
             report(metrics)
             t_log, step_log, updates_log, returns, f1s = now, step, agent.updates, [], []
-        if step % spec.eval_interval == 0 or step == spec.total_steps:
+        if step % spec.eval_interval == 0 or step in (spec.total_steps, rule.end_step):
             last_eval = evaluate()
-            report({"step": step, **last_eval})
+            # The budget judges every evaluation; a stop ends training at this step (see workers.rl.budget).
+            stop, reason = rule.observe(step, last_eval["eval/f1"])
+            report({"step": step, **last_eval, "perf/eval_share": eval_seconds / (time.perf_counter() - t_train),
+                    **({"budget/stop_step": step} if stop else {})})
             bar.set_postfix({"eval_f1": f"{last_eval['eval/f1']:.3f}"})
-        if step % spec.checkpoint_interval == 0 or step == spec.total_steps:
+        if step % spec.checkpoint_interval == 0 or rule.stopped:
             save_checkpoint()
             report({"step": step, "checkpoint_step": step})  # the campaign store shows it while the unit runs
     bar.close()
@@ -340,7 +357,9 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
                         recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=step,
                         shard_path=shard_path, seconds=time.perf_counter() - t_start,
-                        env_steps_per_s=env_steps_per_s, updates_per_s=updates_per_s)
+                        env_steps_per_s=env_steps_per_s, updates_per_s=updates_per_s,
+                        stop_reason=rule.reason, stop_step=rule.stop_step, budget_steps=spec.total_steps,
+                        eval_seconds=eval_seconds)
     saved = {**result.model_dump(), "done": True, "resumed_from": resumed_from,
              "steps_this_run": step - start_step, "config_hash": unit.config_hash}
     write_text_atomic(unit_dir / RESULT, json.dumps(saved, indent=2))
