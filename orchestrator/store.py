@@ -160,6 +160,7 @@ class BudgetSummary:
     units: int               # finished units that recorded a budget
     budget_steps: int        # the sum of their nominal budgets
     steps: int               # the steps they trained
+    eval_share: float | None = None  # their time in evaluations during training / their worker time
 
     @property
     def saved_steps(self) -> int:
@@ -320,14 +321,15 @@ class CampaignStore:
         """Finished units' stop reasons and their training steps against their nominal budgets."""
         marks = ",".join("?" * len(FINISHED))
         if "stop_reason" not in self._present:  # a store not migrated yet, opened read-only
-            return BudgetSummary({}, 0, 0, 0)
+            return BudgetSummary({}, 0, 0, 0, None)
         reasons = {r: n for r, n in self.db.execute(
             f"SELECT stop_reason, COUNT(*) FROM units WHERE state IN ({marks}) AND stop_reason IS NOT NULL"
             " GROUP BY stop_reason", FINISHED)}
-        n, budget, used = self.db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(budget_steps), 0), COALESCE(SUM(steps), 0) FROM units"
-            f" WHERE state IN ({marks}) AND budget_steps IS NOT NULL AND steps IS NOT NULL", FINISHED).fetchone()
-        return BudgetSummary(reasons, n, budget, used)
+        n, budget, used, evals, seconds = self.db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(budget_steps), 0), COALESCE(SUM(steps), 0), SUM(eval_seconds),"
+            f" SUM(seconds) FROM units WHERE state IN ({marks}) AND budget_steps IS NOT NULL AND steps IS NOT NULL",
+            FINISHED).fetchone()
+        return BudgetSummary(reasons, n, budget, used, evals / seconds if evals is not None and seconds else None)
 
     def events(self, since_id: int = 0, unit_id: str | None = None) -> list[Event]:
         sql, args = "SELECT id, ts, unit_id, kind, from_state, to_state, attempt, detail FROM events WHERE id > ?", [since_id]

@@ -179,3 +179,49 @@ def test_config_checks_the_extension():
     fast = configs.load(profile="fast")
     b = fast.specialist.budget
     assert b.enabled and b.max_steps >= fast.specialist.total_steps and b.plateau_window
+
+
+# --- what a campaign shows ------------------------------------------------------------------
+def test_status_shows_stop_reasons_and_the_steps_saved(tmp_path):
+    from rich.console import Console
+
+    from orchestrator.status import read_status, render, steps_text
+    from orchestrator.store import SUCCEEDED, CampaignStore
+    from workers.synthetic import make_units
+    from workers.units import UnitResult
+
+    units = make_units(1, 4, "cfg00000")
+    stops = [("target", 2_000_000), ("target", 3_000_000), ("plateau", 1_500_000), ("cap", 12_000_000)]
+    with CampaignStore(tmp_path / "campaign.db") as store:
+        store.put_config({}, "k")
+        store.add_units(units, "k")
+        for unit, (reason, steps) in zip(units, stops):
+            store.mark_running(unit.unit_id)
+            store.mark_finished(unit.unit_id, UnitResult(
+                unit_id=unit.unit_id, f1=0.8, precision=0.8, recall=0.8, episode_return=1.0, steps=steps,
+                shard_path=None, seconds=100.0, eval_seconds=2.0, stop_reason=reason, stop_step=steps,
+                budget_steps=8_000_000), SUCCEEDED)
+    status = read_status(tmp_path)
+    console = Console(width=250, record=True)
+    console.print(render(status))
+    text = console.export_text()
+    # 32M budgeted, 18.5M trained: 13.5M (42%) saved; evaluations 2 s of every 100 s.
+    assert "stopped by: target 2, plateau 1, budget 0, cap 1" in text
+    assert "trained 18.50M of 32.00M budgeted steps (saved 13.50M, 42%)" in text
+    assert "evaluation: 2.0% of worker time" in text
+    assert [steps_text(n) for n in (950, 12_500, -3_200_000)] == ["950", "12.5k", "-3.20M"]
+
+
+def test_status_without_budgets_shows_no_budget_line(tmp_path):
+    from rich.console import Console
+
+    from orchestrator.status import read_status, render
+    from orchestrator.store import CampaignStore
+    from workers.synthetic import make_units
+
+    with CampaignStore(tmp_path / "campaign.db") as store:
+        store.put_config({}, "k")
+        store.add_units(make_units(1, 2, "cfg00000"), "k")
+    console = Console(width=250, record=True)
+    console.print(render(read_status(tmp_path)))
+    assert "stopped by" not in console.export_text()

@@ -132,7 +132,7 @@ def test_stop_reasons_and_saved_steps_over_finished_units(store):
     assert b.reasons == {"target": 1, "plateau": 1, "cap": 1}
     # Units without a budget (the synthetic workload) are left out; the extension spends 50 more.
     assert (b.units, b.budget_steps, b.steps, b.saved_steps) == (3, 300, 250, 50)
-    assert b.saved_fraction == pytest.approx(50 / 300)
+    assert b.saved_fraction == pytest.approx(50 / 300) and b.eval_share == pytest.approx(0.5 / 2.0)
 
 
 def _version_1_store(path) -> None:
