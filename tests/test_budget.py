@@ -91,6 +91,7 @@ def test_plateau_waits_for_min_steps():
     cfg = dict(stop_at_f1=None, judge_evals=1, plateau_window=2, plateau_margin=0.25)
     assert first_stop(rule(**cfg), f1s) == (30, PLATEAU)
     assert first_stop(rule(**cfg, min_steps=75), f1s) == (80, PLATEAU)
+    assert first_stop(rule(**cfg, min_steps=80), f1s) == (80, PLATEAU)  # from min_steps on
 
 
 def test_no_plateau_stop_without_a_window():
