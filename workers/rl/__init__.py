@@ -3,5 +3,6 @@
 - :mod:`workers.rl.droq`: the DroQ learner (SAC with a dropout + LayerNorm Q ensemble);
 - :mod:`workers.rl.replay`: compact replay memory with N-step returns;
 - :mod:`workers.rl.checkpoints`: checkpoints that keep the last two and set a damaged one aside;
+- :mod:`workers.rl.budget`: F1-driven budgets: when a specialist stops (target, plateau, budget, cap);
 - :mod:`workers.rl.specialist`: one unit of work: train, checkpoint, evaluate, record rollouts to the lake.
 """
