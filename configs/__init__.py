@@ -68,6 +68,10 @@ class DroQConfig(_Section):
     utd_ratio: int = Field(ge=1)
     n_step: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda"]
+    # float32 matmul precision of the learner (torch.set_float32_matmul_precision): "highest"
+    # keeps full float32; "high"/"medium" let CUDA use TF32 and "medium" lets a CPU with bf16
+    # support multiply in bfloat16 (8-bit mantissa inputs, float32 accumulation).
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
 
 
 class BudgetConfig(_Section):
