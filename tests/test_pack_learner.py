@@ -1,0 +1,219 @@
+"""A pack of K DroQ agents trains each agent exactly as it would train alone.
+
+Every agent draws its dropout masks and action noise from its own generator, so given the
+same seeds and batches a packed update and K lone updates see the same randomness, and their
+results must agree to float tolerance (only the order of floating-point work differs).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import configs
+from workers.rl.droq import DroQ
+from workers.rl.replay import ReplayBuffer
+
+OBS, ACT = 5, 3
+LOW, HIGH = np.array([-1.0, 0.0, -2.0]), np.array([1.0, 0.5, 2.0])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cfg(**overrides) -> configs.DroQConfig:
+    base = {"droq.hidden_dims": [32, 32], "droq.batch_size": 16, "droq.device": "cpu"}
+    base.update({f"droq.{k}": v for k, v in overrides.items()})
+    return configs.load(overrides=base).droq
+
+
+def make_buffer(seed: int) -> ReplayBuffer:
+    """Short random episodes, different for each seed."""
+    rng = np.random.default_rng(seed)
+    buffer = ReplayBuffer(OBS, ACT, 400, discount=0.88, binary_dims=0, seed=seed)
+    for _ in range(30):
+        obs = rng.normal(size=OBS).astype(np.float32)
+        for t in range(5):
+            nxt = rng.normal(size=OBS).astype(np.float32)
+            action = rng.uniform(LOW, HIGH).astype(np.float32)
+            buffer.add(obs, action, float(rng.normal()), nxt, terminated=t == 4 and seed % 2 == 0, truncated=t == 4)
+            obs = nxt
+    return buffer
+
+
+def agent(cfg, **kwargs) -> DroQ:
+    return DroQ(OBS, ACT, LOW, HIGH, cfg, device="cpu", **kwargs)
+
+
+def assert_same_state(a: dict, b: dict, exact: bool = False) -> None:
+    """Two lone-agent states: every tensor equal (to float tolerance unless ``exact``)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key], exact)
+        elif isinstance(a[key], list):
+            assert len(a[key]) == len(b[key])
+            for x, y in zip(a[key], b[key]):
+                assert_same_state({"_": x}, {"_": y}, exact)
+        elif isinstance(a[key], torch.Tensor) and a[key].is_floating_point() and not exact:
+            torch.testing.assert_close(a[key], b[key], msg=lambda m: f"{key}: {m}")
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def train(learner: DroQ, batches: list, steps: int) -> list:
+    """``steps`` critic + actor steps on given batches (per step, one per agent)."""
+    metrics = []
+    for step in range(steps):
+        metrics.append(learner.update_critic(batches[step]))
+        metrics.append(learner.update_actor(batches[step]))
+    return metrics
+
+
+@pytest.mark.parametrize("overrides", [{}, {"utd_ratio": 2, "num_qs": 3}])
+def test_a_packed_update_equals_separate_updates(overrides):
+    cfg = small_cfg(**overrides)
+    seeds = [11, 12, 13]
+    pack = agent(cfg, seed=seeds, num_agents=3)
+    alone = [agent(cfg, seed=s) for s in seeds]
+    for i, single in enumerate(alone):  # each starts as a lone agent with its seed
+        assert_same_state(pack.agent_state_dict(i), single.state_dict(), exact=True)
+    before = pack.agent_state_dict(0)
+
+    buffers = [make_buffer(s) for s in seeds]
+    batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(4)]
+    packed = train(pack, batches, 4)
+    separate = [train(single, [step[i] for step in batches], 4) for i, single in enumerate(alone)]
+    # update() samples its own batches: identical buffers give identical samples.
+    packed.append(pack.update([make_buffer(s) for s in seeds]))
+    for i, single in enumerate(alone):
+        separate[i].append(single.update(make_buffer(seeds[i])))
+
+    for i, single in enumerate(alone):
+        assert_same_state(pack.agent_state_dict(i), single.state_dict())
+        for pm, sm in zip(packed, separate[i]):
+            assert pm[i].keys() == sm.keys()
+            assert pm[i] == pytest.approx(sm, rel=1e-5, abs=1e-6)
+    assert pack.temperature == pytest.approx([s.temperature for s in alone], rel=1e-6)
+    assert pack.agent_updates == [s.updates for s in alone] == [4 + cfg.utd_ratio] * 3
+    # Not vacuous: training moved the weights, and the agents differ from one another.
+    state = [pack.agent_state_dict(i) for i in range(3)]
+    assert not torch.equal(state[0]["actor"]["mean.weight"], before["actor"]["mean.weight"])
+    assert not torch.allclose(state[0]["critic"]["net.0.weight"], state[1]["critic"]["net.0.weight"])
+    assert state[0]["critic_opt"]["state"][0]["step"] == 4 + cfg.utd_ratio
+
+
+def test_acting_for_a_pack_is_each_agent_acting():
+    cfg = small_cfg()
+    pack = agent(cfg, seed=[3, 4], num_agents=2)
+    alone = [agent(cfg, seed=s) for s in (3, 4)]
+    obs = np.random.default_rng(0).normal(size=(2, 6, OBS)).astype(np.float32)
+    for deterministic in (True, False):  # stochastic: each agent's noise from its own generator
+        actions = pack.act(obs, deterministic=deterministic)
+        assert actions.shape == (2, 6, ACT)
+        for i, single in enumerate(alone):
+            np.testing.assert_allclose(actions[i], single.act(obs[i], deterministic=deterministic), atol=1e-6)
+    one = pack.act(obs[:, 0], deterministic=True)
+    assert one.shape == (2, ACT) and np.all(one >= LOW) and np.all(one <= HIGH)
+    with pytest.raises(ValueError, match="expected"):
+        pack.act(obs[0])
+    with pytest.raises(ValueError, match="replay buffers for 2 agents"):
+        pack.update([make_buffer(0)])
+
+
+def test_a_lone_agent_starts_as_before_packing():
+    """Seeded globally, a pack of 1 draws its initial weights exactly as the plain nn.Linear
+    actor and the Q ensemble did, in the same order, so a seeded specialist starts unchanged."""
+    cfg = small_cfg()
+    torch.manual_seed(5)
+    linears = [nn.Linear(i, o) for i, o in ((OBS, 32), (32, 32), (32, ACT), (32, ACT))]
+    critic = []
+    for i, o in ((OBS + ACT, 32), (32, 32), (32, 1)):
+        bound = 1.0 / math.sqrt(i)
+        critic += [torch.empty(2, i, o).uniform_(-bound, bound), torch.empty(2, 1, o).uniform_(-bound, bound)]
+    torch.manual_seed(5)
+    state = agent(cfg).state_dict()
+    names = ["trunk.0", "trunk.2", "mean", "log_std"]
+    for name, linear in zip(names, linears):
+        assert torch.equal(state["actor"][f"{name}.weight"], linear.weight.detach())
+        assert torch.equal(state["actor"][f"{name}.bias"], linear.bias.detach())
+    weights = [state["critic"][f"net.{i}.{p}"] for i in (0, 4, 8) for p in ("weight", "bias")]
+    for ours, reference in zip(weights, critic):
+        assert torch.equal(ours, reference)
+    assert state["critic"]["net.2.weight"].eq(1).all() and state["critic"]["net.2.bias"].eq(0).all()
+    assert_same_state(state["critic"], state["critic_target"], exact=True)
+    assert state["actor_opt"]["state"] == {} and state["updates"] == 0
+    assert float(state["log_alpha"]) == pytest.approx(math.log(cfg.init_temperature))
+
+
+def test_an_agent_checkpoint_continues_in_a_pack_of_one_and_in_another_pack():
+    cfg = small_cfg()
+    pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
+    buffers = [make_buffer(s) for s in (1, 2, 3)]
+    for _ in range(3):
+        pack.update(buffers)
+    blob = io.BytesIO()
+    torch.save(pack.agent_state_dict(1), blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+
+    lone = agent(cfg, seed=99)
+    lone.load_state_dict(saved)
+    other = agent(cfg, seed=[7, 8], num_agents=2)
+    other.load_agent_state_dict(0, saved)
+    assert_same_state(lone.state_dict(), saved, exact=True)
+    assert lone.updates == 3 and other.agent_updates == [3, 0]
+
+    batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(3)]
+    train(pack, batches, 3)
+    train(lone, [step[1] for step in batches], 3)
+    train(other, [[step[1], step[0]] for step in batches], 3)
+    assert_same_state(lone.state_dict(), pack.agent_state_dict(1))
+    assert_same_state(other.agent_state_dict(0), pack.agent_state_dict(1))
+    # The pack's own state round-trips too.
+    copy = agent(cfg, num_agents=3)
+    copy.load_state_dict(pack.state_dict())
+    for i in range(3):
+        assert_same_state(copy.agent_state_dict(i), pack.agent_state_dict(i), exact=True)
+
+
+def test_reset_agent_reinitialises_only_its_slot():
+    cfg = small_cfg()
+    pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
+    buffers = [make_buffer(s) for s in (1, 2, 3)]
+    for _ in range(3):
+        pack.update(buffers)
+    kept = [pack.agent_state_dict(i) for i in (0, 2)]
+    pack.reset_agent(1, seed=42)
+    for i, state in zip((0, 2), kept):
+        assert_same_state(pack.agent_state_dict(i), state, exact=True)
+    fresh = agent(cfg, seed=42).state_dict()
+    assert_same_state(pack.agent_state_dict(1), fresh, exact=True)
+    assert pack.agent_updates == [3, 0, 3]
+    # The reset slot trains like a fresh lone agent from there on.
+    lone = agent(cfg, seed=42)
+    batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(2)]
+    train(pack, batches, 2)
+    train(lone, [step[1] for step in batches], 2)
+    assert_same_state(pack.agent_state_dict(1), lone.state_dict())
+
+
+def test_bfloat16_matmuls_stay_local_to_the_learner():
+    cfg = small_cfg(matmul_precision="medium")
+    before = torch.get_float32_matmul_precision()
+    learner = agent(cfg, seed=0, num_agents=2)
+    metrics = learner.update([make_buffer(0), make_buffer(1)])
+    assert all(np.isfinite(list(m.values())).all() for m in metrics)
+    assert torch.get_float32_matmul_precision() == before
