@@ -72,6 +72,9 @@ class DroQConfig(_Section):
     # keeps full float32; "high"/"medium" let CUDA use TF32 and "medium" lets a CPU with bf16
     # support multiply in bfloat16 (8-bit mantissa inputs, float32 accumulation).
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    # Multiply the observation's goal (979 entries, ~2% ones) into the first layers as sums of
+    # weight rows instead of a dense matmul: the same function, float sums in another order.
+    sparse_goal: bool = False
 
 
 class BudgetConfig(_Section):

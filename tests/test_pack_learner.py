@@ -19,7 +19,7 @@ import configs
 from workers.rl.droq import DroQ
 from workers.rl.replay import ReplayBuffer
 
-OBS, ACT = 5, 3
+OBS, ACT, GOAL = 6, 3, 3  # the first GOAL observation entries are binary, like the piano's goal
 LOW, HIGH = np.array([-1.0, 0.0, -2.0]), np.array([1.0, 0.5, 2.0])
 
 
@@ -37,14 +37,18 @@ def small_cfg(**overrides) -> configs.DroQConfig:
     return configs.load(overrides=base).droq
 
 
+def observation(rng: np.random.Generator) -> np.ndarray:
+    return np.concatenate([rng.random(GOAL) < 0.3, rng.normal(size=OBS - GOAL)]).astype(np.float32)
+
+
 def make_buffer(seed: int) -> ReplayBuffer:
     """Short random episodes, different for each seed."""
     rng = np.random.default_rng(seed)
-    buffer = ReplayBuffer(OBS, ACT, 400, discount=0.88, binary_dims=0, seed=seed)
+    buffer = ReplayBuffer(OBS, ACT, 400, discount=0.88, binary_dims=GOAL, seed=seed)
     for _ in range(30):
-        obs = rng.normal(size=OBS).astype(np.float32)
+        obs = observation(rng)
         for t in range(5):
-            nxt = rng.normal(size=OBS).astype(np.float32)
+            nxt = observation(rng)
             action = rng.uniform(LOW, HIGH).astype(np.float32)
             buffer.add(obs, action, float(rng.normal()), nxt, terminated=t == 4 and seed % 2 == 0, truncated=t == 4)
             obs = nxt
@@ -52,7 +56,7 @@ def make_buffer(seed: int) -> ReplayBuffer:
 
 
 def agent(cfg, **kwargs) -> DroQ:
-    return DroQ(OBS, ACT, LOW, HIGH, cfg, device="cpu", **kwargs)
+    return DroQ(OBS, ACT, LOW, HIGH, cfg, device="cpu", goal_dims=GOAL, **kwargs)
 
 
 def assert_same_state(a: dict, b: dict, exact: bool = False) -> None:
@@ -82,7 +86,7 @@ def train(learner: DroQ, batches: list, steps: int) -> list:
     return metrics
 
 
-@pytest.mark.parametrize("overrides", [{}, {"utd_ratio": 2, "num_qs": 3}])
+@pytest.mark.parametrize("overrides", [{}, {"utd_ratio": 2, "num_qs": 3, "sparse_goal": True}])
 def test_a_packed_update_equals_separate_updates(overrides):
     cfg = small_cfg(**overrides)
     seeds = [11, 12, 13]
@@ -138,7 +142,7 @@ def test_a_lone_agent_starts_as_before_packing():
     actor and the Q ensemble did, in the same order, so a seeded specialist starts unchanged."""
     cfg = small_cfg()
     torch.manual_seed(5)
-    linears = [nn.Linear(i, o) for i, o in ((OBS, 32), (32, 32), (32, ACT), (32, ACT))]
+    linears = [nn.Linear(i, o) for i, o in ((OBS, 32), (32, 32), (32, ACT), (32, ACT))]  # trunk, mean, log_std
     critic = []
     for i, o in ((OBS + ACT, 32), (32, 32), (32, 1)):
         bound = 1.0 / math.sqrt(i)
@@ -217,3 +221,18 @@ def test_bfloat16_matmuls_stay_local_to_the_learner():
     metrics = learner.update([make_buffer(0), make_buffer(1)])
     assert all(np.isfinite(list(m.values())).all() for m in metrics)
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_a_sparse_goal_computes_the_same_updates():
+    dense, sparse = (agent(small_cfg(sparse_goal=on), seed=4, num_agents=2) for on in (False, True))
+    buffers = [make_buffer(s) for s in (4, 5)]
+    batches = [[b.sample(16) for b in buffers] for _ in range(3)]
+    obs = batches[0][0].obs[:5]
+    np.testing.assert_allclose(sparse.act(np.stack([obs, obs])), dense.act(np.stack([obs, obs])), atol=1e-6)
+    for a, b in zip(train(dense, batches, 3), train(sparse, batches, 3)):  # per step, per agent
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+    for i in range(2):
+        assert_same_state(dense.agent_state_dict(i), sparse.agent_state_dict(i))
+    with pytest.raises(ValueError, match="goal_dims"):
+        DroQ(OBS, ACT, LOW, HIGH, small_cfg(sparse_goal=True), device="cpu", goal_dims=OBS)

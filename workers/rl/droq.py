@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 
 from configs import DroQConfig
+from workers.piano.layout import GOAL_BITS
 from workers.rl.replay import Batch, ReplayBuffer
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the actor's log std (CleanRL's SAC)
@@ -64,6 +66,40 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
+
+
+class SparseRows(NamedTuple):
+    """The non-zeros of the first ``dims`` entries of (K, B, D) inputs, row by row: the goal,
+    ~2% ones, multiplied as sums of weight rows rather than as a dense matmul."""
+
+    dims: int
+    agents: int
+    batch: int
+    index: torch.Tensor  # (nnz,) flat position in an agent's weight rows: agent * rows + column
+    values: torch.Tensor  # (nnz,)
+    counts: torch.Tensor  # (K * B,) non-zeros per row
+
+    @classmethod
+    def of(cls, x: torch.Tensor, dims: int) -> SparseRows:
+        k, b = x.shape[:2]
+        goal = x[..., :dims].reshape(k * b, dims)
+        row, col = goal.nonzero(as_tuple=True)
+        return cls(dims, k, b, (row // b) * dims + col, goal[row, col], torch.bincount(row, minlength=k * b))
+
+    def times(self, layer: EnsembleLinear, dense: torch.Tensor) -> torch.Tensor:
+        """``layer`` applied to [sparse part, ``dense``] for a layer of K x m members (m per
+        agent, each seeing its agent's rows): (K * m, B, out)."""
+        n, rows = layer.weight.shape[:2]
+        m = n // self.agents
+        # Bags in (member q, agent, row) order: agent a's member q owns weight rows (a * m + q) * rows.
+        agent, col = self.index // self.dims, self.index % self.dims
+        index = torch.cat([(agent * m + q) * rows + col for q in range(m)])
+        offsets = torch.zeros(m * self.agents * self.batch, dtype=torch.long, device=self.counts.device)
+        offsets[1:] = self.counts.repeat(m).cumsum(0)[:-1]
+        sparse = F.embedding_bag(index, layer.weight.view(n * rows, -1), offsets, mode="sum",
+                                 per_sample_weights=self.values.repeat(m))
+        sparse = sparse.view(m, self.agents, self.batch, -1).transpose(0, 1).reshape(n, self.batch, -1)
+        return torch.baddbmm(layer.bias, dense, layer.weight[:, self.dims:]) + sparse
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -125,13 +161,16 @@ class QEnsemble(nn.Module):
     def dropouts(self) -> list[MaskDropout]:
         return [m for m in self.net if isinstance(m, MaskDropout)]
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor,
-                keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, keep: Sequence[torch.Tensor] | None = None,
+                sparse: SparseRows | None = None) -> torch.Tensor:
         k, b = obs.shape[:2]
-        x = torch.cat([obs, action], dim=-1)
+        x = torch.cat([obs if sparse is None else obs[..., sparse.dims:], action], dim=-1)
         x = x.unsqueeze(1).expand(k, self.num_qs, b, x.shape[-1]).reshape(k * self.num_qs, b, x.shape[-1])
         masks = iter(keep) if keep is not None else None
-        for layer in self.net:
+        layers = iter(self.net)
+        if sparse is not None:
+            x = sparse.times(next(layers), x)
+        for layer in layers:
             if isinstance(layer, MaskDropout):
                 x = layer(x, next(masks) if masks is not None else None)
             else:
@@ -153,16 +192,20 @@ class Actor(nn.Module):
         self.mean = EnsembleLinear(n, width, action_dim)
         self.log_std = EnsembleLinear(n, width, action_dim)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(obs)
+    def forward(self, obs: torch.Tensor, sparse: SparseRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if sparse is None:
+            h = self.trunk(obs)
+        else:
+            h = self.trunk[1:](sparse.times(self.trunk[0], obs[..., sparse.dims:]))
         log_std = torch.tanh(self.log_std(h))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
         return self.mean(h), log_std
 
-    def sample(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor,
+               sparse: SparseRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The reparameterised action in [-1, 1] for standard normal ``noise`` (K, B, action)
         and its log-probability (K, B)."""
-        mean, log_std = self(obs)
+        mean, log_std = self(obs, sparse)
         u = mean + noise * log_std.exp()
         action = torch.tanh(u)
         # Gaussian log density, then the change of variables for tanh in the numerically
@@ -171,8 +214,8 @@ class Actor(nn.Module):
         log_prob = log_prob - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return action, log_prob.sum(-1)
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self(obs)[0])
+    def deterministic(self, obs: torch.Tensor, sparse: SparseRows | None = None) -> torch.Tensor:
+        return torch.tanh(self(obs, sparse)[0])
 
 
 # --- optimiser -------------------------------------------------------------------------
@@ -226,14 +269,18 @@ class DroQ:
 
     ``seed``: None initialises from torch's global RNG (as ``torch.manual_seed`` set it), an int
     gives agent k the seed ``seed + k``, a sequence gives each agent its own; an agent with seed
-    s starts exactly as ``DroQ(..., seed=s)`` and ``reset_agent(i, s)`` do.
+    s starts exactly as ``DroQ(..., seed=s)`` and ``reset_agent(i, s)`` do. ``goal_dims``: how
+    many leading observation entries ``droq.sparse_goal`` multiplies as sparse (the goal).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, action_low: np.ndarray, action_high: np.ndarray,
                  cfg: DroQConfig, device: str | torch.device | None = None,
-                 seed: int | Sequence[int] | None = None, num_agents: int = 1):
+                 seed: int | Sequence[int] | None = None, num_agents: int = 1, goal_dims: int = GOAL_BITS):
         if num_agents < 1:
             raise ValueError(f"num_agents must be >= 1, got {num_agents}")
+        if cfg.sparse_goal and not 0 < goal_dims < obs_dim:
+            raise ValueError(f"droq.sparse_goal needs 0 < goal_dims < obs_dim, got {goal_dims} and {obs_dim}")
+        self.goal_dims = goal_dims if cfg.sparse_goal else 0  # leading observation entries taken as sparse
         self.cfg, self.num_agents = cfg, num_agents
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
@@ -334,17 +381,20 @@ class DroQ:
         x = x.view(self.num_agents, -1, self.obs_dim)
         with self._precision():
             if deterministic:
-                a = self.actor.deterministic(x)
+                a = self.actor.deterministic(x, self._sparse(x))
             else:
                 shape = (*x.shape[:2], self.action_dim)
                 noise = torch.randn(shape, generator=generator, device=self.device) if generator is not None \
                     else self._normal(shape[1:])
-                a = self.actor.sample(x, noise)[0]
+                a = self.actor.sample(x, noise, self._sparse(x))[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
         if single:
             return a[0] if batched else a[0, 0]
         return a if batched else a[:, 0]
+
+    def _sparse(self, x: torch.Tensor) -> SparseRows | None:
+        return SparseRows.of(x, self.goal_dims) if self.goal_dims else None
 
     # --- randomness --------------------------------------------------------------------
     def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -388,11 +438,12 @@ class DroQ:
         target_keep, keep = self._dropout_masks(2, obs.shape[1])
         alpha = self.log_alpha.detach().exp()[:, None]
         with torch.no_grad():
-            next_action, next_log_prob = self.actor.sample(next_obs, noise)
+            sparse_next = self._sparse(next_obs)
+            next_action, next_log_prob = self.actor.sample(next_obs, noise, sparse_next)
             # The target ensemble keeps dropout on too (DroQ), and the min over it curbs overestimation.
-            next_q = self.critic_target(next_obs, next_action, target_keep).min(dim=1).values
+            next_q = self.critic_target(next_obs, next_action, target_keep, sparse_next).min(dim=1).values
             target = reward + discount * (next_q - alpha * next_log_prob)
-        q = self.critic(obs, action, keep)
+        q = self.critic(obs, action, keep, self._sparse(obs))
         losses = (q - target[:, None]).square().mean(dim=(1, 2))  # each agent's MSE, as alone
         self.critic_opt.zero_grad()
         losses.sum().backward()
@@ -408,9 +459,10 @@ class DroQ:
         every agent; (K,) actor losses, temperatures and entropies."""
         noise = self._normal(obs.shape[1:2] + (self.action_dim,))
         (keep,) = self._dropout_masks(1, obs.shape[1])
-        action, log_prob = self.actor.sample(obs, noise)
+        sparse = self._sparse(obs)
+        action, log_prob = self.actor.sample(obs, noise, sparse)
         self.critic.requires_grad_(False)  # gradients flow through the critic, not into it
-        q = self.critic(obs, action, keep).mean(dim=1)  # dropout active, as in DroQ
+        q = self.critic(obs, action, keep, sparse).mean(dim=1)  # dropout active, as in DroQ
         losses = (self.log_alpha.detach().exp()[:, None] * log_prob - q).mean(dim=1)
         self.actor_opt.zero_grad()
         losses.sum().backward()

@@ -1,0 +1,168 @@
+"""How much a DroQ update costs per agent when K agents are packed into one learner.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_pack.py [--reps 5] [--iters 3]
+
+Prints, side by side in one run (RP1M networks: 3 x 256, 2 Qs, batch 256, obs 1144, action 39):
+- the DroQ update as it was before packing (the file at ``--baseline``, a git revision), one
+  thread: the reference every ratio is taken against;
+- a pack of K = 1, 4, 8, 16 agents, one thread: ms per update of the whole pack and per agent;
+- the same with ``droq.matmul_precision: medium`` (bf16 matmuls where the CPU has them);
+- threads: a pack of 1 with 1 thread, 2 threads and OMP_WAIT_POLICY=PASSIVE, and 2 threads with
+  OpenMP's default spinning, each in its own process (the policy is read when torch loads);
+- on CUDA when present: the same packs on the GPU.
+
+Measurements are interleaved (every configuration once per repetition) and the median is
+reported, so a neighbour's load on a shared machine hits all rows alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import configs
+from workers.piano.layout import GOAL_BITS
+from workers.rl.droq import DroQ
+from workers.rl.replay import ReplayBuffer
+
+ROOT = Path(__file__).resolve().parents[2]
+OBS, ACT = 1144, 39
+BEFORE_PACKING = "75e1967"  # the last revision of workers/rl/droq.py with one agent per learner
+
+
+def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
+    """Random transitions shaped like the piano's: a sparse binary goal, then floats."""
+    rng = np.random.default_rng(seed)
+    buffer = ReplayBuffer(OBS, ACT, transitions + 100, discount=0.88, seed=seed)
+    obs = np.concatenate([rng.random(GOAL_BITS) < 0.02, rng.normal(size=OBS - GOAL_BITS)]).astype(np.float32)
+    for t in range(transitions):
+        nxt = np.concatenate([rng.random(GOAL_BITS) < 0.02, rng.normal(size=OBS - GOAL_BITS)]).astype(np.float32)
+        buffer.add(obs, rng.uniform(-1, 1, ACT).astype(np.float32), float(rng.normal()), nxt, False, t % 500 == 499)
+        obs = nxt
+    return buffer
+
+
+def before_packing(revision: str):
+    """The single-agent DroQ class of ``revision`` (None when git cannot show it)."""
+    try:
+        source = subprocess.run(["git", "show", f"{revision}:workers/rl/droq.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "droq_before_packing.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("droq_before_packing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DroQ
+
+
+def timer(update, iters: int, sync=lambda: None):
+    def run() -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            update()
+        sync()
+        return (time.perf_counter() - t) / iters * 1e3
+    update()  # warm-up (allocations, first-call dispatch)
+    return run
+
+
+def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayBuffer], iters: int,
+          precisions: list[str]) -> dict[str, tuple[int, object]]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {}
+    for precision in precisions:
+        droq = cfg.droq.model_copy(update={"matmul_precision": precision})
+        for k in ks:
+            learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), droq, device=device, seed=0, num_agents=k)
+            mine = buffers[:k] if k > 1 else buffers[0]
+            runs[f"pack K={k:<2d} {device} {precision}"] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync))
+    return runs
+
+
+def measure(runs: dict[str, tuple[int, object]], reps: int) -> dict[str, tuple[int, float]]:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, (_, run) in runs.items():
+            times[name].append(run())
+    return {name: (runs[name][0], statistics.median(t)) for name, t in times.items()}
+
+
+def thread_row(threads: int, policy: str | None, iters: int, reps: int) -> float:
+    """ms per update of a pack of 1 in a fresh process with ``threads`` and ``policy``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run([sys.executable, __file__, "--child-threads", str(threads), "--iters", str(iters),
+                          "--reps", str(reps)],
+                         env=env, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])["ms"]
+
+
+def child(threads: int, iters: int, reps: int) -> None:
+    torch.set_num_threads(threads)
+    cfg = configs.load(overrides={"droq.device": "cpu"})
+    learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu", seed=0)
+    buffer = filled_buffer(0, 1000)
+    run = timer(lambda: learner.update(buffer), iters)
+    print(json.dumps({"ms": statistics.median(run() for _ in range(reps))}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported)")
+    parser.add_argument("--iters", type=int, default=3, help="updates per timing")
+    parser.add_argument("--ks", default="1,4,8,16", help="pack sizes")
+    parser.add_argument("--baseline", default=BEFORE_PACKING, help="git revision of the single-agent learner")
+    parser.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_threads:
+        return child(args.child_threads, args.iters, args.reps)
+
+    torch.set_num_threads(1)
+    ks = [int(k) for k in args.ks.split(",")]
+    cfg = configs.load(overrides={"droq.device": "cpu"})
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, CUDA {torch.cuda.is_available()}")
+    buffers = [filled_buffer(seed) for seed in range(max(ks))]
+
+    runs: dict[str, tuple[int, object]] = {}
+    old = before_packing(args.baseline)
+    if old is not None:
+        torch.manual_seed(0)
+        baseline = old(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu")
+        runs["before packing (1 agent)"] = (1, timer(lambda: baseline.update(buffers[0]), args.iters))
+    runs.update(packs(cfg, "cpu", ks, buffers, args.iters, ["highest", "medium"]))
+    if torch.cuda.is_available():
+        runs.update(packs(cfg, "cuda", ks + [32, 64], buffers + buffers * 4, args.iters * 3, ["highest", "high"]))
+    results = measure(runs, args.reps)
+
+    reference = results["before packing (1 agent)"][1] if old is not None else results["pack K=1  cpu highest"][1]
+    print(f"\n{'update (batch 256)':34s}{'ms/update':>11s}{'ms/agent':>10s}{'ratio':>8s}   (ratio: per agent / before)")
+    for name, (k, ms) in results.items():
+        print(f"{name:34s}{ms:11.1f}{ms / k:10.1f}{ms / k / reference:8.2f}")
+
+    print(f"\n{'threads (pack of 1, own process)':34s}{'ms/update':>11s}{'ratio':>8s}   (ratio: / 1 thread)")
+    one = thread_row(1, "PASSIVE", args.iters, args.reps)
+    rows = {"1 thread": one, "2 threads, OMP_WAIT_POLICY=PASSIVE": thread_row(2, "PASSIVE", args.iters, args.reps),
+            "2 threads, OpenMP default wait": thread_row(2, None, args.iters, args.reps)}
+    for name, ms in rows.items():
+        print(f"{name:34s}{ms:11.1f}{ms / one:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
