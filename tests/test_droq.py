@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import configs
-from workers.rl.droq import DroQ, EnsembleLayerNorm, EnsembleLinear, MaskDropout
+from workers.rl.droq import DroQ, EnsembleLayerNorm, EnsembleLinear, InputLinear, MaskDropout
 from workers.rl.replay import ReplayBuffer
 
 
@@ -34,15 +34,16 @@ def test_default_networks_follow_rp1m_table_iv():
     agent = DroQ(1144, 39, -np.ones(39), np.ones(39), cfg, device="cpu")
     kinds = [type(m) for m in agent.critic.net]
     block = [EnsembleLinear, MaskDropout, EnsembleLayerNorm, nn.GELU]
-    assert kinds == block * 3 + [EnsembleLinear]
-    assert agent.critic.net[0].weight.shape == (2, 1144 + 39, 256)
+    assert kinds == [InputLinear, *block[1:]] + block * 2 + [EnsembleLinear]
     assert agent.critic.net[1].p == 0.01
-    actor_linears = [m for m in agent.actor.trunk if isinstance(m, EnsembleLinear)]
-    assert [m.weight.shape for m in actor_linears] == [(1, 1144, 256), (1, 256, 256), (1, 256, 256)]
     assert all(isinstance(m, nn.GELU) for m in agent.actor.trunk[1::2])
-    # A lone agent's checkpoint keeps nn.Linear's layout, which exported policies rely on.
-    actor = agent.state_dict()["actor"]
-    assert actor["trunk.0.weight"].shape == (256, 1144) and actor["mean.weight"].shape == (39, 256)
+    # A lone agent's checkpoint keeps the layout it had before packing: nn.Linear's (out, in)
+    # for the actor (exported policies rely on it), (num_qs, in, out) for the critic.
+    state = agent.state_dict()
+    assert [state["actor"][f"trunk.{i}.weight"].shape for i in (0, 2, 4)] == [(256, 1144), (256, 256), (256, 256)]
+    assert state["actor"]["mean.weight"].shape == (39, 256) and state["actor"]["mean.bias"].shape == (39,)
+    assert state["critic"]["net.0.weight"].shape == (2, 1144 + 39, 256)
+    assert state["critic"]["net.0.bias"].shape == (2, 1, 256) and state["critic"]["net.12.weight"].shape == (2, 256, 1)
     assert agent.target_entropy == -39 / 2 and agent.temperature == pytest.approx(1.0)
     assert agent.actor_opt.param_groups[0]["lr"] == 3e-4
     assert agent.critic_opt.param_groups[0]["betas"] == (0.9, 0.999)

@@ -5,14 +5,17 @@
 Prints, side by side in one run (RP1M networks: 3 x 256, 2 Qs, batch 256, obs 1144, action 39):
 - the DroQ update as it was before packing (the file at ``--baseline``, a git revision), one
   thread: the reference every ratio is taken against;
-- a pack of K = 1, 4, 8, 16 agents, one thread: ms per update of the whole pack and per agent;
-- the same with ``droq.matmul_precision: medium`` (bf16 matmuls where the CPU has them);
+- a pack of K = 1, 4, 8, 16 agents, one thread: ms per update of the whole pack and per agent,
+  with the default settings, with ``droq.sparse_goal``, and with that and
+  ``droq.matmul_precision: medium`` (bf16 matmuls where the CPU has them);
 - threads: a pack of 1 with 1 thread, 2 threads and OMP_WAIT_POLICY=PASSIVE, and 2 threads with
   OpenMP's default spinning, each in its own process (the policy is read when torch loads);
 - on CUDA when present: the same packs on the GPU.
 
-Measurements are interleaved (every configuration once per repetition) and the median is
-reported, so a neighbour's load on a shared machine hits all rows alike.
+Single-thread rows are the process's CPU time (on a shared machine wall time also counts the
+wait for a core); measurements are interleaved (every configuration once per repetition) and
+the median is reported, so a neighbour's load hits all rows alike. Thread rows are wall time
+(what more threads should cut) with CPU time beside it; CUDA rows are wall time.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from workers.rl.replay import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS, ACT = 1144, 39
-BEFORE_PACKING = "75e1967"  # the last revision of workers/rl/droq.py with one agent per learner
+BEFORE_PACKING = "75e1967"
+VARIANTS = {"default": {}, "sparse goal": {"sparse_goal": True},
+            "sparse goal, bf16": {"sparse_goal": True, "matmul_precision": "medium"}}  # the last revision of workers/rl/droq.py with one agent per learner
 
 
 def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
@@ -68,28 +73,30 @@ def before_packing(revision: str):
     return module.DroQ
 
 
-def timer(update, iters: int, sync=lambda: None):
+def timer(update, iters: int, sync=lambda: None, clock=time.process_time):
+    """A function timing ``iters`` calls of ``update``: ms per call."""
     def run() -> float:
         sync()
-        t = time.perf_counter()
+        t = clock()
         for _ in range(iters):
             update()
         sync()
-        return (time.perf_counter() - t) / iters * 1e3
+        return (clock() - t) / iters * 1e3
     update()  # warm-up (allocations, first-call dispatch)
     return run
 
 
 def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayBuffer], iters: int,
-          precisions: list[str]) -> dict[str, tuple[int, object]]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+          variants: dict[str, dict]) -> dict[str, tuple[int, object]]:
+    """Timers of packs of each size in ``ks`` with each ``variants`` (name: droq settings)."""
+    sync, clock = (torch.cuda.synchronize, time.perf_counter) if device == "cuda" else (lambda: None, time.process_time)
     runs = {}
-    for precision in precisions:
-        droq = cfg.droq.model_copy(update={"matmul_precision": precision})
+    for variant, settings in variants.items():
+        droq = cfg.droq.model_copy(update=settings)
         for k in ks:
             learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), droq, device=device, seed=0, num_agents=k)
             mine = buffers[:k] if k > 1 else buffers[0]
-            runs[f"pack K={k:<2d} {device} {precision}"] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync))
+            runs[f"K={k:<2d} {device} {variant}"] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync, clock))
     return runs
 
 
@@ -101,8 +108,8 @@ def measure(runs: dict[str, tuple[int, object]], reps: int) -> dict[str, tuple[i
     return {name: (runs[name][0], statistics.median(t)) for name, t in times.items()}
 
 
-def thread_row(threads: int, policy: str | None, iters: int, reps: int) -> float:
-    """ms per update of a pack of 1 in a fresh process with ``threads`` and ``policy``."""
+def thread_row(threads: int, policy: str | None, iters: int, reps: int) -> dict[str, float]:
+    """Wall and CPU ms per update of a pack of 1 in a fresh process with ``threads`` and ``policy``."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = str(ROOT)
     if policy:
@@ -110,7 +117,7 @@ def thread_row(threads: int, policy: str | None, iters: int, reps: int) -> float
     out = subprocess.run([sys.executable, __file__, "--child-threads", str(threads), "--iters", str(iters),
                           "--reps", str(reps)],
                          env=env, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])["ms"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def child(threads: int, iters: int, reps: int) -> None:
@@ -118,8 +125,10 @@ def child(threads: int, iters: int, reps: int) -> None:
     cfg = configs.load(overrides={"droq.device": "cpu"})
     learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu", seed=0)
     buffer = filled_buffer(0, 1000)
-    run = timer(lambda: learner.update(buffer), iters)
-    print(json.dumps({"ms": statistics.median(run() for _ in range(reps))}))
+    wall = timer(lambda: learner.update(buffer), iters, clock=time.perf_counter)
+    cpu = timer(lambda: learner.update(buffer), iters)
+    print(json.dumps({"ms": statistics.median(wall() for _ in range(reps)),
+                      "cpu_ms": statistics.median(cpu() for _ in range(reps))}))
 
 
 def main() -> None:
@@ -146,22 +155,24 @@ def main() -> None:
         torch.manual_seed(0)
         baseline = old(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu")
         runs["before packing (1 agent)"] = (1, timer(lambda: baseline.update(buffers[0]), args.iters))
-    runs.update(packs(cfg, "cpu", ks, buffers, args.iters, ["highest", "medium"]))
+    runs.update(packs(cfg, "cpu", ks, buffers, args.iters, VARIANTS))
     if torch.cuda.is_available():
-        runs.update(packs(cfg, "cuda", ks + [32, 64], buffers + buffers * 4, args.iters * 3, ["highest", "high"]))
+        runs.update(packs(cfg, "cuda", ks + [32, 64], buffers * 4, args.iters * 3,
+                          {**VARIANTS, "tf32": {"matmul_precision": "high"}}))
     results = measure(runs, args.reps)
 
-    reference = results["before packing (1 agent)"][1] if old is not None else results["pack K=1  cpu highest"][1]
+    reference = results["before packing (1 agent)"][1] if old is not None else results["K=1  cpu default"][1]
     print(f"\n{'update (batch 256)':34s}{'ms/update':>11s}{'ms/agent':>10s}{'ratio':>8s}   (ratio: per agent / before)")
     for name, (k, ms) in results.items():
         print(f"{name:34s}{ms:11.1f}{ms / k:10.1f}{ms / k / reference:8.2f}")
 
-    print(f"\n{'threads (pack of 1, own process)':34s}{'ms/update':>11s}{'ratio':>8s}   (ratio: / 1 thread)")
+    print(f"\n{'threads (pack of 1, own process)':34s}{'wall ms':>11s}{'ratio':>8s}{'CPU ms':>10s}"
+          "   (ratio: wall / 1 thread's)")
     one = thread_row(1, "PASSIVE", args.iters, args.reps)
     rows = {"1 thread": one, "2 threads, OMP_WAIT_POLICY=PASSIVE": thread_row(2, "PASSIVE", args.iters, args.reps),
             "2 threads, OpenMP default wait": thread_row(2, None, args.iters, args.reps)}
-    for name, ms in rows.items():
-        print(f"{name:34s}{ms:11.1f}{ms / one:8.2f}")
+    for name, row in rows.items():
+        print(f"{name:34s}{row['ms']:11.1f}{row['ms'] / one['ms']:8.2f}{row['cpu_ms']:10.1f}")
 
 
 if __name__ == "__main__":

@@ -69,37 +69,55 @@ class EnsembleLinear(nn.Module):
 
 
 class SparseRows(NamedTuple):
-    """The non-zeros of the first ``dims`` entries of (K, B, D) inputs, row by row: the goal,
-    ~2% ones, multiplied as sums of weight rows rather than as a dense matmul."""
+    """The non-zeros of (K, B, D) inputs, row by row: the goal (~2% ones) multiplied as sums of
+    weight rows rather than as a dense matmul."""
 
-    dims: int
     agents: int
     batch: int
-    index: torch.Tensor  # (nnz,) flat position in an agent's weight rows: agent * rows + column
+    index: torch.Tensor  # (nnz,) agent * D + column: the weight row of (K * D, N) it selects
     values: torch.Tensor  # (nnz,)
-    counts: torch.Tensor  # (K * B,) non-zeros per row
+    offsets: torch.Tensor  # (K * B,) where each row's non-zeros start
 
     @classmethod
-    def of(cls, x: torch.Tensor, dims: int) -> SparseRows:
-        k, b = x.shape[:2]
-        goal = x[..., :dims].reshape(k * b, dims)
-        row, col = goal.nonzero(as_tuple=True)
-        return cls(dims, k, b, (row // b) * dims + col, goal[row, col], torch.bincount(row, minlength=k * b))
+    def of(cls, x: torch.Tensor) -> SparseRows:
+        k, b, d = x.shape
+        flat = x.reshape(-1)
+        nz = flat.nonzero().squeeze(1)  # (agent * B + row) * D + column, in order
+        offsets = torch.zeros(k * b, dtype=torch.long, device=x.device)
+        offsets[1:] = torch.bincount(nz // d, minlength=k * b).cumsum(0)[:-1]
+        return cls(k, b, nz // (b * d) * d + nz % d, flat[nz], offsets)
 
-    def times(self, layer: EnsembleLinear, dense: torch.Tensor) -> torch.Tensor:
-        """``layer`` applied to [sparse part, ``dense``] for a layer of K x m members (m per
-        agent, each seeing its agent's rows): (K * m, B, out)."""
-        n, rows = layer.weight.shape[:2]
-        m = n // self.agents
-        # Bags in (member q, agent, row) order: agent a's member q owns weight rows (a * m + q) * rows.
-        agent, col = self.index // self.dims, self.index % self.dims
-        index = torch.cat([(agent * m + q) * rows + col for q in range(m)])
-        offsets = torch.zeros(m * self.agents * self.batch, dtype=torch.long, device=self.counts.device)
-        offsets[1:] = self.counts.repeat(m).cumsum(0)[:-1]
-        sparse = F.embedding_bag(index, layer.weight.view(n * rows, -1), offsets, mode="sum",
-                                 per_sample_weights=self.values.repeat(m))
-        sparse = sparse.view(m, self.agents, self.batch, -1).transpose(0, 1).reshape(n, self.batch, -1)
-        return torch.baddbmm(layer.bias, dense, layer.weight[:, self.dims:]) + sparse
+    def times(self, weight: torch.Tensor) -> torch.Tensor:
+        """(K, B, D) x (K, D, N) -> (K, B, N)."""
+        k, d, n = weight.shape
+        out = F.embedding_bag(self.index, weight.view(k * d, n), self.offsets, mode="sum",
+                              per_sample_weights=self.values)
+        return out.view(k, self.batch, n)
+
+
+class InputLinear(nn.Module):
+    """The first layer of K agents' networks, ``m`` per agent (its Q ensemble), all seeing the
+    agent's input: (K, B, in) -> (K * m, B, out) as one (K, B, in) x (K, in, m * out) matmul.
+
+    The input rows come in blocks (``blocks``: their sizes), one parameter each, so that a
+    block needing no gradient (the observation when the actor learns through the critic)
+    costs none, and a sparse block (the goal) skips the matmul; inputs are given per block.
+    """
+
+    def __init__(self, k: int, m: int, blocks: Sequence[int], out_features: int):
+        super().__init__()
+        self.m, self.in_features, self.out_features = m, sum(blocks), out_features
+        self.blocks = nn.ParameterList([nn.Parameter(torch.empty(k, rows, m * out_features)) for rows in blocks])
+        self.bias = nn.Parameter(torch.empty(k, 1, m * out_features))
+
+    def forward(self, inputs: Sequence[torch.Tensor | SparseRows]) -> torch.Tensor:
+        h = self.bias
+        for x, w in zip(inputs, self.blocks):
+            h = h + x.times(w) if isinstance(x, SparseRows) else torch.baddbmm(h, x, w)
+        if self.m == 1:
+            return h
+        k, b = h.shape[:2]
+        return h.view(k, b, self.m, self.out_features).transpose(1, 2).reshape(k * self.m, b, self.out_features)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -135,42 +153,38 @@ class MaskDropout(nn.Dropout):
 
 
 class QEnsemble(nn.Module):
-    """``n`` Q-networks (agents x Q-ensemble) evaluated together.
+    """K agents' ``num_qs`` Q-networks evaluated together.
 
-    ``forward(obs, action, keep)`` takes (K, B, .) inputs shared by each agent's ``num_qs``
-    members and returns Q values of shape (K, num_qs, B); ``keep`` holds one dropout mask of
-    shape (K * num_qs, B, hidden) per dropout layer, or None for no dropout."""
+    ``forward(obs, action, keep)`` takes (K, B, .) inputs (``obs`` as its blocks: the sparse
+    goal and the rest, or just the whole) shared by each agent's ``num_qs`` members and returns
+    Q values of shape (K, num_qs, B); ``keep`` holds one dropout mask of shape
+    (K * num_qs, B, hidden) per dropout layer, or None for no dropout."""
 
-    def __init__(self, n: int, obs_dim: int, action_dim: int, cfg: DroQConfig):
+    def __init__(self, k: int, obs_blocks: Sequence[int], action_dim: int, cfg: DroQConfig):
         super().__init__()
         self.num_qs = cfg.num_qs
         layers: list[nn.Module] = []
-        width = obs_dim + action_dim
-        for hidden in cfg.hidden_dims:
-            layers.append(EnsembleLinear(n, width, hidden))
+        for i, hidden in enumerate(cfg.hidden_dims):
+            layers.append(InputLinear(k, cfg.num_qs, [*obs_blocks, action_dim], hidden) if i == 0
+                          else EnsembleLinear(k * cfg.num_qs, cfg.hidden_dims[i - 1], hidden))
             if cfg.critic_dropout > 0:
                 layers.append(MaskDropout(cfg.critic_dropout))
             if cfg.critic_layer_norm:
-                layers.append(EnsembleLayerNorm(n, hidden))
+                layers.append(EnsembleLayerNorm(k * cfg.num_qs, hidden))
             layers.append(ACTIVATIONS[cfg.activation]())
-            width = hidden
-        layers.append(EnsembleLinear(n, width, 1))
+        layers.append(EnsembleLinear(k * cfg.num_qs, cfg.hidden_dims[-1], 1))
         self.net = nn.Sequential(*layers)
 
     @property
     def dropouts(self) -> list[MaskDropout]:
         return [m for m in self.net if isinstance(m, MaskDropout)]
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, keep: Sequence[torch.Tensor] | None = None,
-                sparse: SparseRows | None = None) -> torch.Tensor:
-        k, b = obs.shape[:2]
-        x = torch.cat([obs if sparse is None else obs[..., sparse.dims:], action], dim=-1)
-        x = x.unsqueeze(1).expand(k, self.num_qs, b, x.shape[-1]).reshape(k * self.num_qs, b, x.shape[-1])
+    def forward(self, obs: Sequence[torch.Tensor | SparseRows], action: torch.Tensor,
+                keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        k, b = action.shape[:2]
         masks = iter(keep) if keep is not None else None
-        layers = iter(self.net)
-        if sparse is not None:
-            x = sparse.times(next(layers), x)
-        for layer in layers:
+        x = self.net[0]([*obs, action])
+        for layer in self.net[1:]:
             if isinstance(layer, MaskDropout):
                 x = layer(x, next(masks) if masks is not None else None)
             else:
@@ -179,33 +193,30 @@ class QEnsemble(nn.Module):
 
 
 class Actor(nn.Module):
-    """K tanh-squashed Gaussian policies over actions in [-1, 1]: (K, B, obs) -> (K, B, action)."""
+    """K tanh-squashed Gaussian policies over actions in [-1, 1]: (K, B, obs) -> (K, B, action);
+    the observation is given as its blocks (see ``QEnsemble``)."""
 
-    def __init__(self, n: int, obs_dim: int, action_dim: int, cfg: DroQConfig):
+    def __init__(self, k: int, obs_blocks: Sequence[int], action_dim: int, cfg: DroQConfig):
         super().__init__()
         layers: list[nn.Module] = []
-        width = obs_dim
-        for hidden in cfg.hidden_dims:
-            layers += [EnsembleLinear(n, width, hidden), ACTIVATIONS[cfg.activation]()]
-            width = hidden
+        for i, hidden in enumerate(cfg.hidden_dims):
+            layers += [InputLinear(k, 1, obs_blocks, hidden) if i == 0
+                       else EnsembleLinear(k, cfg.hidden_dims[i - 1], hidden), ACTIVATIONS[cfg.activation]()]
         self.trunk = nn.Sequential(*layers)
-        self.mean = EnsembleLinear(n, width, action_dim)
-        self.log_std = EnsembleLinear(n, width, action_dim)
+        self.mean = EnsembleLinear(k, cfg.hidden_dims[-1], action_dim)
+        self.log_std = EnsembleLinear(k, cfg.hidden_dims[-1], action_dim)
 
-    def forward(self, obs: torch.Tensor, sparse: SparseRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if sparse is None:
-            h = self.trunk(obs)
-        else:
-            h = self.trunk[1:](sparse.times(self.trunk[0], obs[..., sparse.dims:]))
+    def forward(self, obs: Sequence[torch.Tensor | SparseRows]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk[1:](self.trunk[0](obs))
         log_std = torch.tanh(self.log_std(h))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
         return self.mean(h), log_std
 
-    def sample(self, obs: torch.Tensor, noise: torch.Tensor,
-               sparse: SparseRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: Sequence[torch.Tensor | SparseRows],
+               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reparameterised action in [-1, 1] for standard normal ``noise`` (K, B, action)
         and its log-probability (K, B)."""
-        mean, log_std = self(obs, sparse)
+        mean, log_std = self(obs)
         u = mean + noise * log_std.exp()
         action = torch.tanh(u)
         # Gaussian log density, then the change of variables for tanh in the numerically
@@ -214,8 +225,8 @@ class Actor(nn.Module):
         log_prob = log_prob - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return action, log_prob.sum(-1)
 
-    def deterministic(self, obs: torch.Tensor, sparse: SparseRows | None = None) -> torch.Tensor:
-        return torch.tanh(self(obs, sparse)[0])
+    def deterministic(self, obs: Sequence[torch.Tensor | SparseRows]) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
 
 
 # --- optimiser -------------------------------------------------------------------------
@@ -292,10 +303,11 @@ class DroQ:
         self.action_scale = torch.as_tensor((high - low) / 2, device=self.device)
         self.action_bias = torch.as_tensor((high + low) / 2, device=self.device)
 
-        k, q = num_agents, cfg.num_qs
-        self.actor = Actor(k, obs_dim, action_dim, cfg).to(self.device)
-        self.critic = QEnsemble(k * q, obs_dim, action_dim, cfg).to(self.device)
-        self.critic_target = QEnsemble(k * q, obs_dim, action_dim, cfg).to(self.device)
+        k = num_agents
+        blocks = [self.goal_dims, obs_dim - self.goal_dims] if self.goal_dims else [obs_dim]
+        self.actor = Actor(k, blocks, action_dim, cfg).to(self.device)
+        self.critic = QEnsemble(k, blocks, action_dim, cfg).to(self.device)
+        self.critic_target = QEnsemble(k, blocks, action_dim, cfg).to(self.device)
         self.critic_target.requires_grad_(False)
         self.log_alpha = torch.zeros(k, device=self.device, requires_grad=True)
         self.target_entropy = -action_dim / 2 if cfg.target_entropy is None else float(cfg.target_entropy)
@@ -331,29 +343,72 @@ class DroQ:
         finally:
             torch.set_float32_matmul_precision(before)
 
+    # --- one agent's slice -----------------------------------------------------------
+    def _layout(self, module: nn.Module, m: int, i: int) -> list[tuple[str, nn.Module, list, int]]:
+        """Agent i's part of ``module`` (m networks per agent) in a lone agent's layout, the one
+        checkpoints keep (nn.Linear's (out, in) actor weights): per lone-agent parameter, in
+        its order, (name, layer, parts, dim). The parameter is the concatenation along ``dim``
+        of ``view(tensors[index])`` for ``(index, view)`` in parts, where ``tensors`` are
+        ``module``'s parameters or anything shaped like them (Adam's moments)."""
+        index = {n: j for j, (n, _) in enumerate(module.named_parameters())}
+
+        def member(t: torch.Tensor) -> torch.Tensor:
+            return t[i * m:(i + 1) * m]
+
+        def transposed(t: torch.Tensor) -> torch.Tensor:  # (K, in, out) -> (out, in)
+            return t[i].T
+
+        def row(t: torch.Tensor) -> torch.Tensor:  # (K, 1, out) -> (out,)
+            return t[i, 0]
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (K, rows, m * out) -> (m, rows, out)
+            return t[i].view(t.shape[1], m, -1).transpose(0, 1)
+
+        out = []
+        for prefix, layer in module.named_modules():
+            if isinstance(layer, InputLinear):
+                blocks = [index[f"{prefix}.blocks.{b}"] for b in range(len(layer.blocks))]
+                out.append((f"{prefix}.weight", layer, [(j, transposed if m == 1 else split) for j in blocks], 1))
+                out.append((f"{prefix}.bias", layer, [(index[f"{prefix}.bias"], row if m == 1 else split)], 0))
+            elif isinstance(layer, (EnsembleLinear, EnsembleLayerNorm)):
+                weight = transposed if isinstance(layer, EnsembleLinear) else row
+                for name, view in (("weight", weight), ("bias", row)):
+                    out.append((f"{prefix}.{name}", layer, [(index[f"{prefix}.{name}"], view if m == 1 else member)], 0))
+        return out
+
+    def _components(self) -> list[tuple[str, nn.Module, int, PackedAdam | None]]:
+        q = self.cfg.num_qs
+        return [("actor", self.actor, 1, self.actor_opt), ("critic", self.critic, q, self.critic_opt),
+                ("critic_target", self.critic_target, q, None)]
+
     @torch.no_grad()
     def reset_agent(self, i: int, seed: int | None = None) -> None:
         """Re-initialise agent i (weights, target, temperature, optimiser state, update count,
         noise generator) as a fresh agent with ``seed`` (None: from torch's global RNG). The
-        draws are today's: nn.Linear's initialisation for the actor, then the critic's."""
+        draws are a lone agent's before packing: nn.Linear's initialisation for the actor,
+        layer by layer, then the critic's uniform(+-1/sqrt(fan_in)) weights and biases."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for layer in [m for m in self.actor.modules() if isinstance(m, EnsembleLinear)]:
-            weight = torch.empty(layer.out_features, layer.in_features)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=gen)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            layer.weight[i].copy_(weight.T)
-            layer.bias[i, 0].copy_(torch.empty(layer.out_features).uniform_(-bound, bound, generator=gen))
-        q = slice(i * self.cfg.num_qs, (i + 1) * self.cfg.num_qs)
-        for layer in self.critic.net:
-            if isinstance(layer, EnsembleLinear):
+        params = list(self.actor.parameters())
+        for _, layer, parts, dim in self._layout(self.actor, 1, i):
+            value = torch.empty(_gather(params, parts, dim).shape)
+            if value.dim() == 2:  # weight (out, in)
+                nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=gen)
+            else:
                 bound = 1.0 / math.sqrt(layer.in_features)
-                for p in (layer.weight, layer.bias):
-                    p[q].copy_(torch.empty(p[q].shape).uniform_(-bound, bound, generator=gen))
-            elif isinstance(layer, EnsembleLayerNorm):
-                layer.weight[q] = 1.0
-                layer.bias[q] = 0.0
+                value.uniform_(-bound, bound, generator=gen)
+            _scatter(params, parts, dim, value)
+        params = list(self.critic.parameters())
+        for name, layer, parts, dim in self._layout(self.critic, self.cfg.num_qs, i):
+            shape = _gather(params, parts, dim).shape
+            if isinstance(layer, EnsembleLayerNorm):
+                value = torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
+            else:
+                bound = 1.0 / math.sqrt(layer.in_features)
+                value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+            _scatter(params, parts, dim, value)
+        k = self.num_agents
         for p, target in zip(self.critic.parameters(), self.critic_target.parameters()):
-            target[q].copy_(p[q])
+            target.view(k, -1)[i] = p.view(k, -1)[i]  # every parameter holds agent i in row i
         self.log_alpha[i] = math.log(self.cfg.init_temperature)
         for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
             opt.reset_agent(i)
@@ -381,20 +436,23 @@ class DroQ:
         x = x.view(self.num_agents, -1, self.obs_dim)
         with self._precision():
             if deterministic:
-                a = self.actor.deterministic(x, self._sparse(x))
+                a = self.actor.deterministic(self._blocks(x))
             else:
                 shape = (*x.shape[:2], self.action_dim)
                 noise = torch.randn(shape, generator=generator, device=self.device) if generator is not None \
                     else self._normal(shape[1:])
-                a = self.actor.sample(x, noise, self._sparse(x))[0]
+                a = self.actor.sample(self._blocks(x), noise)[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
         if single:
             return a[0] if batched else a[0, 0]
         return a if batched else a[:, 0]
 
-    def _sparse(self, x: torch.Tensor) -> SparseRows | None:
-        return SparseRows.of(x, self.goal_dims) if self.goal_dims else None
+    def _blocks(self, obs: torch.Tensor) -> list[torch.Tensor | SparseRows]:
+        """Observations as the first layers take them: [sparse goal, the rest] or [all]."""
+        if not self.goal_dims:
+            return [obs]
+        return [SparseRows.of(obs[..., :self.goal_dims]), obs[..., self.goal_dims:]]
 
     # --- randomness --------------------------------------------------------------------
     def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -438,12 +496,12 @@ class DroQ:
         target_keep, keep = self._dropout_masks(2, obs.shape[1])
         alpha = self.log_alpha.detach().exp()[:, None]
         with torch.no_grad():
-            sparse_next = self._sparse(next_obs)
-            next_action, next_log_prob = self.actor.sample(next_obs, noise, sparse_next)
+            next_obs = self._blocks(next_obs)
+            next_action, next_log_prob = self.actor.sample(next_obs, noise)
             # The target ensemble keeps dropout on too (DroQ), and the min over it curbs overestimation.
-            next_q = self.critic_target(next_obs, next_action, target_keep, sparse_next).min(dim=1).values
+            next_q = self.critic_target(next_obs, next_action, target_keep).min(dim=1).values
             target = reward + discount * (next_q - alpha * next_log_prob)
-        q = self.critic(obs, action, keep, self._sparse(obs))
+        q = self.critic(self._blocks(obs), action, keep)
         losses = (q - target[:, None]).square().mean(dim=(1, 2))  # each agent's MSE, as alone
         self.critic_opt.zero_grad()
         losses.sum().backward()
@@ -459,10 +517,10 @@ class DroQ:
         every agent; (K,) actor losses, temperatures and entropies."""
         noise = self._normal(obs.shape[1:2] + (self.action_dim,))
         (keep,) = self._dropout_masks(1, obs.shape[1])
-        sparse = self._sparse(obs)
-        action, log_prob = self.actor.sample(obs, noise, sparse)
+        obs = self._blocks(obs)
+        action, log_prob = self.actor.sample(obs, noise)
         self.critic.requires_grad_(False)  # gradients flow through the critic, not into it
-        q = self.critic(obs, action, keep, sparse).mean(dim=1)  # dropout active, as in DroQ
+        q = self.critic(obs, action, keep).mean(dim=1)  # dropout active, as in DroQ
         losses = (self.log_alpha.detach().exp()[:, None] * log_prob - q).mean(dim=1)
         self.actor_opt.zero_grad()
         losses.sum().backward()
@@ -521,68 +579,46 @@ class DroQ:
         return metrics[0] if single else metrics
 
     # --- checkpointing -----------------------------------------------------------------
-    def _agent_views(self, i: int) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]]:
-        """Agent i's part of every stacked tensor in a lone agent's layout (nn.Linear's (out, in)
-        actor weights): per component, (name, parameter, exp_avg, exp_avg_sq) views."""
-        q = slice(i * self.cfg.num_qs, (i + 1) * self.cfg.num_qs)
-
-        def actor_view(t: torch.Tensor) -> torch.Tensor:
-            return t[i, 0] if t.shape[1] == 1 else t[i].T  # (K, 1, out) biases, (K, in, out) weights
-
-        views = {}
-        for name, module, opt, view in (("actor", self.actor, self.actor_opt, actor_view),
-                                        ("critic", self.critic, self.critic_opt, lambda t: t[q])):
-            views[name] = [(n, view(p), view(m), view(v))
-                           for (n, p), m, v in zip(module.named_parameters(), opt.exp_avg, opt.exp_avg_sq)]
-        views["critic_target"] = [(n, p[q], None, None) for n, p in self.critic_target.named_parameters()]
-        views["log_alpha"] = [("log_alpha", self.log_alpha[i], self.alpha_opt.exp_avg[0][i],
-                               self.alpha_opt.exp_avg_sq[0][i])]
-        return views
-
     def agent_state_dict(self, i: int) -> dict:
         """Agent i alone, exactly as a pack of 1 saves it: tensors and plain containers only
-        (loads with ``torch.load(weights_only=True)``), torch.optim.Adam's state format."""
-        views = self._agent_views(i)
-        cpu = lambda t: t.detach().to("cpu", copy=True).contiguous()  # noqa: E731
-        state = {name: {n: cpu(p) for n, p, _, _ in views[name]} for name in ("actor", "critic", "critic_target")}
-        state["log_alpha"] = cpu(self.log_alpha[i])
-        for name, opt, key in (("actor_opt", self.actor_opt, "actor"), ("critic_opt", self.critic_opt, "critic"),
-                               ("alpha_opt", self.alpha_opt, "log_alpha")):
-            steps = opt.steps[i].tolist()
-            state[name] = {
-                "state": {j: {"step": torch.tensor(steps[j]), "exp_avg": cpu(m), "exp_avg_sq": cpu(v)}
-                          for j, (_, _, m, v) in enumerate(views[key]) if steps[j] > 0},
-                "param_groups": [_adam_group(opt, len(views[key]))],
-            }
+        (loads with ``torch.load(weights_only=True)``), optimiser state in torch.optim.Adam's
+        format; ``rng`` is the agent's noise generator (``rng_device`` the device it is for)."""
+        state = {}
+        for name, module, m, opt in self._components():
+            layout = self._layout(module, m, i)
+            params = list(module.parameters())
+            state[name] = {n: _gather(params, parts, dim).detach().cpu() for n, _, parts, dim in layout}
+            if opt is not None:
+                state[f"{name}_opt"] = _adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout])
+        state["log_alpha"] = self.log_alpha[i].detach().cpu().clone()
+        state["alpha_opt"] = _adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)])
         state["updates"] = self.agent_updates[i]
-        state["rng"] = self.generators[i].get_state()
+        state["rng"], state["rng_device"] = self.generators[i].get_state(), self.device.type
         return state
 
     @torch.no_grad()
     def load_agent_state_dict(self, i: int, state: dict) -> None:
         """Put a lone agent's state (``agent_state_dict`` of any pack) into slot i."""
-        views = self._agent_views(i)
-        for name in ("actor", "critic", "critic_target"):
-            if set(state[name]) != {n for n, *_ in views[name]}:
+        for name, module, m, opt in self._components():
+            layout = self._layout(module, m, i)
+            names = [n for n, *_ in layout]
+            if sorted(state[name]) != sorted(names):
                 raise ValueError(f"agent state's {name} has parameters {sorted(state[name])}, "
-                                 f"this learner has {sorted(n for n, *_ in views[name])}")
-            for n, p, _, _ in views[name]:
-                p.copy_(state[name][n])
+                                 f"this learner has {sorted(names)}")
+            params = list(module.parameters())
+            for n, _, parts, dim in layout:
+                _scatter(params, parts, dim, state[name][n])
+            if opt is not None:
+                _load_adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout], state[f"{name}_opt"], name)
         self.log_alpha[i] = state["log_alpha"]
-        for name, opt, key in (("actor_opt", self.actor_opt, "actor"), ("critic_opt", self.critic_opt, "critic"),
-                               ("alpha_opt", self.alpha_opt, "log_alpha")):
-            opt.reset_agent(i)
-            if len(state[name]["param_groups"][0]["params"]) != len(views[key]):
-                raise ValueError(f"agent state's {name} has {len(state[name]['param_groups'][0]['params'])} "
-                                 f"parameters, this learner has {len(views[key])}")
-            for j, s in state[name]["state"].items():
-                _, _, m, v = views[key][int(j)]
-                m.copy_(s["exp_avg"])
-                v.copy_(s["exp_avg_sq"])
-                opt.steps[i, int(j)] = float(s["step"])
+        _load_adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)], state["alpha_opt"], "alpha")
         self.agent_updates[i] = int(state["updates"])
-        if "rng" in state:  # saved before agents had their own generators: keep the current one
+        if "rng" not in state:  # saved before agents had their own generators: keep the current one
+            return
+        if state.get("rng_device", "cpu") == self.device.type:
             self.generators[i].set_state(state["rng"])
+        else:  # a CPU generator's state does not fit a CUDA one: continue from a seed derived from it
+            self.generators[i].manual_seed(int(torch.as_tensor(state["rng"]).long().sum()) * 1_000_003 + i)
 
     def state_dict(self) -> dict:
         """A pack of 1: its agent's state (``agent_state_dict(0)``); a pack: every agent's."""
@@ -602,11 +638,59 @@ class DroQ:
         self.updates = int(state["updates"])
 
 
-def _adam_group(opt: PackedAdam, n: int) -> dict:
-    """torch.optim.Adam's param_groups entry for ``n`` parameters with ``opt``'s settings."""
+def _gather(tensors: list[torch.Tensor], parts: list, dim: int) -> torch.Tensor:
+    """A lone agent's tensor from its ``parts`` (see ``DroQ._layout``) of ``tensors``."""
+    views = [view(tensors[j]) for j, view in parts]
+    return views[0].clone(memory_format=torch.contiguous_format) if len(views) == 1 else torch.cat(views, dim)
+
+
+def _scatter(tensors: list[torch.Tensor], parts: list, dim: int, value: torch.Tensor) -> None:
+    """Write a lone agent's tensor ``value`` into its ``parts`` of ``tensors``."""
+    views = [view(tensors[j]) for j, view in parts]
+    value = torch.as_tensor(value)
+    if value.shape != _cat_shape(views, dim):
+        raise ValueError(f"a tensor of shape {tuple(value.shape)} where {tuple(_cat_shape(views, dim))} belongs")
+    if len(views) == 1:
+        views[0].copy_(value)
+        return
+    for v, piece in zip(views, value.split([v.shape[dim] for v in views], dim)):
+        v.copy_(piece)
+
+
+def _cat_shape(views: list[torch.Tensor], dim: int) -> torch.Size:
+    shape = list(views[0].shape)
+    if shape:
+        shape[dim] = sum(v.shape[dim] for v in views)
+    return torch.Size(shape)
+
+
+def _adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]]) -> dict:
+    """Agent i's part of ``opt`` as torch.optim.Adam's ``state_dict`` of a lone agent."""
+    steps = opt.steps[i].tolist()
+    state = {}
+    for j, (parts, dim) in enumerate(layout):
+        step = steps[parts[0][0]]  # all parts of a parameter step together
+        if step > 0:
+            state[j] = {"step": torch.tensor(step), "exp_avg": _gather(opt.exp_avg, parts, dim).cpu(),
+                        "exp_avg_sq": _gather(opt.exp_avg_sq, parts, dim).cpu()}
     group = opt.param_groups[0]
     template = torch.optim.Adam([torch.zeros(1)], lr=group["lr"], betas=group["betas"], eps=group["eps"])
-    return {**template.state_dict()["param_groups"][0], "params": list(range(n))}
+    return {"state": state, "param_groups": [{**template.state_dict()["param_groups"][0],
+                                              "params": list(range(len(layout)))}]}
+
+
+def _load_adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]], state: dict, name: str) -> None:
+    """Put a lone agent's torch.optim.Adam ``state_dict`` into agent i's part of ``opt``."""
+    count = len(state["param_groups"][0]["params"])
+    if count != len(layout):
+        raise ValueError(f"agent state's {name} optimiser has {count} parameters, this learner has {len(layout)}")
+    opt.reset_agent(i)
+    for j, s in state["state"].items():
+        parts, dim = layout[int(j)]
+        _scatter(opt.exp_avg, parts, dim, s["exp_avg"])
+        _scatter(opt.exp_avg_sq, parts, dim, s["exp_avg_sq"])
+        for index, _ in parts:
+            opt.steps[i, index] = float(s["step"])
 
 
 class _Staging:
