@@ -129,27 +129,24 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, 1, features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
 
 
 class MaskDropout(nn.Dropout):
-    """Dropout with the keep mask given by the caller (``keep``, bool, x's shape).
+    """Dropout with the mask given by the caller (``mask``: x's shape, 0 or 1 / keep probability).
 
-    The agent draws all masks of a step at once from 16-bit integers, 4 per 64-bit random
-    draw: a quarter of the random numbers ``bernoulli_`` needs. The drop probability is thus
-    rounded to a multiple of 2**-16 (0.01 -> 0.009995) and kept units are scaled by the
-    inverse of the exact keep probability, so the layer's expectation is unchanged."""
+    The agent draws masks from 16-bit integers, 4 per 64-bit random draw: a quarter of the
+    random numbers ``bernoulli_`` needs. The drop probability is thus rounded to a multiple of
+    2**-16 (0.01 -> 0.009995) and kept units are scaled by the inverse of the exact keep
+    probability, so the layer's expectation is unchanged."""
 
-    @property
-    def threshold(self) -> int:
-        """Keep a unit when its int16 draw is >= this."""
-        return -(MASK_LEVELS // 2) + round(self.p * MASK_LEVELS)
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        """The mask for uniform int16 ``bits``."""
+        dropped = round(self.p * MASK_LEVELS)
+        return torch.where(bits >= dropped - MASK_LEVELS // 2, MASK_LEVELS / (MASK_LEVELS - dropped), 0.0)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        if keep is None:
-            return x
-        scale = MASK_LEVELS / (MASK_LEVELS - round(self.p * MASK_LEVELS))
-        return torch.where(keep, x, 0.0) * scale
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x if mask is None else x * mask
 
 
 class QEnsemble(nn.Module):
@@ -463,23 +460,21 @@ class DroQ:
         return out
 
     def _dropout_masks(self, passes: int, batch: int) -> list[list[torch.Tensor] | None]:
-        """Keep masks for ``passes`` critic forward passes: per pass, one (K * num_qs, batch,
-        hidden) bool mask per dropout layer, agent k's from its own generator."""
-        if not self.critic.dropouts:
+        """Dropout masks for ``passes`` critic forward passes: per pass, one (K * num_qs, batch,
+        hidden) mask per dropout layer, agent k's part drawn from its own generator."""
+        dropouts = self.critic.dropouts
+        if not dropouts:
             return [None] * passes
         q, k = self.cfg.num_qs, self.num_agents
-        sizes = [q * batch * h for h in self.cfg.hidden_dims]
-        per_agent = passes * sum(sizes)
-        bits = torch.empty(k, -(-per_agent // 4), dtype=torch.int64, device=self.device)
-        for i, gen in enumerate(self.generators):
-            bits[i].random_(-(2 ** 63), None, generator=gen)  # all 64 bits uniform
-        keep = bits.view(torch.int16)[:, :per_agent] >= self.critic.dropouts[0].threshold
-        out, at = [], 0
+        out = []
         for _ in range(passes):
             masks = []
-            for h, n in zip(self.cfg.hidden_dims, sizes):
-                masks.append(keep[:, at:at + n].reshape(k * q, batch, h))
-                at += n
+            for layer, h in zip(dropouts, self.cfg.hidden_dims):
+                n = q * batch * h  # each agent's share, in 16-bit draws
+                bits = torch.empty(k, -(-n // 4), dtype=torch.int64, device=self.device)
+                for i, gen in enumerate(self.generators):
+                    bits[i].random_(-(2 ** 63), None, generator=gen)  # all 64 bits uniform
+                masks.append(layer.mask(bits.view(torch.int16)[:, :n]).view(k * q, batch, h))
             out.append(masks)
         return out
 
