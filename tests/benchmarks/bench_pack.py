@@ -1,6 +1,6 @@
 """How much a DroQ update costs per agent when K agents are packed into one learner.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_pack.py [--reps 5] [--iters 3]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_pack.py [--reps 3] [--iters 2]
 
 Prints, side by side in one run (RP1M networks: 3 x 256, 2 Qs, batch 256, obs 1144, action 39):
 - the DroQ update as it was before packing (the file at ``--baseline``, a git revision), one
@@ -133,8 +133,8 @@ def child(threads: int, iters: int, reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported)")
-    parser.add_argument("--iters", type=int, default=3, help="updates per timing")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
+    parser.add_argument("--iters", type=int, default=2, help="updates per timing")
     parser.add_argument("--ks", default="1,4,8,16", help="pack sizes")
     parser.add_argument("--baseline", default=BEFORE_PACKING, help="git revision of the single-agent learner")
     parser.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
