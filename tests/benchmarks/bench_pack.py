@@ -50,9 +50,12 @@ def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
     """Random transitions shaped like the piano's: a sparse binary goal, then floats."""
     rng = np.random.default_rng(seed)
     buffer = ReplayBuffer(OBS, ACT, transitions + 100, discount=0.88, seed=seed)
-    obs = np.concatenate([rng.random(GOAL_BITS) < 0.02, rng.normal(size=OBS - GOAL_BITS)]).astype(np.float32)
+    def observation() -> np.ndarray:
+        return np.concatenate([rng.random(GOAL_BITS) < 0.02, rng.normal(size=OBS - GOAL_BITS)]).astype(np.float32)
+
+    obs = observation()
     for t in range(transitions):
-        nxt = np.concatenate([rng.random(GOAL_BITS) < 0.02, rng.normal(size=OBS - GOAL_BITS)]).astype(np.float32)
+        nxt = observation()
         buffer.add(obs, rng.uniform(-1, 1, ACT).astype(np.float32), float(rng.normal()), nxt, False, t % 500 == 499)
         obs = nxt
     return buffer
