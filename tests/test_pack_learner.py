@@ -236,3 +236,28 @@ def test_a_sparse_goal_computes_the_same_updates():
         assert_same_state(dense.agent_state_dict(i), sparse.agent_state_dict(i))
     with pytest.raises(ValueError, match="goal_dims"):
         DroQ(OBS, ACT, LOW, HIGH, small_cfg(sparse_goal=True), device="cpu", goal_dims=OBS)
+
+
+def test_agent_state_is_torch_adam_and_nn_linear_state():
+    """A lone agent's checkpoint is what plain torch modules and torch.optim.Adam save, so
+    checkpoints written before packing load, and exported actors run in plain PyTorch."""
+    cfg = small_cfg()
+    learner = agent(cfg, seed=0)
+    learner.update(make_buffer(0))
+    state = learner.state_dict()
+    actor = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(OBS, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU()),
+                           "mean": nn.Linear(32, ACT), "log_std": nn.Linear(32, ACT)})
+    actor.load_state_dict(state["actor"])
+    opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
+    opt.load_state_dict(state["actor_opt"])
+    for p in actor.parameters():  # one plain Adam step, then back into the learner
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state["actor"], state["actor_opt"] = actor.state_dict(), opt.state_dict()
+    restored = agent(cfg, seed=1)
+    restored.load_state_dict(state)
+    assert_same_state(restored.state_dict(), state, exact=True)
+    assert restored.actor_opt.steps[0].eq(2).all()
+    obs = np.random.default_rng(0).normal(size=(4, OBS)).astype(np.float32)
+    plain = torch.tanh(actor["mean"](actor["trunk"](torch.as_tensor(obs)))).detach().numpy()
+    np.testing.assert_allclose(restored.act(obs, deterministic=True), LOW + (plain + 1) / 2 * (HIGH - LOW), atol=1e-5)
