@@ -261,3 +261,27 @@ def test_agent_state_is_torch_adam_and_nn_linear_state():
     obs = np.random.default_rng(0).normal(size=(4, OBS)).astype(np.float32)
     plain = torch.tanh(actor["mean"](actor["trunk"](torch.as_tensor(obs)))).detach().numpy()
     np.testing.assert_allclose(restored.act(obs, deterministic=True), LOW + (plain + 1) / 2 * (HIGH - LOW), atol=1e-5)
+
+
+def test_an_agent_without_a_buffer_sits_the_update_out():
+    """A member still in its warm-up (or an idle slot) passes None: it stays exactly as it was,
+    generator included, while the others train exactly as alone."""
+    cfg = small_cfg(utd_ratio=2)
+    pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
+    alone = [agent(cfg, seed=s) for s in (1, 3)]
+    idle = pack.agent_state_dict(1)
+    for _ in range(2):
+        metrics = pack.update([make_buffer(1), None, make_buffer(3)])
+        for single, seed in zip(alone, (1, 3)):
+            single.update(make_buffer(seed))
+    assert metrics[1] == {} and set(metrics[0]) == set(metrics[2]) and "train/critic_loss" in metrics[0]
+    assert_same_state(pack.agent_state_dict(1), idle, exact=True)
+    for i, single in zip((0, 2), alone):
+        assert_same_state(pack.agent_state_dict(i), single.state_dict())
+    # Its first update later is a fresh agent's first update.
+    lone = agent(cfg, seed=2)
+    pack.update([make_buffer(1), make_buffer(2), make_buffer(3)])
+    lone.update(make_buffer(2))
+    assert_same_state(pack.agent_state_dict(1), lone.state_dict())
+    with pytest.raises(ValueError, match="every entry is None"):
+        pack.update([None, None, None])

@@ -263,11 +263,16 @@ class PackedAdam:
         for p in self.params:
             p.grad = None
 
-    def step(self) -> None:
-        grads = [p.grad.reshape(self.num_agents, -1)[k] for k in range(self.num_agents) for p in self.params]
+    def step(self, agents: Sequence[int] | None = None) -> None:
+        """One Adam step of every agent, or of ``agents`` only (the others stay as they are)."""
+        n = len(self.params)
+        agents = range(self.num_agents) if agents is None else agents
+        pick = [k * n + j for k in agents for j in range(n)]
+        grads = [p.grad.reshape(self.num_agents, -1)[k] for k in agents for p in self.params]
         group = self.param_groups[0]
         adam(
-            self._params, grads, self._exp_avg, self._exp_avg_sq, [], self._steps,
+            [self._params[x] for x in pick], grads, [self._exp_avg[x] for x in pick],
+            [self._exp_avg_sq[x] for x in pick], [], [self._steps[x] for x in pick],
             fused=self.fused, foreach=None if self.fused else True, amsgrad=False,
             beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=0.0,
             eps=group["eps"], maximize=False)
@@ -446,7 +451,7 @@ class DroQ:
             else:
                 shape = (*x.shape[:2], self.action_dim)
                 noise = torch.randn(shape, generator=generator, device=self.device) if generator is not None \
-                    else self._normal(shape[1:])
+                    else self._normal(shape[1:], range(self.num_agents))
                 a = self.actor.sample(self._blocks(x), noise)[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
@@ -461,43 +466,56 @@ class DroQ:
         return [SparseRows.of(obs[..., :self.goal_dims]), obs[..., self.goal_dims:]]
 
     # --- randomness --------------------------------------------------------------------
-    def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Standard normal noise (K, *shape), agent k's from its own generator."""
-        out = torch.empty(self.num_agents, *shape, device=self.device)
-        for k, gen in enumerate(self.generators):
-            out[k].normal_(generator=gen)
+    def _normal(self, shape: tuple[int, ...], agents: Sequence[int]) -> torch.Tensor:
+        """Standard normal noise (K, *shape), agent k's from its own generator; zeros for
+        agents not in ``agents`` (whose generators are left as they are)."""
+        fill = torch.empty if len(agents) == self.num_agents else torch.zeros
+        out = fill(self.num_agents, *shape, device=self.device)
+        for k in agents:
+            out[k].normal_(generator=self.generators[k])
         return out
 
-    def _dropout_masks(self, passes: int, batch: int) -> list[list[torch.Tensor] | None]:
+    def _dropout_masks(self, passes: int, batch: int, agents: Sequence[int]) -> list[list[torch.Tensor] | None]:
         """Dropout masks for ``passes`` critic forward passes: per pass, one (K * num_qs, batch,
-        hidden) mask per dropout layer, agent k's part drawn from its own generator."""
+        hidden) mask per dropout layer, agent k's part drawn from its own generator (for agents
+        not in ``agents``, a mask that keeps everything)."""
         dropouts = self.critic.dropouts
         if not dropouts:
             return [None] * passes
         q, k = self.cfg.num_qs, self.num_agents
+        fill = torch.empty if len(agents) == k else torch.zeros
         out = []
         for _ in range(passes):
             masks = []
             for layer, h in zip(dropouts, self.cfg.hidden_dims):
                 n = q * batch * h  # each agent's share, in 16-bit draws
-                bits = torch.empty(k, -(-n // 4), dtype=torch.int64, device=self.device)
-                for i, gen in enumerate(self.generators):
-                    bits[i].random_(-(2 ** 63), None, generator=gen)  # all 64 bits uniform
+                bits = fill(k, -(-n // 4), dtype=torch.int64, device=self.device)
+                for i in agents:
+                    bits[i].random_(-(2 ** 63), None, generator=self.generators[i])  # all 64 bits uniform
                 masks.append(layer.mask(bits.view(torch.int16)[:, :n]).view(k * q, batch, h))
             out.append(masks)
         return out
 
     # --- learning ----------------------------------------------------------------------
-    def _batches(self, buffers: Sequence[ReplayBuffer]) -> tuple[torch.Tensor, ...]:
-        """One batch from each agent's buffer, stacked (K, B, .) on the device."""
-        return self._staging.put([b.sample(self.cfg.batch_size) for b in buffers])
+    def _batches(self, buffers: Sequence[ReplayBuffer | None]) -> tuple[torch.Tensor, ...]:
+        """One batch from each agent's buffer (zeros for None), stacked (K, B, .) on the device."""
+        b = self.cfg.batch_size
+
+        def zeros() -> Batch:
+            obs = np.zeros((b, self.obs_dim), np.float32)
+            return Batch(obs, np.zeros((b, self.action_dim), np.float32), np.zeros(b, np.float32), obs,
+                         np.zeros(b, np.float32))
+
+        return self._staging.put([zeros() if buffer is None else buffer.sample(b) for buffer in buffers])
 
     def _critic_step(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor,
-                     discount: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One critic step for every agent, then the target EMA; (K,) losses and mean Qs."""
+                     discount: torch.Tensor, active: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One critic step for every agent (or the ``active`` ones: the others' losses do not
+        count and their state stays), then the target EMA; (K,) losses and mean Qs."""
+        agents = range(self.num_agents) if active is None else active
         action = (action - self.action_bias) / self.action_scale
-        noise = self._normal(next_obs.shape[1:2] + (self.action_dim,))
-        target_keep, keep = self._dropout_masks(2, obs.shape[1])
+        noise = self._normal(next_obs.shape[1:2] + (self.action_dim,), agents)
+        target_keep, keep = self._dropout_masks(2, obs.shape[1], agents)
         alpha = self.log_alpha.detach().exp()[:, None]
         with torch.no_grad():
             next_obs = self._blocks(next_obs)
@@ -508,33 +526,46 @@ class DroQ:
         q = self.critic(self._blocks(obs), action, keep)
         losses = (q - target[:, None]).square().mean(dim=(1, 2))  # each agent's MSE, as alone
         self.critic_opt.zero_grad()
-        losses.sum().backward()
-        self.critic_opt.step()
+        self._total(losses, active).backward()
+        self.critic_opt.step(active)
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau)
+            targets, online = list(self.critic_target.parameters()), list(self.critic.parameters())
+            if active is not None:  # each parameter holds agent i in row i
+                k = self.num_agents
+                targets = [t.view(k, -1)[i] for i in active for t in targets]
+                online = [p.view(k, -1)[i] for i in active for p in online]
+            torch._foreach_lerp_(targets, online, self.cfg.tau)
         self.updates += 1
-        self.agent_updates = [n + 1 for n in self.agent_updates]
+        for i in agents:
+            self.agent_updates[i] += 1
         return losses.detach(), q.detach().mean(dim=(1, 2))
 
-    def _actor_step(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _total(self, losses: torch.Tensor, active: list[int] | None) -> torch.Tensor:
+        """The sum of the (K,) per-agent ``losses`` whose gradients are wanted."""
+        if active is None:
+            return losses.sum()
+        return losses[torch.as_tensor(active, device=self.device)].sum()
+
+    def _actor_step(self, obs: torch.Tensor, active: list[int] | None = None) -> tuple[torch.Tensor, ...]:
         """One actor step (maximise mean ensemble Q + entropy), then one temperature step, for
-        every agent; (K,) actor losses, temperatures and entropies."""
-        noise = self._normal(obs.shape[1:2] + (self.action_dim,))
-        (keep,) = self._dropout_masks(1, obs.shape[1])
+        every agent (or the ``active`` ones); (K,) actor losses, temperatures and entropies."""
+        agents = range(self.num_agents) if active is None else active
+        noise = self._normal(obs.shape[1:2] + (self.action_dim,), agents)
+        (keep,) = self._dropout_masks(1, obs.shape[1], agents)
         obs = self._blocks(obs)
         action, log_prob = self.actor.sample(obs, noise)
         self.critic.requires_grad_(False)  # gradients flow through the critic, not into it
         q = self.critic(obs, action, keep).mean(dim=1)  # dropout active, as in DroQ
         losses = (self.log_alpha.detach().exp()[:, None] * log_prob - q).mean(dim=1)
         self.actor_opt.zero_grad()
-        losses.sum().backward()
-        self.actor_opt.step()
+        self._total(losses, active).backward()
+        self.actor_opt.step(active)
         self.critic.requires_grad_(True)
 
         alpha_loss = (self.log_alpha.exp()[:, None] * (-log_prob.detach() - self.target_entropy)).mean(dim=1)
         self.alpha_opt.zero_grad()
-        alpha_loss.sum().backward()
-        self.alpha_opt.step()
+        self._total(alpha_loss, active).backward()
+        self.alpha_opt.step(active)
         return losses.detach(), self.log_alpha.detach().exp(), -log_prob.detach().mean(dim=1)
 
     def _as_list(self, batches: Batch | Sequence[Batch]) -> list[Batch]:
@@ -568,18 +599,27 @@ class DroQ:
         """``utd_ratio`` critic updates on fresh batches, then one actor/temperature update.
 
         A pack of 1 takes one buffer and returns one dict; otherwise one buffer per agent (each
-        agent samples its own batches) and one dict per agent."""
+        agent samples its own batches) and one dict per agent. An agent whose buffer is None
+        sits this update out: nothing of it changes (weights, optimiser, temperature, update
+        count, generator) and its dict is empty -- for a member still in its warm-up, or idle.
+        """
         single = isinstance(buffers, ReplayBuffer)
         buffers = [buffers] if single else list(buffers)
         if len(buffers) != self.num_agents:
             raise ValueError(f"{len(buffers)} replay buffers for {self.num_agents} agents")
+        active = [i for i, b in enumerate(buffers) if b is not None]
+        if not active:
+            raise ValueError("no replay buffer to update from: every entry is None")
+        active = None if len(active) == self.num_agents else active
         with self._precision():
             for _ in range(self.cfg.utd_ratio):
                 batch = self._batches(buffers)
-                loss, q = self._critic_step(*batch)
-            actor_loss, temperature, entropy = self._actor_step(batch[0])
+                loss, q = self._critic_step(*batch, active=active)
+            actor_loss, temperature, entropy = self._actor_step(batch[0], active=active)
         metrics = self._metrics({"train/critic_loss": loss, "train/q": q, "train/actor_loss": actor_loss,
                                  "train/temperature": temperature, "train/entropy": entropy})
+        if active is not None:
+            metrics = [m if i in active else {} for i, m in enumerate(metrics)]
         return metrics[0] if single else metrics
 
     # --- checkpointing -----------------------------------------------------------------
