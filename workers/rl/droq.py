@@ -483,16 +483,21 @@ class DroQ:
         if not dropouts:
             return [None] * passes
         q, k = self.cfg.num_qs, self.num_agents
-        fill = torch.empty if len(agents) == k else torch.zeros
-        out = []
+        sizes = [q * batch * h for h in self.cfg.hidden_dims]  # each agent's share per layer, in 16-bit draws
+        total = passes * sum(sizes)
+        # One draw per agent for the whole step; each mask is computed from a column range of
+        # it, which lays it out agent-major without a copy.
+        bits = (torch.empty if len(agents) == k else torch.zeros)(k, -(-total // 4), dtype=torch.int64,
+                                                                   device=self.device)
+        for i in agents:
+            bits[i].random_(-(2 ** 63), None, generator=self.generators[i])  # all 64 bits uniform
+        bits = bits.view(torch.int16)
+        out, at = [], 0
         for _ in range(passes):
             masks = []
-            for layer, h in zip(dropouts, self.cfg.hidden_dims):
-                n = q * batch * h  # each agent's share, in 16-bit draws
-                bits = fill(k, -(-n // 4), dtype=torch.int64, device=self.device)
-                for i in agents:
-                    bits[i].random_(-(2 ** 63), None, generator=self.generators[i])  # all 64 bits uniform
-                masks.append(layer.mask(bits.view(torch.int16)[:, :n]).view(k * q, batch, h))
+            for layer, h, n in zip(dropouts, self.cfg.hidden_dims, sizes):
+                masks.append(layer.mask(bits[:, at:at + n]).view(k * q, batch, h))
+                at += n
             out.append(masks)
         return out
 
