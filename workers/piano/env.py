@@ -3,10 +3,21 @@
 ``make_env(midi, env_cfg, seed)`` builds RoboPianist's ``PianoWithShadowHands`` with RP1M's
 settings from ``configs.EnvConfig`` (lookahead 10, gravity compensation, 0.05 s control
 step, trimmed silence, reduced 39-d action space, capsule fingertip colliders, no human
-fingering in the observation or the reward) and wraps it as a flat-vector ``PianoEnv``.
+fingering in the observation or the reward) and wraps it as a ``PianoEnv``: a
+``gymnasium.Env`` with flat float32 observations (``workers.piano.layout``) and 39-d actions,
+registered as ``pianoforge/Piano-v0`` (``gymnasium.make(ENV_ID, midi=...)`` after importing
+this module).
 
-Reward (RP1M eq. 3), one ``CompositeReward`` term each, weighted values in
-``info["reward_terms"]`` that add up to the reward:
+Two backends step the same compiled MuJoCo model:
+
+    lean         (default, ``workers.piano.lean``) runs the physics substeps with MuJoCo
+                 directly and computes key states, observation, reward terms and F1 once per
+                 control step from MjData arrays; ~1.7x the steps per second of
+    robopianist  dm_control's composer loop with RoboPianist's per-substep hooks (what
+                 RP1M ran). Kept as the reference: both give the same trajectories
+                 (``tests/test_env.py``).
+
+Reward (RP1M eq. 3), weighted values in ``info["reward_terms"]`` that add up to the reward:
 
     key_press_reward     r_press    RoboPianist's key press term
     sustain_reward       r_sustain  RoboPianist's sustain pedal term
@@ -16,6 +27,10 @@ Reward (RP1M eq. 3), one ``CompositeReward`` term each, weighted values in
                          the right hand (forearm included) touches one of the left hand,
                          else 0: RoboPianist's forearm term widened from the two forearms
                          to the whole hands, so 0.5 per step like RoboPianist's.
+
+Episode end: the last step of the chunk is a time limit (``truncated``: a learner bootstraps
+through it); with ``env.wrong_press_termination`` a step that sounds a key that should not
+sound ends the episode as ``terminated`` (no bootstrap).
 
 Four-finger hands (``env_cfg.four_fingers``, RP1M's cross-embodiment experiment): the
 action stays 39-d so that policies, the lake and the imitation learner keep one shape,
@@ -27,15 +42,17 @@ observed; they just do not move).
 
 Cost: ``make_env`` takes about 1.1 s of CPU (building the MJCF model of piano and hands and
 compiling it; importing robopianist/dm_control adds ~1.5 s once per process); ``reset``
-reuses the compiled physics (~4 ms). A step costs ~7% more than RoboPianist's own task with
-the same settings (``tests/benchmarks/bench_env.py``).
+reuses the compiled physics (~4 ms). Step rates: ``tests/benchmarks/bench_env.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import gymnasium
 import numpy as np
+from gymnasium import spaces
 from mujoco_utils.composer_utils import Environment
 from robopianist.music.midi_file import MidiFile
 from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
@@ -125,10 +142,7 @@ class RP1MPianoTask(PianoWithShadowHands):
     def initialize_episode(self, physics, random_state) -> None:
         super().initialize_episode(physics, random_state)
         self.ot_fingering.bind(physics)
-        # Geom id -> 1 right hand, 2 left hand, 0 anything else.
-        self._hand_of_geom = np.zeros(physics.model.ngeom, dtype=np.int8)
-        for label, hand in enumerate(self.hands, start=1):
-            self._hand_of_geom[physics.bind(hand.mjcf_model.find_all("geom")).element_id] = label
+        self._hand_of_geom = self.hand_of_geom(physics)
         if self._four_fingers:
             self._held_actions = self.little_finger_hold(physics)
 
@@ -149,27 +163,62 @@ class RP1MPianoTask(PianoWithShadowHands):
             action[index] = values
         super().before_step(physics, action, random_state)
 
+    def hand_of_geom(self, physics) -> np.ndarray:
+        """Geom id -> 1 right hand, 2 left hand, 0 anything else."""
+        labels = np.zeros(physics.model.ngeom, dtype=np.int8)
+        for label, hand in enumerate(self.hands, start=1):
+            labels[physics.bind(hand.mjcf_model.find_all("geom")).element_id] = label
+        return labels
+
     def _compute_collision_reward(self, physics) -> float:
         """collision_coef while the two hands do not touch, else 0."""
-        contact = physics.data.contact
-        touching = contact.dist <= 1e-8  # mujoco_utils.collision_utils' margin
-        hand1 = self._hand_of_geom[contact.geom1[touching]]
-        hand2 = self._hand_of_geom[contact.geom2[touching]]
-        collided = np.any((hand1 * hand2) == 2)  # one geom of each hand
-        return 0.0 if collided else self._reward_cfg.collision_coef
+        return 0.0 if hands_touch(physics.data.contact, self._hand_of_geom) else self._reward_cfg.collision_coef
 
 
-class PianoEnv:
-    """A gym-like view of the RP1M task: flat float32 observations, 39-d actions.
+def hands_touch(contact, hand_of_geom: np.ndarray) -> bool:
+    """Whether a geom of one hand touches one of the other (``contact``: MjData's contact list)."""
+    touching = contact.dist <= 1e-8  # mujoco_utils.collision_utils' margin
+    hand1 = hand_of_geom[contact.geom1[touching]]
+    hand2 = hand_of_geom[contact.geom2[touching]]
+    return bool(np.any((hand1 * hand2) == 2))  # one geom of each hand
 
-    ``step`` returns ``(obs, reward, done, info)``; ``info`` has ``pressed`` and ``target``
-    (bool[88]: keys sounding after the step / keys that should sound at it),
+
+Backend = Literal["lean", "robopianist"]
+BACKENDS: tuple[str, ...] = ("lean", "robopianist")
+ENV_ID = "pianoforge/Piano-v0"
+
+
+def observation_slices(task: RP1MPianoTask) -> dict[str, slice]:
+    """Where each part of the observation lies for ``task``'s settings (``OBS_SLICES`` for RP1M's)."""
+    steps = task._n_steps_lookahead + 1
+    sizes = {"piano_goal": steps * N_KEYS, "sustain_goal": steps, "key_joints": N_KEYS, "sustain_state": 1,
+             "fingertips": sum(3 * len(h.fingertip_sites) for h in task.hands),
+             "hand_joints": sum(len(h.joints) for h in task.hands)}
+    slices, start = {}, 0
+    for name in OBS_SLICES:  # RP1M order
+        slices[name] = slice(start, start + sizes[name])
+        start += sizes[name]
+    return slices
+
+
+class PianoEnv(gymnasium.Env):
+    """The RP1M task as a gymnasium environment: flat float32 observations, 39-d actions.
+
+    ``reset(seed=..., options=...)`` returns ``(obs, info)``; ``seed`` also seeds the task's
+    random state. ``step`` returns ``(obs, reward, terminated, truncated, info)``: ``truncated``
+    at the end of the chunk (a time limit), ``terminated`` only when
+    ``env.wrong_press_termination`` ends the episode on a wrong key. ``info`` has ``pressed``
+    and ``target`` (bool[88]: keys sounding after the step / keys that should sound at it),
     ``sustain_pressed``, ``sustain_target``, this step's ``precision``, ``recall``, ``f1``,
-    ``reward_terms`` (weighted, summing to the reward), ``ot_assignment`` (list of
-    (finger, key) pairs, fingers numbered as in ``workers.piano.fingering``), ``ot_distance``
-    and ``discount`` (0.0 only when ``wrong_press_termination`` ended the episode early;
-    the end of the song is a time limit with discount 1.0).
+    ``reward_terms`` (weighted, summing to the reward), ``ot_assignment`` (list of (finger,
+    key) pairs, fingers numbered as in ``workers.piano.fingering``) and ``ot_distance``.
+
+    Subclasses step the physics (``_advance``); this class checks actions, keeps the episode's
+    step count and F1 sums, and decides how an episode ends.
     """
+
+    metadata = {"render_modes": []}
+    backend: str
 
     def __init__(self, environment: Environment) -> None:
         self.environment = environment
@@ -183,19 +232,13 @@ class PianoEnv:
         if self.task._four_fingers:
             index, _ = self.task.little_finger_hold(environment.physics)
             self.active_actions[index] = False
-
-        hands = [hand.name for hand in self.task.hands]
-        self._obs_keys = {
-            "key_joints": ["piano/state"],
-            "sustain_state": ["piano/sustain_state"],
-            "fingertips": [f"{h}/fingertip_positions" for h in hands],
-            "hand_joints": [f"{h}/joints_pos" for h in hands],
-        }
-        self._lookahead = self.task._n_steps_lookahead + 1
-        self._slices: dict[str, slice] | None = None  # set from the first observation
+        self._slices = observation_slices(self.task)
+        self.obs_dim = self._slices["hand_joints"].stop
+        self.action_space = spaces.Box(self.action_low, self.action_high, dtype=np.float32)
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.obs_dim,), dtype=np.float32)
+        self._wrong_press_termination = bool(self.task._wrong_press_termination)
         self._done = True
-        obs = self.reset()
-        self.obs_dim = int(obs.shape[0])
+        self._closed = False
 
     # Sizes and layout.
 
@@ -211,14 +254,17 @@ class PianoEnv:
 
     # Episode.
 
-    def reset(self) -> np.ndarray:
-        timestep = self.environment.reset()
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.environment.random_state.seed(seed)
+        obs = self._reset()
         self._done = False
-        self._n = 0
+        self._t = 0
         self._sums = np.zeros(3)
-        return self._flatten(timestep.observation)
+        return obs, {}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict[str, Any]]:
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._done:
             raise RuntimeError("the episode is over: call reset() before step()")
         action = np.asarray(action, dtype=np.float64)
@@ -226,61 +272,96 @@ class PianoEnv:
             raise ValueError(f"action has shape {action.shape}, expected ({self.action_dim},)")
         if not np.all(np.isfinite(action)):
             raise ValueError(f"action has non-finite entries at {np.flatnonzero(~np.isfinite(action)).tolist()}")
-        timestep = self.environment.step(action)
-        self._done = timestep.last()
+        obs, reward, info = self._advance(action)
+        self._t += 1
+        pressed, target = info["pressed"], info["target"]
+        terminated = self._wrong_press_termination and bool(np.any(pressed & ~target))
+        truncated = self._t >= self.n_steps and not terminated
+        self._done = terminated or truncated
+        precision, recall, f1 = step_metrics(pressed, target)
+        self._sums += (precision, recall, f1)
+        info.update(precision=precision, recall=recall, f1=f1)
+        return obs, reward, terminated, truncated, info
 
+    def episode_metrics(self) -> dict[str, float]:
+        """Mean precision, recall and F1 over the steps of this episode so far."""
+        if self._t == 0:
+            raise ValueError("no step taken in this episode yet")
+        precision, recall, f1 = self._sums / self._t
+        return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.environment.close()
+
+    # Backend.
+
+    def _reset(self) -> np.ndarray:
+        """Start an episode in the physics; the first observation."""
+        raise NotImplementedError
+
+    def _advance(self, action: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
+        """One control step: (observation, reward, info with ``pressed``, ``target``,
+        ``sustain_pressed``, ``sustain_target``, ``reward_terms``, ``ot_assignment``, ``ot_distance``)."""
+        raise NotImplementedError
+
+
+class RoboPianistEnv(PianoEnv):
+    """Steps through dm_control's composer loop and RoboPianist's own task code (the reference)."""
+
+    backend = "robopianist"
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        hands = [hand.name for hand in self.task.hands]
+        self._obs_keys = {
+            "key_joints": ["piano/state"],
+            "sustain_state": ["piano/sustain_state"],
+            "fingertips": [f"{h}/fingertip_positions" for h in hands],
+            "hand_joints": [f"{h}/joints_pos" for h in hands],
+        }
+        self._lookahead = self.task._n_steps_lookahead + 1
+
+    def _reset(self) -> np.ndarray:
+        return self._flatten(self.environment.reset().observation)
+
+    def _advance(self, action: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
+        timestep = self.environment.step(action)
         task = self.task
         pressed = task.piano.activation.copy()
         target = task.goal_current[:-1] > 0.5
-        precision, recall, f1 = step_metrics(pressed, target)
-        self._n += 1
-        self._sums += (precision, recall, f1)
+        ended = self._t + 1 >= self.n_steps or (self._wrong_press_termination and bool(np.any(pressed & ~target)))
+        if timestep.last() != ended:
+            raise RuntimeError(f"step {self._t}: dm_control ends the episode {timestep.last()}, expected {ended}")
         info = {
             "pressed": pressed,
             "target": target,
             "sustain_pressed": bool(task.piano.sustain_activation[0]),
             "sustain_target": bool(task.goal_current[-1] > 0.5),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
             "reward_terms": {k: float(v) for k, v in task.reward_fn.reward_terms.items()},
             "ot_assignment": list(task.ot_fingering.assignment),
             "ot_distance": task.ot_fingering.distance,
-            "discount": float(timestep.discount),
         }
-        return self._flatten(timestep.observation), float(timestep.reward), self._done, info
-
-    def episode_metrics(self) -> dict[str, float]:
-        """Mean precision, recall and F1 over the steps of this episode so far."""
-        if self._n == 0:
-            raise ValueError("no step taken in this episode yet")
-        precision, recall, f1 = self._sums / self._n
-        return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
-
-    def close(self) -> None:
-        self.environment.close()
-
-    # Helpers.
+        return self._flatten(timestep.observation), float(timestep.reward), info
 
     def _flatten(self, observation) -> np.ndarray:
         goal = observation["goal"].reshape(self._lookahead, N_KEYS + 1)
         parts = {"piano_goal": goal[:, :N_KEYS].ravel(), "sustain_goal": goal[:, N_KEYS]}
         for name, keys in self._obs_keys.items():
             parts[name] = np.concatenate([np.ravel(observation[k]) for k in keys])
-        if self._slices is None:
-            self._slices, start = {}, 0
-            for name in OBS_SLICES:  # RP1M order
-                self._slices[name] = slice(start, start + parts[name].size)
-                start += parts[name].size
         return np.concatenate([parts[name] for name in OBS_SLICES]).astype(np.float32)
 
 
-def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0) -> PianoEnv:
-    """The RP1M environment for ``midi`` (used as given: already stretched).
+def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+    """The RP1M environment for ``midi`` (used as given: already stretched), reset.
 
     ``seed`` seeds the environment's random state. With RP1M's settings
-    ``obs_dim == OBS_DIM`` (1144) and ``action_dim == ACTION_DIM`` (39).
+    ``obs_dim == OBS_DIM`` (1144) and ``action_dim == ACTION_DIM`` (39). ``backend``: see the
+    module docstring.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown piano environment backend {backend!r} (expected one of {BACKENDS})")
     if midi.n_notes == 0:
         raise ValueError(f"MIDI '{midi.title or 'untitled'}' has no notes: nothing to play")
     task = RP1MPianoTask(midi=midi, env_cfg=env_cfg)
@@ -292,4 +373,26 @@ def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0) -> Piano
         recompile_physics=False,
         legacy_step=True,
     )
-    return PianoEnv(environment)
+    if backend == "lean":
+        from workers.piano.lean import LeanPianoEnv
+
+        env: PianoEnv = LeanPianoEnv(environment)
+    else:
+        env = RoboPianistEnv(environment)
+    env.reset()
+    return env
+
+
+def make_gym_env(midi: MidiFile | str | Path, env_cfg: configs.EnvConfig | None = None, chunk: int = 0,
+                 seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+    """``gymnasium.make(ENV_ID, midi=...)``'s entry point: ``midi`` a ``MidiFile`` (used as given)
+    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's."""
+    env_cfg = env_cfg if env_cfg is not None else configs.load().env
+    if isinstance(midi, (str, Path)):
+        from workers.piano.music import load_chunk
+
+        midi = load_chunk(midi, chunk, env_cfg)
+    return make_env(midi, env_cfg, seed=seed, backend=backend)
+
+
+gymnasium.register(ENV_ID, entry_point=make_gym_env)
