@@ -208,10 +208,11 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     midi = music.load("TwinkleTwinkleRousseau").trim_silence().stretch(cfg.env.stretch_factor)
     env = make_env(midi, cfg.env, seed=0)
     rng = np.random.default_rng(0)
-    obs, observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
+    (obs, _), observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
     for _ in range(40):
         observations.append(obs)
-        obs, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        obs, _, terminated, truncated, info = env.step(rng.uniform(env.action_low, env.action_high))
+        done = terminated or truncated
         targets.append(info["target"])
         for finger, key in info["ot_assignment"]:
             expected[finger, key] += 1

@@ -31,7 +31,7 @@ from mujoco_utils.composer_utils import Environment
 from robopianist.models.piano.piano import _KEY_THRESHOLD, _SUSTAIN_THRESHOLD
 from robopianist.suite.tasks.piano_with_shadow_hands import _KEY_CLOSE_ENOUGH_TO_PRESSED
 
-from workers.piano.env import PianoEnv, hands_touch
+from workers.piano.task import PianoEnv, hands_touch
 from workers.piano.fingering import KEY_SURFACE_OFFSET, ot_term
 from workers.piano.layout import N_KEYS
 

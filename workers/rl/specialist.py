@@ -129,16 +129,16 @@ def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> E
     """One episode, the environment's random state seeded with ``seed`` first. Deterministic:
     the policy mean; otherwise actions sampled with a torch generator seeded with ``seed``, so
     the same agent, chunk and seed replay the same episode whatever the global RNG state."""
-    env.environment.random_state.seed(seed)
     generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
-    obs = env.reset()
+    obs, _ = env.reset(seed=seed)
     observations, actions, rewards, pressed, target = [], [], [], [], []
     done = False
     while not done:
         action = agent.act(obs, deterministic=deterministic, generator=generator)
         observations.append(obs)
         actions.append(action)
-        obs, reward, done, info = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
         rewards.append(reward)
         pressed.append(info["pressed"])
         target.append(info["target"])
@@ -289,7 +289,7 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     t_log, step_log, updates_log = t_train, step, agent.updates
     returns, f1s, update_metrics = [], [], {}
     buffer.end_episode()  # the episode under way at the checkpoint is not restored
-    obs, episode_return = env.reset(), 0.0
+    obs, episode_return = env.reset()[0], 0.0
     bar = tqdm(total=rule.end_step, initial=step, disable=not progress, desc=unit.unit_id, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     while step < rule.end_step and not rule.stopped:
@@ -298,16 +298,16 @@ def _train(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
             action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
         else:
             action = agent.act(obs)
-        next_obs, reward, ended, info = env.step(action)
-        terminated = ended and info["discount"] == 0.0  # the end of the chunk is a time limit
-        buffer.add(obs, action, reward, next_obs, terminated, truncated=ended and not terminated)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        ended = terminated or truncated  # the end of the chunk is a time limit: truncated, bootstrapped
+        buffer.add(obs, action, reward, next_obs, terminated, truncated)
         episode_return += reward
         obs = next_obs
         if ended:
             returns.append(episode_return)
             f1s.append(env.episode_metrics()["f1"])
             episodes_done += 1
-            obs, episode_return = env.reset(), 0.0
+            obs, episode_return = env.reset()[0], 0.0
         if step > droq.warmup_steps:
             update_metrics = agent.update(buffer)
         bar.update(1)
