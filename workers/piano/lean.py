@@ -53,12 +53,11 @@ class LeanPianoEnv(PianoEnv):
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
+        environment.reset()  # the first reset compiles the physics that every episode then reuses
         task, physics = self.task, environment.physics
-        self._model, self._data = physics.model.ptr, physics.data.ptr
+        model = physics.model.ptr
         self._substeps = int(task.physics_steps_per_control_step)
-        self._rk4 = self._model.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
-        self._warnings = self._data.warning.number  # a view: counts of MuJoCo's warnings
-        model = self._model
+        self._rk4 = model.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
 
         def ids(elements) -> np.ndarray:
             return np.asarray(physics.bind(elements).element_id)
@@ -95,6 +94,9 @@ class LeanPianoEnv(PianoEnv):
 
     def _reset(self) -> np.ndarray:
         self.environment.reset()  # RoboPianist's episode start: same initial state as the reference
+        physics = self.environment.physics
+        self._model, self._data = physics.model.ptr, physics.data.ptr
+        self._warnings = self._data.warning.number  # a view: counts of MuJoCo's warnings
         self._sustain = 0.0
         self._update_keys()
         return self._observation(0)
