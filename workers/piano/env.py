@@ -12,10 +12,12 @@ Two backends step the same compiled MuJoCo model:
 
     lean         (default, ``workers.piano.lean``) runs the physics substeps with MuJoCo
                  directly and computes key states, observation, reward terms and F1 once per
-                 control step from MjData arrays; ~1.7x the steps per second of
+                 control step from MjData arrays: ~0.8 of raw ``mj_step`` speed, about twice
+                 the steps per second of
     robopianist  dm_control's composer loop with RoboPianist's per-substep hooks (what
                  RP1M ran). Kept as the reference: both give the same trajectories
-                 (``tests/test_env.py``).
+                 (``tests/test_env.py``; the one difference is the goal in the observation
+                 after a chunk's last step, see ``workers.piano.lean``).
 
 Reward (RP1M eq. 3), weighted values in ``info["reward_terms"]`` that add up to the reward:
 
