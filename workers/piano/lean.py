@@ -102,7 +102,8 @@ class LeanPianoEnv(PianoEnv):
         return self._observation(0)
 
     def _update_keys(self) -> None:
-        state = np.clip(self._data.qpos[self._key_qadr], self._key_low, self._key_high)
+        # np.clip's float operations, without its Python wrapper
+        state = np.minimum(np.maximum(self._data.qpos[self._key_qadr], self._key_low), self._key_high)
         self._normalized = state / self._key_high
         self._pressed = np.abs(state - self._key_high) <= _KEY_THRESHOLD
 
@@ -134,7 +135,7 @@ class LeanPianoEnv(PianoEnv):
             if self._substeps > 1:
                 mujoco.mj_step(model, data, self._substeps - 1)
         mujoco.mj_step1(model, data)
-        if np.any(self._warnings > warnings):
+        if (self._warnings > warnings).any():
             names = np.compress(self._warnings > warnings, list(mujoco.mjtWarning.__members__))
             raise PhysicsError(f"Physics state is invalid. Warning(s) raised: {', '.join(names)}")
         self._update_keys()
@@ -152,8 +153,8 @@ class LeanPianoEnv(PianoEnv):
         power = abs(sensors[self._force_adr]) * abs(sensors[self._velocity_adr])
         right = self._right_actuators
         energy = 0.0  # per hand, right then left, as RoboPianist sums it
-        energy -= self._energy_coef * np.sum(power[:right])
-        energy -= self._energy_coef * np.sum(power[right:])
+        energy -= self._energy_coef * power[:right].sum()
+        energy -= self._energy_coef * power[right:].sum()
         tips = data.site_xpos[self._tip_sites]
         key_points = data.geom_xpos[self._key_geoms[on]] + self._key_offsets[on]
         ot, assignment, distance = ot_term(tips[self._ot_fingers], key_points, on, self._ot_fingers,

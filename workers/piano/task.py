@@ -139,7 +139,7 @@ def hands_touch(contact, hand_of_geom: np.ndarray) -> bool:
     touching = contact.dist <= 1e-8  # mujoco_utils.collision_utils' margin
     hand1 = hand_of_geom[contact.geom1[touching]]
     hand2 = hand_of_geom[contact.geom2[touching]]
-    return bool(np.any((hand1 * hand2) == 2))  # one geom of each hand
+    return bool(((hand1 * hand2) == 2).any())  # one geom of each hand
 
 
 
