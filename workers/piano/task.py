@@ -192,8 +192,8 @@ class PianoEnv(gymnasium.Env):
         self.action_space = spaces.Box(self.action_low, self.action_high, dtype=np.float32)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.obs_dim,), dtype=np.float32)
         self._wrong_press_termination = bool(self.task._wrong_press_termination)
-        self._done = True
-        self._closed = False
+        self._done, self._closed = True, False  # reset() starts the first episode
+        self._t, self._sums = 0, np.zeros(3)
 
     # Sizes and layout.
 
