@@ -257,16 +257,18 @@ def _play(env, seed: int, policy: str) -> list[tuple]:
 SONGS = {"chord": chord_song, "generated": lambda: random_song(seed=3), "twinkle": lambda: twinkle(seconds=2.5)}
 
 
-@pytest.mark.parametrize("song", SONGS)
-def test_lean_backend_steps_the_same_trajectories_as_robopianist(song):
+@pytest.mark.parametrize("song,overrides", [("chord", ()), ("generated", ()), ("twinkle", ()),
+                                            ("twinkle", ("env.four_fingers=true",))])
+def test_lean_backend_steps_the_same_trajectories_as_robopianist(song, overrides):
     """Observations, key presses, F1 and episode ends equal; reward terms within 1e-12.
 
     One documented difference: after the last step of a chunk RoboPianist's goal update skips
     the step past the end and leaves the previous window in the observation; the lean backend
-    gives the true window (all zeros). The chunks are short (51-81 steps): three songs x two
-    policies x two seeds x two backends build and step in about 20 s of CPU.
+    gives the true window (all zeros). The chunks are short (51-81 steps): each case (a song,
+    five- or four-finger hands) x two policies x two seeds x two backends builds and steps in
+    about 6 s of CPU.
     """
-    envs = {b: make_env(SONGS[song](), env_config(), seed=0, backend=b) for b in BACKENDS}
+    envs = {b: make_env(SONGS[song](), env_config(*overrides), seed=0, backend=b) for b in BACKENDS}
     goal = slice(0, OBS_SLICES["sustain_goal"].stop)
     compared, stale = 0, 0
     for policy in ("random", "scripted"):
