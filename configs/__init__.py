@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 HERE = Path(__file__).resolve().parent
 PROFILES = HERE / "profiles"
@@ -77,6 +77,25 @@ class DroQConfig(_Section):
     sparse_goal: bool = False
 
 
+class BudgetConfig(_Section):
+    """When a specialist stops before (or after) ``total_steps``; see ``workers.rl.budget``.
+    Off by default, so every unit trains exactly ``total_steps`` as in RP1M."""
+
+    enabled: bool = False
+    stop_at_f1: float | None = Field(0.75, ge=0, le=1)   # target; null: no target stop
+    judge_evals: int = Field(3, ge=1)                    # evaluations judged together
+    plateau_window: int | None = Field(None, ge=1)       # evaluations without improvement; null: no plateau stop
+    plateau_margin: float = Field(0.02, gt=0)            # smoothed F1 rise that counts as an improvement
+    min_steps: int = Field(0, ge=0)                      # no plateau stop before this step
+    max_steps: int | None = Field(None, gt=0)            # cap for improving units; null: no extension
+
+    @model_validator(mode="after")
+    def _extension_needs_a_window(self) -> BudgetConfig:
+        if self.max_steps is not None and self.plateau_window is None:
+            raise ValueError("max_steps (the extension) needs plateau_window: it extends units still improving")
+        return self
+
+
 class SpecialistConfig(_Section):
     total_steps: int = Field(gt=0)
     eval_interval: int = Field(gt=0)
@@ -88,6 +107,15 @@ class SpecialistConfig(_Section):
     # Rollout i samples from the policy with a generator seeded by seed * 1000 + i; the default keeps
     # configs saved before this setting existed loadable.
     rollout_policy: Literal["stochastic", "deterministic"] = "stochastic"
+    # A default, so that configs saved before this section existed still load.
+    budget: BudgetConfig = BudgetConfig()
+
+    @model_validator(mode="after")
+    def _cap_not_below_budget(self) -> SpecialistConfig:
+        cap = self.budget.max_steps
+        if cap is not None and cap < self.total_steps:
+            raise ValueError(f"budget.max_steps ({cap}) is below total_steps ({self.total_steps})")
+        return self
 
 
 class LakeConfig(_Section):

@@ -35,6 +35,7 @@ import jinja2
 import configs
 from dashboards import plots, timeline
 from dashboards.data import Campaign, Snapshot, running_packs, summary
+from orchestrator.status import steps_text
 from configs.files import atomic_write
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -114,7 +115,8 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
         if seconds is None and u.state == "running" and u.started_at:
             seconds = s.taken_at - u.started_at
         rows.append({**u.__dict__, "link": unit_link(u.unit_id), "duration_text": timeline.human_duration(seconds)
-                     if seconds is not None else ""})
+                     if seconds is not None else "",
+                     "stop_text": f"{u.stop_reason} at {steps_text(u.stop_step)}" if u.stop_reason else ""})
     view = {
         "campaign": s.campaign, "directory": s.directory, "problems": s.problems, "gate": s.gate,
         "lake_shards": s.lake_shards, "lake_episodes": s.lake_episodes,

@@ -26,6 +26,7 @@ the matching ``info["ot_assignment"]`` reported during the rollout, for every st
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import re
@@ -43,6 +44,8 @@ import workers.lake as _lake
 from dashboards import timeline
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
+from orchestrator.status import budget_text, steps_text
+from orchestrator.store import BudgetSummary
 
 STORE_FILE = "campaign.db"
 CONFIG_FILE = "config.yaml"
@@ -112,6 +115,9 @@ class Unit:
     shard_path: str | None
     step: int | None = None
     run_link: str | None = None
+    stop_reason: str | None = None  # why training ended (workers.rl.budget), once finished
+    stop_step: int | None = None
+    budget_steps: int | None = None
     pack_id: str | None = None  # the pack of its latest attempt (campaign.pack_size > 1)
     steps_per_s: float | None = None  # env steps/s its running attempt last reported
 
@@ -168,6 +174,7 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
     il_running: bool = False  # the driver's imitation job (store meta il_launches) is still training
     ray_dashboard: str | None = None  # the Ray dashboard of the driver's cluster (store meta ray_dashboard_url)
+    budgets: BudgetSummary | None = None  # finished units' stop reasons and steps saved (specialist.budget)
 
     @property
     def started_at(self) -> float | None:
@@ -229,6 +236,10 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         "gate": {"passing": s.gate.passing, "needed": s.gate.needed, "threshold": s.gate.threshold,
                  "launched": s.gate.launched, "il_run_id": s.gate.il_run_id},
         "lake": {"shards": s.lake_shards, "episodes": s.lake_episodes, "steps": s.lake_steps},
+        # Why finished units stopped and the steps their budgets saved; None until one recorded a budget.
+        "budgets": None if not (s.budgets and s.budgets.units) else {
+            **dataclasses.asdict(s.budgets), "saved_steps": s.budgets.saved_steps, "text": budget_text(s.budgets),
+            "saved_text": f"{steps_text(s.budgets.saved_steps)} ({s.budgets.saved_fraction:.0%})"},
         "failures": [{"unit_id": u.unit_id, "attempts": u.attempts, "error": (u.error or "").strip().splitlines()[-1:]}
                      for u in s.units if u.state == "failed"],
         "version": f"{len(s.changes)}-{last:.3f}-{s.lake_shards}-{s.gate.il_run_id or ''}",
@@ -257,8 +268,8 @@ def campaign_config(campaign_dir: Path, problems: list[str]) -> configs.Config:
         return configs.load()
 
 
-def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[str, Any]]:
-    """Units, state changes and the meta table from the campaign store, opened read-only."""
+def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[str, Any], BudgetSummary | None]:
+    """Units, state changes, the meta table and the budgets summary from the campaign store, opened read-only."""
     import sqlite3
 
     from orchestrator.store import CampaignStore
@@ -268,18 +279,20 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
             rows = list(store.units())
             events = store.events()
             meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
+            budgets = store.budgets()
     except sqlite3.OperationalError as e:
         if "no such table" in str(e):  # the driver has created the file but not its tables yet
-            return [], [], {}
+            return [], [], {}, None
         raise
     units = [Unit(unit_id=r.unit_id, song_name=r.song_name, chunk_index=r.chunk_index, split=r.split, state=r.state,
                   attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
                   seconds=r.seconds, node=r.hostname or r.node_id, error=_ANSI.sub("", r.error) if r.error else None, mlflow_run_id=r.mlflow_run_id,
-                  shard_path=r.shard_path, step=r.step, pack_id=r.pack_id, steps_per_s=r.steps_per_s)
+                  shard_path=r.shard_path, step=r.step, stop_reason=r.stop_reason, stop_step=r.stop_step,
+                  budget_steps=r.budget_steps, pack_id=r.pack_id, steps_per_s=r.steps_per_s)
              for r in rows]
     changes = [StateChange(e.ts, e.unit_id, e.to_state) for e in events
                if e.kind == "state" and e.unit_id and e.to_state]
-    return units, changes, meta
+    return units, changes, meta, budgets
 
 
 class KeyCounter:
@@ -467,7 +480,7 @@ class Campaign:
         self.cfg = campaign_config(self.directory, self.problems)
         self.dash = dash or self.cfg.dashboard
         # The driver records the tracking uri it used in the store; the config says it otherwise.
-        _, _, meta = read_store(self.directory)
+        meta = read_store(self.directory)[2]
         uri = meta.get("tracking_uri") or self.cfg.mlflow.tracking_uri or f"sqlite:///{self.directory / MLFLOW_FILE}"
         self.mlflow = MlflowReader(uri, self.dash.mlflow_ui_url)
         self.keys = KeyCounter()
@@ -498,7 +511,7 @@ class Campaign:
 
         problems = list(self.problems)
         taken_at = time.time()
-        units, changes, meta = read_store(self.directory)
+        units, changes, meta, budgets = read_store(self.directory)
         by_id = {u.unit_id: u for u in units}
 
         lake = self.lake()
@@ -546,7 +559,7 @@ class Campaign:
             il_curves=il_curves, il_eval=il_eval, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
             il_running=any(rec.get("state") == IL_RUNNING for rec in meta.get(LAUNCHES_KEY) or []),
-            ray_dashboard=meta.get("ray_dashboard_url"),
+            ray_dashboard=meta.get("ray_dashboard_url"), budgets=budgets,
         )
 
     def _curve_units(self, units: list[Unit], wanted: list[str] | None) -> list[str]:

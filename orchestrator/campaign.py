@@ -338,7 +338,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                     "return": result.episode_return, "f1": result.f1, "precision": result.precision,
                     "recall": result.recall, "env_steps_per_s": result.env_steps_per_s,
                     "updates_per_s": result.updates_per_s, "seconds": result.seconds,
-                    "logging_overhead": overhead}, {**tags, "state": state})
+                    "logging_overhead": overhead, "stop_step": result.stop_step, "budget_steps": result.budget_steps,
+                    "eval_share": result.eval_seconds / result.seconds if result.seconds > 0 else None},
+                    {**tags, "state": state, "stop_reason": result.stop_reason})
                 return
             retry = row.attempts < cfg.campaign.max_attempts
             new_state = store.mark_attempt_failed(unit_id, outcome.error, retry)

@@ -627,9 +627,8 @@ def play(
         rows = []
         try:
             for i in range(episodes):
-                env.environment.random_state.seed(seed + i)
                 torch.manual_seed(seed + i)
-                metrics, steps, _ = rollout(policy, env, replan_every=policy.horizon, max_steps=max_steps)
+                metrics, steps, _ = rollout(policy, env, replan_every=policy.horizon, max_steps=max_steps, seed=seed + i)
                 rows.append(metrics)
                 typer.echo(f"episode {i} (seed {seed + i}): {steps} steps  precision {metrics['precision']:.3f}  "
                            f"recall {metrics['recall']:.3f}  F1 {metrics['f1']:.3f}")

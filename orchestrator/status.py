@@ -1,8 +1,8 @@
 """Where a campaign stands, read from its store without writing anything (safe while the driver runs).
 
 ``read_status(campaign_dir)`` gathers the numbers; ``render(status)`` turns them into a rich
-renderable: units by state, a text histogram of F1, throughput (units/hour), ETA, running
-units and the last errors.
+renderable: units by state, a text histogram of F1, throughput (units/hour), ETA, why finished
+units stopped and the steps their budgets saved, running units and the last errors.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.store import FINISHED, PENDING, RUNNING, STATES, CampaignStore
+from orchestrator.store import FINISHED, PENDING, RUNNING, STATES, BudgetSummary, CampaignStore
+from workers.rl.budget import REASONS
 
 THROUGHPUT_WINDOW_S = 3600.0  # throughput is measured over the last hour of finishes (or less)
 F1_BINS = 10
@@ -36,6 +37,7 @@ class CampaignStatus:
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
     il_launches: list[dict] = field(default_factory=list)  # imitation jobs it launched, oldest first
     ray_dashboard: str | None = None      # Ray dashboard URL of the driver's cluster (recorded at its start)
+    budgets: BudgetSummary | None = None  # finished units' stop reasons and steps saved (specialist.budget)
     read_seconds: float = 0.0
 
     @property
@@ -96,11 +98,12 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         name = store.get_meta("name", campaign_dir.name)
         gate, il_launches = store.get_meta("gate"), store.get_meta("il_launches") or []
         ray_dashboard = store.get_meta("ray_dashboard_url")
+        budgets = store.budgets()
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
         running=running, packs=packs, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
-        ray_dashboard=ray_dashboard, read_seconds=time.perf_counter() - t0)
+        ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
 
 
 def _packs(rows: list[dict]) -> list[dict]:
@@ -186,6 +189,8 @@ def render(status: CampaignStatus):
         hist.add_row(label, str(count), bar)
 
     parts = [head, states, hist]
+    if status.budgets and status.budgets.units:
+        parts.append(Text(budget_text(status.budgets)))
     if status.running:
         run = Table(title="running", show_edge=False)
         for col in ("unit", "pack", "attempt", "host", "slurm job", "step", "checkpoint", "steps/s", "for"):
@@ -220,6 +225,22 @@ def render(status: CampaignStatus):
         parts.append(Text(f"MLflow: {status.mlflow['tracking_uri']}  experiment {status.mlflow['mlflow_experiment_id']}"
                           f"  parent run {status.mlflow['mlflow_parent_run_id']}"))
     return Group(*parts)
+
+
+def steps_text(n: int) -> str:
+    """A step count as people read it: 950, 12.5k, 3.20M."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    return f"{sign}{n / 1e6:.2f}M" if n >= 1e6 else (f"{sign}{n / 1e3:.1f}k" if n >= 1e3 else f"{sign}{n}")
+
+
+def budget_text(b: BudgetSummary) -> str:
+    """One line: why finished units stopped, and the steps the budgets saved (specialist.budget)."""
+    reasons = ", ".join(f"{r} {b.reasons.get(r, 0)}" for r in REASONS)
+    line = (f"stopped by: {reasons}   trained {steps_text(b.steps)} of {steps_text(b.budget_steps)} budgeted steps"
+            f" (saved {steps_text(b.saved_steps)}, {b.saved_fraction:.0%})")
+    if b.eval_share is not None:
+        line += f"   evaluation: {b.eval_share:.1%} of worker time"
+    return line
 
 
 def _render_gate(status: CampaignStatus):

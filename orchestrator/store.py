@@ -3,7 +3,9 @@
 The driver is the store's only writer; ``pianoforge status`` and dashboards open it read-only
 while the driver runs (WAL lets readers see committed data without blocking the writer).
 Times are Unix seconds (UTC, float). The schema is ``SCHEMA`` below; ``schema_version`` is
-kept in the ``meta`` table.
+kept in the ``meta`` table. Opening an older store for writing migrates it (``MIGRATIONS``: new
+columns, NULL for units finished before); read-only readers of a store not yet migrated see
+NULL in the columns it lacks.
 
 Unit states::
 
@@ -24,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from workers.units import UnitResult, UnitSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 PENDING, RUNNING, SUCCEEDED, FAILED, GATED = "pending", "running", "succeeded", "failed", "gated"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, GATED)
@@ -74,6 +76,10 @@ CREATE TABLE IF NOT EXISTS units (
     error           TEXT,                  -- last failure: exception type, message, traceback tail
     mlflow_run_id   TEXT,                  -- the unit's child run
     updated_at      REAL NOT NULL,
+    stop_reason     TEXT,                  -- why training ended: target | plateau | budget | cap (workers.rl.budget)
+    stop_step       INTEGER,               -- the step it ended at
+    budget_steps    INTEGER,               -- its nominal budget (specialist.total_steps)
+    eval_seconds    REAL,                  -- time in evaluations during training (latest attempt)
     pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
     steps_per_s     REAL                   -- env steps/s the running attempt last reported
 );
@@ -90,6 +96,13 @@ CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state 
 );
 CREATE INDEX IF NOT EXISTS events_by_ts ON events(ts);
 """
+
+# Schema version -> the statements that bring a store of the version before it up to it.
+MIGRATIONS = {
+    2: ["ALTER TABLE units ADD COLUMN stop_reason TEXT", "ALTER TABLE units ADD COLUMN stop_step INTEGER",
+        "ALTER TABLE units ADD COLUMN budget_steps INTEGER", "ALTER TABLE units ADD COLUMN eval_seconds REAL"],
+    3: ["ALTER TABLE units ADD COLUMN pack_id TEXT", "ALTER TABLE units ADD COLUMN steps_per_s REAL"],
+}
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,10 @@ class UnitRow:
     error: str | None
     mlflow_run_id: str | None
     updated_at: float
+    stop_reason: str | None = None
+    stop_step: int | None = None
+    budget_steps: int | None = None
+    eval_seconds: float | None = None
     pack_id: str | None = None
     steps_per_s: float | None = None
 
@@ -137,7 +154,27 @@ class UnitRow:
         return UnitSpec.model_validate_json(self.spec_json)
 
 
-_UNIT_COLUMNS = ", ".join(f.name for f in fields(UnitRow))
+_UNIT_FIELDS = [f.name for f in fields(UnitRow)]
+
+
+@dataclass(frozen=True)
+class BudgetSummary:
+    """F1-driven budgets over a campaign's finished units (``CampaignStore.budgets``)."""
+
+    reasons: dict[str, int]  # stop reason -> finished units
+    units: int               # finished units that recorded a budget
+    budget_steps: int        # the sum of their nominal budgets
+    steps: int               # the steps they trained
+    eval_share: float | None = None  # their time in evaluations during training / their worker time
+
+    @property
+    def saved_steps(self) -> int:
+        """Budgeted steps not trained (negative when extensions used more than stops saved)."""
+        return self.budget_steps - self.steps
+
+    @property
+    def saved_fraction(self) -> float | None:
+        return self.saved_steps / self.budget_steps if self.budget_steps else None
 
 
 @dataclass(frozen=True)
@@ -172,26 +209,39 @@ class CampaignStore:
             self.db = sqlite3.connect(self.path, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            version = self._version()
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this pianoforge ({SCHEMA_VERSION})")
+            if version is not None and version < SCHEMA_VERSION:
+                self._migrate(version)
             self.db.executescript(SCHEMA)
-            self._add_missing_columns()
-            version = self.get_meta("schema_version")
             if version is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
-            elif int(version) > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: schema version {version} is newer than this pianoforge ({SCHEMA_VERSION})")
+        present = self._present = {r[1] for r in self.db.execute("PRAGMA table_info(units)")}
+        # A read-only reader of a store the driver has not migrated yet sees NULL for the new columns.
+        self._unit_columns = ", ".join(c if c in present or not present else f"NULL AS {c}" for c in _UNIT_FIELDS)
         self.db.row_factory = sqlite3.Row
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
-        # A reader of a store from before a column was added (no driver has opened it since) sees NULLs.
-        self.unit_columns = ", ".join(c if c in have else f"NULL AS {c}" for c in _UNIT_COLUMNS.split(", "))
 
-    def _add_missing_columns(self) -> None:
-        """Columns added to ``units`` since a store was created (``CREATE TABLE IF NOT EXISTS``
-        leaves an older table as it was)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
+    @property
+    def unit_columns(self) -> str:
+        """The ``units`` columns to select (``NULL AS c`` for those an unmigrated store lacks)."""
+        return self._unit_columns
+
+    def _version(self) -> int | None:
+        """The stored schema version (None: a new store)."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        version = self.get_meta("schema_version")
+        return None if version is None else int(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of ``version`` up to ``SCHEMA_VERSION`` in one transaction."""
         with self.db:
-            for name, kind in (("pack_id", "TEXT"), ("steps_per_s", "REAL")):
-                if name not in have:
-                    self.db.execute(f"ALTER TABLE units ADD COLUMN {name} {kind}")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    self.db.execute(statement)
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                            (json.dumps(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -251,14 +301,14 @@ class CampaignStore:
         return added
 
     def unit(self, unit_id: str) -> UnitRow:
-        row = self.db.execute(f"SELECT {self.unit_columns} FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
+        row = self.db.execute(f"SELECT {self._unit_columns} FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
         if row is None:
             raise StoreError(f"{self.path}: no unit {unit_id}")
         return UnitRow(**dict(row))
 
     def units(self, states: Iterable[str] | None = None) -> Iterator[UnitRow]:
         """Units (optionally only those in ``states``), oldest first."""
-        sql, args = f"SELECT {self.unit_columns} FROM units", ()
+        sql, args = f"SELECT {self._unit_columns} FROM units", ()
         if states is not None:
             states = tuple(states)
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
@@ -276,6 +326,20 @@ class CampaignStore:
         for state, n in self.db.execute("SELECT state, COUNT(*) FROM units GROUP BY state"):
             out[state] = n
         return out
+
+    def budgets(self) -> BudgetSummary:
+        """Finished units' stop reasons and their training steps against their nominal budgets."""
+        marks = ",".join("?" * len(FINISHED))
+        if "stop_reason" not in self._present:  # a store not migrated yet, opened read-only
+            return BudgetSummary({}, 0, 0, 0, None)
+        reasons = {r: n for r, n in self.db.execute(
+            f"SELECT stop_reason, COUNT(*) FROM units WHERE state IN ({marks}) AND stop_reason IS NOT NULL"
+            " GROUP BY stop_reason", FINISHED)}
+        n, budget, used, evals, seconds = self.db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(budget_steps), 0), COALESCE(SUM(steps), 0), SUM(eval_seconds),"
+            f" SUM(seconds) FROM units WHERE state IN ({marks}) AND budget_steps IS NOT NULL AND steps IS NOT NULL",
+            FINISHED).fetchone()
+        return BudgetSummary(reasons, n, budget, used, evals / seconds if evals is not None and seconds else None)
 
     def events(self, since_id: int = 0, unit_id: str | None = None) -> list[Event]:
         sql, args = "SELECT id, ts, unit_id, kind, from_state, to_state, attempt, detail FROM events WHERE id > ?", [since_id]
@@ -337,12 +401,15 @@ class CampaignStore:
                 "UPDATE units SET state = ?, f1 = ?, precision = ?, recall = ?, episode_return = ?, steps = ?,"
                 " step = COALESCE(step, ?), checkpoint_step = ?, env_steps_per_s = ?, updates_per_s = ?,"
                 " shard_path = ?, finished_at = ?,"
-                " seconds = ?, report_seconds = ?, error = NULL, updated_at = ? WHERE unit_id = ?",
+                " seconds = ?, report_seconds = ?, error = NULL, updated_at = ?,"
+                " stop_reason = ?, stop_step = ?, budget_steps = ?, eval_seconds = ? WHERE unit_id = ?",
                 (state, result.f1, result.precision, result.recall, result.episode_return, result.steps, result.steps,
                  result.steps, result.env_steps_per_s, result.updates_per_s, result.shard_path, now, result.seconds,
-                 report_seconds, now, unit_id),
+                 report_seconds, now, result.stop_reason, result.stop_step, result.budget_steps, result.eval_seconds,
+                 unit_id),
             )
-            self._event(now, unit_id, "state", RUNNING, state, row["attempts"], f"f1={result.f1:.4f}")
+            stop = f" stop={result.stop_reason}@{result.stop_step}" if result.stop_reason else ""
+            self._event(now, unit_id, "state", RUNNING, state, row["attempts"], f"f1={result.f1:.4f}{stop}")
 
     def mark_attempt_failed(self, unit_id: str, error: str, retry: bool) -> str:
         """running -> pending (``retry``) or failed; keeps ``error``. Returns the new state."""

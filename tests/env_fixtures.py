@@ -94,3 +94,22 @@ CRAFTED_MIDI = (b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60"
 def write_crafted_midi(path: Path) -> Path:
     path.write_bytes(CRAFTED_MIDI)
     return path
+
+
+def random_song(seed: int, seconds: float = 3.0, stretch: float = 1.25) -> MidiFile:
+    """A generated song: random one- to four-note chords of random lengths, rests, pedal changes."""
+    rng = np.random.default_rng(seed)
+    seq = music_pb2.NoteSequence()
+    seq.ticks_per_quarter = 220
+    seq.tempos.add(qpm=120)
+    time = 0.0
+    while time < seconds:
+        length = float(rng.uniform(0.1, 0.5))
+        if rng.random() < 0.8:
+            for pitch in rng.choice(np.arange(36, 96), size=rng.integers(1, 5), replace=False):
+                seq.notes.add(pitch=int(pitch), velocity=80, start_time=time, end_time=time + length)
+        if rng.random() < 0.3:
+            seq.control_changes.add(time=time, control_number=64, control_value=int(rng.choice([0, 127])))
+        time += length
+    seq.total_time = max(n.end_time for n in seq.notes)
+    return MidiFile(seq=seq).stretch(stretch)

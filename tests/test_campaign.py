@@ -207,8 +207,10 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
 
     cfg = configs.load(overrides=[
         "campaign.workload=specialist", "specialist.total_steps=40", "droq.warmup_steps=20", "droq.batch_size=16",
-        "droq.replay_capacity=1000", "specialist.eval_interval=40", "specialist.checkpoint_interval=20",
+        "droq.replay_capacity=1000", "specialist.eval_interval=20", "specialist.checkpoint_interval=20",
         "specialist.log_interval=10", "specialist.rollouts=1", "mlflow.system_metrics=false",
+        # A target any policy meets, judged over both evaluations: it wins over the budget at step 40.
+        "specialist.budget.enabled=true", "specialist.budget.stop_at_f1=0.0", "specialist.budget.judge_evals=2",
     ])
     unit = load_manifest(demo_manifest(tmp_path / "manifest"), cfg).units()[0]
     summary = campaign.submit([unit], cfg, "one-specialist", root=tmp_path)
@@ -216,9 +218,12 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     with CampaignStore(tmp_path / "one-specialist" / "campaign.db", readonly=True) as store:
         row = store.unit(unit.unit_id)
     assert row.steps == 40 and row.shard_path and Path(row.shard_path).exists()
+    assert (row.stop_reason, row.stop_step, row.budget_steps) == ("target", 40, 40) and row.eval_seconds > 0
     assert (tmp_path / "one-specialist" / "units" / unit.unit_id / "checkpoint.pt").exists()
     run = MlflowClient(summary.tracking_uri).get_run(row.mlflow_run_id)
-    assert {"eval/f1", "rollout/f1", "train/episodes", "f1"} <= set(run.data.metrics)
+    assert {"eval/f1", "rollout/f1", "train/episodes", "f1", "eval_share"} <= set(run.data.metrics)
+    assert (run.data.tags["stop_reason"], run.data.metrics["stop_step"], run.data.metrics["budget_steps"]) == (
+        "target", 40.0, 40.0)
     # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
     saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
     assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]

@@ -208,10 +208,11 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     midi = music.load("TwinkleTwinkleRousseau").trim_silence().stretch(cfg.env.stretch_factor)
     env = make_env(midi, cfg.env, seed=0)
     rng = np.random.default_rng(0)
-    obs, observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
+    (obs, _), observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
     for _ in range(40):
         observations.append(obs)
-        obs, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        obs, _, terminated, truncated, info = env.step(rng.uniform(env.action_low, env.action_high))
+        done = terminated or truncated
         targets.append(info["target"])
         for finger, key in info["ot_assignment"]:
             expected[finger, key] += 1
@@ -305,8 +306,35 @@ def test_page_of_a_campaign_with_only_a_store(tmp_path):
     html = render_page(s, campaign, live=True)
     assert s.focus is None and s.curves == {} and s.lake_shards == 0 and s.key_counts.sum() == 0
     assert 'id="n-pending">3<' in html and 'class="badge waiting"' in html
+    assert 'id="steps-saved"' not in html and page_summary(s, cfg.dashboard)["budgets"] is None
     assert any("config.yaml not found" in p for p in s.problems)
     assert not (tmp_path / "new" / "mlflow.db").exists() and not (tmp_path / "new" / "lake").exists()
+
+
+def test_page_shows_why_units_stopped_and_the_steps_saved(tmp_path):
+    """F1-driven budgets: each finished unit's stop reason and step, and the steps saved overall."""
+    from dashboards.app import render_page
+
+    cfg = _cfg()
+    (tmp_path / "budgets").mkdir()
+    specs = [_spec("Twinkle", c, cfg) for c in range(3)]
+    with CampaignStore(tmp_path / "budgets" / "campaign.db") as store:
+        store.add_units(specs, store.put_config(cfg.to_dict(), cfg.hash()))
+        for spec, (reason, steps) in zip(specs, [("target", 2_000_000), ("plateau", 1_000_000)]):
+            store.mark_running(spec.unit_id)
+            store.mark_finished(spec.unit_id, UnitResult(
+                unit_id=spec.unit_id, f1=0.8, precision=0.8, recall=0.8, episode_return=1.0, steps=steps,
+                shard_path=None, seconds=10.0, eval_seconds=0.5, stop_reason=reason, stop_step=steps,
+                budget_steps=8_000_000), SUCCEEDED)
+    campaign = Campaign(tmp_path / "budgets")
+    s = campaign.snapshot()
+    shown = page_summary(s, cfg.dashboard)["budgets"]
+    assert (shown["saved_steps"], shown["reasons"], shown["units"]) == (13_000_000, {"target": 1, "plateau": 1}, 2)
+    html = render_page(s, campaign, live=True)
+    assert 'id="steps-saved">13.00M (81%)<' in html
+    assert "stopped by: target 1, plateau 1, budget 0, cap 0" in html and "evaluation: 5.0% of worker time" in html
+    assert "<td>target at 2.00M</td>" in html and "<td>plateau at 1.00M</td>" in html
+    assert page_summary(Campaign(tmp_path / "budgets").snapshot(full=False), cfg.dashboard)["budgets"] is not None
 
 
 def test_campaign_is_not_finished_while_its_imitation_job_trains(tmp_path):

@@ -1,26 +1,39 @@
-"""The RP1M piano environment: layout of the observation, reward terms, four-finger hands."""
+"""The RP1M piano environment: layout of the observation, reward terms, four-finger hands,
+episode ends, the gymnasium API, and the lean backend against RoboPianist's own stepping."""
 
 from __future__ import annotations
 
+import warnings
+
+import gymnasium
 import numpy as np
 import pytest
 from mujoco_utils import collision_utils
+from robopianist.models.piano.piano import _KEY_THRESHOLD
 
-from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, twinkle
+from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, random_song, twinkle
 from workers.piano import env as piano_env
-from workers.piano.env import OBS_SLICES, make_env
+from workers.piano.env import BACKENDS, ENV_ID, OBS_SLICES, make_env
+from workers.rl.replay import ReplayBuffer
 
 TERMS = {"key_press_reward", "sustain_reward", "energy_reward", "ot_fingering_reward", "collision_reward"}
 
 
-@pytest.fixture(scope="module")
-def env():
-    return make_env(chord_song(), env_config(), seed=0)
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(request):
+    return make_env(chord_song(), env_config(), seed=0, backend=request.param)
 
 
 @pytest.fixture(scope="module")
 def four_finger_env():
     return make_env(chord_song(), env_config("env.four_fingers=true"), seed=0)
+
+
+def expected_pressed(env) -> np.ndarray:
+    """Keys sounding in the physics now: RoboPianist's rule on the key joints."""
+    joints = env.environment.physics.bind(env.task.piano.joints)
+    low, high = joints.range.T
+    return np.abs(np.clip(joints.qpos, low, high) - high) <= _KEY_THRESHOLD
 
 
 def test_rp1m_sizes_and_layout(env):
@@ -33,8 +46,10 @@ def test_rp1m_sizes_and_layout(env):
     assert env.action_low.shape == env.action_high.shape == (39,)
     assert np.all(env.action_low < env.action_high)
     assert "sustain" in env.action_names[-1]
-    obs = env.reset()
-    assert obs.dtype == np.float32 and obs.shape == (1144,)
+    assert env.observation_space.shape == (1144,) and env.action_space.shape == (39,)
+    np.testing.assert_array_equal(env.action_space.low, env.action_low)
+    obs, info = env.reset()
+    assert obs.dtype == np.float32 and obs.shape == (1144,) and info == {}
     # The human fingering is neither observed nor rewarded.
     assert "fingering" not in env.environment.observation_spec()
     assert env.task.reward_fn.reward_fns.keys() == TERMS
@@ -44,14 +59,11 @@ def test_observation_slices_hold_what_they_say(env):
     task, physics = env.task, env.environment.physics
     notes, sustains = task._notes, task._sustains
     presser, rng = KeyPresser(env.environment), np.random.default_rng(1)
-    obs, done, t, deepest = env.reset(), False, 0, 0.0
+    (obs, _), done, t, deepest, sustain = env.reset(), False, 0, 0.0, 0.0
     while not done:
         goal = obs[OBS_SLICES["piano_goal"]].reshape(11, 88)
         sustain_goal = obs[OBS_SLICES["sustain_goal"]]
-        # The goal is the task's own goal observable with the sustain column split off ...
-        np.testing.assert_array_equal(goal, task._goal_state[:, :88])
-        np.testing.assert_array_equal(sustain_goal, task._goal_state[:, 88])
-        # ... which is the song from this step on, 10 steps ahead, zero past its end.
+        # The goal is the song from this step on, 10 steps ahead, zero past its end.
         for i in range(11):
             expected = np.zeros(88)
             if t + i < len(notes):
@@ -65,7 +77,7 @@ def test_observation_slices_hold_what_they_say(env):
         np.testing.assert_allclose(
             obs[OBS_SLICES["key_joints"]], np.clip(key_qpos, *key_range.T) / key_range[:, 1], rtol=1e-6, atol=1e-7
         )
-        np.testing.assert_array_equal(obs[OBS_SLICES["sustain_state"]], task.piano.sustain_state.astype(np.float32))
+        assert obs[OBS_SLICES["sustain_state"]][0] == np.float32(sustain)  # the last action's pedal value
         tips = np.concatenate([physics.bind(h.fingertip_sites).xpos.ravel() for h in task.hands])
         np.testing.assert_array_equal(obs[OBS_SLICES["fingertips"]], tips.astype(np.float32))
         joints = np.concatenate([physics.bind(h.joints).qpos for h in task.hands])
@@ -73,7 +85,9 @@ def test_observation_slices_hold_what_they_say(env):
 
         deepest = max(deepest, float(obs[OBS_SLICES["key_joints"]].max()))
         presser.press(oracle_ish_keys(goal[0], rng))  # move some keys so key joints are not all 0
-        obs, _, done, _ = env.step(rng.uniform(env.action_low, env.action_high))
+        action = rng.uniform(env.action_low, env.action_high)
+        sustain = action[-1]
+        obs, _, _, done, _ = env.step(action)
         t += 1
     presser.press([])
     assert t == env.n_steps == len(notes)
@@ -83,19 +97,22 @@ def test_observation_slices_hold_what_they_say(env):
 def test_info_describes_the_step(env):
     task = env.task
     presser, rng = KeyPresser(env.environment), np.random.default_rng(2)
-    obs, done, t = env.reset(), False, 0
+    (obs, _), done, t = env.reset(), False, 0
     while not done:
         presser.press(oracle_ish_keys(obs[:88], rng))
-        obs, reward, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        action = rng.uniform(env.action_low, env.action_high)
+        obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
         expected_target = np.zeros(88, dtype=bool)
         expected_target[[n.key for n in task._notes[t]]] = True
         np.testing.assert_array_equal(info["target"], expected_target)
-        np.testing.assert_array_equal(info["pressed"], task.piano.activation)
+        np.testing.assert_array_equal(info["pressed"], expected_pressed(env))
         assert info["sustain_target"] == bool(task._sustains[t])
-        assert info["sustain_pressed"] == bool(task.piano.sustain_activation[0])
+        assert info["sustain_pressed"] == (action[-1] >= 0.5)
         assert set(info["reward_terms"]) == TERMS
         assert reward == pytest.approx(sum(info["reward_terms"].values()), abs=1e-12)
-        assert info["discount"] == 1.0
+        # The end of the chunk is a time limit, never a termination.
+        assert not terminated and truncated == (t == env.n_steps - 1)
         t += 1
     presser.press([])
     assert done and t == env.n_steps
@@ -116,7 +133,7 @@ def test_rejects_bad_actions(env):
 def test_energy_term_uses_configured_coefficient(env):
     env.reset()
     rng = np.random.default_rng(3)
-    _, _, _, info = env.step(rng.uniform(env.action_low, env.action_high))
+    _, _, _, _, info = env.step(rng.uniform(env.action_low, env.action_high))
     power = sum(np.sum(h.observables.actuators_power(env.environment.physics)) for h in env.task.hands)
     assert power > 0
     coef = env_config().reward.energy_coef
@@ -135,7 +152,7 @@ def test_collision_term_matches_contacts_between_the_hands(env):
     for gap in np.linspace(0.0, 0.25, 8):
         action = np.zeros(39)
         action[tx] = (-gap, gap)  # right hand moves left, left hand moves right
-        _, _, _, info = env.step(action)
+        _, _, _, _, info = env.step(action)
         touching = collision_utils.has_collision(env.environment.physics, right_geoms, left_geoms)
         assert info["reward_terms"]["collision_reward"] == (0.0 if touching else coef)
         seen.add(touching)
@@ -157,7 +174,7 @@ def test_four_finger_hands_hold_the_little_fingers(four_finger_env):
         while not done:
             action = rng.uniform(env.action_low, env.action_high)
             action[held] = little_finger_values
-            obs, _, done, info = env.step(action)
+            obs, _, _, done, info = env.step(action)
             seen.append(obs)
             assert all(finger not in (4, 9) for finger, _ in info["ot_assignment"])
             target = np.flatnonzero(info["target"])
@@ -186,7 +203,7 @@ def test_real_song_builds_and_runs():
     env.reset()
     done, steps = False, 0
     while not done:
-        _, reward, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        _, reward, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
         assert np.isfinite(reward)
         steps += 1
     assert steps == env.n_steps and 30 <= steps <= 45  # 2 s of music at 20 Hz
@@ -204,6 +221,8 @@ def test_song_without_notes_is_refused():
 
     with pytest.raises(ValueError, match="no notes"):
         make_env(MidiFile(seq=music_pb2.NoteSequence()), env_config())
+    with pytest.raises(ValueError, match="backend 'mujoco'"):
+        make_env(chord_song(), env_config(), backend="mujoco")
 
 
 def test_episode_length_equals_planned_chunk_length():
@@ -216,3 +235,136 @@ def test_episode_length_equals_planned_chunk_length():
     chunk = plan.chunks[0]
     env = make_env(chunk.midi, cfg, seed=0)
     assert env.n_steps == chunk.n_steps == cfg.chunk_steps
+
+
+# --- both backends step the same trajectories --------------------------------------------------
+def _play(env, seed: int, policy: str) -> list[tuple]:
+    """One episode from ``reset(seed=seed)``: actions drawn from ``seed``; with the ``scripted``
+    policy keys pushed down too (most right ones, sometimes a wrong one)."""
+    rng = np.random.default_rng(seed)
+    presser = KeyPresser(env.environment)
+    obs, _ = env.reset(seed=seed)
+    out, done = [(obs,)], False
+    while not done:
+        presser.press(oracle_ish_keys(obs[:88], rng) if policy == "scripted" else [])
+        obs, reward, terminated, truncated, info = env.step(rng.uniform(env.action_low, env.action_high))
+        done = terminated or truncated
+        out.append((obs, reward, terminated, truncated, info))
+    presser.press([])
+    return out
+
+
+SONGS = {"chord": chord_song, "generated": lambda: random_song(seed=3), "twinkle": lambda: twinkle(seconds=2.5)}
+
+
+@pytest.mark.parametrize("song,overrides", [("chord", ()), ("generated", ()), ("twinkle", ()),
+                                            ("twinkle", ("env.four_fingers=true",))])
+def test_lean_backend_steps_the_same_trajectories_as_robopianist(song, overrides):
+    """Observations, key presses, F1 and episode ends equal; reward terms within 1e-12.
+
+    One documented difference: after the last step of a chunk RoboPianist's goal update skips
+    the step past the end and leaves the previous window in the observation; the lean backend
+    gives the true window (all zeros). The chunks are short (51-81 steps): each case (a song,
+    five- or four-finger hands) x two policies x two seeds x two backends builds and steps in
+    about 6 s of CPU.
+    """
+    envs = {b: make_env(SONGS[song](), env_config(*overrides), seed=0, backend=b) for b in BACKENDS}
+    goal = slice(0, OBS_SLICES["sustain_goal"].stop)
+    compared, stale = 0, 0
+    for policy in ("random", "scripted"):
+        for seed in (0, 1):
+            runs = {b: _play(env, seed, policy) for b, env in envs.items()}
+            lean, ref = runs["lean"], runs["robopianist"]
+            assert len(lean) == len(ref)
+            np.testing.assert_array_equal(lean[0][0], ref[0][0])
+            for t, (a, b) in enumerate(zip(lean[1:], ref[1:])):
+                obs_a, reward_a, term_a, trunc_a, info_a = a
+                obs_b, reward_b, term_b, trunc_b, info_b = b
+                assert (term_a, trunc_a) == (term_b, trunc_b)
+                if trunc_a:  # the documented difference
+                    np.testing.assert_array_equal(obs_a[goal], 0.0)
+                    np.testing.assert_array_equal(obs_a[goal.stop:], obs_b[goal.stop:])
+                    stale += bool(obs_b[goal].any())
+                else:
+                    np.testing.assert_array_equal(obs_a, obs_b, err_msg=f"{song} {policy} seed {seed} step {t}")
+                assert reward_a == pytest.approx(reward_b, abs=1e-12)
+                for name, value in info_b["reward_terms"].items():
+                    assert info_a["reward_terms"][name] == pytest.approx(value, abs=1e-12), (name, t)
+                for key in ("pressed", "target"):
+                    np.testing.assert_array_equal(info_a[key], info_b[key])
+                for key in ("sustain_pressed", "sustain_target", "precision", "recall", "f1", "ot_assignment"):
+                    assert info_a[key] == info_b[key], (key, t)
+                assert info_a["ot_distance"] == pytest.approx(info_b["ot_distance"], abs=1e-12)
+                compared += 1
+            assert envs["lean"].episode_metrics() == envs["robopianist"].episode_metrics()
+            if policy == "scripted":
+                assert any(step[4]["pressed"].any() for step in lean[1:])  # keys did sound
+    assert compared > 150
+    assert stale == (0 if song == "chord" else 4)  # chord_song ends on a rest: no stale goal to see
+    for env in envs.values():
+        env.close()
+        env.close()  # closing twice is allowed (gymnasium)
+
+
+# --- episode ends ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_press_terminates_and_the_learner_does_not_bootstrap(backend):
+    """``env.wrong_press_termination``: a wrong key ends the episode as ``terminated`` at that
+    step (RoboPianist's own time step there still carries discount 1.0); the replay buffer, fed
+    as the specialist feeds it, gives that transition discount 0 and a chunk end discount g."""
+    env = make_env(chord_song(), env_config("env.wrong_press_termination=true"), seed=0, backend=backend)
+    presser = KeyPresser(env.environment)
+    buffer = ReplayBuffer(env.obs_dim, env.action_dim, 200, discount=0.5)
+    obs, _ = env.reset()
+    wrong_at, t, ended = 5, 0, False
+    while not ended:
+        # Silence until step 5, then a key no step of the song asks for (A0).
+        presser.press([0] if t >= wrong_at else [])
+        next_obs, reward, terminated, truncated, info = env.step(np.zeros(39))
+        ended = terminated or truncated
+        row = buffer.add(obs, np.zeros(39), reward, next_obs, terminated, truncated)
+        obs, t = next_obs, t + 1
+    presser.press([])
+    # The key needs a step or two to go down; the step it sounds is the last one.
+    assert terminated and not truncated and info["pressed"][0] and not info["target"][0]
+    assert wrong_at < t <= wrong_at + 3
+    assert buffer.get(np.array([row])).discount[0] == 0.0
+    assert buffer.get(np.array([row - 1])).discount[0] == 0.5
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(39))
+
+    buffer = ReplayBuffer(env.obs_dim, env.action_dim, 200, discount=0.5)
+    obs, _ = env.reset()
+    ended = False
+    while not ended:  # the hands at rest press nothing: the chunk runs to its end
+        next_obs, reward, terminated, truncated, _ = env.step(np.zeros(39))
+        ended = terminated or truncated
+        row = buffer.add(obs, np.zeros(39), reward, next_obs, terminated, truncated)
+        obs = next_obs
+    assert truncated and not terminated
+    assert buffer.get(np.array([row])).discount[0] == 0.5  # bootstraps through the time limit
+
+
+# --- gymnasium ---------------------------------------------------------------------------------
+def test_gymnasium_make_and_the_environment_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gymnasium.make(ENV_ID, midi=chord_song(), env_cfg=env_config())
+    assert isinstance(env.unwrapped, piano_env.PianoEnv) and env.unwrapped.backend == "lean"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped, skip_render_check=True)
+    # Two remarks only: RP1M's action ranges are the actuators' own, not normalised to [-1, 1];
+    # fingertip and joint positions have no hard bounds (MuJoCo's joint limits are soft).
+    remarks = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert all("symmetric and normalized" in m or "value is infinity" in m or "value is -infinity" in m
+               for m in remarks), remarks
+    obs, _ = env.reset(seed=5)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert env.observation_space.contains(obs) and isinstance(reward, float) and "f1" in info
+    env.close()
+
+    from_file = gymnasium.make(ENV_ID, midi=str(TWINKLE), chunk=0, env_cfg=env_config("env.chunk_steps=40"),
+                               backend="robopianist")
+    assert from_file.unwrapped.backend == "robopianist" and from_file.unwrapped.n_steps == 40
+    from_file.close()

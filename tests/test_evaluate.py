@@ -42,13 +42,13 @@ class RecordingEnv:
     def __init__(self, n_steps: int):
         self.n_steps, self.actions = n_steps, []
 
-    def reset(self):
+    def reset(self, seed=None):
         self.actions = []
-        return np.zeros(1144, np.float32)
+        return np.zeros(1144, np.float32), {}
 
     def step(self, action):
         self.actions.append(action[:2].tolist())
-        return np.zeros(1144, np.float32), 0.0, len(self.actions) == self.n_steps, {}
+        return np.zeros(1144, np.float32), 0.0, False, len(self.actions) == self.n_steps, {}
 
     def episode_metrics(self):
         return {"precision": 1.0, "recall": 0.5, "f1": 0.6}

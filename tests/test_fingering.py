@@ -122,7 +122,7 @@ def test_env_reward_term_is_ot_on_fingertips_and_keys(env):
     env.reset()
     done, saw_cluster, saw_rest, checked_optimal = False, False, False, 0
     while not done:
-        obs, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        obs, _, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
         target = np.flatnonzero(info["target"])
         assignment = info["ot_assignment"]
         if target.size == 0:
@@ -150,7 +150,7 @@ def test_env_mean_reduction_averages_over_keys():
     env.reset()
     done, chords = False, 0
     while not done:
-        obs, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        obs, _, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
         if info["ot_assignment"]:
             _, _, pairs = matched_distances(env, obs, info)
             assert info["ot_distance"] == pytest.approx(pairs.mean(), abs=1e-6)

@@ -80,7 +80,7 @@ def test_rollouts_match_robopianist_evaluation(envs, driver):
     ours, plain = envs
     rng = np.random.default_rng(11)
     pressers = [KeyPresser(ours.environment), KeyPresser(plain.environment)]
-    obs = ours.reset()
+    obs, _ = ours.reset()
     plain.reset()
     done = False
     steps, silent, hits, wrong = [], 0, 0, 0
@@ -89,7 +89,8 @@ def test_rollouts_match_robopianist_evaluation(envs, driver):
         for presser in pressers:
             presser.press(keys)
         action = rng.uniform(ours.action_low, ours.action_high)
-        obs, _, done, info = ours.step(action)
+        obs, _, terminated, done, info = ours.step(action)
+        assert not terminated
         timestep = plain.step(action)
         assert timestep.last() == done
         np.testing.assert_array_equal(info["pressed"], plain.environment.task.piano.activation)

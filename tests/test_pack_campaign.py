@@ -108,9 +108,10 @@ def test_a_store_from_before_packs_gains_the_columns(tmp_path):
     with CampaignStore(tmp_path / "campaign.db") as store:
         store.put_config({}, "k")
         store.add_units(make_units(1, 1, "cfg"), "k")
-    db = sqlite3.connect(tmp_path / "campaign.db")
+    db = sqlite3.connect(tmp_path / "campaign.db")  # as schema 2 left it
     db.execute("ALTER TABLE units DROP COLUMN pack_id")
     db.execute("ALTER TABLE units DROP COLUMN steps_per_s")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.commit()
     db.close()
     with CampaignStore(tmp_path / "campaign.db", readonly=True) as reader:  # a reader sees NULLs

@@ -129,6 +129,10 @@ def test_acting_for_a_pack_is_each_agent_acting():
         assert actions.shape == (2, 6, ACT)
         for i, single in enumerate(alone):
             np.testing.assert_allclose(actions[i], single.act(obs[i], deterministic=deterministic), atol=1e-6)
+    q = pack.q_values(obs, actions)
+    assert q.shape == (2, 2, 6)
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(q[i], single.q_values(obs[i], actions[i]))
     one = pack.act(obs[:, 0], deterministic=True)
     assert one.shape == (2, ACT) and np.all(one >= LOW) and np.all(one <= HIGH)
     with pytest.raises(ValueError, match="expected"):

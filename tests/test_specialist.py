@@ -106,12 +106,50 @@ def test_tiny_run_trains_reports_and_commits_a_readable_shard(tmp_path):
     assert set(state["agent"]) == {"actor", "critic", "log_alpha", "updates"}
     saved = read_result(tmp_path / "unit")
     assert saved["done"] and saved["resumed_from"] == [] and saved["steps_this_run"] == 200
+    # Budgets are off by default: the unit trained its whole budget.
+    assert (saved["stop_reason"], saved["stop_step"], saved["budget_steps"]) == ("budget", 200, 200)
 
     # Running a finished unit again returns its result without training or recording again.
     again = train_unit(unit, cfg, tmp_path / "unit", tmp_path / "lake", progress=False)
     assert again.model_dump(exclude={"seconds"}) == result.model_dump(exclude={"seconds"})
     assert len(read_attempts(tmp_path / "unit")) == 1
     assert lake.shards()[0].commit_id == shard.commit_id
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_budget_stops_a_unit_on_a_plateau_and_a_resumed_unit_keeps_judging(tmp_path):
+    # F1 can never rise by a margin of 1.0: with a window of 2 evaluations (every 50 steps) the
+    # unit plateaus at its third evaluation, step 150, long before its budget of 400.
+    cfg = configs.load(overrides={**TINY, "specialist.total_steps": 400, "specialist.eval_interval": 50,
+                                  "specialist.checkpoint_interval": 50, "specialist.rollouts": 0,
+                                  "specialist.budget.enabled": True, "specialist.budget.stop_at_f1": None,
+                                  "specialist.budget.judge_evals": 1, "specialist.budget.plateau_window": 2,
+                                  "specialist.budget.plateau_margin": 1.0})
+    unit = tiny_unit(cfg)
+
+    def crash_after_checkpoint_100(metrics: dict) -> None:
+        if metrics.get("checkpoint_step") == 100:
+            raise Crash("killed after the checkpoint at step 100")
+
+    with pytest.raises(Crash):
+        train_unit(unit, cfg, tmp_path / "unit", tmp_path / "lake", report=crash_after_checkpoint_100, progress=False)
+    assert [s for s, _ in load_checkpoint(tmp_path / "unit")["budget"]["history"]] == [50, 100]
+
+    reports: list[dict] = []
+    result = train_unit(unit, cfg, tmp_path / "unit", tmp_path / "lake", report=reports.append, progress=False)
+    # Judged with the two evaluations before the crash: a rule starting afresh would stop at 250.
+    assert (result.stop_reason, result.stop_step, result.steps, result.budget_steps) == ("plateau", 150, 150, 400)
+    assert [r["step"] for r in reports if "eval/f1" in r] == [150]
+    assert {"step": 150, "checkpoint_step": 150} in reports and any(r.get("budget/stop_step") == 150 for r in reports)
+    assert 0 < result.eval_seconds < result.seconds
+    saved = read_result(tmp_path / "unit")
+    assert (saved["stop_reason"], saved["stop_step"], saved["budget_steps"]) == ("plateau", 150, 400)
+    state = load_checkpoint(tmp_path / "unit")
+    assert state["step"] == 150 and state["budget"]["reason"] == "plateau"
 
 
 def specialist_command(out: Path) -> list[str]:

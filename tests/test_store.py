@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from orchestrator.store import (FAILED, GATED, PENDING, RUNNING, SUCCEEDED, CampaignStore, StoreError)
+from orchestrator.store import (FAILED, GATED, PENDING, RUNNING, SCHEMA, SCHEMA_VERSION, SUCCEEDED, CampaignStore,
+                                StoreError)
 from workers.synthetic import make_units
 from workers.units import UnitResult
 
@@ -26,7 +27,7 @@ def store(tmp_path):
 
 def test_store_uses_wal_and_records_schema_version(store):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.get_meta("schema_version") == 1
+    assert store.get_meta("schema_version") == SCHEMA_VERSION == 2
 
 
 def test_adding_the_same_units_again_keeps_their_state(store):
@@ -111,3 +112,62 @@ def test_readonly_reader_sees_committed_state_and_cannot_write(store, tmp_path):
     reader.close()
     with pytest.raises(StoreError, match="no campaign store"):
         CampaignStore(tmp_path / "elsewhere.db", readonly=True)
+
+
+def test_stop_reasons_and_saved_steps_over_finished_units(store):
+    units = make_units(1, 5, "cfg00000")
+    store.add_units(units, "cfgkey")
+    stops = [("target", 40, 100), ("plateau", 60, 100), ("cap", 150, 100), (None, None, None)]
+    for unit, (reason, step, budget) in zip(units, stops):
+        store.mark_running(unit.unit_id)
+        result = _result(unit.unit_id).model_copy(update={"stop_reason": reason, "stop_step": step,
+                                                          "budget_steps": budget, "steps": step or 10,
+                                                          "eval_seconds": 0.5})
+        store.mark_finished(unit.unit_id, result, SUCCEEDED)
+    store.mark_running(units[4].unit_id)  # running units do not count
+    row = store.unit(units[0].unit_id)
+    assert (row.stop_reason, row.stop_step, row.budget_steps, row.eval_seconds) == ("target", 40, 100, 0.5)
+    assert store.events(unit_id=units[0].unit_id)[-1].detail == "f1=0.9000 stop=target@40"
+    b = store.budgets()
+    assert b.reasons == {"target": 1, "plateau": 1, "cap": 1}
+    # Units without a budget (the synthetic workload) are left out; the extension spends 50 more.
+    assert (b.units, b.budget_steps, b.steps, b.saved_steps) == (3, 300, 250, 50)
+    assert b.saved_fraction == pytest.approx(50 / 300) and b.eval_share == pytest.approx(0.5 / 2.0)
+
+
+def _version_1_store(path) -> None:
+    """A store as schema version 1 wrote it (no budget columns), with one finished unit."""
+    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds")
+    lines = [line for line in SCHEMA.splitlines() if not line.strip().startswith(new_columns)]
+    v1 = "\n".join(lines).replace("updated_at      REAL NOT NULL,", "updated_at      REAL NOT NULL")
+    db = sqlite3.connect(path)
+    db.executescript(v1)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    (unit,) = make_units(1, 1, "cfg00000")
+    db.execute("INSERT INTO units (unit_id, song_hash, song_name, song_path, chunk_index, config_hash, split,"
+               " spec_json, config_key, state, f1, steps, created_at, updated_at)"
+               " VALUES (?, ?, ?, ?, 0, ?, 'train', ?, 'cfgkey', 'succeeded', 0.8, 100, 1.0, 1.0)",
+               (unit.unit_id, unit.song_hash, unit.song_name, unit.song_path, unit.config_hash, unit.model_dump_json()))
+    db.commit()
+    db.close()
+
+
+def test_a_version_1_store_is_read_as_is_and_migrated_when_opened_for_writing(tmp_path):
+    path = tmp_path / "campaign.db"
+    _version_1_store(path)
+    with CampaignStore(path, readonly=True) as reader:  # e.g. status while an older driver runs
+        [row] = reader.units()
+        assert (row.f1, row.stop_reason, row.budget_steps) == (0.8, None, None)
+        assert reader.budgets().units == 0
+    with CampaignStore(path) as writer:
+        assert writer.get_meta("schema_version") == SCHEMA_VERSION
+        [row] = writer.units()
+        assert (row.state, row.f1, row.steps, row.stop_reason) == (SUCCEEDED, 0.8, 100, None)
+        (unit,) = make_units(1, 2, "cfg00000")[1:]
+        writer.add_units([unit], "cfgkey")
+        writer.mark_running(unit.unit_id)
+        writer.mark_finished(unit.unit_id, _result(unit.unit_id).model_copy(
+            update={"stop_reason": "plateau", "stop_step": 100, "budget_steps": 400}), SUCCEEDED)
+    with CampaignStore(path) as again:  # migrating is done once
+        assert again.unit(unit.unit_id).stop_reason == "plateau"
+        assert again.budgets().saved_steps == 300

@@ -112,6 +112,12 @@ class UnitResult(BaseModel):
     seconds: float
     env_steps_per_s: float = 0.0
     updates_per_s: float = 0.0
+    # F1-driven budgets (workers.rl.budget): why training stopped (target | plateau | budget | cap;
+    # None from workloads without a budget), at which step, and the nominal budget it had.
+    stop_reason: str | None = None
+    stop_step: int | None = None
+    budget_steps: int | None = None
+    eval_seconds: float = 0.0  # this run's time in evaluations during training
 
 
 @dataclass

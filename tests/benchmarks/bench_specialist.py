@@ -72,13 +72,13 @@ def main() -> None:
     env = make_env(load_chunk(SONG, 0, cfg.env), cfg.env)
     rng = np.random.default_rng(0)
     buffer = ReplayBuffer(env.obs_dim, env.action_dim, 20_000, cfg.droq.discount, binary_dims=979)
-    obs = env.reset()
+    obs, _ = env.reset()
     t = time.perf_counter()
     for i in range(args.warmup):
         action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
-        next_obs, reward, done, info = env.step(action)
-        buffer.add(obs, action, reward, next_obs, False, done)
-        obs = env.reset() if done else next_obs
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        buffer.add(obs, action, reward, next_obs, terminated, truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
     env_rate = args.warmup / (time.perf_counter() - t)
     agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, cfg.droq)
     agent.update(buffer)

@@ -48,16 +48,19 @@ class EvalRow:
     f1: float
 
 
-def rollout(policy: Policy, env: Any, replan_every: int, max_steps: int | None = None) -> tuple[dict[str, float], int, int]:
-    """Play one episode; returns (the environment's episode metrics, steps taken, plans made)."""
-    obs, done, steps, plans = env.reset(), False, 0, 0
+def rollout(policy: Policy, env: Any, replan_every: int, max_steps: int | None = None,
+            seed: int | None = None) -> tuple[dict[str, float], int, int]:
+    """Play one episode (``env.reset(seed=seed)`` first); returns (the environment's episode
+    metrics, steps taken, plans made)."""
+    (obs, _), done, steps, plans = env.reset(seed=seed), False, 0, 0
     plan, k = None, 0
     while not done and (max_steps is None or steps < max_steps):
         if plan is None or k >= replan_every:
             plan, k = policy.act(obs), 0
             plans += 1
         action = np.clip(plan[k], env.action_low, env.action_high)
-        obs, _, done, _ = env.step(action)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
         k += 1
         steps += 1
     return env.episode_metrics(), steps, plans

@@ -2,7 +2,10 @@
 
 - :mod:`workers.piano.layout`: the one definition of the observation/action layout and the goal encoding;
 - :mod:`workers.piano.music`: songs from MIDI and their cut into chunks (the units of work);
-- :mod:`workers.piano.env`: the RP1M environment (RoboPianist's two Shadow hands) and ``make_env``;
+- :mod:`workers.piano.env`: the RP1M environment (RoboPianist's two Shadow hands, a ``gymnasium.Env``
+  registered as ``pianoforge/Piano-v0``) and ``make_env``;
+- :mod:`workers.piano.task`: RoboPianist's task with RP1M's settings and the environments' shared interface;
+- :mod:`workers.piano.lean`: the default backend, stepping MuJoCo directly at close to its own speed;
 - :mod:`workers.piano.fingering`: the optimal-transport fingering reward (RP1M eq. 1-2);
 - :mod:`workers.piano.metrics`: key-press precision, recall and F1;
 - :mod:`workers.piano.audio` and :mod:`workers.piano.render`: a rollout as WAV and as MP4 with sound.

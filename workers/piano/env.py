@@ -3,10 +3,23 @@
 ``make_env(midi, env_cfg, seed)`` builds RoboPianist's ``PianoWithShadowHands`` with RP1M's
 settings from ``configs.EnvConfig`` (lookahead 10, gravity compensation, 0.05 s control
 step, trimmed silence, reduced 39-d action space, capsule fingertip colliders, no human
-fingering in the observation or the reward) and wraps it as a flat-vector ``PianoEnv``.
+fingering in the observation or the reward) and wraps it as a ``PianoEnv``: a
+``gymnasium.Env`` with flat float32 observations (``workers.piano.layout``) and 39-d actions,
+registered as ``pianoforge/Piano-v0`` (``gymnasium.make(ENV_ID, midi=...)`` after importing
+this module).
 
-Reward (RP1M eq. 3), one ``CompositeReward`` term each, weighted values in
-``info["reward_terms"]`` that add up to the reward:
+Two backends step the same compiled MuJoCo model:
+
+    lean         (default, ``workers.piano.lean``) runs the physics substeps with MuJoCo
+                 directly and computes key states, observation, reward terms and F1 once per
+                 control step from MjData arrays: ~0.8 of raw ``mj_step`` speed, about twice
+                 the steps per second of
+    robopianist  dm_control's composer loop with RoboPianist's per-substep hooks (what
+                 RP1M ran). Kept as the reference: both give the same trajectories
+                 (``tests/test_env.py``; the one difference is the goal in the observation
+                 after a chunk's last step, see ``workers.piano.lean``).
+
+Reward (RP1M eq. 3), weighted values in ``info["reward_terms"]`` that add up to the reward:
 
     key_press_reward     r_press    RoboPianist's key press term
     sustain_reward       r_sustain  RoboPianist's sustain pedal term
@@ -16,6 +29,10 @@ Reward (RP1M eq. 3), one ``CompositeReward`` term each, weighted values in
                          the right hand (forearm included) touches one of the left hand,
                          else 0: RoboPianist's forearm term widened from the two forearms
                          to the whole hands, so 0.5 per step like RoboPianist's.
+
+Episode end: the last step of the chunk is a time limit (``truncated``: a learner bootstraps
+through it); with ``env.wrong_press_termination`` a step that sounds a key that should not
+sound ends the episode as ``terminated`` (no bootstrap).
 
 Four-finger hands (``env_cfg.four_fingers``, RP1M's cross-embodiment experiment): the
 action stays 39-d so that policies, the lake and the imitation learner keep one shape,
@@ -27,163 +44,37 @@ observed; they just do not move).
 
 Cost: ``make_env`` takes about 1.1 s of CPU (building the MJCF model of piano and hands and
 compiling it; importing robopianist/dm_control adds ~1.5 s once per process); ``reset``
-reuses the compiled physics (~4 ms). A step costs ~7% more than RoboPianist's own task with
-the same settings (``tests/benchmarks/bench_env.py``).
+reuses the compiled physics (~4 ms). Step rates: ``tests/benchmarks/bench_env.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import gymnasium
 import numpy as np
 from mujoco_utils.composer_utils import Environment
 from robopianist.music.midi_file import MidiFile
-from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
 
 import configs
-from workers.piano.fingering import LITTLE_FINGERS, OTFingeringReward
-from workers.piano.layout import (ACTION_DIM, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, N_FINGERS, N_KEYS, OBS_DIM,  # noqa: F401
+from workers.piano.layout import (ACTION_DIM, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, N_KEYS, OBS_DIM,  # noqa: F401
                                   OBS_SLICES, PIANO_GOAL, SUSTAIN_GOAL, SUSTAIN_STATE)
-from workers.piano.metrics import step_metrics
+from workers.piano.lean import LeanPianoEnv
+from workers.piano.task import PianoEnv, RP1MPianoTask, robopianist_task_kwargs  # noqa: F401 (re-exported)
+
+Backend = Literal["lean", "robopianist"]
+BACKENDS: tuple[str, ...] = ("lean", "robopianist")
+ENV_ID = "pianoforge/Piano-v0"
 
 
-# Little-finger actuators held in place on four-finger hands.
-_LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
+class RoboPianistEnv(PianoEnv):
+    """Steps through dm_control's composer loop and RoboPianist's own task code (the reference)."""
 
-
-def robopianist_task_kwargs(env_cfg: configs.EnvConfig) -> dict[str, Any]:
-    """``PianoWithShadowHands`` arguments for RP1M's settings in ``env_cfg``.
-
-    Human fingering and RoboPianist's forearm term are off (OT fingering and the
-    hand-hand collision term replace them in ``RP1MPianoTask``).
-    """
-    return dict(
-        n_steps_lookahead=env_cfg.n_steps_lookahead,
-        # Silence is trimmed once, on the whole song, before it is cut into chunks
-        # (workers.piano.music.plan_chunks); trimming each chunk again would shift a chunk that
-        # starts with a rest and make episodes shorter than their chunk.
-        trim_silence=False,
-        wrong_press_termination=env_cfg.wrong_press_termination,
-        disable_fingering_reward=True,
-        disable_forearm_reward=True,
-        disable_colorization=env_cfg.disable_colorization,
-        disable_hand_collisions=env_cfg.disable_hand_collisions,
-        energy_penalty_coef=env_cfg.reward.energy_coef,
-        gravity_compensation=env_cfg.gravity_compensation,
-        primitive_fingertip_collisions=env_cfg.primitive_fingertip_collisions,
-        reduced_action_space=env_cfg.reduced_action_space,
-        attachment_yaw=env_cfg.attachment_yaw,
-        control_timestep=env_cfg.control_timestep,
-    )
-
-
-class RP1MPianoTask(PianoWithShadowHands):
-    """``PianoWithShadowHands`` configured as in RP1M, with OT fingering and collision terms.
-
-    The human-fingering reward and observable and RoboPianist's forearm term are switched
-    off; ``_set_rewards`` adds the OT term and the hand-hand collision term to RoboPianist's
-    own key press, sustain and energy terms.
-    """
-
-    def __init__(self, midi: MidiFile, env_cfg: configs.EnvConfig) -> None:
-        # Read by _set_rewards, which the base constructor calls last.
-        self._reward_cfg = env_cfg.reward
-        self._four_fingers = env_cfg.four_fingers
-        super().__init__(midi=midi, **robopianist_task_kwargs(env_cfg))
-        for hand in (self.right_hand, self.left_hand):
-            hand.observables.fingertip_positions.enabled = True
-        self._held_actions: tuple[np.ndarray, np.ndarray] | None = None  # four fingers only
-
-    @property
-    def hands(self) -> tuple:
-        """Right hand (fingers 0-4, first half of the action), then left hand (5-9)."""
-        return (self.right_hand, self.left_hand)
-
-    @property
-    def goal_current(self) -> np.ndarray:
-        """Goal of the step just taken: 88 keys then the sustain pedal (1 = should sound)."""
-        return self._goal_current
-
-    @property
-    def n_steps(self) -> int:
-        return len(self._notes)
-
-    def _set_rewards(self) -> None:
-        super()._set_rewards()  # key press, sustain, energy
-        fingers = [f for f in range(N_FINGERS) if not (self._four_fingers and f in LITTLE_FINGERS)]
-        self.ot_fingering = OTFingeringReward(
-            self.piano,
-            self.hands,
-            keys_to_press=lambda: self._goal_current[:-1],
-            threshold=self._reward_cfg.ot_distance_threshold,
-            reduction=self._reward_cfg.ot_reduction,
-            fingers=fingers,
-        )
-        self._reward_fn.add("ot_fingering_reward", self.ot_fingering)
-        self._reward_fn.add("collision_reward", self._compute_collision_reward)
-
-    def initialize_episode(self, physics, random_state) -> None:
-        super().initialize_episode(physics, random_state)
-        self.ot_fingering.bind(physics)
-        # Geom id -> 1 right hand, 2 left hand, 0 anything else.
-        self._hand_of_geom = np.zeros(physics.model.ngeom, dtype=np.int8)
-        for label, hand in enumerate(self.hands, start=1):
-            self._hand_of_geom[physics.bind(hand.mjcf_model.find_all("geom")).element_id] = label
-        if self._four_fingers:
-            self._held_actions = self.little_finger_hold(physics)
-
-    def little_finger_hold(self, physics) -> tuple[np.ndarray, np.ndarray]:
-        """(action indices, values) that keep both little fingers curled and still."""
-        names = [a.name for hand in self.hands for a in hand.actuators]
-        index = np.array([i for i, n in enumerate(names) if n[3:] in _LITTLE_FINGER_ACTUATORS])
-        actuators = [a for hand in self.hands for a in hand.actuators]
-        ctrlrange = physics.bind([actuators[i] for i in index]).ctrlrange
-        # Abduction (LFJ4) centred, flexion (LFJ3, LFJ0) at the top of its range.
-        values = np.where([names[i].endswith("LFJ4") for i in index], 0.0, ctrlrange[:, 1])
-        return index, values
-
-    def before_step(self, physics, action, random_state) -> None:
-        if self._held_actions is not None:
-            index, values = self._held_actions
-            action = np.array(action, dtype=np.float64, copy=True)
-            action[index] = values
-        super().before_step(physics, action, random_state)
-
-    def _compute_collision_reward(self, physics) -> float:
-        """collision_coef while the two hands do not touch, else 0."""
-        contact = physics.data.contact
-        touching = contact.dist <= 1e-8  # mujoco_utils.collision_utils' margin
-        hand1 = self._hand_of_geom[contact.geom1[touching]]
-        hand2 = self._hand_of_geom[contact.geom2[touching]]
-        collided = np.any((hand1 * hand2) == 2)  # one geom of each hand
-        return 0.0 if collided else self._reward_cfg.collision_coef
-
-
-class PianoEnv:
-    """A gym-like view of the RP1M task: flat float32 observations, 39-d actions.
-
-    ``step`` returns ``(obs, reward, done, info)``; ``info`` has ``pressed`` and ``target``
-    (bool[88]: keys sounding after the step / keys that should sound at it),
-    ``sustain_pressed``, ``sustain_target``, this step's ``precision``, ``recall``, ``f1``,
-    ``reward_terms`` (weighted, summing to the reward), ``ot_assignment`` (list of
-    (finger, key) pairs, fingers numbered as in ``workers.piano.fingering``), ``ot_distance``
-    and ``discount`` (0.0 only when ``wrong_press_termination`` ended the episode early;
-    the end of the song is a time limit with discount 1.0).
-    """
+    backend = "robopianist"
 
     def __init__(self, environment: Environment) -> None:
-        self.environment = environment
-        self.task: RP1MPianoTask = environment.task
-        spec = environment.action_spec()
-        self.action_dim = int(spec.shape[0])
-        self.action_low = np.asarray(spec.minimum, dtype=np.float32)
-        self.action_high = np.asarray(spec.maximum, dtype=np.float32)
-        self.action_names: tuple[str, ...] = tuple(spec.name.split("\t"))
-        self.active_actions = np.ones(self.action_dim, dtype=bool)
-        if self.task._four_fingers:
-            index, _ = self.task.little_finger_hold(environment.physics)
-            self.active_actions[index] = False
-
+        super().__init__(environment)
         hands = [hand.name for hand in self.task.hands]
         self._obs_keys = {
             "key_joints": ["piano/state"],
@@ -192,95 +83,46 @@ class PianoEnv:
             "hand_joints": [f"{h}/joints_pos" for h in hands],
         }
         self._lookahead = self.task._n_steps_lookahead + 1
-        self._slices: dict[str, slice] | None = None  # set from the first observation
-        self._done = True
-        obs = self.reset()
-        self.obs_dim = int(obs.shape[0])
 
-    # Sizes and layout.
+    def _reset(self) -> np.ndarray:
+        return self._flatten(self.environment.reset().observation)
 
-    @property
-    def n_steps(self) -> int:
-        """Episode length in control steps."""
-        return self.task.n_steps
-
-    @property
-    def obs_slices(self) -> dict[str, slice]:
-        """Where each part of the observation lies (``OBS_SLICES`` for RP1M's settings)."""
-        return dict(self._slices)
-
-    # Episode.
-
-    def reset(self) -> np.ndarray:
-        timestep = self.environment.reset()
-        self._done = False
-        self._n = 0
-        self._sums = np.zeros(3)
-        return self._flatten(timestep.observation)
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict[str, Any]]:
-        if self._done:
-            raise RuntimeError("the episode is over: call reset() before step()")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (self.action_dim,):
-            raise ValueError(f"action has shape {action.shape}, expected ({self.action_dim},)")
-        if not np.all(np.isfinite(action)):
-            raise ValueError(f"action has non-finite entries at {np.flatnonzero(~np.isfinite(action)).tolist()}")
+    def _advance(self, action: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
         timestep = self.environment.step(action)
-        self._done = timestep.last()
-
         task = self.task
         pressed = task.piano.activation.copy()
         target = task.goal_current[:-1] > 0.5
-        precision, recall, f1 = step_metrics(pressed, target)
-        self._n += 1
-        self._sums += (precision, recall, f1)
+        ended = self._t + 1 >= self.n_steps or (self._wrong_press_termination and bool(np.any(pressed & ~target)))
+        if timestep.last() != ended:
+            raise RuntimeError(f"step {self._t}: dm_control ends the episode {timestep.last()}, expected {ended}")
         info = {
             "pressed": pressed,
             "target": target,
             "sustain_pressed": bool(task.piano.sustain_activation[0]),
             "sustain_target": bool(task.goal_current[-1] > 0.5),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
             "reward_terms": {k: float(v) for k, v in task.reward_fn.reward_terms.items()},
             "ot_assignment": list(task.ot_fingering.assignment),
             "ot_distance": task.ot_fingering.distance,
-            "discount": float(timestep.discount),
         }
-        return self._flatten(timestep.observation), float(timestep.reward), self._done, info
-
-    def episode_metrics(self) -> dict[str, float]:
-        """Mean precision, recall and F1 over the steps of this episode so far."""
-        if self._n == 0:
-            raise ValueError("no step taken in this episode yet")
-        precision, recall, f1 = self._sums / self._n
-        return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
-
-    def close(self) -> None:
-        self.environment.close()
-
-    # Helpers.
+        return self._flatten(timestep.observation), float(timestep.reward), info
 
     def _flatten(self, observation) -> np.ndarray:
         goal = observation["goal"].reshape(self._lookahead, N_KEYS + 1)
         parts = {"piano_goal": goal[:, :N_KEYS].ravel(), "sustain_goal": goal[:, N_KEYS]}
         for name, keys in self._obs_keys.items():
             parts[name] = np.concatenate([np.ravel(observation[k]) for k in keys])
-        if self._slices is None:
-            self._slices, start = {}, 0
-            for name in OBS_SLICES:  # RP1M order
-                self._slices[name] = slice(start, start + parts[name].size)
-                start += parts[name].size
         return np.concatenate([parts[name] for name in OBS_SLICES]).astype(np.float32)
 
 
-def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0) -> PianoEnv:
-    """The RP1M environment for ``midi`` (used as given: already stretched).
+def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+    """The RP1M environment for ``midi`` (used as given: already stretched), reset.
 
     ``seed`` seeds the environment's random state. With RP1M's settings
-    ``obs_dim == OBS_DIM`` (1144) and ``action_dim == ACTION_DIM`` (39).
+    ``obs_dim == OBS_DIM`` (1144) and ``action_dim == ACTION_DIM`` (39). ``backend``: see the
+    module docstring.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown piano environment backend {backend!r} (expected one of {BACKENDS})")
     if midi.n_notes == 0:
         raise ValueError(f"MIDI '{midi.title or 'untitled'}' has no notes: nothing to play")
     task = RP1MPianoTask(midi=midi, env_cfg=env_cfg)
@@ -292,4 +134,25 @@ def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0) -> Piano
         recompile_physics=False,
         legacy_step=True,
     )
-    return PianoEnv(environment)
+    if backend == "lean":
+        env: PianoEnv = LeanPianoEnv(environment)
+    else:
+        env = RoboPianistEnv(environment)
+    env.reset()
+    return env
+
+
+def make_gym_env(midi: MidiFile | str | Path, env_cfg: configs.EnvConfig | None = None, chunk: int = 0,
+                 seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+    """``gymnasium.make(ENV_ID, midi=...)``'s entry point: ``midi`` a ``MidiFile`` (used as given)
+    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's."""
+    env_cfg = env_cfg if env_cfg is not None else configs.load().env
+    if isinstance(midi, (str, Path)):
+        from workers.piano.music import load_chunk
+
+        midi = load_chunk(midi, chunk, env_cfg)
+    return make_env(midi, env_cfg, seed=seed, backend=backend)
+
+
+gymnasium.register(ENV_ID, entry_point=make_gym_env)
+

@@ -138,10 +138,22 @@ class OTFingeringReward:
         if self._site_ids is None:
             self.bind(physics)
         keys = np.flatnonzero(self._keys_to_press())
-        if keys.size == 0:
-            self.assignment, self.distance = [], 0.0
-            return 0.0
-        rows, key_rows, distances = assign_fingers(self.fingertip_positions(physics), self.key_positions(physics, keys))
-        self.assignment = [(int(f), int(k)) for f, k in zip(self.fingers[rows], keys[key_rows])]
-        self.distance = ot_distance(distances, self.reduction)
-        return ot_reward(self.distance, self.threshold)
+        reward, self.assignment, self.distance = ot_term(
+            self.fingertip_positions(physics), self.key_positions(physics, keys), keys, self.fingers,
+            self.threshold, self.reduction)
+        return reward
+
+
+def ot_term(fingertips: np.ndarray, key_points: np.ndarray, keys: np.ndarray, fingers: np.ndarray,
+            threshold: float, reduction: Reduction = "sum") -> tuple[float, list[tuple[int, int]], float]:
+    """(r_OT, (finger, key) pairs, d_OT) of one step.
+
+    ``fingertips`` (len(fingers), 3) are the participating fingertips, numbered by ``fingers``;
+    ``key_points`` (len(keys), 3) where each key in ``keys`` should be pressed. No key: (0, [], 0).
+    """
+    if len(keys) == 0:
+        return 0.0, [], 0.0
+    rows, key_rows, distances = assign_fingers(fingertips, key_points)
+    assignment = [(int(f), int(k)) for f, k in zip(fingers[rows], keys[key_rows])]
+    distance = ot_distance(distances, reduction)
+    return ot_reward(distance, threshold), assignment, distance

@@ -105,8 +105,7 @@ def render_in_process(midi, env_cfg, out: str | Path, *, actions: np.ndarray | N
     out = Path(out)
     fps = int(round(1.0 / env_cfg.control_timestep))
     try:
-        env.environment.random_state.seed(seed)
-        obs = env.reset()
+        obs, _ = env.reset(seed=seed)
         pressed, sustain = [], []
         with tempfile.TemporaryDirectory(prefix="pianoforge-render-") as tmp:
             video = Path(tmp) / "video.mp4"
@@ -131,7 +130,8 @@ def render_in_process(midi, env_cfg, out: str | Path, *, actions: np.ndarray | N
                             plan, k = np.atleast_2d(act(obs)), 0
                         action = plan[k]
                         k += 1
-                    obs, _, done, info = env.step(np.clip(action, env.action_low, env.action_high))
+                    obs, _, terminated, truncated, info = env.step(np.clip(action, env.action_low, env.action_high))
+                    done = terminated or truncated
                     pressed.append(info["pressed"])
                     sustain.append(info["sustain_pressed"])
                     frame = physics.render(height=height, width=width, camera_id=camera)

@@ -465,6 +465,19 @@ class DroQ:
             return [obs]
         return [SparseRows.of(obs[..., :self.goal_dims]), obs[..., self.goal_dims:]]
 
+    @torch.no_grad()
+    def q_values(self, obs: np.ndarray, action: np.ndarray) -> torch.Tensor:
+        """The critic's Q values (no dropout) of actions in the environment's bounds: a pack of
+        1 takes (B, D) and (B, A) and returns (num_qs, B); a pack (K, B, D) and (K, B, A) and
+        returns (K, num_qs, B)."""
+        x = torch.as_tensor(np.asarray(obs, np.float32), device=self.device)
+        a = torch.as_tensor(np.asarray(action, np.float32), device=self.device)
+        single = x.dim() == 2
+        x, a = x.view(self.num_agents, -1, self.obs_dim), a.view(self.num_agents, -1, self.action_dim)
+        with self._precision():
+            q = self.critic(self._blocks(x), (a - self.action_bias) / self.action_scale)
+        return q[0] if single else q
+
     # --- randomness --------------------------------------------------------------------
     def _normal(self, shape: tuple[int, ...], agents: Sequence[int]) -> torch.Tensor:
         """Standard normal noise (K, *shape), agent k's from its own generator; zeros for

@@ -50,6 +50,7 @@ from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
 from workers.piano.music import song_limits
 from workers.rl import checkpoints
+from workers.rl.budget import StopRule
 from workers.rl.droq import DroQ, resolve_device
 from workers.rl.envpool import EnvPool, EnvSpec, make_pool
 from workers.rl.replay import ReplayBuffer
@@ -98,6 +99,8 @@ class Member:
     returns: list[float] = field(default_factory=list)
     f1s: list[float] = field(default_factory=list)
     update_metrics: dict = field(default_factory=dict)
+    rule: StopRule | None = None  # when it stops training (specialist.budget)
+    eval_seconds: float = 0.0  # this run's time in evaluations
     t_log: float = 0.0
     step_log: int = 0
     updates_log: int = 0
@@ -110,6 +113,11 @@ class Member:
     @property
     def total_steps(self) -> int:
         return self.cfg.specialist.total_steps
+
+    @property
+    def training(self) -> bool:
+        """Running and not yet stopped by its budget."""
+        return self.running and not self.rule.stopped and self.step < self.rule.end_step
 
 
 class Learner:
@@ -173,7 +181,8 @@ class Pack:
         members = []
         for i, (unit, cfg, unit_dir, report) in enumerate(zip(self.units, self.cfgs, self.unit_dirs, self.reports)):
             unit_dir.mkdir(parents=True, exist_ok=True)
-            member = Member(i, unit, cfg, unit_dir, report, np.random.default_rng(cfg.specialist.seed))
+            member = Member(i, unit, cfg, unit_dir, report, np.random.default_rng(cfg.specialist.seed),
+                            rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps))
             done = finished_result(unit, unit_dir)
             if done is not None:  # a finished unit is never trained again
                 member.outcome = MemberOutcome(unit.unit_id, done)
@@ -257,6 +266,8 @@ class Pack:
             m.updates = int(checkpoint["agent"]["updates"])
             m.resumed_from = list(checkpoint["resumed_from"]) + [m.step]
             m.last_eval = dict(checkpoint["last_eval"])
+            if "budget" in checkpoint:  # checkpoints written before budgets existed start judging afresh
+                m.rule.load_state_dict(checkpoint["budget"])
             m.report({"step": m.step, "resume/step": m.step})
         with open(m.unit_dir / ATTEMPTS_LOG, "a") as f:  # append-only: a torn last line is harmless
             f.write(json.dumps({"attempt": len(read_attempts(m.unit_dir)) + 1, "start_step": m.step,
@@ -277,16 +288,16 @@ class Pack:
         t0 = self._t_train = time.perf_counter()
         for m in members:
             m.t_log, m.step_log, m.updates_log = t0, m.step, m.updates
-            if m.running and m.step >= m.total_steps:  # trained before; its rollouts were not committed
+            if m.running and not m.training:  # trained before; its rollouts were not committed
                 try:
                     self._finish(m, learner)
                 except Exception as e:  # noqa: BLE001 - it alone
                     self._fail(m, e)
                 pool.drop(m.slot)
-        bar = tqdm(total=sum(m.total_steps for m in members), initial=sum(m.step for m in members),
+        bar = tqdm(total=sum(m.rule.end_step for m in members), initial=sum(m.step for m in members),
                    disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=1.0,
                    desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
-        while running := [m for m in members if m.running and m.step < m.total_steps]:
+        while running := [m for m in members if m.training]:
             # 1. act
             obs = pool.obs.copy()
             if any(m.step >= droq.warmup_steps for m in running):
@@ -346,23 +357,29 @@ class Pack:
                 metrics.update({"train/return": float(np.mean(m.returns)), "train/f1": float(np.mean(m.f1s))})
             m.report(metrics)
             m.t_log, m.step_log, m.updates_log, m.returns, m.f1s = now, m.step, m.updates, [], []
-        if m.step % spec.eval_interval == 0 or m.step == spec.total_steps:
+        if m.step % spec.eval_interval == 0 or m.step in (spec.total_steps, m.rule.end_step):
             m.last_eval = self._evaluate(m, learner)
-            m.report({"step": m.step, **m.last_eval})
+            # The budget judges every evaluation; a stop ends training at this step (see workers.rl.budget).
+            stop, _ = m.rule.observe(m.step, m.last_eval["eval/f1"])
+            m.report({"step": m.step, **m.last_eval, "perf/eval_share": m.eval_seconds / (time.perf_counter() - self._t_train),
+                      **({"budget/stop_step": m.step} if stop else {})})
             if len(self.units) == 1:
                 bar.set_postfix({"eval_f1": f"{m.last_eval['eval/f1']:.3f}"})
-        if m.step % spec.checkpoint_interval == 0 or m.step == spec.total_steps:
+        if m.step % spec.checkpoint_interval == 0 or m.rule.stopped:
             save_checkpoint(m.unit_dir, unit_id=m.unit.unit_id, step=m.step, episodes=m.episodes,
                             resumed_from=m.resumed_from, last_eval=m.last_eval, agent=learner.state_dict(m.slot),
-                            replay=m.buffer.state_dict(), rng=m.rng)
+                            replay=m.buffer.state_dict(), rng=m.rng, budget=m.rule.state_dict())
             m.report({"step": m.step, "checkpoint_step": m.step})  # the campaign store shows it while the unit runs
-        if m.step == spec.total_steps:
+        if not m.training:
             self._finish(m, learner)
 
     def _evaluate(self, m: Member, learner: Learner) -> dict[str, float]:
         spec = m.cfg.specialist
         agent = learner.policy(m.slot)
-        return summarise([play(agent, m.player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)], "eval")
+        t = time.perf_counter()
+        played = [play(agent, m.player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
+        m.eval_seconds += time.perf_counter() - t
+        return summarise(played, "eval")
 
     # --- the end of a member -----------------------------------------------------------
     def _finish(self, m: Member, learner: Learner) -> None:
@@ -393,7 +410,9 @@ class Pack:
                             recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=m.step,
                             shard_path=shard_path, seconds=time.perf_counter() - self._t_start,
                             env_steps_per_s=steps_run / train_seconds if steps_run else 0.0,
-                            updates_per_s=(m.updates - m.start_updates) / train_seconds if steps_run else 0.0)
+                            updates_per_s=(m.updates - m.start_updates) / train_seconds if steps_run else 0.0,
+                            stop_reason=m.rule.reason, stop_step=m.rule.stop_step, budget_steps=spec.total_steps,
+                            eval_seconds=m.eval_seconds)
         saved = {**result.model_dump(), "done": True, "resumed_from": m.resumed_from, "steps_this_run": steps_run,
                  "config_hash": unit.config_hash}
         write_text_atomic(m.unit_dir / RESULT, json.dumps(saved, indent=2))

@@ -13,7 +13,10 @@ the training loop is ``workers.rl.pack``'s, shared by a unit alone and a pack of
    uniformly random actions first, then the stochastic policy with ``droq.utd_ratio``
    critic updates per step; every ``log_interval`` / ``eval_interval`` steps it calls
    ``report`` with a metrics dict (always with ``step``); every ``checkpoint_interval``
-   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically;
+   steps, and at the end, it writes ``unit_dir/checkpoint.pt`` atomically. With
+   ``specialist.budget.enabled`` a ``workers.rl.budget.StopRule`` judges every evaluation's
+   F1 and may end training early (target, plateau) or extend it past ``total_steps`` up to
+   ``budget.max_steps`` for a unit still improving; its state is in the checkpoint;
 4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
    shard as soon as it ends (only per-episode summaries stay in memory); the shard's
    ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
@@ -24,8 +27,9 @@ the training loop is ``workers.rl.pack``'s, shared by a unit alone and a pack of
    replays a rollout exactly (the final checkpoint holds the policy that played them).
    ``deterministic`` plays the policy mean instead. Evaluations during training always play
    the mean, with the first ``eval_episodes`` of those seeds.
-5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds`` and the speeds are this
-   run's) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``;
+5. writes ``unit_dir/result.json``: the ``UnitResult`` (``seconds``, ``eval_seconds`` and the
+   speeds are this run's; ``stop_reason``, ``stop_step`` and ``budget_steps`` say why training
+   ended) plus ``done``, ``resumed_from`` (the step of each resume) and ``steps_this_run``;
 6. sheds the replay buffer: the final checkpoint keeps only ``FINAL_AGENT_KEYS`` of the agent
    (actor, critic, temperature) and the metadata, a few MB instead of ~0.9 GB per unit.
 
@@ -90,12 +94,12 @@ def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") ->
 
 
 def save_checkpoint(unit_dir: Path, *, unit_id: str, step: int, episodes: int, resumed_from: list[int],
-                    last_eval: dict, agent: dict, replay: dict, rng: np.random.Generator) -> None:
+                    last_eval: dict, agent: dict, replay: dict, rng: np.random.Generator, budget: dict) -> None:
     """Write ``unit_dir/checkpoint.pt`` (``workers.rl.checkpoints.save``: atomic, the one before
     kept): everything a unit resumes from (the module docstring), tensors and plain containers only."""
     state = {"format": CHECKPOINT_FORMAT, "unit_id": unit_id, "step": step, "episodes": episodes,
              "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent, "replay": replay,
-             "rng": rng_state(rng)}
+             "rng": rng_state(rng), "budget": budget}
     checkpoints.save(state, Path(unit_dir) / CHECKPOINT)
 
 
@@ -108,7 +112,8 @@ def shed_checkpoint(unit_dir: Path) -> None:
     checkpoint = load_checkpoint(unit_dir)
     if checkpoint is not None and "replay" in checkpoint:
         agent = checkpoint["agent"]
-        kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval")}
+        kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval", "budget")
+                if k in checkpoint}
         kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
         with atomic_write(path, "wb") as f:
             torch.save(kept, f)
@@ -163,16 +168,16 @@ def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> E
     """One episode, the environment's random state seeded with ``seed`` first. Deterministic:
     the policy mean; otherwise actions sampled with a torch generator seeded with ``seed``, so
     the same agent, chunk and seed replay the same episode whatever the global RNG state."""
-    env.environment.random_state.seed(seed)
     generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
-    obs = env.reset()
+    obs, _ = env.reset(seed=seed)
     observations, actions, rewards, pressed, target = [], [], [], [], []
     done = False
     while not done:
         action = agent.act(obs, deterministic=deterministic, generator=generator)
         observations.append(obs)
         actions.append(action)
-        obs, reward, done, info = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
         rewards.append(reward)
         pressed.append(info["pressed"])
         target.append(info["target"])
@@ -235,4 +240,4 @@ def finished_result(unit: UnitSpec, unit_dir: Path) -> UnitResult | None:
     if saved["shard_path"] is not None and not Path(saved["shard_path"]).exists():
         return None  # the lake lost the shard: record the rollouts again
     shed_checkpoint(unit_dir)
-    return UnitResult(**{k: saved[k] for k in UnitResult.model_fields})
+    return UnitResult(**{k: saved[k] for k in UnitResult.model_fields if k in saved})  # older files lack newer fields

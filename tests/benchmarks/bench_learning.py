@@ -1,0 +1,278 @@
+"""Learning curves: does the learner learn, and which settings learn the piano fastest?
+
+    .venv/bin/python tests/benchmarks/bench_learning.py [--parts cartpole,easy,twinkle]
+        [--grid defaults,temp0.1,temp0.1-tau0.005,temp0.1-utd2-n3] [--seeds 0,1]
+        [--cartpole-steps 20000] [--piano-steps 20000] [--eval-every 1000] [--out bench_learning]
+
+Prints one table per part (evaluation return or F1 at each evaluation step, per setting and
+seed) and the steps to reach F1 0.5 and 0.75, and writes ``OUT/learning.png`` (mean over seeds
+per setting) and ``OUT/learning.json`` (every point).
+
+- ``cartpole``: the DroQ learner alone on dm_control's cartpole swingup (state observations,
+  discount 0.99, action repeat 8, 1000-step episodes so a return of 1000 is the maximum);
+  steps are environment steps. A learner that works reaches ~850.
+- ``easy``: the specialist (``train_unit``, the real loop) on a generated easy piece: C4 D4 E4
+  D4 twice, each held 1 s with 0.25 s between (about 250 control steps). Pressing nothing
+  scores F1 ~0.16 here, random actions 0.11-0.13.
+- ``twinkle``: the specialist on the first chunk of RoboPianist's bundled Twinkle Twinkle.
+- ``evalshare``: seconds per evaluation step and per training step of a specialist with
+  today's defaults (``--piano-steps`` steps, evaluations every ``--eval-every``), and the share
+  of a unit's training time evaluations take at several ``eval_interval`` / ``eval_episodes``.
+
+``--grid`` picks settings by name (``GRID`` below: today's defaults, ``init_temperature`` 0.1,
+``tau`` 0.005 against the default 0.05, ``utd_ratio`` 2 with ``n_step`` 3); ``--batch``
+sets the piano runs' batch size (128 by default, as in the measurements of issue 12). Every run
+is seeded; times are this machine's (``OMP_NUM_THREADS=1``, one torch thread per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import robopianist
+import torch
+
+import configs
+from workers.piano.music import load_song
+from workers.rl.droq import DroQ
+from workers.rl.replay import ReplayBuffer
+from workers.rl.specialist import seed_everything, train_unit
+from workers.units import UnitSpec
+
+TWINKLE = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"
+GRID: dict[str, dict] = {
+    "defaults": {},
+    "temp0.1": {"droq.init_temperature": 0.1},
+    "temp0.1-tau0.005": {"droq.init_temperature": 0.1, "droq.tau": 0.005},
+    "temp0.1-utd2-n3": {"droq.init_temperature": 0.1, "droq.utd_ratio": 2, "droq.n_step": 3},
+    "temp0.1-utd4-n3": {"droq.init_temperature": 0.1, "droq.utd_ratio": 4, "droq.n_step": 3},
+}
+THRESHOLDS = (0.5, 0.75)
+ACTION_REPEAT = 8
+
+
+# --- cartpole ----------------------------------------------------------------------------
+def cartpole_curve(overrides: dict, seed: int, steps: int, eval_every: int) -> list[tuple[int, float]]:
+    """(environment step, evaluation return) of DroQ on cartpole swingup."""
+    from dm_control import suite
+
+    cfg = configs.load(overrides={"droq.discount": 0.99, "droq.warmup_steps": 1000, **overrides}).droq
+    env = suite.load("cartpole", "swingup", task_kwargs={"random": seed})
+    test = suite.load("cartpole", "swingup", task_kwargs={"random": seed + 1})
+    spec = env.action_spec()
+    flat = lambda ts: np.concatenate([np.ravel(v) for v in ts.observation.values()]).astype(np.float32)  # noqa: E731
+    obs_dim = flat(env.reset()).shape[0]
+    rng = seed_everything(seed)
+    agent = DroQ(obs_dim, spec.shape[0], spec.minimum, spec.maximum, cfg)
+    buffer = ReplayBuffer(obs_dim, spec.shape[0], steps // ACTION_REPEAT + 10, cfg.discount, cfg.n_step,
+                          binary_dims=0, seed=seed)
+
+    def act_repeat(environment, action) -> tuple[float, object]:
+        reward = 0.0
+        for _ in range(ACTION_REPEAT):
+            ts = environment.step(action)
+            reward += ts.reward or 0.0
+            if ts.last():
+                break
+        return reward, ts
+
+    def evaluate() -> float:
+        ts, total = test.reset(), 0.0
+        while not ts.last():
+            reward, ts = act_repeat(test, agent.act(flat(ts), deterministic=True))
+            total += reward
+        return total
+
+    curve, ts = [], env.reset()
+    obs = flat(ts)
+    for agent_step in range(1, steps // ACTION_REPEAT + 1):
+        if agent_step * ACTION_REPEAT <= cfg.warmup_steps:
+            action = rng.uniform(spec.minimum, spec.maximum).astype(np.float32)
+        else:
+            action = agent.act(obs)
+        reward, ts = act_repeat(env, action)
+        next_obs = flat(ts)
+        buffer.add(obs, action, reward, next_obs, terminated=False, truncated=ts.last())  # time limit only
+        obs = next_obs
+        if ts.last():
+            ts = env.reset()
+            obs = flat(ts)
+        if agent_step * ACTION_REPEAT > cfg.warmup_steps:
+            agent.update(buffer)
+        if (agent_step * ACTION_REPEAT) % eval_every == 0:
+            curve.append((agent_step * ACTION_REPEAT, evaluate()))
+    return curve
+
+
+# --- the specialist on a piece -------------------------------------------------------------
+def easy_piece(path: Path) -> Path:
+    """C4 D4 E4 D4 twice, each held 1 s with 0.25 s between, as a MIDI file."""
+    from note_seq import midi_io
+    from note_seq.protobuf import music_pb2
+
+    seq = music_pb2.NoteSequence()
+    seq.ticks_per_quarter = 220
+    seq.tempos.add(qpm=120)
+    for i, pitch in enumerate([60, 62, 64, 62] * 2):
+        seq.notes.add(pitch=pitch, velocity=80, start_time=1.25 * i, end_time=1.25 * i + 1.0)
+    seq.total_time = max(n.end_time for n in seq.notes)
+    midi_io.sequence_proto_to_midi_file(seq, str(path))
+    return path
+
+
+def piano_curve(song: Path, overrides: dict, seed: int, steps: int, eval_every: int, batch: int,
+                work: Path) -> tuple[list[tuple[int, float]], float]:
+    """(step, evaluation F1) of one specialist on chunk 0 of ``song``, and the share of its
+    training time spent in evaluations."""
+    cfg = configs.load(overrides={"droq.batch_size": batch, "droq.replay_capacity": steps + 1000,
+                                  "specialist.total_steps": steps, "specialist.eval_interval": eval_every,
+                                  "specialist.checkpoint_interval": 10 ** 9, "specialist.log_interval": eval_every,
+                                  "specialist.rollouts": 0, "specialist.seed": seed, **overrides})
+    parsed = load_song(song)
+    unit = UnitSpec.create(song_path=str(song), song_hash=parsed.content_hash, song_name=parsed.name, chunk_index=0,
+                           config_hash=cfg.hash("env", "droq", "specialist"))
+    reports: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        t = time.perf_counter()
+        result = train_unit(unit, cfg, Path(tmp) / "unit", Path(tmp) / "lake", report=reports.append, progress=False)
+        seconds = time.perf_counter() - t
+    return [(r["step"], r["eval/f1"]) for r in reports if "eval/f1" in r], result.eval_seconds / seconds
+
+
+def evaluation_cost(steps: int, eval_every: int, work: Path) -> dict[str, float]:
+    """Seconds per evaluation step and per training step (after the warm-up) of one specialist on
+    the Twinkle chunk with today's defaults (batch 256, utd 1, 3 x 256 networks)."""
+    warmup = 100
+    cfg = configs.load(overrides={"droq.warmup_steps": warmup, "droq.replay_capacity": steps + 1000,
+                                  "specialist.total_steps": steps, "specialist.eval_interval": eval_every,
+                                  "specialist.checkpoint_interval": 10 ** 9, "specialist.log_interval": 100,
+                                  "specialist.rollouts": 0})
+    parsed = load_song(TWINKLE)
+    unit = UnitSpec.create(song_path=str(TWINKLE), song_hash=parsed.content_hash, song_name=parsed.name,
+                           chunk_index=0, config_hash=cfg.hash("env", "droq", "specialist"))
+    reports: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        result = train_unit(unit, cfg, Path(tmp) / "unit", Path(tmp) / "lake", report=reports.append, progress=False)
+    n_evals = sum("eval/f1" in r for r in reports)
+    train_rate = np.mean([r["perf/env_steps_per_s"] for r in reports if "perf/env_steps_per_s" in r
+                          and r["step"] > warmup + 100])
+    # An evaluation plays the whole chunk (cfg.env.chunk_steps control steps) with the policy mean.
+    return {"eval_step_s": result.eval_seconds / (n_evals * cfg.env.chunk_steps), "train_step_s": 1.0 / train_rate,
+            "chunk_steps": cfg.env.chunk_steps}
+
+
+def steps_to(curve: list[tuple[int, float]], level: float) -> int | None:
+    return next((s for s, v in curve if v >= level), None)
+
+
+# --- output --------------------------------------------------------------------------------
+def print_table(title: str, runs: dict[tuple[str, int], list[tuple[int, float]]], f1: bool) -> None:
+    steps = sorted({s for curve in runs.values() for s, _ in curve})
+    print(f"\n## {title}")
+    head = ["setting", "seed", *(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps)]
+    if f1:
+        head += [f"to F1 {t}" for t in THRESHOLDS]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for (name, seed), curve in runs.items():
+        values = dict(curve)
+        row = [name, str(seed), *(f"{values[s]:.2f}" if f1 and s in values else
+                                  (f"{values[s]:.0f}" if s in values else "") for s in steps)]
+        if f1:
+            row += [str(steps_to(curve, t) or "-") for t in THRESHOLDS]
+        print("| " + " | ".join(row) + " |")
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, (part, runs) in zip(axes[0], results.items()):
+        by_setting: dict[str, list] = {}
+        for (name, _), curve in runs.items():
+            by_setting.setdefault(name, []).append(dict(curve))
+        for name, curves in by_setting.items():
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker=".", label=f"{name} (n={len(curves)})")
+        ax.set_title(part)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("evaluation return" if part == "cartpole" else "evaluation F1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="cartpole,easy,twinkle,evalshare")
+    parser.add_argument("--grid", default=",".join(GRID), help=f"settings among {', '.join(GRID)}")
+    parser.add_argument("--cartpole-grid", default="defaults", help="settings for cartpole")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--cartpole-steps", type=int, default=20_000)
+    parser.add_argument("--piano-steps", type=int, default=20_000)
+    parser.add_argument("--eval-every", type=int, default=1000, help="piano: steps between evaluations")
+    parser.add_argument("--cartpole-eval-every", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=128, help="piano runs' batch size")
+    parser.add_argument("--out", default="bench_learning")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    parts = args.parts.split(",")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; seeds {seeds}")
+    results: dict[str, dict] = {}
+    meta: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        songs = {"easy": easy_piece(work / "easy.mid"), "twinkle": TWINKLE}
+        if "evalshare" in parts:
+            cost = evaluation_cost(args.piano_steps, args.eval_every, work)
+            meta["evalshare"] = cost
+            print(f"\n## evaluation share of a unit's training time (Twinkle chunk, defaults)\n"
+                  f"evaluation {1 / cost['eval_step_s']:.0f} steps/s, training {1 / cost['train_step_s']:.0f} steps/s")
+            print("| eval_interval | eval_episodes | share |\n|---|---|---|")
+            for interval in (10_000, 5_000, 2_000):
+                for episodes in (1, 3):
+                    e = episodes * cost["chunk_steps"] * cost["eval_step_s"]
+                    print(f"| {interval} | {episodes} | {e / (e + interval * cost['train_step_s']):.1%} |")
+        for part in (p for p in parts if p != "evalshare"):
+            runs: dict[tuple[str, int], list] = {}
+            for name in (args.cartpole_grid if part == "cartpole" else args.grid).split(","):
+                for seed in seeds:
+                    t = time.perf_counter()
+                    if part == "cartpole":
+                        runs[(name, seed)] = cartpole_curve(GRID[name], seed, args.cartpole_steps,
+                                                            args.cartpole_eval_every)
+                        share = None
+                    else:
+                        runs[(name, seed)], share = piano_curve(songs[part], GRID[name], seed, args.piano_steps,
+                                                                args.eval_every, args.batch, work)
+                    seconds = time.perf_counter() - t
+                    meta[f"{part}/{name}/{seed}"] = {"seconds": seconds, "eval_share": share}
+                    print(f"{part} {name} seed {seed}: {seconds:.0f} s"
+                          + (f", evaluation {share:.1%} of training time" if share is not None else ""), flush=True)
+            results[part] = runs
+            print_table(f"{part}: evaluation {'return' if part == 'cartpole' else 'F1'} vs steps", runs,
+                        f1=part != "cartpole")
+    (out / "learning.json").write_text(json.dumps(
+        {"args": vars(args), "runs": {f"{p}/{n}/{s}": c for p, r in results.items() for (n, s), c in r.items()},
+         "meta": meta}, indent=1))
+    if results:
+        plot(results, out / "learning.png")
+    print(f"\nwrote {out / 'learning.json'}" + (f" and {out / 'learning.png'}" if results else ""))
+
+
+if __name__ == "__main__":
+    main()
