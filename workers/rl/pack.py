@@ -14,9 +14,9 @@ The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pa
 3. store each member's transition in its own replay buffer;
 4. update: one call updates the agents of every member past its warm-up
    (``DroQ(num_agents=K).update`` on their buffers);
-5. per member: report metrics, evaluate, checkpoint, and when it reaches its
-   ``specialist.total_steps``, record its rollouts into its own lake shard and write its
-   ``result.json``.
+5. per member: report metrics, evaluate (its own ``workers.rl.budget.StopRule`` judges each
+   evaluation), checkpoint, and when its budget ends its training, record its rollouts into
+   its own lake shard, write its ``result.json`` and shed its replay buffer.
 
 Each member keeps its own identity, unit directory, checkpoint (its slice of the learner, the
 same format as a single unit's, so it resumes alone or in any other pack), attempts log,
