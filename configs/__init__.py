@@ -74,7 +74,9 @@ class DroQConfig(_Section):
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     # Multiply the observation's goal (979 entries, ~2% ones) into the first layers as sums of
     # weight rows instead of a dense matmul: the same function, float sums in another order.
-    sparse_goal: bool = False
+    # "auto": on for a CPU learner whose observation has the piano goal (0.7x the update time
+    # there, see tests/benchmarks/bench_pack.py); off on a GPU, where it would cost a host sync.
+    sparse_goal: bool | Literal["auto"] = "auto"
 
 
 class BudgetConfig(_Section):

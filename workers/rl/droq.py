@@ -26,7 +26,7 @@ kernel; dropout masks come from 16-bit random integers (``MaskDropout``) and, wi
 noise, from each agent's generator rather than torch's global RNG. Two options trade
 exactness for speed: ``droq.sparse_goal`` adds the goal's weight rows instead of a dense
 matmul (the same sums in another order; it pays on a CPU, where the goal is 83% of the first
-layers' inputs at ~2% density), and ``droq.matmul_precision: medium`` lets matmuls run in
+layers' inputs at ~2% density, so ``auto``, the default, turns it on for a CPU learner), and ``droq.matmul_precision: medium`` lets matmuls run in
 bfloat16 (8-bit mantissa inputs, float32 accumulation: ~3 significant digits per product).
 """
 
@@ -300,12 +300,14 @@ class DroQ:
                  seed: int | Sequence[int] | None = None, num_agents: int = 1, goal_dims: int = GOAL_BITS):
         if num_agents < 1:
             raise ValueError(f"num_agents must be >= 1, got {num_agents}")
-        if cfg.sparse_goal and not 0 < goal_dims < obs_dim:
+        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
+        has_goal = 0 < goal_dims < obs_dim
+        sparse = has_goal and self.device.type == "cpu" if cfg.sparse_goal == "auto" else cfg.sparse_goal
+        if sparse and not has_goal:
             raise ValueError(f"droq.sparse_goal needs 0 < goal_dims < obs_dim, got {goal_dims} and {obs_dim}")
-        self.goal_dims = goal_dims if cfg.sparse_goal else 0  # leading observation entries taken as sparse
+        self.goal_dims = goal_dims if sparse else 0  # leading observation entries taken as sparse
         self.cfg, self.num_agents = cfg, num_agents
         self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
         low = np.asarray(action_low, np.float32).reshape(action_dim)
         high = np.asarray(action_high, np.float32).reshape(action_dim)
         if not np.all(high > low):
