@@ -67,18 +67,19 @@ def _error() -> str:
 
 # --- the environment calls of the training loop ------------------------------------------
 def _reset(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
-    arrays["obs"][i] = env.reset()
+    arrays["obs"][i] = env.reset()[0]
 
 
 def _step(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
-    next_obs, reward, ended, info = env.step(arrays["action"][i])
+    next_obs, reward, terminated, truncated, _ = env.step(arrays["action"][i])
+    ended = terminated or truncated  # the end of the chunk is a time limit: truncated, bootstrapped
     arrays["next_obs"][i] = next_obs
     arrays["reward"][i] = reward
     arrays["ended"][i] = ended
-    arrays["terminated"][i] = ended and info["discount"] == 0.0  # the end of the chunk is a time limit
+    arrays["terminated"][i] = terminated
     if ended:
         arrays["episode_f1"][i] = env.episode_metrics()["f1"]
-        arrays["obs"][i] = env.reset()
+        arrays["obs"][i] = env.reset()[0]
     else:
         arrays["obs"][i] = next_obs
 
