@@ -282,7 +282,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         pool, last_reconcile = None, 0.0
         if cfg.slurm.pools:
-            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import imitation_jobs, pool_for_units, start_for_campaign, unit_resources
 
             pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
             pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
@@ -292,7 +292,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             # Units in flight count as running (never cancel a node that may hold one); the rest wait.
             nonlocal last_reconcile
             if pools is not None and time.monotonic() - last_reconcile >= cfg.slurm.poll_interval_s:
-                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)})
+                # An imitation job in flight holds (or waits for) whole jobs for its DDP workers.
+                reserved = dict([imitation_jobs(cfg)]) if imitation.ref is not None else {}
+                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)}, reserved)
                 last_reconcile = time.monotonic()
         # --- end slurm ---------------------------------------------------------------------------------
         imitation = ImitationLauncher(cfg, store, paths.dir, paths.lake, uri, paths.name)
