@@ -193,14 +193,21 @@ def test_gate_opened_on_slurm_gets_pool_jobs_for_its_imitation_workers(slurm_clu
         "slurm.pools.cpu.max_jobs=2", "slurm.pools.cpu.time_min=10",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    camp_dir = tmp_path / "il-on-slurm"
+    camp_dir, output = tmp_path / "il-on-slurm", tmp_path / "driver.out"
+    with open(output, "w") as out_file:
+        driver = subprocess.Popen([sys.executable, "-c", IL_DRIVER, str(tmp_path), *overrides], env=env,
+                                  stdout=out_file, stderr=subprocess.STDOUT)
     try:
-        out = subprocess.run([sys.executable, "-c", IL_DRIVER, str(tmp_path), *overrides], env=env,
-                             capture_output=True, text=True, timeout=400)
-    finally:  # a timed-out driver leaves its pool jobs behind
+        driver.wait(timeout=400)
+    except subprocess.TimeoutExpired:  # the imitation job never got a worker: stop the driver cleanly
+        driver.send_signal(signal.SIGINT)
+        try:
+            driver.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            driver.kill()
         if leftover := _submitted_jobs(camp_dir):
             subprocess.run(["scancel", *leftover], check=False)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert driver.returncode == 0, output.read_text()[-8000:]
     with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
         launches = store.get_meta("il_launches")
         rows = list(store.units())
