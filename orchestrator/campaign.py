@@ -244,6 +244,24 @@ def _unit_params(row) -> dict[str, Any]:
             "config_hash": row.config_hash, "split": row.split}
 
 
+class _StepRates:
+    """Steps per second of running units, measured by the driver as their steps arrive: over the
+    attempt so far from its first report, so start-up and steps resumed from a checkpoint are left out."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[int, float]] = {}  # unit_id -> (step, time) of the attempt's first report
+
+    def note(self, unit_id: str, step: int | None) -> float | None:
+        if step is None:
+            return None
+        now = time.monotonic()
+        first_step, first_at = self._first.setdefault(unit_id, (step, now))
+        return (step - first_step) / (now - first_at) if step > first_step and now > first_at else None
+
+    def forget(self, unit_id: str) -> None:
+        self._first.pop(unit_id, None)
+
+
 def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_address: str | None,
            num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None,
            restart_failed_il: bool = False) -> CampaignSummary:
@@ -304,6 +322,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             on_progress(store.counts())
         config_dicts: dict[str, dict] = {}
         last_drain = time.monotonic()
+        rates = _StepRates()
 
         def drain() -> None:
             try:
@@ -314,7 +333,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             for n in notes["started"]:
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
             for unit_id, (step, ckpt) in notes["progress"].items():
-                store.note_progress(unit_id, step, ckpt)
+                store.note_progress(unit_id, step, ckpt, rates.note(unit_id, step))
             for unit_id, run_id in notes["runs"].items():
                 store.set_mlflow_run(unit_id, run_id)
 
@@ -325,6 +344,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 no_space = no_space or outcome.no_space
                 return
             unit_id = outcome.unit_id
+            rates.forget(unit_id)  # a retry is a new attempt
             row = store.unit(unit_id)
             tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
                     "slurm_job_id": row.slurm_job_id}

@@ -2,7 +2,8 @@
 
 ``read_status(campaign_dir)`` gathers the numbers; ``render(status)`` turns them into a rich
 renderable: units by state, a text histogram of F1, throughput (units/hour), ETA, why finished
-units stopped and the steps their budgets saved, running units and the last errors.
+units stopped and the steps their budgets saved, where units run (host, SLURM job, Ray node),
+running units with their step and steps/s, and the last errors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CampaignStatus:
     driver: str                           # 'running (pid N on HOST)', 'stopped', 'gone (...)', 'unknown'
     logging_overhead: float | None        # worker time in the metrics callback / worker time
     running: list[dict] = field(default_factory=list)
+    where: list[dict] = field(default_factory=list)  # running units per host, SLURM job and Ray node
     last_errors: list[dict] = field(default_factory=list)
     mlflow: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
@@ -85,8 +87,11 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
             f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({marks}) AND report_seconds IS NOT NULL",
             FINISHED).fetchone()
         running = [dict(r) for r in db.execute(
-            "SELECT unit_id, attempts, hostname, slurm_job_id, step, checkpoint_step, started_at FROM units"
-            " WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+            "SELECT unit_id, attempts, hostname, slurm_job_id, node_id, step, env_steps_per_s AS steps_per_s,"
+            " checkpoint_step, started_at FROM units WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+        where = [dict(r) for r in db.execute(
+            "SELECT hostname, slurm_job_id, node_id, COUNT(*) AS units, SUM(env_steps_per_s) AS steps_per_s FROM units"
+            " WHERE state = ? GROUP BY hostname, slurm_job_id, node_id ORDER BY units DESC, hostname", (RUNNING,))]
         errors = [dict(r) for r in db.execute(
             "SELECT unit_id, state, attempts, finished_at, error FROM units WHERE error IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
@@ -98,7 +103,7 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
+        running=running, where=where, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
         ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
 
 
@@ -141,6 +146,15 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _node(node_id: str | None) -> str:
+    """A Ray node id as `ray list nodes` starts it (the first 8 of its 56 hex digits)."""
+    return node_id[:8] if node_id else "-"
+
+
+def _rate(steps_per_s: float | None) -> str:
+    return f"{steps_per_s:.1f}" if steps_per_s is not None else "-"
+
+
 def render(status: CampaignStatus):
     """A rich renderable of ``status``."""
     from rich.console import Group
@@ -173,14 +187,22 @@ def render(status: CampaignStatus):
     parts = [head, states, hist]
     if status.budgets and status.budgets.units:
         parts.append(Text(budget_text(status.budgets)))
+    if status.where:
+        where = Table(title="where units run", show_edge=False)
+        for col in ("host", "slurm job", "Ray node", "units", "steps/s"):
+            where.add_column(col, justify="right" if col in ("units", "steps/s") else "left")
+        for w in status.where:
+            where.add_row(w["hostname"] or "-", w["slurm_job_id"] or "-", _node(w["node_id"]), str(w["units"]),
+                          _rate(w["steps_per_s"]))
+        parts.append(where)
     if status.running:
         run = Table(title="running", show_edge=False)
-        for col in ("unit", "attempt", "host", "slurm job", "step", "checkpoint", "for"):
+        for col in ("unit", "attempt", "host", "slurm job", "Ray node", "step", "steps/s", "checkpoint", "for"):
             run.add_column(col)
         now = time.time()
         for r in status.running:
             run.add_row(r["unit_id"], str(r["attempts"]), r["hostname"] or "-", r["slurm_job_id"] or "-",
-                        str(r["step"] if r["step"] is not None else "-"),
+                        _node(r["node_id"]), str(r["step"] if r["step"] is not None else "-"), _rate(r["steps_per_s"]),
                         str(r["checkpoint_step"] if r["checkpoint_step"] is not None else "-"),
                         _duration(now - r["started_at"]) if r["started_at"] else "-")
         parts.append(run)

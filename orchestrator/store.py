@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS units (
     recall          REAL,
     episode_return  REAL,
     steps           INTEGER,               -- training steps of the finished unit
-    env_steps_per_s REAL,
+    env_steps_per_s REAL,                  -- while running: reported steps per second, as the driver sees them
     updates_per_s   REAL,
     shard_path      TEXT,                  -- the unit's lake shard
     created_at      REAL NOT NULL,
@@ -348,7 +348,8 @@ class CampaignStore:
             attempt = row["attempts"] + 1
             self.db.execute(
                 "UPDATE units SET state = ?, attempts = ?, started_at = ?, finished_at = NULL, seconds = NULL,"
-                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, updated_at = ? WHERE unit_id = ?",
+                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, env_steps_per_s = NULL,"
+                " updated_at = ? WHERE unit_id = ?",
                 (RUNNING, attempt, now, now, unit_id),
             )
             self._event(now, unit_id, "state", PENDING, RUNNING, attempt, None)
@@ -363,13 +364,14 @@ class CampaignStore:
                 (hostname, node_id, pid, slurm_job_id, time.time(), unit_id),
             )
 
-    def note_progress(self, unit_id: str, step: int | None, checkpoint_step: int | None) -> None:
-        """Latest reported step and checkpoint step (never moves the checkpoint step backwards to NULL)."""
+    def note_progress(self, unit_id: str, step: int | None, checkpoint_step: int | None,
+                      steps_per_s: float | None = None) -> None:
+        """Latest reported step, checkpoint step and step rate (none of them moves back to NULL)."""
         with self.db:
             self.db.execute(
                 "UPDATE units SET step = COALESCE(?, step), checkpoint_step = COALESCE(?, checkpoint_step),"
-                " updated_at = ? WHERE unit_id = ?",
-                (step, checkpoint_step, time.time(), unit_id),
+                " env_steps_per_s = COALESCE(?, env_steps_per_s), updated_at = ? WHERE unit_id = ?",
+                (step, checkpoint_step, steps_per_s, time.time(), unit_id),
             )
 
     def set_mlflow_run(self, unit_id: str, run_id: str) -> None:
