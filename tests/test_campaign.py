@@ -174,6 +174,22 @@ def test_status_shows_where_units_run_and_their_step_rate(ray_cluster, tmp_path)
     assert f"{row['steps_per_s']:.1f}" in text
 
 
+def test_orchestrator_benchmark_measures_units_only(ray_cluster, tmp_path):
+    """bench_orchestrator at a tiny size, with a gate that would open after one shard: no imitation
+    job may start (it would take the units' CPUs and the benchmark would measure that instead)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "benchmarks" / "bench_orchestrator.py"
+    spec = importlib.util.spec_from_file_location("bench_orchestrator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.bench_size(3, bench.bench_config(0.0, ["gate.min_shards=1"]), tmp_path, repeat=1)
+    assert row["units"] == 3 and row["rss_peak_mib"] > 0 and row["status_ms"] > 0 and row["summary_http_ms"] > 0
+    with CampaignStore(tmp_path / "bench-3" / "campaign.db", readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == 3 and not store.get_meta("il_launches")
+    assert not (tmp_path / "bench-3" / "il").exists()
+
+
 def _write_midi(path: Path, seconds: float) -> None:
     import pretty_midi
 

@@ -86,6 +86,16 @@ def bare_ray(units, cfg, root: Path) -> float:
     return time.perf_counter() - t0
 
 
+def bench_config(sleep_s: float, extra: list[str] | tuple[str, ...] = ()) -> configs.Config:
+    """The benchmark's campaign: synthetic units of ``sleep_s`` each, all succeeding, and a gate
+    that never launches imitation learning (it would take the units' CPUs)."""
+    return configs.load(overrides=[
+        "campaign.workload=synthetic", f"campaign.synthetic.sleep_s={sleep_s}", "campaign.synthetic.steps=5",
+        "campaign.synthetic.episodes=1", "campaign.synthetic.steps_per_episode=2", "gate.f1_threshold=0.0",
+        "gate.launch=never", "mlflow.system_metrics=false", *extra,
+    ])
+
+
 def bench_size(n_units: int, cfg: configs.Config, root: Path, repeat: int) -> dict[str, float]:
     """Bare Ray, then the campaign, then status and dashboard latencies, for ``n_units`` units."""
     chunks = 5
@@ -155,12 +165,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="where campaigns go (default: a temp dir)")
     args = ap.parse_args()
 
-    overrides = [
-        "campaign.workload=synthetic", f"campaign.synthetic.sleep_s={args.sleep}", "campaign.synthetic.steps=5",
-        "campaign.synthetic.episodes=1", "campaign.synthetic.steps_per_episode=2", "gate.f1_threshold=0.0",
-        "gate.launch=never", "mlflow.system_metrics=false",
-    ]
-    cfg = configs.load(overrides=overrides)
+    cfg = bench_config(args.sleep)
     root = args.root or Path(tempfile.mkdtemp(prefix="pf-bench-"))
     print(f"sizes {args.units}, {args.sleep} s of work per unit, {args.cpus} CPUs, root {root}")
 
