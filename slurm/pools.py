@@ -2,7 +2,8 @@
 
 A profile names pools (``slurm.pools`` in the config): for each, a partition, the resources of
 one job and a minimum and maximum number of jobs. The campaign driver calls
-:meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool;
+:meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool (and
+the jobs an imitation job in flight needs, :func:`imitation_jobs`);
 the manager submits jobs while units wait, replaces jobs that ended (time limit, preemption,
 scancel, node failure) while work remains, cancels idle jobs when the queue drains, and
 cancels everything on :meth:`PoolManager.shutdown` (also at interpreter exit).
