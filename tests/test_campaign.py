@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -155,7 +156,11 @@ def test_status_shows_where_units_run_and_their_step_rate(ray_cluster, tmp_path)
     status, deadline = None, time.time() + 120
     while time.time() < deadline and driver.is_alive():
         if (tmp_path / "where" / "campaign.db").exists():
-            status = read_status(tmp_path / "where")
+            try:
+                status = read_status(tmp_path / "where")
+            except sqlite3.OperationalError:  # the driver is still creating the store's tables
+                time.sleep(0.2)
+                continue
             if status.running and (status.running[0]["step"] or 0) >= 15 and status.running[0]["steps_per_s"]:
                 break
         time.sleep(0.2)
