@@ -238,6 +238,7 @@ class DashboardConfig(_Section):
     il_metrics: tuple[str, ...] = ("train/loss", "eval/*")
     max_curves: int = Field(5, ge=1)
     soundfont: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class ManifestConfig(_Section):

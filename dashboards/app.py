@@ -11,6 +11,10 @@ Routes of the server (:func:`serve`):
   under ``<campaign>/dashboard/audio/``).
 - ``/static/plotly.min.js``: plotly's own bundle (no CDN: the page works offline).
 
+Every request whose ``Host`` header does not name the server (see :func:`allowed_host_names`)
+gets 403: a page elsewhere cannot read the dashboard by pointing its own domain at this address
+(DNS rebinding).
+
 :func:`export_html` writes the same page as one self-contained file (plotly.js inline, audio as
 a data URI, no polling).
 """
@@ -20,8 +24,10 @@ from __future__ import annotations
 import base64
 import fnmatch
 import html
+import ipaddress
 import json
 import math
+import socket
 import threading
 from functools import lru_cache
 from http import HTTPStatus
@@ -169,8 +175,47 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def allowed_host_names(bound_host: str, extra: tuple[str, ...] = ()) -> frozenset[str]:
+    """Host header names (without port) the server answers to: the address it is bound to, the
+    loopback names when it listens on loopback, this machine's names when it listens on every
+    interface, and ``dashboard.allowed_hosts``. Any other name is a DNS-rebinding attempt (a page
+    elsewhere whose domain now resolves to this address) or a mistake."""
+    names = {bound_host.lower(), *(h.lower() for h in extra)}
+    try:
+        loopback = bound_host in WILDCARD_HOSTS or ipaddress.ip_address(bound_host).is_loopback
+    except ValueError:  # a name, not an address
+        loopback = bound_host.lower() == "localhost"
+    if loopback:
+        names |= LOOPBACK_NAMES
+    if bound_host in WILDCARD_HOSTS:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(names)
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header: ``name:port``, ``[v6]:port`` or a bare name."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class _Handler(BaseHTTPRequestHandler):
     campaign: Campaign  # set on the subclass made by make_server
+    allowed_hosts: frozenset[str]  # set by make_server (see allowed_host_names)
+    any_ip: bool  # listening on every interface: an IP address as Host is the one the client dialled
     server_version = "pianoforge-dashboard"
 
     def log_message(self, format: str, *args) -> None:  # quiet: one line per request is noise here
@@ -191,7 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _host_refused(self) -> bool:
+        """Answer 403 unless the Host header names this server (DNS rebinding protection)."""
+        name = _host_name(self.headers.get("Host", ""))
+        if name in self.allowed_hosts or (self.any_ip and _is_ip(name)):
+            return False
+        self._error(HTTPStatus.FORBIDDEN, f"Host {self.headers.get('Host', '(none)')!r} is not an address this dashboard "
+                                          f"serves ({', '.join(sorted(self.allowed_hosts))}); "
+                                          "dashboard.allowed_hosts adds names (a reverse proxy's, for example)")
+        return True
+
     def do_GET(self) -> None:
+        if self._host_refused():
+            return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
@@ -237,8 +294,11 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(campaign: Campaign, host: str | None = None, port: int | None = None) -> ThreadingHTTPServer:
     """An HTTP server for ``campaign`` bound to ``host:port`` (defaults from ``dashboard``;
     port 0 picks a free one: read ``server.server_address``). Call ``serve_forever()``."""
-    handler = type("CampaignHandler", (_Handler,), {"campaign": campaign})
-    server = ThreadingHTTPServer((host or campaign.dash.host, campaign.dash.port if port is None else port), handler)
+    host = host or campaign.dash.host
+    handler = type("CampaignHandler", (_Handler,), {
+        "campaign": campaign, "allowed_hosts": allowed_host_names(host, campaign.dash.allowed_hosts),
+        "any_ip": host in WILDCARD_HOSTS})
+    server = ThreadingHTTPServer((host, campaign.dash.port if port is None else port), handler)
     server.daemon_threads = True
     return server
 

@@ -288,7 +288,8 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
                   attempts=r.attempts, f1=r.f1, started_at=r.started_at, finished_at=r.finished_at,
                   seconds=r.seconds, node=r.hostname or r.node_id, error=_ANSI.sub("", r.error) if r.error else None, mlflow_run_id=r.mlflow_run_id,
                   shard_path=r.shard_path, step=r.step, stop_reason=r.stop_reason, stop_step=r.stop_step,
-                  budget_steps=r.budget_steps, pack_id=r.pack_id, steps_per_s=r.steps_per_s)
+                  budget_steps=r.budget_steps, pack_id=r.pack_id,
+                  steps_per_s=r.env_steps_per_s if r.state == "running" else None)
              for r in rows]
     changes = [StateChange(e.ts, e.unit_id, e.to_state) for e in events
                if e.kind == "state" and e.unit_id and e.to_state]

@@ -245,6 +245,24 @@ def _unit_params(row) -> dict[str, Any]:
             "config_hash": row.config_hash, "split": row.split}
 
 
+class _StepRates:
+    """Steps per second of running units, measured by the driver as their steps arrive: over the
+    attempt so far from its first report, so start-up and steps resumed from a checkpoint are left out."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[int, float]] = {}  # unit_id -> (step, time) of the attempt's first report
+
+    def note(self, unit_id: str, step: int | None) -> float | None:
+        if step is None:
+            return None
+        now = time.monotonic()
+        first_step, first_at = self._first.setdefault(unit_id, (step, now))
+        return (step - first_step) / (now - first_at) if step > first_step and now > first_at else None
+
+    def forget(self, unit_id: str) -> None:
+        self._first.pop(unit_id, None)
+
+
 def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_address: str | None,
            num_cpus: int | None, on_progress: Callable[[dict[str, int]], None] | None,
            restart_failed_il: bool = False) -> CampaignSummary:
@@ -283,7 +301,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         pool, last_reconcile = None, 0.0
         if cfg.slurm.pools:
-            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import imitation_jobs, pool_for_units, start_for_campaign, unit_resources
 
             pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
             pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
@@ -294,7 +312,9 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             # Units in flight count as running (never cancel a node that may hold one); the rest wait.
             nonlocal last_reconcile
             if pools is not None and time.monotonic() - last_reconcile >= cfg.slurm.poll_interval_s:
-                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)})
+                # An imitation job in flight holds (or waits for) whole jobs for its DDP workers.
+                reserved = dict([imitation_jobs(cfg)]) if imitation.ref is not None else {}
+                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)}, reserved)
                 last_reconcile = time.monotonic()
         # --- end slurm ---------------------------------------------------------------------------------
         imitation = ImitationLauncher(cfg, store, paths.dir, paths.lake, uri, paths.name)
@@ -304,6 +324,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
             on_progress(store.counts())
         config_dicts: dict[str, dict] = {}
         last_drain = time.monotonic()
+        rates = _StepRates()
 
         def drain() -> None:
             try:
@@ -313,8 +334,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 return
             for n in notes["started"]:
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
-            for unit_id, (step, ckpt, steps_per_s) in notes["progress"].items():
-                store.note_progress(unit_id, step, ckpt, steps_per_s)
+            for unit_id, (step, ckpt) in notes["progress"].items():
+                store.note_progress(unit_id, step, ckpt, rates.note(unit_id, step))
             for unit_id, run_id in notes["runs"].items():
                 store.set_mlflow_run(unit_id, run_id)
 
@@ -325,6 +346,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 no_space = no_space or outcome.no_space
                 return
             unit_id = outcome.unit_id
+            rates.forget(unit_id)  # a retry is a new attempt
             row = store.unit(unit_id)
             tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
                     "slurm_job_id": row.slurm_job_id}

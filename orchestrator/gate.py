@@ -230,7 +230,13 @@ class ImitationLauncher:
     def _resource_problem(self) -> str | None:
         import ray
 
-        if self.cfg.slurm.pools:  # nodes come and go with the pools; Ray waits for them
+        if self.cfg.slurm.pools:  # nodes come with the pools: can they ever hold the DDP workers?
+            from slurm.pools import imitation_jobs
+
+            try:
+                imitation_jobs(self.cfg)
+            except ValueError as e:
+                return str(e)
             return None
         il, res = self.cfg.il, ray.cluster_resources()
         if res.get("CPU", 0) < il.num_workers:

@@ -2,7 +2,8 @@
 
 ``read_status(campaign_dir)`` gathers the numbers; ``render(status)`` turns them into a rich
 renderable: units by state, a text histogram of F1, throughput (units/hour), ETA, why finished
-units stopped and the steps their budgets saved, running units and the last errors.
+units stopped and the steps their budgets saved, where units run (host, SLURM job, Ray node),
+running units with their step and steps/s, and the last errors.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class CampaignStatus:
     logging_overhead: float | None        # worker time in the metrics callback / worker time
     running: list[dict] = field(default_factory=list)
     packs: list[dict] = field(default_factory=list)  # running packs: pack_id, units, hostname, steps_per_s
+    where: list[dict] = field(default_factory=list)  # running units per host, SLURM job and Ray node
     last_errors: list[dict] = field(default_factory=list)
     mlflow: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
@@ -85,12 +87,16 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         overhead_row = db.execute(
             f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({marks}) AND report_seconds IS NOT NULL",
             FINISHED).fetchone()
-        columns = store.unit_columns  # NULLs for columns an older store lacks
+        pack_col = "NULL AS pack_id" if "NULL AS pack_id" in store.unit_columns else "pack_id"  # an older store
         running = [dict(r) for r in db.execute(
-            f"SELECT {columns} FROM units WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
+            f"SELECT unit_id, {pack_col}, attempts, hostname, slurm_job_id, node_id, step, env_steps_per_s AS steps_per_s,"
+            " checkpoint_step, started_at FROM units WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
         packs = _packs([dict(r) for r in db.execute(
-            f"SELECT {columns} FROM units WHERE state = ? AND pack_id IS NOT NULL", (RUNNING,))]) \
-            if "NULL AS pack_id" not in columns else []
+            "SELECT unit_id, pack_id, hostname, env_steps_per_s AS steps_per_s, started_at FROM units"
+            " WHERE state = ? AND pack_id IS NOT NULL", (RUNNING,))]) if pack_col == "pack_id" else []
+        where = [dict(r) for r in db.execute(
+            "SELECT hostname, slurm_job_id, node_id, COUNT(*) AS units, SUM(env_steps_per_s) AS steps_per_s FROM units"
+            " WHERE state = ? GROUP BY hostname, slurm_job_id, node_id ORDER BY units DESC, hostname", (RUNNING,))]
         errors = [dict(r) for r in db.execute(
             "SELECT unit_id, state, attempts, finished_at, error FROM units WHERE error IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
@@ -102,7 +108,7 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, packs=packs, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
+        running=running, packs=packs, where=where, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
         ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
 
 
@@ -159,6 +165,15 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _node(node_id: str | None) -> str:
+    """A Ray node id as `ray list nodes` starts it (the first 8 of its 56 hex digits)."""
+    return node_id[:8] if node_id else "-"
+
+
+def _rate(steps_per_s: float | None) -> str:
+    return f"{steps_per_s:.1f}" if steps_per_s is not None else "-"
+
+
 def render(status: CampaignStatus):
     """A rich renderable of ``status``."""
     from rich.console import Group
@@ -191,16 +206,23 @@ def render(status: CampaignStatus):
     parts = [head, states, hist]
     if status.budgets and status.budgets.units:
         parts.append(Text(budget_text(status.budgets)))
+    if status.where:
+        where = Table(title="where units run", show_edge=False)
+        for col in ("host", "slurm job", "Ray node", "units", "steps/s"):
+            where.add_column(col, justify="right" if col in ("units", "steps/s") else "left")
+        for w in status.where:
+            where.add_row(w["hostname"] or "-", w["slurm_job_id"] or "-", _node(w["node_id"]), str(w["units"]),
+                          _rate(w["steps_per_s"]))
+        parts.append(where)
     if status.running:
         run = Table(title="running", show_edge=False)
-        for col in ("unit", "pack", "attempt", "host", "slurm job", "step", "checkpoint", "steps/s", "for"):
+        for col in ("unit", "pack", "attempt", "host", "slurm job", "Ray node", "step", "steps/s", "checkpoint", "for"):
             run.add_column(col)
         now = time.time()
         for r in status.running:
-            run.add_row(r["unit_id"], r["pack_id"] or "-", str(r["attempts"]), r["hostname"] or "-",
-                        r["slurm_job_id"] or "-", str(r["step"] if r["step"] is not None else "-"),
+            run.add_row(r["unit_id"], r["pack_id"] or "-", str(r["attempts"]), r["hostname"] or "-", r["slurm_job_id"] or "-",
+                        _node(r["node_id"]), str(r["step"] if r["step"] is not None else "-"), _rate(r["steps_per_s"]),
                         str(r["checkpoint_step"] if r["checkpoint_step"] is not None else "-"),
-                        f"{r['steps_per_s']:.0f}" if r["steps_per_s"] is not None else "-",
                         _duration(now - r["started_at"]) if r["started_at"] else "-")
         parts.append(run)
     if status.packs:
@@ -209,7 +231,7 @@ def render(status: CampaignStatus):
             packs.add_column(col)
         for p in status.packs:
             packs.add_row(p["pack_id"], ", ".join(p["units"]), p["hostname"] or "-",
-                          f"{p['steps_per_s']:.0f}" if p["steps_per_s"] is not None else "-")
+                          _rate(p["steps_per_s"]))
         parts.append(packs)
     if status.last_errors:
         err = Table(title="last errors", show_edge=False)

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS units (
     recall          REAL,
     episode_return  REAL,
     steps           INTEGER,               -- training steps of the finished unit
-    env_steps_per_s REAL,
+    env_steps_per_s REAL,                  -- while running: reported steps per second, as the driver sees them
     updates_per_s   REAL,
     shard_path      TEXT,                  -- the unit's lake shard
     created_at      REAL NOT NULL,
@@ -80,8 +80,7 @@ CREATE TABLE IF NOT EXISTS units (
     stop_step       INTEGER,               -- the step it ended at
     budget_steps    INTEGER,               -- its nominal budget (specialist.total_steps)
     eval_seconds    REAL,                  -- time in evaluations during training (latest attempt)
-    pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
-    steps_per_s     REAL                   -- env steps/s the running attempt last reported
+    pack_id         TEXT                   -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
 );
 CREATE INDEX IF NOT EXISTS units_by_state ON units(state);
 CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state over time) and driver events
@@ -101,7 +100,7 @@ CREATE INDEX IF NOT EXISTS events_by_ts ON events(ts);
 MIGRATIONS = {
     2: ["ALTER TABLE units ADD COLUMN stop_reason TEXT", "ALTER TABLE units ADD COLUMN stop_step INTEGER",
         "ALTER TABLE units ADD COLUMN budget_steps INTEGER", "ALTER TABLE units ADD COLUMN eval_seconds REAL"],
-    3: ["ALTER TABLE units ADD COLUMN pack_id TEXT", "ALTER TABLE units ADD COLUMN steps_per_s REAL"],
+    3: ["ALTER TABLE units ADD COLUMN pack_id TEXT"],
 }
 
 
@@ -147,7 +146,6 @@ class UnitRow:
     budget_steps: int | None = None
     eval_seconds: float | None = None
     pack_id: str | None = None
-    steps_per_s: float | None = None
 
     @property
     def spec(self) -> UnitSpec:
@@ -359,7 +357,7 @@ class CampaignStore:
             attempt = row["attempts"] + 1
             self.db.execute(
                 "UPDATE units SET state = ?, attempts = ?, started_at = ?, finished_at = NULL, seconds = NULL,"
-                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, pack_id = ?, steps_per_s = NULL,"
+                " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, pack_id = ?, env_steps_per_s = NULL,"
                 " updated_at = ? WHERE unit_id = ?",
                 (RUNNING, attempt, now, pack_id, now, unit_id),
             )
@@ -377,11 +375,11 @@ class CampaignStore:
 
     def note_progress(self, unit_id: str, step: int | None, checkpoint_step: int | None,
                       steps_per_s: float | None = None) -> None:
-        """Latest reported step, checkpoint step and env steps/s (a None keeps the value before)."""
+        """Latest reported step, checkpoint step and step rate (none of them moves back to NULL)."""
         with self.db:
             self.db.execute(
                 "UPDATE units SET step = COALESCE(?, step), checkpoint_step = COALESCE(?, checkpoint_step),"
-                " steps_per_s = COALESCE(?, steps_per_s), updated_at = ? WHERE unit_id = ?",
+                " env_steps_per_s = COALESCE(?, env_steps_per_s), updated_at = ? WHERE unit_id = ?",
                 (step, checkpoint_step, steps_per_s, time.time(), unit_id),
             )
 

@@ -87,7 +87,7 @@ class MetricsSink:
         self._params: dict[str, list] = {}                   # unit_id -> [Param] not yet written
         self._tags: dict[str, dict[str, str]] = {}           # unit_id -> tags not yet written
         self._started: list[dict] = []                       # worker start notes since the last drain
-        self._progress: dict[str, tuple[int | None, int | None, float | None]] = {}  # unit_id -> (step, checkpoint_step, env steps/s)
+        self._progress: dict[str, tuple[int | None, int | None]] = {}  # unit_id -> (step, checkpoint_step)
         self._stats = {"metrics_received": 0, "metrics_written": 0, "batches": 0, "mlflow_calls": 0,
                        "write_seconds": 0.0, "write_errors": 0}
         self._ops: queue.Queue = queue.Queue()
@@ -155,11 +155,9 @@ class MetricsSink:
         with self._lock:
             self._buffer.setdefault(unit_id, []).extend(batch)
             self._stats["metrics_received"] += len(batch)
-            old_step, old_ckpt, old_rate = self._progress.get(unit_id, (None, None, None))
-            rate = metrics.get("perf/env_steps_per_s")
+            old_step, old_ckpt = self._progress.get(unit_id, (None, None))
             self._progress[unit_id] = (step if "step" in metrics else old_step,
-                                       int(ckpt) if ckpt is not None else old_ckpt,
-                                       float(rate) if rate is not None else old_rate)
+                                       int(ckpt) if ckpt is not None else old_ckpt)
 
     def log_many(self, unit_id: str, items: list[tuple[dict[str, Any], int]]) -> None:
         """``log`` for a batch of (metrics, timestamp_ms) a worker collected."""

@@ -2,7 +2,8 @@
 
 A profile names pools (``slurm.pools`` in the config): for each, a partition, the resources of
 one job and a minimum and maximum number of jobs. The campaign driver calls
-:meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool;
+:meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool (and
+the jobs an imitation job in flight needs, :func:`imitation_jobs`);
 the manager submits jobs while units wait, replaces jobs that ended (time limit, preemption,
 scancel, node failure) while work remains, cancels idle jobs when the queue drains, and
 cancels everything on :meth:`PoolManager.shutdown` (also at interpreter exit).
@@ -200,21 +201,26 @@ class PoolManager:
         """Pool jobs that hold or wait for a node, as of the last reconcile."""
         return [j for j in self._jobs.values() if j.alive]
 
-    def target_jobs(self, pool: str, waiting: int, running: int) -> int:
-        """How many jobs ``pool`` should have for this many waiting and running units."""
+    def target_jobs(self, pool: str, waiting: int, running: int, reserved: int = 0) -> int:
+        """How many jobs ``pool`` should have for this many waiting and running units, plus
+        ``reserved`` whole jobs for other work (an imitation job's DDP workers)."""
         cfg = self.cfg.pools[pool]
-        wanted = math.ceil((waiting + running) / self.units_per_job[pool])
+        wanted = math.ceil((waiting + running) / self.units_per_job[pool]) + reserved
         return max(cfg.min_jobs, min(cfg.max_jobs, wanted))
 
-    def reconcile(self, waiting_units_by_pool: Mapping[str, int], running_units_by_pool: Mapping[str, int]) -> dict[str, int]:
+    def reconcile(self, waiting_units_by_pool: Mapping[str, int], running_units_by_pool: Mapping[str, int],
+                  reserved_jobs_by_pool: Mapping[str, int] | None = None) -> dict[str, int]:
         """Refresh job states from SLURM, then submit or cancel jobs toward each pool's target.
 
+        ``reserved_jobs_by_pool``: jobs wanted besides the units' (see :func:`imitation_jobs`),
+        so work that is not a unit never waits for nodes the queue alone would not ask for.
         Returns the target number of jobs per pool. A failing ``squeue`` leaves everything as is
         (a busy controller must not look like every job ended).
         """
         if self._closed:
             raise RuntimeError("PoolManager.reconcile after shutdown")
-        unknown = set(waiting_units_by_pool) | set(running_units_by_pool)
+        reserved_jobs_by_pool = reserved_jobs_by_pool or {}
+        unknown = set(waiting_units_by_pool) | set(running_units_by_pool) | set(reserved_jobs_by_pool)
         if unknown - set(self.cfg.pools):
             raise ValueError(f"units for unknown pools {sorted(unknown - set(self.cfg.pools))}; "
                              f"slurm.pools has {sorted(self.cfg.pools)}")
@@ -227,12 +233,13 @@ class PoolManager:
         for pool in self.cfg.pools:
             waiting = int(waiting_units_by_pool.get(pool, 0))
             running = int(running_units_by_pool.get(pool, 0))
-            targets[pool] = target = self.target_jobs(pool, waiting, running)
+            reserved = int(reserved_jobs_by_pool.get(pool, 0))
+            targets[pool] = target = self.target_jobs(pool, waiting, running, reserved)
             alive = [j for j in self._jobs.values() if j.pool == pool and j.alive]
             if len(alive) < target:
                 self._submit(pool, target - len(alive))
             elif len(alive) > target:
-                self._scale_down(pool, alive, len(alive) - target, running)
+                self._scale_down(pool, alive, len(alive) - target, running + reserved)
         return targets
 
     def shutdown(self, wait_s: float = 60.0) -> None:
@@ -339,7 +346,7 @@ class PoolManager:
             self._jobs[job.job_id] = PoolJob(pool=pool, job_id=job.job_id, state="PENDING", submitted_at=time.time())
             log.info("pool %s: submitted job %s", pool, job.job_id)
 
-    def _scale_down(self, pool: str, alive: list[PoolJob], excess: int, running_units: int) -> None:
+    def _scale_down(self, pool: str, alive: list[PoolJob], excess: int, busy: int) -> None:
         # Pending jobs first (they run nothing), newest first; then running jobs that run nothing.
         pending = sorted((j for j in alive if j.state != "RUNNING"), key=lambda j: -j.submitted_at)
         cancel = pending[:excess]
@@ -349,7 +356,7 @@ class PoolManager:
             idle = self._idle_jobs()
             if idle is not None:
                 candidates = [j for j in running if j.job_id in idle]
-            elif running_units == 0:
+            elif busy == 0:
                 candidates = running  # nothing of this pool runs anywhere
             else:
                 candidates = []  # cannot tell which nodes are idle: keep them rather than kill work
@@ -365,15 +372,45 @@ class PoolManager:
                 j.state = "CANCELLED"
 
 
+def _fits(pool: PoolConfig, cpus: float, gpus: float) -> int:
+    """How many tasks of ``cpus`` CPUs and ``gpus`` GPUs one job of ``pool`` holds (0: none)."""
+    fits = [pool.cpus_per_job / cpus] if cpus > 0 else []
+    if gpus > 0:
+        fits.append(pool.gpus_per_job / gpus)
+    return int(min(fits)) if fits else 1
+
+
 def units_per_job(cfg: configs.Config, pool: str) -> int:
     """How many units of the campaign one job of ``pool`` runs at once: launches (units, or
     packs of ``campaign.pack_size``, by default one pack per GPU) that fit, times the pack size."""
     p = cfg.slurm.pools[pool]
     cpus, gpus = cfg.campaign.pack_resources(p)
-    fits = [p.cpus_per_job / cpus] if cpus > 0 else []
-    if gpus > 0:
-        fits.append(p.gpus_per_job / gpus)
-    return (max(1, int(min(fits) + 1e-9)) if fits else 1) * cfg.campaign.pack_size
+    return max(1, _fits(p, cpus, gpus)) * cfg.campaign.pack_size
+
+
+def imitation_jobs(cfg: configs.Config) -> tuple[str, int]:
+    """(pool, jobs) that the imitation job's ``il.num_workers`` DDP workers need.
+
+    Each worker asks Ray Train's default of 1 CPU (and 1 GPU with ``il.use_gpu``); the Ray head
+    has no CPUs, so without these jobs the imitation job would wait for workers forever. A
+    ValueError says why the pools can never hold them.
+    """
+    il = cfg.il
+    gpus = 1 if il.use_gpu else 0
+    try:
+        pool = pool_for_units(cfg.slurm, gpus)
+    except ValueError as e:
+        raise ValueError(f"imitation workers (il.use_gpu = {il.use_gpu}): {e}") from None
+    per_job = _fits(cfg.slurm.pools[pool], 1, gpus)
+    if per_job < 1:
+        raise ValueError(f"slurm.pools.{pool}: one job ({cfg.slurm.pools[pool].cpus_per_job} CPUs, "
+                         f"{cfg.slurm.pools[pool].gpus_per_job} GPUs) cannot hold an imitation worker (1 CPU, {gpus} GPU)")
+    jobs = math.ceil(il.num_workers / per_job)
+    if jobs > cfg.slurm.pools[pool].max_jobs:
+        raise ValueError(f"il.num_workers = {il.num_workers} needs {jobs} jobs of slurm.pools.{pool} "
+                         f"({per_job} workers each); its max_jobs is {cfg.slurm.pools[pool].max_jobs}: "
+                         "lower il.num_workers or raise max_jobs")
+    return pool, jobs
 
 
 def pool_for_units(slurm_cfg: SlurmConfig, gpus_per_unit: float) -> str:
@@ -405,6 +442,6 @@ def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Pa
 
 
 __all__ = [
-    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "pool_for_units", "pool_resource",
+    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "imitation_jobs", "pool_for_units", "pool_resource",
     "ray_idle_jobs", "ray_joined_jobs", "resolve_auth_token_file", "squeue", "start_for_campaign", "unit_resources", "units_per_job",
 ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -138,6 +140,59 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         assert row.attempts == 2 and row.checkpoint_step == 40
         crash = [e for e in store.events(unit_id=slow.unit_id) if e.from_state == "running" and e.to_state == "pending"]
         assert len(crash) == 1 and "Worker" in crash[0].detail  # WorkerCrashedError / ActorDiedError text
+
+
+def test_status_shows_where_units_run_and_their_step_rate(ray_cluster, tmp_path):
+    import ray
+    from rich.console import Console
+
+    from orchestrator.status import render
+
+    cfg = configs.load(overrides=FAST)
+    [unit] = make_units(1, 1, "cfg00000")
+    unit = _with(unit, sleep_s=6.0, steps=30)  # 5 steps/s
+    driver = threading.Thread(target=campaign.submit, args=([unit], cfg, "where"), kwargs={"root": tmp_path})
+    driver.start()
+    status, deadline = None, time.time() + 120
+    while time.time() < deadline and driver.is_alive():
+        if (tmp_path / "where" / "campaign.db").exists():
+            try:
+                status = read_status(tmp_path / "where")
+            except sqlite3.OperationalError:  # the driver is still creating the store's tables
+                time.sleep(0.2)
+                continue
+            if status.running and (status.running[0]["step"] or 0) >= 15 and status.running[0]["steps_per_s"]:
+                break
+        time.sleep(0.2)
+    driver.join(timeout=120)
+    assert status is not None and status.running, "the unit was never seen running with a step rate"
+    node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
+    [row] = status.running
+    assert (row["hostname"], row["node_id"]) == (host, node)
+    assert 1.0 < row["steps_per_s"] < 15.0  # 5 steps/s, measured as the steps reach the driver
+    assert status.where == [{"hostname": host, "slurm_job_id": None, "node_id": node, "units": 1,
+                             "steps_per_s": row["steps_per_s"]}]
+    console = Console(width=200, record=True)
+    console.print(render(status))
+    text = console.export_text()
+    assert "where units run" in text and "Ray node" in text and node[:8] in text
+    assert f"{row['steps_per_s']:.1f}" in text
+
+
+def test_orchestrator_benchmark_measures_units_only(ray_cluster, tmp_path):
+    """bench_orchestrator at a tiny size, with a gate that would open after one shard: no imitation
+    job may start (it would take the units' CPUs and the benchmark would measure that instead)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "benchmarks" / "bench_orchestrator.py"
+    spec = importlib.util.spec_from_file_location("bench_orchestrator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.bench_size(3, bench.bench_config(0.0, ["gate.min_shards=1"]), tmp_path, repeat=1)
+    assert row["units"] == 3 and row["rss_peak_mib"] > 0 and row["status_ms"] > 0 and row["summary_http_ms"] > 0
+    with CampaignStore(tmp_path / "bench-3" / "campaign.db", readonly=True) as store:
+        assert store.counts()[SUCCEEDED] == 3 and not store.get_meta("il_launches")
+    assert not (tmp_path / "bench-3" / "il").exists()
 
 
 def _write_midi(path: Path, seconds: float) -> None:

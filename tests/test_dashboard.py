@@ -337,6 +337,53 @@ def test_page_shows_why_units_stopped_and_the_steps_saved(tmp_path):
     assert page_summary(Campaign(tmp_path / "budgets").snapshot(full=False), cfg.dashboard)["budgets"] is not None
 
 
+def _get(port: int, path: str, host: str | None) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_requests_for_another_host_are_refused(tmp_path):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 must not read the dashboard."""
+    from dashboards.app import DashboardServer
+
+    cfg = _cfg()
+    (tmp_path / "c").mkdir()
+    with CampaignStore(tmp_path / "c" / "campaign.db") as store:
+        store.add_units([_spec("Twinkle", 0, cfg)], store.put_config(cfg.to_dict(), cfg.hash()))
+    dash = cfg.dashboard.model_copy(update={"allowed_hosts": ("proxy.example",)})
+    with DashboardServer(Campaign(tmp_path / "c", dash), host="127.0.0.1", port=0) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LocalHost:9000", f"[::1]:{port}", "proxy.example"):
+            status, body = _get(port, "/api/summary", host)
+            assert status == 200 and json.loads(body)["counts"]["pending"] == 1, host  # any port: SSH tunnels
+        for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.evil.example", "10.0.0.7", "", None):
+            status, body = _get(port, "/api/summary", host)
+            assert status == 403 and b"not an address this dashboard serves" in body, host
+            assert b"counts" not in body
+        assert _get(port, "/", f"evil.example:{port}")[0] == 403
+
+
+def test_allowed_host_names_follow_the_bound_address():
+    import socket
+
+    from dashboards.app import allowed_host_names
+
+    assert allowed_host_names("10.1.2.3") == {"10.1.2.3"}  # one interface: only its address
+    assert allowed_host_names("node7", ("Proxy.Example",)) == {"node7", "proxy.example"}
+    assert allowed_host_names("127.0.0.2") == {"127.0.0.2", "127.0.0.1", "localhost", "::1"}
+    assert allowed_host_names("0.0.0.0") >= {"localhost", socket.gethostname().lower()}
+
+
 def test_campaign_is_not_finished_while_its_imitation_job_trains(tmp_path):
     """All units ended but the driver's imitation job still runs: the page keeps refreshing."""
     from orchestrator.gate import LAUNCHES_KEY

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import configs
+from il_fixtures import TINY_IL
 from orchestrator.gate import Gate
 
 
@@ -50,6 +51,20 @@ def test_gate_reads_its_section_of_the_config():
     assert g.f1_threshold == pytest.approx(0.75) and g.min_shards == 100
 
 
+def test_launch_that_the_slurm_pools_can_never_hold_fails_with_the_reason(tmp_path):
+    """On SLURM the cluster grows with the pools, so the check is against what they can hold."""
+    from orchestrator.gate import GateDecision, ImitationLauncher
+    from orchestrator.store import CampaignStore
+
+    cfg = configs.load("slurm", overrides=["slurm.pools.cpu.max_jobs=2", "il.num_workers=3"])
+    with CampaignStore(tmp_path / "campaign.db") as store:
+        launcher = ImitationLauncher(cfg, store, tmp_path, tmp_path / "lake", None, None)
+        launcher._launch(GateDecision(launch=True, passing=1))
+        [job] = launcher.launches()
+    assert launcher.ref is None and job["state"] == "failed"
+    assert "il.num_workers = 3 needs 3 jobs of slurm.pools.cpu" in job["error"] and "max_jobs is 2" in job["error"]
+
+
 # ---- the gate in the campaign driver: real Ray, Ray Train, MLflow; the synthetic workload ------
 
 CAMPAIGN = [
@@ -63,9 +78,6 @@ CAMPAIGN = [
     "mlflow.system_metrics=false",
     "mlflow.flush_interval_s=0.5",
 ]
-TINY_IL = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.action_chunk=4", "il.batch_size=8",
-           "il.shuffle_buffer=32", "il.steps=6", "il.log_interval=2", "il.checkpoint_interval=3",
-           "il.warmup_steps=2", "il.stats_steps=100", "il.max_failures=0"]
 
 
 def _campaign(tmp_path, name, n_units, overrides):

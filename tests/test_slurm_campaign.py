@@ -165,3 +165,54 @@ def test_scancel_of_a_pool_job_mid_unit_resumes_the_unit_from_its_checkpoint(slu
 
     queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
     assert not set(queue) & submitted  # no pool job outlives the driver
+
+
+IL_DRIVER = """
+import sys
+import configs
+from orchestrator import campaign
+from workers.synthetic import make_units
+
+cfg = configs.load("slurm", overrides=sys.argv[2:])
+units = make_units(2, 1, cfg.hash("env", "droq", "specialist"))
+summary = campaign.submit(units, cfg, "il-on-slurm", root=sys.argv[1], num_cpus=0)
+print("COUNTS", summary.counts)
+"""
+
+
+def test_gate_opened_on_slurm_gets_pool_jobs_for_its_imitation_workers(slurm_cluster, tmp_path):
+    """The head has no CPUs and, once the units are done, the queue asks for no job: the pools
+    must still provision the imitation job's DDP worker, or it waits forever."""
+    from il_fixtures import TINY_IL
+
+    overrides = [
+        "campaign.workload=synthetic", "campaign.synthetic.sleep_s=0.2", "campaign.synthetic.steps=2",
+        "campaign.synthetic.episodes=2", "campaign.synthetic.steps_per_episode=12", "gate.f1_threshold=0.0",
+        "gate.min_shards=2", "gate.launch=after_campaign", "il.num_workers=1", *TINY_IL,
+        "mlflow.system_metrics=false", "mlflow.flush_interval_s=0.5", "slurm.poll_interval_s=1",
+        "slurm.pools.cpu.max_jobs=2", "slurm.pools.cpu.time_min=10",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    camp_dir, output = tmp_path / "il-on-slurm", tmp_path / "driver.out"
+    with open(output, "w") as out_file:
+        driver = subprocess.Popen([sys.executable, "-c", IL_DRIVER, str(tmp_path), *overrides], env=env,
+                                  stdout=out_file, stderr=subprocess.STDOUT)
+    try:
+        driver.wait(timeout=400)
+    except subprocess.TimeoutExpired:  # the imitation job never got a worker: stop the driver cleanly
+        driver.send_signal(signal.SIGINT)
+        try:
+            driver.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+        if leftover := _submitted_jobs(camp_dir):
+            subprocess.run(["scancel", *leftover], check=False)
+    assert driver.returncode == 0, output.read_text()[-8000:]
+    with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+        launches = store.get_meta("il_launches")
+        rows = list(store.units())
+    assert [r.state for r in rows] == [SUCCEEDED] * 2
+    assert len(launches) == 1 and launches[0]["state"] == "succeeded" and launches[0]["steps"] == 6, launches
+    assert (camp_dir / "il" / "flow" / "launch-1" / "policy.pt").exists()
+    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+    assert not set(queue) & _submitted_jobs(camp_dir)

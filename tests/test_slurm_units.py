@@ -240,6 +240,34 @@ def test_failing_squeue_changes_nothing(fake, monkeypatch):
     assert [j.job_id for j in m.jobs()] == ["101"] and fake.next_id == 101
 
 
+def test_reserved_jobs_are_provisioned_and_kept_while_no_unit_is_left(fake):
+    """An imitation job's DDP workers need nodes even when no unit waits (the head has no CPUs)."""
+    m = manager(fake, slurm_cfg(max_jobs=3))
+    assert m.reconcile({}, {}, {"cpu": 2}) == {"cpu": 2}
+    assert len(m.jobs()) == 2
+    for i in fake.queue:
+        fake.queue[i] = ("RUNNING", "n1")
+    m.reconcile({}, {}, {"cpu": 2})  # without Ray nothing is known idle: the reserved jobs stay
+    assert fake.cancelled == [] and len(m.jobs()) == 2
+    assert m.reconcile({"cpu": 5}, {}, {"cpu": 2}) == {"cpu": 3}  # units and reserved share max_jobs
+    m.reconcile({}, {}, {})  # the imitation job ended: back to the queue's size
+    assert m.jobs() == []
+
+
+def test_imitation_jobs_follow_workers_and_name_what_cannot_fit():
+    gpu_pool = dict(partition="gpu", cpus_per_job=8, gpus_per_job=2, mem_gb=32, time_min=60, min_jobs=0, max_jobs=2)
+    cfg = configs.load("slurm", overrides={"slurm.pools.cpu.cpus_per_job": 2, "slurm.pools.cpu.max_jobs": 2,
+                                           "slurm.pools.gpu": gpu_pool, "il.num_workers": 3, "il.use_gpu": False})
+    assert pools.imitation_jobs(cfg) == ("cpu", 2)  # 3 workers of 1 CPU, 2 per job
+    assert pools.imitation_jobs(cfg.with_overrides({"il.use_gpu": True})) == ("gpu", 2)  # 2 GPUs per job
+    with pytest.raises(ValueError, match=r"il.num_workers = 5 needs 3 jobs of slurm.pools.cpu .*max_jobs is 2"):
+        pools.imitation_jobs(cfg.with_overrides({"il.num_workers": 5}))
+    no_gpu = configs.load("slurm", overrides={"slurm.pools": {"cpu": cfg.slurm.pools["cpu"].model_dump()},
+                                              "il.use_gpu": True})
+    with pytest.raises(ValueError, match="il.use_gpu = True.*no GPU pool"):
+        pools.imitation_jobs(no_gpu)
+
+
 def test_unknown_pool_is_a_clear_error(fake):
     m = manager(fake, slurm_cfg())
     with pytest.raises(ValueError, match="unknown pools"):

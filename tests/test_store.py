@@ -137,7 +137,7 @@ def test_stop_reasons_and_saved_steps_over_finished_units(store):
 
 def _version_1_store(path) -> None:
     """A store as schema version 1 wrote it (no budget or pack columns), with one finished unit."""
-    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id", "steps_per_s")
+    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id")
     lines = [line for line in SCHEMA.splitlines() if not line.strip().startswith(new_columns)]
     v1 = "\n".join(lines).replace("updated_at      REAL NOT NULL,", "updated_at      REAL NOT NULL")
     db = sqlite3.connect(path)
