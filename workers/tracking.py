@@ -400,16 +400,16 @@ class Outbox:
         backoff = 0.0
         next_flush = time.monotonic()
         while not self._stop.is_set():
-            if time.monotonic() >= next_flush:
-                self.flush()
-                next_flush = time.monotonic() + self.flush_interval_s
-            if not self._take_send_lock():  # another process delivers; keep writing, try again later
-                self._wake.wait(min(5.0, self.flush_interval_s))
-                self._wake.clear()
-                continue
             try:
+                if time.monotonic() >= next_flush:
+                    next_flush = time.monotonic() + self.flush_interval_s
+                    self.flush()
+                if not self._take_send_lock():  # another process delivers; keep writing, try again later
+                    self._wake.wait(min(5.0, self.flush_interval_s))
+                    self._wake.clear()
+                    continue
                 status = self._deliver_some()
-            except Exception as e:  # noqa: BLE001 - the sender never dies; the records stay on disk
+            except Exception as e:  # noqa: BLE001 - the sender never dies (a full disk, ...); records stay on disk
                 log.warning("MLflow outbox sender: %s: %s", type(e).__name__, e)
                 status = "failed"
             if status == "failed":
