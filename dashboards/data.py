@@ -45,7 +45,7 @@ import workers.lake as _lake
 from dashboards import timeline
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
-from orchestrator.status import budget_text, steps_text
+from orchestrator.status import budget_text, steps_text, throughput_eta
 from orchestrator.store import BudgetSummary
 from workers.tracking import outbox_path, pending_records
 
@@ -189,8 +189,6 @@ class Snapshot:
 
     def throughput_eta(self, window_s: float) -> tuple[float | None, float | None]:
         """Units ended per hour and the ETA, as ``pianoforge status`` computes them."""
-        from orchestrator.status import throughput_eta
-
         ended = [u.finished_at for u in self.units if u.state not in timeline.OPEN_STATES and u.finished_at]
         remaining = sum(1 for u in self.units if u.state in timeline.OPEN_STATES)
         return throughput_eta(ended, self.started_at, self.taken_at, remaining, window_s)
