@@ -7,6 +7,7 @@ through :class:`Config`. ``load(profile="local", overrides=["droq.batch_size=128
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -170,6 +171,9 @@ class MlflowConfig(_Section):
     flush_interval_s: float = Field(gt=0)
     max_batch: int = Field(gt=0, le=1000)
     system_metrics: bool
+    outbox_max_metrics: int = Field(gt=0)
+    retry_max_s: float = Field(gt=0)
+    close_timeout_s: float = Field(ge=0)
 
 
 class GateConfig(_Section):
@@ -377,6 +381,13 @@ def load(
     return _validate(data, source=str(sources[-1]) if sources else "default.yaml", overrides=overrides)
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config saved with ``Config.to_dict()`` (e.g. in a campaign directory)."""
-    return _validate(data, source="saved config")
+def from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
+    """Rebuild a config saved with ``Config.to_dict()`` (e.g. in a campaign directory), merged
+    over today's defaults so that a config saved before a setting existed still loads."""
+    return _validate(_deep_merge(_defaults(), data, source), source=source)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    """``default.yaml`` read once per process (``from_dict`` runs for every unit attempt); callers copy it."""
+    return _read_yaml(HERE / "default.yaml")

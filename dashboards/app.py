@@ -73,7 +73,7 @@ def figures(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
     done = timeline.finish_times(s.changes)
     start = s.started_at or s.taken_at
     edges, per_bin = timeline.throughput_bins(done, start, s.until)
-    per_hour = timeline.rate_per_hour(done, start, s.until, dash.throughput_window_s)
+    per_hour, _ = s.throughput_eta(dash.throughput_window_s)
     finished_f1 = [u.f1 for u in s.units if u.f1 is not None and u.state in ("succeeded", "gated")]
     figs = {
         "states": plots.states_over_time([timeline.iso(t) for t in times], counts),

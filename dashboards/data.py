@@ -9,8 +9,9 @@ Sources (all read-only; the driver may be writing meanwhile):
   only each shard's ``pressed`` column (cached per shard commit); the focused unit's best
   rollout (highest episode F1) is read in full;
 - MLflow (``mlflow.tracking_uri``, default ``sqlite:///<campaign>/mlflow.db``): metric
-  histories of the units' runs and of the imitation job's run (tag ``pianoforge.kind =
-  imitation``). A SQLite tracking file that does not exist yet is not created.
+  histories of the units' runs, of the imitation job's run and its evaluation, whose ids the
+  store holds (never searched for on the server, which other campaigns may share). A SQLite
+  tracking file that does not exist yet is not created.
 
 Fingering: the lake stores, per step, the observation the action was taken from (with the 10
 fingertip positions in world coordinates, ``obs[1068:1098]``, right thumb..little then left
@@ -44,8 +45,9 @@ import workers.lake as _lake
 from dashboards import timeline
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
-from orchestrator.status import budget_text, steps_text
+from orchestrator.status import budget_text, steps_text, throughput_eta
 from orchestrator.store import BudgetSummary
+from workers.tracking import outbox_path, pending_records
 
 STORE_FILE = "campaign.db"
 CONFIG_FILE = "config.yaml"
@@ -173,6 +175,7 @@ class Snapshot:
     control_timestep: float
     problems: list[str] = field(default_factory=list)
     il_running: bool = False  # the driver's imitation job (store meta il_launches) is still training
+    tracking_pending: int = 0  # records the campaign's MLflow outbox has not delivered yet
     ray_dashboard: str | None = None  # the Ray dashboard of the driver's cluster (store meta ray_dashboard_url)
     budgets: BudgetSummary | None = None  # finished units' stop reasons and steps saved (specialist.budget)
 
@@ -185,6 +188,18 @@ class Snapshot:
         """No unit is pending or running, nor the imitation job (and there is at least one unit)."""
         return (bool(self.units) and not self.il_running
                 and all(u.state not in timeline.OPEN_STATES for u in self.units))
+
+    def throughput_eta(self, window_s: float) -> tuple[float | None, float | None]:
+        """Units ended per hour and the ETA, as ``pianoforge status`` computes them."""
+        ended = [u.finished_at for u in self.units if u.state not in timeline.OPEN_STATES and u.finished_at]
+        remaining = sum(1 for u in self.units if u.state in timeline.OPEN_STATES)
+        return throughput_eta(ended, self.started_at, self.taken_at, remaining, window_s)
+
+    @property
+    def settled(self) -> bool:
+        """Finished, and MLflow has received everything (so the curves are complete): the page
+        stops refreshing."""
+        return self.finished and self.tracking_pending == 0
 
     @property
     def until(self) -> float:
@@ -213,10 +228,7 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
     older version reloads."""
     counts = timeline.state_counts(u.state for u in s.units)
     remaining = sum(counts[st] for st in timeline.OPEN_STATES)
-    done = timeline.finish_times(s.changes)
-    start = s.started_at or s.taken_at
-    per_hour = timeline.rate_per_hour(done, start, s.until, dash.throughput_window_s)
-    eta = timeline.eta_seconds(remaining, per_hour)
+    per_hour, eta = s.throughput_eta(dash.throughput_window_s)
     finished = s.finished
     last = max((c.time for c in s.changes), default=0.0)
     return {
@@ -226,6 +238,8 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         # finished | running (some unit runs) | waiting (units pending, none running) | empty
         "status": "finished" if finished else ("running" if counts["running"] else ("waiting" if s.units else "empty")),
         "finished": finished,
+        "settled": s.settled,
+        "tracking_pending": s.tracking_pending,
         "total": len(s.units),
         "counts": counts,
         "remaining": remaining,
@@ -242,7 +256,9 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
             "saved_text": f"{steps_text(s.budgets.saved_steps)} ({s.budgets.saved_fraction:.0%})"},
         "failures": [{"unit_id": u.unit_id, "attempts": u.attempts, "error": (u.error or "").strip().splitlines()[-1:]}
                      for u in s.units if u.state == "failed"],
-        "version": f"{len(s.changes)}-{last:.3f}-{s.lake_shards}-{s.gate.il_run_id or ''}",
+        # ... and when MLflow catches up: run ids arrive, the outbox empties.
+        "version": f"{len(s.changes)}-{last:.3f}-{s.lake_shards}-{s.gate.il_run_id or ''}"
+                   f"-{sum(1 for u in s.units if u.mlflow_run_id)}-{s.tracking_pending == 0}",
     }
 
 
@@ -405,6 +421,9 @@ class MlflowReader:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            from workers.tracking import fail_fast_http
+
+            fail_fast_http()  # a server that is down costs the page one quick error, not minutes of retries
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
@@ -430,22 +449,13 @@ class MlflowReader:
             out[name] = ([m.step for m in history], [m.value for m in history])
         return out
 
-    def latest_run(self, kind: str):
-        """The newest run tagged ``pianoforge.kind = <kind>`` (``imitation``: a
-        ``workers.imitation.trainer`` job; ``evaluation``: ``workers.imitation.evaluate.log_to_mlflow``), if any."""
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """The run's latest value of each metric (``{}`` while MLflow is not to be queried)."""
         if not self.available():
-            return None
-        from mlflow.entities import ViewType
-
-        ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-        if not ids:
-            return None
-        runs = self.client.search_runs(ids, f"tags.`pianoforge.kind` = '{kind}'", max_results=1,
-                                       order_by=["attributes.start_time DESC"])
-        if not runs:
-            return None
-        self._experiments[runs[0].info.run_id] = runs[0].info.experiment_id
-        return runs[0]
+            return {}
+        run = self.client.get_run(run_id)
+        self._experiments[run_id] = run.info.experiment_id
+        return dict(run.data.metrics)
 
 
 def evaluation_f1(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -524,19 +534,21 @@ class Campaign:
         if meta.get("mlflow_experiment_id") is not None:
             self.mlflow.default_experiment = str(meta["mlflow_experiment_id"])
             self.mlflow.ready = True
-        il_run = None
+        # Run ids come from this campaign's store only: a tracking server shared by several
+        # campaigns holds other campaigns' imitation and evaluation runs too.
+        launches = meta.get(LAUNCHES_KEY) or []
+        il_run = next((rec["mlflow_run_id"] for rec in reversed(launches) if rec.get("mlflow_run_id")), None)
+        eval_run = next((rec["eval_run_id"] for rec in reversed(launches) if rec.get("eval_run_id")), None)
         curves: dict[str, dict[str, tuple[list, list]]] = {}
         il_curves: dict[str, tuple[list, list]] = {}
         il_eval: dict[str, dict[str, float]] = {}
         try:
             for u in units:
                 u.run_link = self.mlflow.link(u.mlflow_run_id)
-            run = self.mlflow.latest_run("imitation")
-            il_run = run.info.run_id if run else None
             if il_run and full:
                 il_curves = self.mlflow.curves(il_run, list(self.dash.il_metrics))
-                evaluation = self.mlflow.latest_run("evaluation")
-                il_eval = evaluation_f1(evaluation.data.metrics) if evaluation else {}
+            if eval_run and full:
+                il_eval = evaluation_f1(self.mlflow.metrics(eval_run))
             for uid in self._curve_units(units, curve_units) if full else []:
                 run_id = by_id[uid].mlflow_run_id
                 if run_id:
@@ -552,7 +564,7 @@ class Campaign:
             except Exception as e:
                 problems.append(f"unit {fid}: cannot show its rollout: {type(e).__name__}: {e}")
         gate_view = GateView(threshold=gate.f1_threshold, needed=gate.min_shards, passing=passing,
-                             launched=bool(il_run), il_run_id=il_run, il_link=self.mlflow.link(il_run))
+                             launched=bool(launches), il_run_id=il_run, il_link=self.mlflow.link(il_run))
         return Snapshot(
             campaign=str(meta.get("name") or self.name), directory=str(self.directory), taken_at=taken_at,
             units=units, changes=changes, gate=gate_view, key_counts=key_counts, lake_steps=lake_steps,
@@ -560,6 +572,7 @@ class Campaign:
             il_curves=il_curves, il_eval=il_eval, focus=focus,
             control_timestep=self.cfg.env.control_timestep, problems=problems,
             il_running=any(rec.get("state") == IL_RUNNING for rec in meta.get(LAUNCHES_KEY) or []),
+            tracking_pending=pending_records(outbox_path(self.directory)),
             ray_dashboard=meta.get("ray_dashboard_url"), budgets=budgets,
         )
 

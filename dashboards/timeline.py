@@ -1,4 +1,5 @@
-"""Campaign progress as plain numbers: units per state over time, throughput, ETA.
+"""Campaign progress as plain numbers: units per state over time, finishes per time bin
+(throughput and ETA are ``orchestrator.status.throughput_eta``, shared with ``pianoforge status``).
 
 Pure functions of unit rows and state-change events (no files, no clock unless given), so that
 they are tested on their own and the page shows the same numbers as ``/api/summary``.
@@ -87,30 +88,6 @@ def throughput_bins(finished_at: Sequence[float], start: float, end: float, n_bi
     end = max(end, max(finished_at), start + 1e-3)
     counts, edges = np.histogram(np.asarray(finished_at, dtype=float), bins=n_bins, range=(start, end))
     return edges.tolist(), counts.tolist()
-
-
-def rate_per_hour(finished_at: Sequence[float], start: float, now: float, window_s: float) -> float | None:
-    """Units finished per hour over the last ``window_s`` seconds (or since ``start`` when the
-    campaign is younger); ``None`` before anything has finished."""
-    if not finished_at:
-        return None
-    since = max(start, now - window_s)
-    span = max(now - since, 1e-6)
-    recent = sum(1 for t in finished_at if t >= since)
-    if recent == 0:
-        # Nothing finished in the window: fall back to the campaign's average rather than 0.
-        return len(finished_at) / max(now - start, 1e-6) * 3600.0
-    return recent / span * 3600.0
-
-
-def eta_seconds(remaining: int, per_hour: float | None) -> float | None:
-    """Seconds until ``remaining`` units finish at ``per_hour``; 0 when none remain, ``None``
-    while unknown."""
-    if remaining == 0:
-        return 0.0
-    if not per_hour:
-        return None
-    return remaining / per_hour * 3600.0
 
 
 def human_duration(seconds: float | None) -> str:

@@ -29,6 +29,7 @@ Campaign directory (``<root>/<campaign>/``)::
     lake/           the trajectory lake (workers.lake)
     il/<policy>/launch-<n>/  each imitation-learning job the gate launched (policy.pt, checkpoints)
     mlflow.db       MLflow tracking (when mlflow.tracking_uri is null), mlartifacts/ next to it
+    mlflow-outbox.db  what MLflow has not received yet (orchestrator.tracking; workers.tracking)
     logs/           driver logs
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -125,13 +127,14 @@ class CampaignSummary:
     attempts_run: int
     seconds: float
     tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
+    experiment_id: str | None  # None until the tracking server has heard of the campaign
+    parent_run_id: str | None
     logging_overhead: float | None  # worker time in the metrics callback / worker time, finished units
     sink_stats: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     imitation: dict[str, Any] | None = None  # the latest imitation job's record (store meta il_launches), if any
     no_space: NoSpaceError | None = None  # the driver stopped because this path's disk is full
+    tracking_behind: str | None = None  # the warning line when MLflow records were left for later
 
     @property
     def done(self) -> bool:
@@ -273,7 +276,8 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
 
     from orchestrator import scheduler as sched_mod
     from orchestrator.gate import ImitationLauncher
-    from orchestrator.tracking import artifact_location_for, start_sink, tracking_uri_for
+    from orchestrator.tracking import (artifact_location_for, known_runs, record_runs, start_sink,
+                                       tracking_uri_for)
 
     t_start = time.perf_counter()
     handler = _QuietFileHandler(paths.logs / "driver.log")
@@ -285,16 +289,14 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
     attempts_run = 0
     interrupted = False
     no_space: NoSpaceError | None = None
-    parent = {"experiment_id": "", "run_id": ""}
     uri = tracking_uri_for(cfg.mlflow, paths.dir)
     try:
         store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
-        sink = start_sink(uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
-        parent = ray.get(sink.open_campaign.remote(paths.name, store.get_meta("mlflow_parent_run_id"), cfg.to_dict(),
-                                                   str(paths.config), cfg.mlflow.system_metrics))
+        # Tracking goes through the campaign's outbox: nothing here waits for the tracking server.
+        sink = start_sink(paths.dir, uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
+        ray.get(sink.open_campaign.remote(paths.name, cfg.to_dict(), paths.config.read_text(),
+                                          cfg.mlflow.system_metrics, known_runs(store, uri)))
         store.set_meta("tracking_uri", uri)
-        store.set_meta("mlflow_experiment_id", parent["experiment_id"])
-        store.set_meta("mlflow_parent_run_id", parent["run_id"])
         store.log_event("driver_start", f"pid={os.getpid()} host={socket.gethostname()}")
 
         scheduler = sched_mod.Scheduler(cfg, cfg.campaign.workload, sink)
@@ -325,8 +327,10 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         config_dicts: dict[str, dict] = {}
         last_drain = time.monotonic()
         rates = _StepRates()
+        last_behind_warning = -math.inf
 
         def drain() -> None:
+            nonlocal last_behind_warning
             try:
                 notes = ray.get(sink.drain.remote(), timeout=60)
             except (ray.exceptions.RayError, TimeoutError) as e:  # tracking must not stop the campaign
@@ -336,8 +340,10 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                 store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
             for unit_id, (step, ckpt) in notes["progress"].items():
                 store.note_progress(unit_id, step, ckpt, rates.note(unit_id, step))
-            for unit_id, run_id in notes["runs"].items():
-                store.set_mlflow_run(unit_id, run_id)
+            record_runs(store, notes["runs"])
+            if notes["behind"] and time.monotonic() - last_behind_warning >= 60.0:  # one line a minute at most
+                log.warning(notes["behind"])
+                last_behind_warning = time.monotonic()
 
         def finish(outcome) -> None:
             nonlocal no_space
@@ -391,7 +397,7 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
                     for row in rows:
                         attempt = store.mark_running(row.unit_id, pack_id)
                         attempts_run += 1
-                        sink.open_unit.remote(row.unit_id, row.mlflow_run_id, _unit_params(row),
+                        sink.open_unit.remote(row.unit_id, _unit_params(row),
                                               {"state": "running", "attempt": attempt, **({"pack_id": pack_id} if pack_id else {})})
                     row = rows[0]
                     if row.config_key not in config_dicts:
@@ -442,15 +448,20 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         counts = store.counts()
         overhead = _logging_overhead(store)
         sink_stats: dict[str, Any] = {}
+        behind = None
         if sink is not None:
             try:
-                sink_stats = ray.get(sink.close.remote(
+                closed = ray.get(sink.close.remote(
                     "KILLED" if interrupted or no_space else ("FAILED" if counts[FAILED] else "FINISHED"),
-                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}), timeout=900)
-                for unit_id, run_id in ray.get(sink.drain.remote())["runs"].items():  # runs made while closing
-                    store.set_mlflow_run(unit_id, run_id)
+                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead},
+                    cfg.mlflow.close_timeout_s), timeout=cfg.mlflow.close_timeout_s + 120)
+                with _unless_disk_full():
+                    record_runs(store, closed["runs"])
+                sink_stats, behind = closed["stats"], closed["behind"]
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
-                log.warning("closing the metrics sink failed: %s", e)
+                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {paths.name}` delivers what is left"
+            if behind:
+                log.warning(behind)
         with _unless_disk_full():
             store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}"
                                            + (f" no_space={no_space.filename}" if no_space else ""))
@@ -459,11 +470,13 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
         handler.close()
         if started_ray:
             ray.shutdown()
+        experiment_id, parent_run_id = store.get_meta("mlflow_experiment_id"), store.get_meta("mlflow_parent_run_id")
     return CampaignSummary(name=paths.name, dir=paths.dir, counts=counts, attempts_run=attempts_run,
                            seconds=time.perf_counter() - t_start, tracking_uri=uri,
-                           experiment_id=str(parent["experiment_id"]), parent_run_id=str(parent["run_id"]),
+                           experiment_id=experiment_id and str(experiment_id), parent_run_id=parent_run_id and str(parent_run_id),
                            logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
-                           imitation=launches[-1] if launches else None, no_space=no_space)
+                           imitation=launches[-1] if launches else None, no_space=no_space,
+                           tracking_behind=behind)
 
 
 class _QuietFileHandler(logging.FileHandler):

@@ -169,6 +169,8 @@ def _report_summary(summary, rejected: int = 0) -> None:
     Console().print(render(read_status(summary.dir)))
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
                f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+    if summary.tracking_behind:
+        typer.echo(f"warning: {summary.tracking_behind}", err=True)
     if summary.no_space is not None:
         _exit_no_space(summary.no_space, summary.name)
     if summary.interrupted:
@@ -312,11 +314,13 @@ def status(
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    behind = _sync_tracking(directory, timeout_s=STATUS_SYNC_S, quiet=as_json)
     if as_json:
         import dataclasses
         import json
 
-        typer.echo(json.dumps(dataclasses.asdict(read_status(directory)), default=str, indent=2))
+        shown = {**dataclasses.asdict(read_status(directory)), "tracking_behind": behind}
+        typer.echo(json.dumps(shown, default=str, indent=2))
         return
     if not watch:
         Console().print(render(read_status(directory)))
@@ -328,6 +332,57 @@ def status(
                 live.update(render(read_status(directory)))
         except KeyboardInterrupt:
             pass
+
+
+STATUS_SYNC_S = 5.0  # how long `status` spends delivering MLflow records a stopped driver left
+
+
+def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False) -> str | None:
+    """Deliver the campaign's waiting MLflow records. Returns the warning line when some are left
+    (also printed to stderr unless ``quiet``), else None."""
+    from orchestrator.tracking import sync
+
+    try:
+        done = sync(directory, timeout_s)
+    except Exception as e:  # noqa: BLE001 - tracking never stops a command that reads the campaign
+        line = f"MLflow outbox of {directory}: {type(e).__name__}: {e}"
+    else:
+        if done is None or done[0].empty:
+            return None
+        line = done[0].describe(done[1], f"`pianoforge mlflow sync {directory.name}` delivers them.")
+    if not quiet:
+        typer.echo(f"warning: {line}", err=True)
+    return line
+
+
+mlflow_app = typer.Typer(help="MLflow tracking: deliver what the tracking server has not received yet.",
+                         no_args_is_help=True)
+app.add_typer(mlflow_app, name="mlflow")
+
+
+@mlflow_app.command("sync")
+def mlflow_sync(
+    campaign: Optional[str] = typer.Argument(None, help="Campaign name under --root, or a directory holding "
+                                                        "mlflow-outbox.db (default: the latest campaign)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds (default: "
+                                                                    "until delivered or the server fails)."),
+) -> None:
+    """Deliver the MLflow records a campaign keeps while the tracking server is unreachable (exit 1 if some are left)."""
+    from orchestrator.status import resolve_campaign
+    from workers.tracking import OUTBOX_FILE
+
+    root = root or Path(_load_config("local", [], None).campaign.root)
+    directory = Path(campaign).expanduser() if campaign and (Path(campaign) / OUTBOX_FILE).exists() else None
+    if directory is None:
+        try:
+            directory = resolve_campaign(campaign, root)
+        except FileNotFoundError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    if _sync_tracking(directory.resolve(), timeout):
+        raise typer.Exit(1)
+    typer.echo(f"{directory}: every MLflow record delivered")
 
 
 @app.command()
@@ -368,8 +423,17 @@ def demo(
                                      song_names=[s["name"] for s in songs], max_steps=max_steps))
     print_table(rows)
     table = write_csv(rows, Path(job["out_dir"]) / "eval.csv")
-    log_to_mlflow(rows, summary.tracking_uri, summary.name, run_name="eval-demo",
-                  params={"policy": job["policy_path"], "max_steps": max_steps or 0})
+    try:
+        run_id = log_to_mlflow(rows, summary.tracking_uri, summary.name, run_name="eval-demo",
+                               params={"policy": job["policy_path"], "max_steps": max_steps or 0})
+    except Exception as e:  # noqa: BLE001 - the table is written; MLflow is a view of it
+        typer.echo(f"warning: evaluation not logged to MLflow ({summary.tracking_uri}): {e}", err=True)
+    else:
+        from orchestrator.gate import record_evaluation
+        from orchestrator.store import CampaignStore
+
+        with CampaignStore(summary.dir / "campaign.db") as store:  # the dashboard finds it there
+            record_evaluation(store, job["out_dir"], run_id)
     root_opt = "" if root == Path(cfg.campaign.root).resolve() else f" --root {root}"
     typer.echo(f"\ndemo done in {_time.perf_counter() - t0:.0f} s. Where everything is:\n"
                f"  campaign    {summary.dir}  (store, units/, lake/, il/, logs/)\n"
@@ -804,6 +868,7 @@ def train_il_cmd(
 
     from orchestrator.tracking import tracking_uri_for
     from workers.imitation.trainer import train_il
+    from workers.tracking import outbox_path
 
     campaign_dir = lake.resolve().parent
     if mlflow_uri is None and (cfg.mlflow.tracking_uri or (campaign_dir / "mlflow.db").exists()):
@@ -814,8 +879,9 @@ def train_il_cmd(
     if started:
         ray.init(address=ray_address, log_to_driver=False)
     try:
+        outbox = outbox_path(campaign_dir) if (campaign_dir / "campaign.db").exists() else None  # a campaign's own
         result = train_il(lake, cfg, out, policy=kind, num_workers=workers, min_f1=min_f1,
-                          tracking_uri=mlflow_uri, experiment=experiment or campaign_dir.name)
+                          tracking_uri=mlflow_uri, experiment=experiment or campaign_dir.name, outbox=outbox)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

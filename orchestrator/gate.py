@@ -20,7 +20,6 @@ meta ``il_launches`` and in its events, and a launch a stopped driver left unfin
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,15 +85,16 @@ GATE_KEY = "gate"  # store meta: what the gate saw at its last check
 
 
 def run_imitation(lake_root: str, cfg_dict: dict, out_dir: str, tracking_uri: str | None,
-                  experiment: str | None) -> dict[str, Any]:
+                  experiment: str | None, outbox: str | None = None) -> dict[str, Any]:
     """Train the imitation policy (``workers.imitation.trainer.train_il``) and return its result as plain
-    values. Calling it again with the same ``out_dir`` resumes from the job's last checkpoint."""
+    values. Calling it again with the same ``out_dir`` resumes from the job's last checkpoint.
+    ``outbox``: the campaign's MLflow outbox, which the driver delivers."""
     import configs
     from workers.imitation.trainer import train_il
 
     cfg = configs.from_dict(cfg_dict)
     result = train_il(lake_root, cfg, out_dir, policy=cfg.il.policy, num_workers=cfg.il.num_workers,
-                      min_f1=cfg.gate.f1_threshold, tracking_uri=tracking_uri, experiment=experiment)
+                      min_f1=cfg.gate.f1_threshold, tracking_uri=tracking_uri, experiment=experiment, outbox=outbox)
     return {"policy_path": str(result.policy_path), "steps": result.steps, "start_step": result.start_step,
             "mlflow_run_id": result.mlflow_run_id, "n_shards": result.n_shards, "n_songs": len(result.song_hashes),
             "loss": result.metrics.get("train/loss")}
@@ -224,8 +224,11 @@ class ImitationLauncher:
         if problem:  # it could never start: say so rather than wait forever
             self._finish_failed(problem)
             return
+        from workers.tracking import outbox_path
+
         task = ray.remote(run_imitation).options(num_cpus=0, max_retries=0, retry_exceptions=False)
-        self.ref = task.remote(str(self.lake_root), self.cfg.to_dict(), out_dir, self.tracking_uri, self.experiment)
+        self.ref = task.remote(str(self.lake_root), self.cfg.to_dict(), out_dir, self.tracking_uri, self.experiment,
+                               str(outbox_path(self.campaign_dir)))
 
     def _resource_problem(self) -> str | None:
         import ray
@@ -251,7 +254,6 @@ class ImitationLauncher:
 
         ready, _ = ray.wait([self.ref], timeout=timeout)
         if not ready:
-            self._note_run_id()
             return
         ref, self.ref = self.ref, None
         self.dirty = True  # shards that passed meanwhile may call for a relaunch
@@ -263,6 +265,8 @@ class ImitationLauncher:
             self._finish_failed(describe_failure(e)[1])
             return
         launches = self.launches()
+        if result.get("mlflow_run_id") is None:  # not delivered yet: the driver records it when it is
+            result.pop("mlflow_run_id", None)
         rec = self._update(len(launches) - 1, state=IL_SUCCEEDED, finished_at=time.time(), **result)
         self.store.log_event("il_succeeded", f"launch {rec['n']}: {rec['policy_path']} after {rec['steps']} steps"
                                              f" (loss {rec['loss']})")
@@ -275,17 +279,23 @@ class ImitationLauncher:
         self.store.log_event("il_failed", f"launch {rec['n']}: {first[:500]}")
         log.warning("imitation learning launch %d failed: %s", rec["n"], first)
 
-    def _note_run_id(self) -> None:
-        """The job's MLflow run id as soon as it has one (the trainer records it in its folder)."""
-        launches = self.launches()
-        if not launches or launches[-1].get("mlflow_run_id"):
-            return
-        from workers.imitation.trainer import RUN_FILE
 
-        record = Path(launches[-1]["out_dir"]) / RUN_FILE
-        if record.exists():
-            try:
-                run_id = json.loads(record.read_text())["run_id"]
-            except (ValueError, KeyError):  # written atomically, so only a foreign file gets here
-                return
-            self._update(len(launches) - 1, mlflow_run_id=run_id)
+def record_il_run(store: Any, out_dir: str, run_id: str) -> None:
+    """The MLflow run of the imitation job trained in ``out_dir``, in its launch record."""
+    launches = list(store.get_meta(LAUNCHES_KEY) or [])
+    changed = False
+    for rec in launches:
+        if Path(rec["out_dir"]).resolve() == Path(out_dir).resolve() and rec.get("mlflow_run_id") != run_id:
+            rec["mlflow_run_id"], changed = run_id, True
+    if changed:
+        store.set_meta(LAUNCHES_KEY, launches)
+
+
+def record_evaluation(store: Any, out_dir: str, run_id: str) -> None:
+    """The MLflow run of an evaluation of the policy trained in ``out_dir``, in its launch record
+    (the dashboard shows the latest launch's evaluation)."""
+    launches = list(store.get_meta(LAUNCHES_KEY) or [])
+    for rec in launches:
+        if Path(rec["out_dir"]).resolve() == Path(out_dir).resolve():
+            rec["eval_run_id"] = run_id
+    store.set_meta(LAUNCHES_KEY, launches)

@@ -173,7 +173,9 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
 
 class Reporter:
     """The ``report`` callback a workload gets: keeps metric dicts and sends them to the sink
-    in one fire-and-forget call per ``interval_s`` (and at the end), timing itself."""
+    in one fire-and-forget Ray call per ``interval_s`` (and at the end), timing itself. It only
+    saves Ray calls; batching for MLflow, retries and outages are the sink's outbox's
+    (``workers.tracking``), the one path every MLflow write takes."""
 
     def __init__(self, sink, unit_id: str, interval_s: float):
         self.sink, self.unit_id, self.interval_s = sink, unit_id, interval_s

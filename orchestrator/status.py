@@ -8,17 +8,19 @@ running units with their step and steps/s, and the last errors.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.store import FINISHED, PENDING, RUNNING, STATES, BudgetSummary, CampaignStore
 from workers.rl.budget import REASONS
 
-THROUGHPUT_WINDOW_S = 3600.0  # throughput is measured over the last hour of finishes (or less)
 F1_BINS = 10
+OPEN_STATES = (PENDING, RUNNING)  # units with work ahead of them; every other state is an end
 
 
 @dataclass
@@ -27,8 +29,8 @@ class CampaignStatus:
     dir: Path
     counts: dict[str, int]
     f1: list[float]                       # F1 of finished units
-    throughput_per_hour: float | None     # finished units per hour, recent window
-    eta_s: float | None                   # time to finish pending + running units at that rate
+    throughput_per_hour: float | None     # ended units per hour, recent window (throughput_eta)
+    eta_s: float | None                   # time to end pending + running units at that rate
     driver: str                           # 'running (pid N on HOST)', 'stopped', 'gone (...)', 'unknown'
     logging_overhead: float | None        # worker time in the metrics callback / worker time
     running: list[dict] = field(default_factory=list)
@@ -47,6 +49,38 @@ class CampaignStatus:
         return sum(self.counts.values())
 
 
+def throughput_eta(finished_at: Sequence[float], start: float | None, now: float, remaining: int,
+                   window_s: float) -> tuple[float | None, float | None]:
+    """Units ended per hour and seconds until the ``remaining`` (pending or running) units end:
+    the one definition ``status`` and the dashboard both show.
+
+    ``finished_at``: when each ended unit (succeeded, gated or failed) ended; ``start``: the
+    campaign's first state change. The rate counts the units ended in the last ``window_s``
+    seconds (``dashboard.throughput_window_s``; all of them when the campaign is younger) up to
+    now, or up to the last end once nothing remains; with none ended in the window it falls back
+    to the campaign's average. ``(None, None)`` before anything ended; the ETA is 0 once nothing
+    remains.
+    """
+    eta_done = 0.0 if remaining == 0 else None
+    if not finished_at or start is None:
+        return None, eta_done
+    end = now if remaining else max(finished_at)
+    since = max(start, end - window_s)
+    recent = sum(1 for t in finished_at if since <= t <= end)
+    if recent:
+        per_hour = recent / max(end - since, 1e-6) * 3600.0
+    else:
+        per_hour = len(finished_at) / max(end - start, 1e-6) * 3600.0
+    return per_hour, (eta_done if remaining == 0 else remaining / per_hour * 3600.0)
+
+
+@functools.lru_cache(maxsize=1)
+def default_window_s() -> float:
+    import configs
+
+    return configs.load(profile=None).dashboard.throughput_window_s
+
+
 def resolve_campaign(campaign: str | None, root: str | Path) -> Path:
     """A campaign directory from a name under ``root``, a path, or (None) the most recent one."""
     root = Path(root).expanduser()
@@ -61,7 +95,9 @@ def resolve_campaign(campaign: str | None, root: str | Path) -> Path:
     return found[-1].parent.resolve()
 
 
-def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10) -> CampaignStatus:
+def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10,
+                window_s: float | None = None) -> CampaignStatus:
+    """``window_s``: the throughput window (default ``dashboard.throughput_window_s``)."""
     t0 = time.perf_counter()
     campaign_dir = Path(campaign_dir)
     with CampaignStore(campaign_dir / "campaign.db", readonly=True) as store:
@@ -70,20 +106,12 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         marks = ",".join("?" * len(FINISHED))
         f1 = [r[0] for r in db.execute(f"SELECT f1 FROM units WHERE state IN ({marks}) AND f1 IS NOT NULL", FINISHED)]
         driver = _driver_state(store)
-        now = time.time()
-        last_finish = db.execute(f"SELECT MAX(ts) FROM events WHERE kind = 'state' AND to_state IN ({marks})",
-                                 FINISHED).fetchone()[0]
-        first_start = db.execute("SELECT MIN(ts) FROM events WHERE kind = 'driver_start'").fetchone()[0]
-        throughput = eta = None
-        if last_finish is not None and first_start is not None:
-            end = now if driver.startswith("running") else last_finish
-            since = max(first_start, end - THROUGHPUT_WINDOW_S)
-            n = db.execute(f"SELECT COUNT(*) FROM events WHERE kind = 'state' AND to_state IN ({marks}) AND ts >= ?",
-                           (*FINISHED, since)).fetchone()[0]
-            if end > since and n:
-                throughput = n / (end - since) * 3600.0
-                left = counts[PENDING] + counts[RUNNING]
-                eta = left / throughput * 3600.0
+        open_marks = ",".join("?" * len(OPEN_STATES))
+        ended = [r[0] for r in db.execute(f"SELECT finished_at FROM units WHERE state NOT IN ({open_marks})"
+                                          " AND finished_at IS NOT NULL", OPEN_STATES)]
+        start = db.execute("SELECT MIN(ts) FROM events WHERE kind = 'state'").fetchone()[0]
+        throughput, eta = throughput_eta(ended, start, time.time(), counts[PENDING] + counts[RUNNING],
+                                         window_s or default_window_s())
         overhead_row = db.execute(
             f"SELECT SUM(report_seconds), SUM(seconds) FROM units WHERE state IN ({marks}) AND report_seconds IS NOT NULL",
             FINISHED).fetchone()

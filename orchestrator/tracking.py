@@ -1,30 +1,37 @@
-"""MLflow tracking through the head: one experiment per campaign, a parent run for the
-campaign, a child run per unit.
+"""MLflow tracking of a campaign: one experiment per campaign, a parent run for the campaign,
+a child run per unit, written through the campaign's outbox (``workers.tracking``).
 
-Workers never talk to MLflow (hundreds of workers writing one SQLite file would lock it).
-They call ``sink.log.remote(unit_id, metrics)`` fire-and-forget on a ``MetricsSink`` actor
-pinned to the driver's node; the sink buffers metrics and writes them with
-``MlflowClient.log_batch`` every ``mlflow.flush_interval_s`` (at most ``mlflow.max_batch``
-per call). The sink is also the only process that creates and closes runs, so all MLflow
-writes happen in one place, off the driver's and the workers' paths. The sink also
-remembers what workers said about where they run and how far they got, and the run ids it
-made; the driver collects that with ``drain()`` and writes it to the store.
+Workers never talk to MLflow. They call ``sink.log_many.remote(unit_id, items)``
+fire-and-forget on a ``MetricsSink`` actor pinned to the driver's node; the sink puts
+everything into the outbox (``<campaign>/mlflow-outbox.db``), whose sender delivers it to the
+tracking server in order and keeps it on disk while the server is unreachable, so neither the
+workers nor the driver ever wait on MLflow and a campaign starts with the server down. The
+sink also remembers what workers said about where they run and how far they got, and the run
+ids delivered so far; the driver collects that with ``drain()`` and writes it to the store
+(:func:`record_runs`).
+
+What a driver could not deliver before it stopped is delivered by the next driver, by
+``pianoforge status``, or by ``pianoforge mlflow sync`` (:func:`sync`).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Backlog, Outbox, outbox_path, unit_key  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-PARENT_TAG = "mlflow.parentRunId"
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def sync_hint(campaign: str) -> str:
+    return f"`pianoforge mlflow sync {campaign}` delivers them (status, resume and submit do too)."
 
 
 def tracking_uri_for(mlflow_cfg: Any, campaign_dir: Path) -> str:
@@ -41,6 +48,13 @@ def artifact_location_for(tracking_uri: str, campaign_dir: Path) -> str | None:
     return None
 
 
+def open_outbox(campaign_dir: Path, tracking_uri: str, mlflow_cfg: Any) -> Outbox:
+    """The campaign's outbox with the ``mlflow.*`` settings."""
+    return Outbox(outbox_path(campaign_dir), tracking_uri, max_batch=mlflow_cfg.max_batch,
+                  flush_interval_s=mlflow_cfg.flush_interval_s, max_metrics=mlflow_cfg.outbox_max_metrics,
+                  retry_max_s=mlflow_cfg.retry_max_s, sync_hint=sync_hint(Path(campaign_dir).name))
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (MLflow params are flat strings)."""
     out: dict[str, str] = {}
@@ -54,107 +68,59 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MetricsSink:
-    """Owns every MLflow write of a campaign. Create with ``start_sink`` (a Ray actor).
+    """The campaign's MLflow writer and the workers' notes. Create with ``start_sink`` (a Ray actor).
 
-    Its methods only queue work and return at once (the driver and the workers never wait
-    on MLflow); one writer thread does the MLflow calls in order: open a unit's run, write
-    its metrics in batches, close it. A unit's params and tags ride along with its first
-    metric batch, so a short unit costs three MLflow calls (create, one batch, terminate).
+    Every method returns at once: metrics are buffered and written to the outbox every
+    ``mlflow.flush_interval_s``; run openings, endings and tags go to it directly.
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None,
-                 flush_interval_s: float, max_batch: int):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.flush_interval_s = flush_interval_s
-        self.max_batch = max_batch
-        exp = self.client.get_experiment_by_name(experiment_name)  # also creates a new SQLite store's tables
-        if tracking_uri.startswith("sqlite:///"):
-            _use_wal(tracking_uri[len("sqlite:///"):])
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
-        else:
-            self.experiment_id = exp.experiment_id
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(self.experiment_id)
-        self.parent_run_id: str | None = None
-        self._lock = threading.Lock()  # guards the fields below; never held during an MLflow call
-        self._runs: dict[str, str] = {}                      # unit_id -> MLflow run id
-        self._new_runs: dict[str, str] = {}                  # created since the last drain
-        self._buffer: dict[str, list] = {}                   # unit_id -> [Metric] not yet written
-        self._params: dict[str, list] = {}                   # unit_id -> [Param] not yet written
-        self._tags: dict[str, dict[str, str]] = {}           # unit_id -> tags not yet written
+    def __init__(self, campaign_dir: str, tracking_uri: str, experiment_name: str, artifact_location: str | None,
+                 mlflow_cfg: Any):
+        self.outbox = open_outbox(Path(campaign_dir), tracking_uri, mlflow_cfg)
+        self.outbox.start_sender()
+        self.experiment, self.artifact_location = experiment_name, artifact_location
+        self._lock = threading.Lock()  # guards the notes below
         self._started: list[dict] = []                       # worker start notes since the last drain
         self._progress: dict[str, tuple[int | None, int | None]] = {}  # unit_id -> (step, checkpoint_step)
-        self._stats = {"metrics_received": 0, "metrics_written": 0, "batches": 0, "mlflow_calls": 0,
-                       "write_seconds": 0.0, "write_errors": 0}
-        self._ops: queue.Queue = queue.Queue()
-        self._monitor = None
-        self._writer = threading.Thread(target=self._write_loop, name="metrics-sink-writer", daemon=True)
-        self._writer.start()
+        self._runs_cursor = 0
+        self._metrics_received = 0
+        self._system: threading.Thread | None = None
+        self._system_stop = threading.Event()
 
-    # ---- the campaign's parent run (synchronous: the driver needs its id) -----------------
-
-    def open_campaign(self, name: str, run_id: str | None, config: dict[str, Any], config_path: str | None,
-                      system_metrics: bool) -> dict[str, str]:
-        """Create (or reopen, given ``run_id``) the parent run; log the resolved config."""
-        from mlflow.entities import Param
-
-        reopened = run_id is not None
-        if reopened:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = self.client.create_run(self.experiment_id, run_name=name,
-                                            tags={"pianoforge.campaign": name}).info.run_id
-            params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=params[i:i + 100])
-        if config_path:
-            self.client.log_artifact(run_id, config_path)
-        self.parent_run_id = run_id
+    def open_campaign(self, name: str, config: dict[str, Any], config_text: str | None, system_metrics: bool,
+                      known_runs: dict[str, tuple[str, str]] | None = None) -> None:
+        """Open (or reopen) the parent run with the resolved config as params and artifact.
+        ``known_runs``: ``{key: (run_id, experiment_id)}`` the store already holds (runs made
+        before the outbox existed), so they are reopened rather than made again."""
+        for key, (run_id, experiment_id) in (known_runs or {}).items():
+            self.outbox.adopt(key, run_id, experiment_id)
+        self.outbox.start_run(CAMPAIGN_KEY, self.experiment, name, tags={"pianoforge.campaign": name},
+                              params=flatten(config), artifact_location=self.artifact_location)
+        if config_text is not None:
+            self.outbox.log_text(CAMPAIGN_KEY, "config.yaml", config_text)
         if system_metrics:
-            try:
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self._system = threading.Thread(target=self._sample_system, name="system-metrics", daemon=True)
+            self._system.start()
 
-                self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=reopened,
-                                                     tracking_uri=self.tracking_uri)
-                self._monitor.start()
-            except Exception as e:  # psutil missing etc.: system metrics are a nicety
-                log.warning("system metrics disabled: %s", e)
-        return {"experiment_id": self.experiment_id, "run_id": run_id}
-
-    # ---- called by the driver and the workers: queue and return ---------------------------
-
-    def open_unit(self, unit_id: str, run_id: str | None, params: dict[str, Any], tags: dict[str, Any]) -> None:
-        """Open the unit's child run: ``run_id`` (or the one this sink made before) again, else a new one.
-        Its id reaches the driver through ``drain()["runs"]``."""
-        self._ops.put(("open", unit_id, run_id, params, tags))
+    def open_unit(self, unit_id: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        """Open the unit's child run (a retried unit reopens its run); its id reaches the driver
+        through ``drain()["runs"]`` once delivered."""
+        self.outbox.start_run(unit_key(unit_id), self.experiment, unit_id, tags=tags, params=params,
+                              parent=CAMPAIGN_KEY, artifact_location=self.artifact_location)
 
     def finish_unit(self, unit_id: str, status: str, metrics: dict[str, float], tags: dict[str, Any]) -> None:
-        """Write the unit's pending metrics, its final metrics and tags, and end its run with ``status``."""
-        self._ops.put(("finish", unit_id, status, metrics, tags))
+        """The unit's final metrics and tags, and the end of its run with ``status``."""
+        self.outbox.end_run(unit_key(unit_id), status, metrics, tags)
 
     def log(self, unit_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
-        """Queue a worker's metrics (fire-and-forget); ``step`` in the dict is the MLflow step."""
-        from mlflow.entities import Metric
-
-        ts = int(timestamp_ms or time.time() * 1000)
+        """A worker's metrics; ``step`` in the dict is the MLflow step."""
         step = int(metrics.get("step", 0) or 0)
-        batch = []
-        for key, value in metrics.items():
-            if key == "step":
-                continue
-            try:
-                batch.append(Metric(key, float(value), ts, step))
-            except (TypeError, ValueError):
-                continue  # not a number: MLflow metrics are numbers
+        values = {k: v for k, v in metrics.items() if k != "step"}
+        self.outbox.log(unit_key(unit_id), values, step, timestamp_ms)
         # A checkpoint's step: ``checkpoint_step`` after each checkpoint, ``resume/step`` when resuming from one.
         ckpt = metrics.get("checkpoint_step", metrics.get("resume/step"))
         with self._lock:
-            self._buffer.setdefault(unit_id, []).extend(batch)
-            self._stats["metrics_received"] += len(batch)
+            self._metrics_received += len(values)
             old_step, old_ckpt = self._progress.get(unit_id, (None, None))
             self._progress[unit_id] = (step if "step" in metrics else old_step,
                                        int(ckpt) if ckpt is not None else old_ckpt)
@@ -168,160 +134,70 @@ class MetricsSink:
         """A worker began an attempt: where (hostname, node, pid, SLURM job)."""
         with self._lock:
             self._started.append({"unit_id": unit_id, **info})
-            self._tags.setdefault(unit_id, {}).update(
-                {k: str(v) for k, v in info.items() if k in ("hostname", "node_id", "slurm_job_id") and v})
+        self.outbox.set_tags(unit_key(unit_id), {k: v for k, v in info.items()
+                                                 if k in ("hostname", "node_id", "slurm_job_id") and v})
 
     def drain(self) -> dict[str, Any]:
-        """What happened since the last drain: worker start notes, progress, new run ids."""
+        """What happened since the last drain: worker start notes, progress, runs delivered
+        (``{key: (run_id, experiment_id)}``), and the warning line while delivery fails."""
+        self._runs_cursor, runs = self.outbox.runs_since(self._runs_cursor)
         with self._lock:
-            out = {"started": self._started, "progress": self._progress, "runs": self._new_runs}
-            self._started, self._progress, self._new_runs = [], {}, {}
-            return out
+            out = {"started": self._started, "progress": self._progress, "runs": runs, "behind": self.outbox.behind()}
+            self._started, self._progress = [], {}
+        return out
 
     def flush(self) -> dict[str, Any]:
-        """Wait until everything queued so far is written; return the sink's counters."""
-        done = threading.Event()
-        self._ops.put(("flush", done))
-        done.wait()
+        """Move buffered metrics to the outbox; return the counters."""
+        self.outbox.flush()
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._stats)
+            received = self._metrics_received
+        return {"metrics_received": received, **self.outbox.stats}
 
     def run_id(self, unit_id: str) -> str | None:
-        with self._lock:
-            return self._runs.get(unit_id)
+        return self.outbox.run_id(unit_key(unit_id))
 
-    def close(self, status: str, metrics: dict[str, float] | None = None) -> dict[str, Any]:
-        """Write everything queued, log the campaign's summary metrics, end the parent run."""
-        from mlflow.entities import Metric
+    def close(self, status: str, metrics: dict[str, float] | None = None, wait_s: float = 10.0) -> dict[str, Any]:
+        """End the parent run with ``status`` and the campaign's summary metrics; deliver for up
+        to ``wait_s`` seconds. Returns the counters, the runs delivered since the last drain, and
+        the warning line when records are left for later."""
+        self._system_stop.set()
+        if self._system is not None:
+            self._system.join(timeout=5)
+        self.outbox.end_run(CAMPAIGN_KEY, status, metrics)
+        backlog = self.outbox.stop(wait_s)
+        runs = self.drain()["runs"]
+        stats = self.stats()
+        self.outbox.close()
+        return {"stats": stats, "runs": runs, "behind": None if backlog.empty else backlog.describe(
+            self.outbox.uri, self.outbox.sync_hint)}
 
-        self._ops.put(("stop",))
-        self._writer.join()
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as e:
-                log.warning("system metrics monitor: %s", e)
-        if self.parent_run_id is not None:
-            ts = int(time.time() * 1000)
-            self._call(self.client.log_batch, self.parent_run_id,
-                       metrics=[Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None])
-            self._call(self.client.set_terminated, self.parent_run_id, status)
-        return dict(self._stats)
-
-    # ---- the writer thread ----------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        next_flush = time.monotonic() + self.flush_interval_s
-        while True:
-            try:
-                op = self._ops.get(timeout=max(0.0, next_flush - time.monotonic()))
-            except queue.Empty:
-                op = None
-            if op is not None:
-                kind = op[0]
-                if kind == "open":
-                    self._open(*op[1:])
-                elif kind == "finish":
-                    self._finish(*op[1:])
-                elif kind == "flush":
-                    self._write_all()
-                    op[1].set()
-                elif kind == "stop":
-                    self._write_all()
-                    return
-            if time.monotonic() >= next_flush:
-                self._write_all()
-                next_flush = time.monotonic() + self.flush_interval_s
-
-    def _open(self, unit_id: str, run_id: str | None, params: dict[str, Any], tags: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        run_id = run_id or self.run_id(unit_id)
-        if run_id is not None:
-            self._call(self.client.update_run, run_id, "RUNNING")
-        else:
-            run = self._call(self.client.create_run, self.experiment_id, run_name=unit_id,
-                             tags={PARENT_TAG: self.parent_run_id, **_str_values(tags)})
-            if not run:
-                return
-            run_id = run.info.run_id
-            with self._lock:  # params once, with the run's first batch
-                self._params[unit_id] = [Param(k, str(v)) for k, v in params.items()]
-            tags = {}
-        with self._lock:
-            self._runs[unit_id] = self._new_runs[unit_id] = run_id
-            self._tags.setdefault(unit_id, {}).update(_str_values(tags))
-
-    def _finish(self, unit_id: str, status: str, metrics: dict[str, float], tags: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        run_id = self.run_id(unit_id)
-        if run_id is None:
-            log.warning("unit %s finished but has no MLflow run", unit_id)
-            return
-        ts = int(time.time() * 1000)
-        final = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
-        self._write_unit(unit_id, run_id, final, _str_values(tags))
-        self._call(self.client.set_terminated, run_id, status)
-
-    def _write_all(self) -> None:
-        with self._lock:
-            todo = [(u, r) for u, r in self._runs.items() if self._buffer.get(u) or self._tags.get(u) or self._params.get(u)]
-        for unit_id, run_id in todo:
-            self._write_unit(unit_id, run_id)
-
-    def _write_unit(self, unit_id: str, run_id: str, extra: list | None = None, tags: dict[str, str] | None = None) -> None:
-        """One log_batch per ``max_batch`` metrics; pending params and tags go with the first."""
-        from mlflow.entities import RunTag
-
-        with self._lock:
-            metrics = self._buffer.pop(unit_id, []) + list(extra or [])
-            params = self._params.pop(unit_id, [])
-            all_tags = {**self._tags.pop(unit_id, {}), **(tags or {})}
-        tag_list = [RunTag(k, v) for k, v in all_tags.items()]
-        first = True
-        while first or metrics:
-            chunk, metrics = metrics[:self.max_batch], metrics[self.max_batch:]
-            if chunk or params or tag_list:
-                ok = self._call(self.client.log_batch, run_id, metrics=chunk, params=params, tags=tag_list) is not False
-                with self._lock:
-                    self._stats["batches"] += 1
-                    self._stats["metrics_written"] += len(chunk) if ok else 0
-            params, tag_list, first = [], [], False
-
-    def _call(self, fn, *args, **kwargs):
-        """Tracking must never stop training: count and log MLflow errors and go on (returns False)."""
-        t0 = time.perf_counter()
+    def _sample_system(self) -> None:
+        """CPU, memory, disk and network of the driver's node, as MLflow's system-metrics monitor
+        samples them, logged to the parent run through the outbox (so an outage loses none)."""
         try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            with self._lock:
-                self._stats["write_errors"] += 1
-            log.warning("MLflow %s failed: %s", getattr(fn, "__name__", fn), e)
-            return False
-        finally:
-            with self._lock:
-                self._stats["mlflow_calls"] += 1
-                self._stats["write_seconds"] += time.perf_counter() - t0
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+            monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        except Exception as e:  # noqa: BLE001 - psutil missing etc.: system metrics are a nicety
+            log.warning("system metrics disabled: %s", e)
+            return
+        while not self._system_stop.wait(SYSTEM_METRICS_INTERVAL_S):
+            values: dict[str, float] = {}
+            for monitor in monitors:
+                monitor.collect_metrics()
+                values.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+            self.outbox.log(CAMPAIGN_KEY, {f"system/{k}": v for k, v in values.items()},
+                            self.outbox.next_counter("system"))
 
 
-def _use_wal(path: str) -> None:
-    """WAL journal for MLflow's SQLite file: 3-4x faster commits, readers never block the sink."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(path, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.close()
-    except sqlite3.Error as e:
-        log.warning("%s: could not switch to WAL: %s", path, e)
-
-
-def _str_values(d: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in d.items() if v is not None}
-
-
-def start_sink(tracking_uri: str, experiment_name: str, artifact_location: str | None, mlflow_cfg: Any):
+def start_sink(campaign_dir: Path, tracking_uri: str, experiment_name: str, artifact_location: str | None,
+               mlflow_cfg: Any):
     """Start the ``MetricsSink`` actor on this (the driver's) node; it needs no CPU slot."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -331,5 +207,76 @@ def start_sink(tracking_uri: str, experiment_name: str, artifact_location: str |
         max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
     )
-    return actor.remote(tracking_uri, experiment_name, artifact_location, mlflow_cfg.flush_interval_s,
-                        mlflow_cfg.max_batch)
+    return actor.remote(str(campaign_dir), tracking_uri, experiment_name, artifact_location, mlflow_cfg)
+
+
+def known_runs(store: Any, tracking_uri: str) -> dict[str, tuple[str, str]]:
+    """Run ids the store holds for ``tracking_uri`` (a campaign tracked before its outbox existed)."""
+    if store.get_meta("tracking_uri") != tracking_uri or not store.get_meta("mlflow_experiment_id"):
+        return {}
+    experiment_id = str(store.get_meta("mlflow_experiment_id"))
+    runs = {unit_key(r.unit_id): (r.mlflow_run_id, experiment_id) for r in store.units() if r.mlflow_run_id}
+    if store.get_meta("mlflow_parent_run_id"):
+        runs[CAMPAIGN_KEY] = (str(store.get_meta("mlflow_parent_run_id")), experiment_id)
+    return runs
+
+
+def record_runs(store: Any, runs: dict[str, tuple[str, str]]) -> None:
+    """Write delivered run ids into the campaign store: the parent run and experiment (meta),
+    each unit's run, each imitation job's run (its launch record). The dashboard and status
+    take run ids from there, never by searching the tracking server."""
+    from orchestrator.gate import record_il_run
+
+    for key, (run_id, experiment_id) in runs.items():
+        if key == CAMPAIGN_KEY:
+            store.set_meta("mlflow_parent_run_id", run_id)
+            store.set_meta("mlflow_experiment_id", experiment_id)
+        elif key.startswith("unit:"):
+            store.set_mlflow_run(key[len("unit:"):], run_id)
+        elif key.startswith("il:"):
+            record_il_run(store, key[len("il:"):], run_id)
+
+
+def sync(campaign_dir: Path, timeout_s: float | None = None) -> tuple[Backlog, str] | None:
+    """Deliver the waiting records of a campaign (or of a folder holding an outbox, e.g. a
+    ``train-il --out`` folder) for up to ``timeout_s`` seconds (``pianoforge mlflow sync``,
+    ``status``) and, when no driver runs, write the delivered run ids into the campaign's store.
+    Returns what is left and the tracking uri (None: nothing was ever tracked there). A running
+    driver delivers on its own: then this only reports."""
+    from filelock import FileLock, Timeout
+
+    import configs
+    from orchestrator.store import CampaignStore
+
+    campaign_dir = Path(campaign_dir)
+    path = outbox_path(campaign_dir)
+    if not path.exists():
+        return None
+    store_path = campaign_dir / "campaign.db"
+    uri = ""  # an imitation job's own outbox (train-il outside a campaign): each record names its server
+    if store_path.exists():
+        with CampaignStore(store_path, readonly=True) as store:
+            uri = store.get_meta("tracking_uri") or ""
+    box = Outbox(path, uri, max_batch=configs.load(profile=None).mlflow.max_batch, sync_hint=sync_hint(campaign_dir.name))
+    try:
+        box.deliver(timeout_s)
+        _, runs = box.runs_since(0)
+        backlog = box.backlog()
+        uri = uri or box.uris()
+    finally:
+        box.close()
+    if box.delivered_elsewhere and backlog.last_error is None:  # a running driver delivers, and keeps up
+        backlog = Backlog(records=0, metrics=0, oldest=None, dropped=backlog.dropped, last_error=None)
+    lock = FileLock(str(campaign_dir / "driver.lock"))
+    if not store_path.exists():
+        return backlog, uri
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # a driver runs: it records the run ids itself
+        return backlog, uri
+    try:
+        with CampaignStore(store_path) as store:
+            record_runs(store, runs)
+    finally:
+        lock.release()
+    return backlog, uri

@@ -74,10 +74,12 @@ def _fingertips_over(target: np.ndarray, points: np.ndarray) -> np.ndarray:
     return tips.reshape(len(target), 30).astype(np.float32)
 
 
-def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: bool = True) -> Path:
+def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: bool = True,
+                  tracking_uri: str | None = None, imitation: bool = True) -> Path:
     """A campaign directory written through the store, lake and MLflow APIs. Finished: every
-    unit of PLAN ends (one failed after 3 attempts). In progress: the first 4 end, one runs,
-    the rest are pending."""
+    unit of PLAN ends (one failed after 3 attempts), and (``imitation``) the gate's imitation job
+    ran and was evaluated. In progress: the first 4 end, one runs, the rest are pending.
+    ``tracking_uri``: a tracking server other campaigns may share (default: the campaign's own file)."""
     from mlflow.tracking import MlflowClient
 
     cfg = _cfg()
@@ -85,7 +87,7 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
     (directory / "units").mkdir(parents=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     lake = Lake(directory / "lake", cfg.lake)
-    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{directory / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment(name)
     with CampaignStore(directory / "campaign.db") as store:
@@ -126,8 +128,10 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
             result = UnitResult(unit_id=spec.unit_id, f1=outcome, precision=outcome, recall=outcome,
                                 episode_return=1.0, steps=5000, shard_path=str(shard.path), seconds=12.5 + i)
             store.mark_finished(spec.unit_id, result, SUCCEEDED if outcome >= cfg.gate.f1_threshold else GATED)
-    if finished and mlflow_runs:  # the gate opened: an imitation job ran, as workers.imitation.trainer logs it
-        il_experiment = client.create_experiment("pianoforge-il")
+    if finished and mlflow_runs and imitation:  # the gate opened: an imitation job ran, as the trainer logs it
+        from workers.tracking import ensure_experiment
+
+        il_experiment = ensure_experiment(client, "pianoforge-il")
         run = client.create_run(il_experiment, run_name="il-flow", tags={"pianoforge.kind": "imitation"})
         for step in range(0, 1000, 100):
             client.log_metric(run.info.run_id, "train/loss", 2.0 / (1 + step / 100), step=step)
@@ -138,7 +142,14 @@ def make_campaign(root: Path, name: str, finished: bool = True, mlflow_runs: boo
 
         rows = [EvalRow("flow", group, song, "", 1, 1, 550, f1, f1, f1)
                 for group, song, f1 in [("seen", "Twinkle", 0.81), ("seen", MEAN, 0.8), ("held-out", MEAN, 0.45)]]
-        log_to_mlflow(rows, uri, name, run_name="eval-flow")
+        eval_run = log_to_mlflow(rows, uri, name, run_name="eval-flow")
+        # The driver records the job's run in its launch record; the demo its evaluation's.
+        from orchestrator.gate import LAUNCHES_KEY, record_evaluation, record_il_run
+
+        with CampaignStore(directory / "campaign.db") as store:
+            store.set_meta(LAUNCHES_KEY, [{"n": 1, "state": "succeeded", "passing": 5, "out_dir": str(directory / "il")}])
+            record_il_run(store, str(directory / "il"), run.info.run_id)
+            record_evaluation(store, str(directory / "il"), eval_run)
     return directory
 
 
@@ -169,16 +180,34 @@ def test_states_over_time_replays_transitions():
 
 
 def test_throughput_and_eta():
+    from orchestrator.status import throughput_eta
+
     done = [100.0, 200.0, 300.0, 400.0]
     # 4 units in the last 400 s -> 36 per hour; 9 left -> 15 minutes.
-    rate = timeline.rate_per_hour(done, start=0.0, now=400.0, window_s=600.0)
-    assert rate == pytest.approx(36.0)
-    assert timeline.eta_seconds(9, rate) == pytest.approx(900.0)
-    assert timeline.eta_seconds(0, None) == 0.0 and timeline.eta_seconds(3, None) is None
+    rate, eta = throughput_eta(done, start=0.0, now=400.0, remaining=9, window_s=600.0)
+    assert rate == pytest.approx(36.0) and eta == pytest.approx(900.0)
+    assert throughput_eta([], 0.0, 400.0, 0, 600.0) == (None, 0.0) and throughput_eta([], 0.0, 400.0, 3, 600.0) == (None, None)
     # Only the window counts when the campaign is older than it.
-    assert timeline.rate_per_hour(done, start=0.0, now=400.0, window_s=150.0) == pytest.approx(2 / 150 * 3600)
+    assert throughput_eta(done, 0.0, 400.0, 1, window_s=150.0)[0] == pytest.approx(2 / 150 * 3600)
+    # Nothing left: the rate is measured up to the last end, not up to now.
+    assert throughput_eta(done, 0.0, 10_000.0, 0, 600.0) == (pytest.approx(36.0), 0.0)
     edges, counts = timeline.throughput_bins(done, 0.0, 400.0, n_bins=4)
     assert sum(counts) == 4 and len(edges) == 5
+
+
+def test_status_and_dashboard_show_the_same_throughput_and_eta(tmp_path, monkeypatch):
+    """One campaign in progress, read by `pianoforge status` and by the dashboard at the same
+    moment: the same numbers (they once used different windows and end states)."""
+    from orchestrator.status import read_status
+
+    directory = make_campaign(tmp_path, "midway", finished=False, mlflow_runs=False)
+    now = time.time() + 30.0
+    monkeypatch.setattr(time, "time", lambda: now)
+    status = read_status(directory)
+    summary = page_summary(Campaign(directory).snapshot(full=False), _cfg().dashboard)
+    assert status.throughput_per_hour and status.eta_s
+    assert (summary["throughput_per_hour"], summary["eta_s"]) == (pytest.approx(status.throughput_per_hour),
+                                                                  pytest.approx(status.eta_s))
 
 
 def test_finger_key_counts_find_the_finger_on_each_key():
@@ -399,6 +428,45 @@ def test_campaign_is_not_finished_while_its_imitation_job_trains(tmp_path):
     assert Campaign(directory).snapshot(full=False).finished
 
 
+def test_campaigns_sharing_a_tracking_server_each_show_their_own_runs(tmp_path):
+    """Two campaigns log to one tracking store; only the first ran an imitation job. Each page
+    takes its run ids from its own store: the second shows no imitation job, nor the first's."""
+    from mlflow.tracking import MlflowClient
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = make_campaign(tmp_path, "first", tracking_uri=shared)
+    second = make_campaign(tmp_path, "second", tracking_uri=shared, imitation=False)
+    client = MlflowClient(shared)
+    a, b = Campaign(first).snapshot(), Campaign(second).snapshot()
+
+    il_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 "tags.`pianoforge.kind` = 'imitation'")
+    assert [r.info.run_id for r in il_runs] == [a.gate.il_run_id]
+    assert a.gate.launched and a.il_curves and a.il_eval == {"flow": {"seen": 0.8, "held-out": 0.45}}
+    assert not b.gate.launched and b.gate.il_run_id is None and not b.il_curves and not b.il_eval
+    for snap, directory in ((a, first), (b, second)):
+        with CampaignStore(directory / "campaign.db", readonly=True) as store:
+            experiment = str(store.get_meta("mlflow_experiment_id"))
+        own = {r.info.run_id for r in client.search_runs([experiment])}
+        shown = {u.mlflow_run_id for u in snap.units if u.unit_id in snap.curves}
+        assert shown and shown <= own
+        assert page_summary(snap, _cfg().dashboard)["gate"]["il_run_id"] == snap.gate.il_run_id
+
+
+def test_page_follows_a_finished_campaign_until_mlflow_has_everything(tmp_path):
+    from workers.tracking import Outbox, outbox_path
+
+    directory = make_campaign(tmp_path, "behind", mlflow_runs=False)
+    before = page_summary(Campaign(directory).snapshot(full=False), _cfg().dashboard)
+    assert before["finished"] and before["settled"]
+    box = Outbox(outbox_path(directory), "http://127.0.0.1:9")  # the server is away: records wait
+    box.start_run("campaign", "behind", "behind")
+    box.close()
+    after = page_summary(Campaign(directory).snapshot(full=False), _cfg().dashboard)
+    assert after["finished"] and not after["settled"] and after["tracking_pending"] == 1
+    assert after["version"] != before["version"]  # a page still open reloads once they arrive
+
+
 def test_find_campaign_names_what_exists(tmp_path, finished_campaign):
     from dashboards.data import CampaignNotFound
 
@@ -598,6 +666,9 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
             page.wait_for_function("() => document.getElementById('campaign-state').textContent === 'finished'",
                                    timeout=120_000)
             driver.join(timeout=60)
+            # MLflow may still be receiving the last records (tracking never holds units up): the
+            # page follows until it has them all, then stops refreshing.
+            page.wait_for_function("() => document.body.dataset.settled === 'true'", timeout=120_000)
             with CampaignStore(directory / "campaign.db", readonly=True) as store:
                 counts = store.counts()
                 f1s = [u.f1 for u in store.units() if u.f1 is not None]

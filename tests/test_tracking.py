@@ -1,28 +1,32 @@
-"""MLflow through the head: the MetricsSink batches worker metrics into parent/child runs."""
+"""MLflow tracking through the campaign's outbox, against a real local MLflow store: records kept
+in order on disk while the store is unreachable, delivered in batches when it is back, runs
+ended with their real status, the bound, one sender per outbox, and the metrics sink."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import PARENT_TAG, MetricsSink, artifact_location_for, flatten, tracking_uri_for
-
 import configs
+from orchestrator.tracking import MetricsSink, artifact_location_for, flatten, tracking_uri_for
+from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Outbox, unit_key
 
 
 @pytest.fixture(scope="module")
-def sink_setup(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("mlflow")  # one MLflow database for the module: creating one is slow
-    cfg = configs.load(overrides=["mlflow.flush_interval_s=3600", "mlflow.max_batch=7"])  # flush only when asked
-    uri = tracking_uri_for(cfg.mlflow, tmp_path)
-    sink = MetricsSink(uri, "camp", artifact_location_for(uri, tmp_path), cfg.mlflow.flush_interval_s, cfg.mlflow.max_batch)
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text("campaign: {}\n")
-    parent = sink.open_campaign("camp", None, cfg.to_dict(), str(config_path), system_metrics=False)
-    yield sink, MlflowClient(uri), parent, cfg
-    sink.close("FINISHED")
+def store_uri(tmp_path_factory) -> str:
+    """One MLflow SQLite store for the module (creating one takes seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    MlflowClient(uri).search_experiments()  # creates the tables
+    return uri
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(uri)
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_campaign_directory(tmp_path):
@@ -33,84 +37,181 @@ def test_tracking_uri_defaults_to_sqlite_in_the_campaign_directory(tmp_path):
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
 
 
-def test_parent_run_has_the_resolved_config_as_params_and_artifact(sink_setup):
-    sink, client, parent, cfg = sink_setup
-    run = client.get_run(parent["run_id"])
-    assert run.data.params["droq.batch_size"] == str(cfg.droq.batch_size)
-    assert run.data.params["mlflow.max_batch"] == "7"
-    assert [a.path for a in client.list_artifacts(parent["run_id"])] == ["config.yaml"]
+def test_a_config_saved_before_a_setting_existed_still_loads(tmp_path):
+    """A campaign's config.yaml from before mlflow.retry_max_s & co: resume must load it."""
+    from orchestrator.campaign import CampaignPaths, load_saved_config
+
+    saved = configs.load(overrides=["mlflow.max_batch=7", "campaign.max_attempts=5"]).to_dict()
+    for key in ("outbox_max_metrics", "retry_max_s", "close_timeout_s"):
+        del saved["mlflow"][key]
+    del saved["dashboard"]
+    paths = CampaignPaths(tmp_path)
+    paths.config.write_text(yaml.safe_dump(saved))
+    cfg = load_saved_config(paths, ["mlflow.close_timeout_s=3"])
+    default = configs.load(profile=None).mlflow
+    assert cfg.mlflow.max_batch == 7 and cfg.campaign.max_attempts == 5  # what was saved stays
+    assert cfg.mlflow.retry_max_s == default.retry_max_s and cfg.mlflow.close_timeout_s == 3
+    with pytest.raises(configs.ConfigError, match="unknown config key 'mlflow.no_such'"):
+        configs.from_dict({**saved, "mlflow": {**saved["mlflow"], "no_such": 1}})
 
 
-def test_worker_metrics_are_batched_into_the_unit_child_run(sink_setup):
-    sink, client, parent, _ = sink_setup
-    sink.log("u1", {"step": 0, "train/return": 0.0})  # before the run exists: kept until it does
-    sink.open_unit("u1", None, {"song": "twinkle", "chunk": 0}, {"state": "running", "attempt": 1})
-    before = sink.flush()
-    run_id = sink.drain()["runs"]["u1"]
+def test_records_wait_on_disk_while_the_store_is_unreachable_then_arrive_in_order(tmp_path):
+    blocker = tmp_path / "server"
+    blocker.write_text("a file where the store's folder should be: the store cannot open")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    box = Outbox(tmp_path / "outbox.db", uri, max_batch=5)
+    box.start_run(CAMPAIGN_KEY, "camp", "camp", params={"campaign.workload": "synthetic"})
+    box.start_run(unit_key("u1"), "camp", "u1", parent=CAMPAIGN_KEY, params={"song": "twinkle"}, tags={"attempt": 1})
+    for step in range(12):
+        box.log(unit_key("u1"), {"train/return": float(step), "note": "not a number"}, step)
+    box.end_run(unit_key("u1"), "FAILED", {"f1": 0.25}, {"state": "failed"})
+    box.end_run(CAMPAIGN_KEY, "FAILED")
+
+    assert box.deliver() is False  # unreachable: nothing lost, nothing half-done
+    left = box.backlog()
+    assert left.records == 8 and left.metrics == 13 and "server" in left.last_error
+    line = left.describe(uri, "`pianoforge mlflow sync camp` delivers them.")
+    assert line.startswith("tracking is behind: 8 records (13 metric values") and "mlflow sync camp" in line
+    box.close()
+
+    blocker.unlink()  # the store is back; a later process (a new driver, `mlflow sync`) delivers
+    box = Outbox(tmp_path / "outbox.db", uri, max_batch=5)
+    assert box.deliver() is True and box.backlog().empty
+    # 2 openings, 13 metric values in 3 calls of <= 5 (the unit's end tags riding on the last), 2 endings
+    assert box.stats["delivered_metrics"] == 13 and box.stats["mlflow_calls"] == 7
+    client = _client(uri)
+    unit, parent = client.get_run(box.run_id(unit_key("u1"))), client.get_run(box.run_id(CAMPAIGN_KEY))
+    assert unit.info.status == "FAILED" and parent.info.status == "FAILED"  # their real status
+    assert unit.data.tags[PARENT_TAG] == parent.info.run_id and unit.data.tags["state"] == "failed"
+    assert unit.data.params["song"] == "twinkle" and parent.data.params["campaign.workload"] == "synthetic"
+    history = client.get_metric_history(unit.info.run_id, "train/return")
+    assert sorted(m.step for m in history) == list(range(12)) and unit.data.metrics["f1"] == 0.25
+    assert client.get_experiment(unit.info.experiment_id).name == "camp"
+    box.close()
+
+
+def test_reopening_a_key_reopens_its_run(tmp_path, store_uri):
+    box = Outbox(tmp_path / "outbox.db", store_uri)
+    box.start_run(unit_key("u2"), "reopen", "u2", params={"song": "s"}, tags={"attempt": 1})
+    box.end_run(unit_key("u2"), "FAILED")
+    box.start_run(unit_key("u2"), "reopen", "u2", params={"song": "s"}, tags={"attempt": 2})
+    assert box.deliver()
+    client = _client(store_uri)
+    runs = client.search_runs([box.runs_since(0)[1][unit_key("u2")][1]], "attributes.run_name = 'u2'")
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING" and runs[0].data.tags["attempt"] == "2"
+    # A run made before the outbox existed (an older campaign's) is adopted, not made again.
+    box.adopt(unit_key("old"), runs[0].info.run_id, runs[0].info.experiment_id)
+    box.start_run(unit_key("old"), "reopen", "old")
+    assert box.deliver() and box.run_id(unit_key("old")) == runs[0].info.run_id
+    box.close()
+
+
+def test_a_record_the_store_rejects_is_dropped_and_the_rest_goes_on(tmp_path, store_uri):
+    box = Outbox(tmp_path / "outbox.db", store_uri)
+    box.start_run("r", "rejects", "r", params={"lr": "0.1"})
+    box.set_tags("r", {}, params={"lr": "0.2"})  # MLflow refuses to change a param
+    box.log("r", {"loss": 1.0}, 3)
+    box.end_run("r", "FINISHED")
+    assert box.deliver() and box.stats["dropped_records"] == 1
+    run = _client(store_uri).get_run(box.run_id("r"))
+    assert run.data.params["lr"] == "0.1" and run.data.metrics["loss"] == 1.0 and run.info.status == "FINISHED"
+    box.close()
+
+
+def test_the_outbox_is_bounded_by_dropping_the_oldest_metrics(tmp_path):
+    box = Outbox(tmp_path / "outbox.db", "http://127.0.0.1:9", max_batch=10, max_metrics=25)
+    box.start_run("r", "e", "r")
+    for step in range(40):
+        box.log("r", {"loss": float(step)}, step)
+        if step % 10 == 9:
+            box.flush()
+    box.end_run("r", "FINISHED")
+    left = box.backlog()
+    assert left.metrics <= 25 and left.dropped == 20  # the two oldest records of 10
+    kinds = [k for (k,) in box._db.execute("SELECT kind FROM ops ORDER BY seq")]
+    assert kinds[0] == "start" and kinds[-1] == "end"  # openings and endings are never dropped
+    steps = [row for (body,) in box._db.execute("SELECT body FROM ops WHERE kind = 'log'")
+             for row in json.loads(body)["metrics"]]
+    assert [s[3] for s in steps] == list(range(20, 40))  # the newest, in order
+    box.close()
+
+
+def test_one_process_delivers_at_a_time(tmp_path, store_uri):
+    first = Outbox(tmp_path / "outbox.db", store_uri)
+    second = Outbox(tmp_path / "outbox.db", store_uri)  # e.g. an imitation job writing the campaign's outbox
+    first.start_sender()
+    deadline = time.time() + 30
+    while not first._holding and time.time() < deadline:
+        time.sleep(0.05)
+    second.start_run("il", "two-writers", "il-flow")
+    second.log("il", {"train/loss": 0.5}, 10)
+    second.flush()
+    assert second.deliver(timeout_s=1) is False and second.delivered_elsewhere  # the first one holds the send lock
+    deadline = time.time() + 60
+    while first.run_id("il") is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert first.stop(wait_s=30).empty
+    assert _client(store_uri).get_run(first.run_id("il")).data.metrics["train/loss"] == 0.5
+    first.close()
+    second.close()
+
+
+def test_sink_writes_runs_and_hands_notes_to_the_driver(tmp_path, store_uri):
+    cfg = configs.load(overrides=["mlflow.flush_interval_s=0.2", "mlflow.max_batch=7"])
+    sink = MetricsSink(str(tmp_path), store_uri, "sinkcamp", artifact_location_for(store_uri, tmp_path), cfg.mlflow)
+    sink.open_campaign("sinkcamp", cfg.to_dict(), "campaign: {}\n", system_metrics=False)
+    sink.open_unit("u1", {"song": "twinkle", "chunk": 0}, {"state": "running", "attempt": 1})
+    sink.started("u1", {"hostname": "h", "pid": 1, "node_id": "n", "slurm_job_id": None})
     for step in range(1, 20):
-        sink.log("u1", {"step": step, "train/return": float(step), "eval/f1": step / 20, "note": "not a number"})
-    assert len(client.get_metric_history(run_id, "train/return")) == 1  # the rest is buffered, not written yet
-    stats = sink.flush()
-    history = client.get_metric_history(run_id, "train/return")
-    assert sorted(m.step for m in history) == list(range(20))
-    # 38 more metrics, at most 7 per log_batch
-    assert stats["metrics_written"] - before["metrics_written"] == 38 and stats["batches"] - before["batches"] == 6
-    sink.finish_unit("u1", "FINISHED", {"f1": 0.9, "precision": 0.95, "recall": 0.85}, {"state": "succeeded", "attempt": 1})
-    sink.flush()
-    run = client.get_run(run_id)
-    assert run.data.tags[PARENT_TAG] == parent["run_id"]
-    assert run.data.tags["state"] == "succeeded" and run.data.params["song"] == "twinkle"
-    assert run.data.metrics["f1"] == 0.9 and run.info.status == "FINISHED"
-
-
-def test_reopened_unit_run_is_the_same_run(sink_setup):
-    sink, client, _, _ = sink_setup
-    sink.open_unit("u2", None, {"song": "s"}, {"attempt": 1})
-    sink.finish_unit("u2", "FAILED", {}, {"state": "failed"})
-    sink.open_unit("u2", None, {"song": "s"}, {"attempt": 2})  # the sink remembers the unit's run
-    sink.flush()
-    run_id = sink.run_id("u2")
-    assert sink.drain()["runs"] == {"u2": run_id}
-    assert len(client.search_runs([sink.experiment_id], filter_string="attributes.run_name = 'u2'")) == 1
-    run = client.get_run(run_id)
-    assert run.info.status == "RUNNING" and run.data.tags["attempt"] == "2"
-
-
-def test_drain_hands_worker_notes_to_the_driver_once(sink_setup):
-    sink, _, _, _ = sink_setup
-    sink.started("u3", {"hostname": "h", "pid": 1, "node_id": "n", "slurm_job_id": None})
-    sink.log("u3", {"step": 5, "checkpoint_step": 4})
-    sink.log("u3", {"step": 6})
+        sink.log("u1", {"step": step, "train/return": float(step), "checkpoint_step": step - step % 5})
     notes = sink.drain()
-    assert notes["started"][0]["hostname"] == "h"
-    assert notes["progress"] == {"u3": (6, 4)}
-    assert sink.drain() == {"started": [], "progress": {}, "runs": {}}
+    assert notes["started"][0]["hostname"] == "h" and notes["progress"] == {"u1": (19, 15)}
+    sink.finish_unit("u1", "FINISHED", {"f1": 0.9}, {"state": "succeeded"})
+    closed = sink.close("FINISHED", {"units_succeeded": 1}, wait_s=60)
+    assert closed["behind"] is None and closed["stats"]["metrics_received"] == 19 * 2
+    runs = closed["runs"]
+    assert set(runs) == {CAMPAIGN_KEY, unit_key("u1")}
+    client = _client(store_uri)
+    unit, parent = client.get_run(runs[unit_key("u1")][0]), client.get_run(runs[CAMPAIGN_KEY][0])
+    assert unit.info.status == parent.info.status == "FINISHED"
+    assert unit.data.tags[PARENT_TAG] == parent.info.run_id and unit.data.tags["hostname"] == "h"
+    assert sorted(m.step for m in client.get_metric_history(unit.info.run_id, "train/return")) == list(range(1, 20))
+    assert parent.data.params["mlflow.max_batch"] == "7" and parent.data.metrics["units_succeeded"] == 1
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
 
 
-@pytest.mark.slow
-def test_sink_actor_flushes_on_its_own(tmp_path):
-    import ray
+def test_mlflow_sync_delivers_what_a_stopped_driver_left_and_records_the_run_ids(tmp_path):
+    from typer.testing import CliRunner
 
-    from orchestrator.tracking import start_sink
+    from orchestrator.cli import app
+    from orchestrator.store import CampaignStore
+    from workers.units import UnitSpec
 
-    cfg = configs.load(overrides=["mlflow.flush_interval_s=0.2"])
-    uri = tracking_uri_for(cfg.mlflow, tmp_path)
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        sink = start_sink(uri, "camp", artifact_location_for(uri, tmp_path), cfg.mlflow)
-        ray.get(sink.open_campaign.remote("camp", None, {"a": 1}, None, False))
-        sink.open_unit.remote("u", None, {"song": "s"}, {})
-        run_id = None
-        while run_id is None:
-            time.sleep(0.05)
-            run_id = ray.get(sink.run_id.remote("u"))
-        for step in range(5):
-            sink.log.remote("u", {"step": step, "loss": 1.0 / (step + 1)})
-        client = MlflowClient(uri)
-        deadline = time.time() + 60
-        while len(client.get_metric_history(run_id, "loss")) < 5 and time.time() < deadline:
-            time.sleep(0.2)
-        assert len(client.get_metric_history(run_id, "loss")) == 5  # written without an explicit flush
-        ray.get(sink.close.remote("FINISHED"))
-    finally:
-        ray.shutdown()
+    camp = tmp_path / "left"
+    camp.mkdir()
+    blocker = tmp_path / "server"
+    blocker.write_text("the store's folder is a file: unreachable")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    unit = UnitSpec.create("/songs/a.mid", "a" * 64, "a", 0, "cfg00000")
+    with CampaignStore(camp / "campaign.db") as store:
+        store.add_units([unit], store.put_config({}, "cfg00000"))
+        store.set_meta("tracking_uri", uri)
+    box = Outbox(camp / "mlflow-outbox.db", uri)
+    box.start_run(CAMPAIGN_KEY, "left", "left")
+    box.start_run(unit_key(unit.unit_id), "left", unit.unit_id, parent=CAMPAIGN_KEY)
+    box.log(unit_key(unit.unit_id), {"train/return": 1.0}, 1)
+    box.end_run(unit_key(unit.unit_id), "FINISHED")
+    box.end_run(CAMPAIGN_KEY, "FINISHED")
+    box.close()
+
+    out = CliRunner().invoke(app, ["mlflow", "sync", "left", "--root", str(tmp_path)])
+    assert out.exit_code == 1 and "tracking is behind: 5 records (1 metric values" in out.output, out.output
+    blocker.unlink()
+    out = CliRunner().invoke(app, ["mlflow", "sync", "left", "--root", str(tmp_path)])
+    assert out.exit_code == 0 and "every MLflow record delivered" in out.output, out.output
+    with CampaignStore(camp / "campaign.db", readonly=True) as store:
+        run_id, parent_id = store.unit(unit.unit_id).mlflow_run_id, store.get_meta("mlflow_parent_run_id")
+        experiment_id = store.get_meta("mlflow_experiment_id")
+    run = _client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == parent_id
+    assert run.info.experiment_id == experiment_id and run.data.metrics["train/return"] == 1.0

@@ -174,10 +174,10 @@ def log_to_mlflow(rows: Iterable[EvalRow], tracking_uri: str, experiment: str, r
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from workers.tracking import ensure_experiment
+
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"pianoforge.kind": "evaluation"})
+    run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags={"pianoforge.kind": "evaluation"})
     now = int(time.time() * 1000)
     metrics = [Metric(_metric_name("eval", r.policy, r.group, r.song, m), getattr(r, m), now, 0)
                for r in rows for m in ("precision", "recall", "f1")]

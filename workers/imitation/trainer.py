@@ -15,13 +15,14 @@ a failed worker group restarts from the latest one (``il.max_failures`` times), 
 ``train_il`` again with the same ``out_dir`` (e.g. with more ``il.steps``) continues from it:
 same step counter, same MLflow run. The finished policy is copied to ``out_dir/policy.pt``.
 
-Metrics (``train/loss``, ``train/samples_per_s``, ``train/lr``) go from rank 0 to MLflow in
-batches, when a tracking uri is given.
+Metrics (``train/loss``, ``train/samples_per_s``, ``train/lr``) go from rank 0 to MLflow through
+an outbox (``workers.tracking``; the campaign's when the gate launched the job), when a tracking
+uri is given: training never waits on the tracking server, and the run (keyed by ``out_dir``, so
+a resumed job logs to the same run) ends FINISHED or FAILED once delivered.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -37,10 +38,10 @@ import torch
 
 import configs
 from workers.imitation.policies import atomic_torch_save, build_policy, policy_state
-from configs.files import atomic_write, write_text_atomic
+from configs.files import atomic_write
+from workers.tracking import OUTBOX_FILE, Outbox, il_key
 
 RUN_NAME = "ray_train"  # Ray Train's folder under out_dir; fixed so that a second call resumes
-RUN_FILE = "il_run.json"  # out_dir's record of the MLflow run, so a resumed job logs to the same run
 
 
 @dataclass
@@ -79,36 +80,6 @@ def dataset_stats(lake_root: Path, shards: list[Any]) -> dict[str, np.ndarray]:
     return normalization_from(moments, GOAL_BITS)
 
 
-class MetricBatcher:
-    """Collects metrics and sends them to MLflow in one ``log_batch`` call per flush."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, mlflow_cfg: Any):
-        self.client = None
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-        self.run_id, self.cfg = run_id, mlflow_cfg
-        self.pending: list[Any] = []
-        self.last_flush = time.monotonic()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= self.cfg.max_batch or time.monotonic() - self.last_flush >= self.cfg.flush_interval_s:
-            self.flush()
-
-    def flush(self) -> None:
-        while self.client is not None and self.pending:
-            chunk, self.pending = self.pending[: self.cfg.max_batch], self.pending[self.cfg.max_batch :]
-            self.client.log_batch(self.run_id, metrics=chunk)
-        self.last_flush = time.monotonic()
-
-
 def _save_checkpoint(folder: Path, policy: Any, optimizer: Any, step: int, song_hashes: list[str]) -> None:
     atomic_torch_save(policy_state(policy, step=step, song_hashes=song_hashes), folder / "policy.pt")
     atomic_torch_save(optimizer.state_dict(), folder / "optimizer.pt")
@@ -122,7 +93,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from workers.lake import TrajectoryDataset
 
-    il, mlflow_cfg = configs.ILConfig(**config["il"]), configs.MlflowConfig(**config["mlflow"])
+    il = configs.ILConfig(**config["il"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -148,7 +119,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                                 shuffle_buffer=il.shuffle_buffer, seed=il.seed + start_step,
                                 action_chunk=il.action_chunk, shards=config["shards"], repeat=True)
     loader = DataLoader(dataset, batch_size=il.batch_size, num_workers=0)
-    metrics = MetricBatcher(config["tracking_uri"], config["run_id"], mlflow_cfg) if rank == 0 else None
+    tracker = _outbox(config) if rank == 0 and config["tracking_uri"] else None
 
     def batches():
         for batch in loader:
@@ -189,8 +160,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             logs = {"train/loss": window_loss.item() / (window_n * world), "train/lr": lr,
                     "train/samples_per_s": window_n * il.batch_size * world / max(elapsed, 1e-9)}
-            if metrics:
-                metrics.log(logs, step)
+            if tracker:
+                tracker.log(config["run_key"], logs, step)
             window_loss.zero_()
             window_n, window_start = 0, time.perf_counter()
         if step == il.steps:  # whole-run throughput, loader warm-up included; the benchmark reads it
@@ -198,36 +169,21 @@ def _train_loop(config: dict[str, Any]) -> None:
             logs["train/run_samples_per_s"] = (step - start_step) * il.batch_size * world / elapsed
             logs["worker/torch_threads"] = torch.get_num_threads()
         if step % il.checkpoint_interval == 0 or step == il.steps:
-            if metrics:
-                metrics.flush()
+            if tracker:
+                tracker.flush()
             report(step, logs, save=True)
         if step >= il.steps:
             break
     if step == start_step:  # nothing left to train: the restored checkpoint stays the result
         report(step, {}, save=False)
+    if tracker:
+        tracker.close()  # the metrics are in the outbox; whoever holds its send lock delivers them
 
 
-def _mlflow_run(out_dir: Path, tracking_uri: str | None, experiment: str | None, params: dict[str, Any]) -> str | None:
-    """The MLflow run of this job: the one recorded in ``out_dir`` (a resumed job), else a new one."""
-    if not tracking_uri:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    record = out_dir / RUN_FILE
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == tracking_uri:
-            return saved["run_id"]
-    client = MlflowClient(tracking_uri)
-    name = experiment or "pianoforge-il"
-    found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found else client.create_experiment(name)
-    run = client.create_run(experiment_id, run_name=f"il-{params['policy']}", tags={"pianoforge.kind": "imitation"})
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    write_text_atomic(record, json.dumps({"tracking_uri": tracking_uri, "run_id": run.info.run_id, "experiment": name}))
-    return run.info.run_id
+def _outbox(config: dict[str, Any]) -> Outbox:
+    m = configs.MlflowConfig(**config["mlflow"])
+    return Outbox(config["outbox"], config["tracking_uri"], max_batch=m.max_batch, flush_interval_s=m.flush_interval_s,
+                  max_metrics=m.outbox_max_metrics, retry_max_s=m.retry_max_s)
 
 
 def train_il(
@@ -240,13 +196,15 @@ def train_il(
     min_f1: float | None = None,
     tracking_uri: str | None = None,
     experiment: str | None = None,
+    outbox: str | Path | None = None,
     _fail_at_step: int | None = None,
 ) -> ILResult:
     """Train an imitation policy on the lake; blocks until done and returns where the policy is.
 
     ``policy`` (flow|bc) and ``num_workers`` override ``il.policy``/``il.num_workers``;
     ``min_f1`` defaults to ``gate.f1_threshold``. Ray is started in-process if it is not
-    running. ``_fail_at_step`` kills the last worker once at that step (a failure drill).
+    running. ``outbox``: the MLflow outbox file (default ``out_dir/mlflow-outbox.db``).
+    ``_fail_at_step`` kills the last worker once at that step (a failure drill).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -281,12 +239,11 @@ def train_il(
     params = {f"il.{k}": v for k, v in il.model_dump(mode="json").items()}
     params.update(policy=il.policy, lake=str(lake_root), min_f1=min_f1, n_shards=len(shards), n_damaged_shards=len(damaged),
                   n_songs=len(song_hashes))
-    run_id = _mlflow_run(out_dir, tracking_uri, experiment, params)
-
+    key, tracker = il_key(out_dir), None
     loop_config = {
         "il": il.model_dump(), "mlflow": cfg.mlflow.model_dump(), "policy": il.policy, "lake_root": str(lake_root), "min_f1": min_f1,
         "stats": {k: v.tolist() for k, v in stats.items()}, "song_hashes": song_hashes,
-        "shards": shards, "tracking_uri": tracking_uri, "run_id": run_id,
+        "shards": shards, "tracking_uri": tracking_uri, "run_key": key, "outbox": str(outbox or out_dir / OUTBOX_FILE),
         "fail_at_step": _fail_at_step, "fail_marker": str(out_dir / ".failure-drill-done"),
     }
     trainer = TorchTrainer(
@@ -300,9 +257,19 @@ def train_il(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{out_dir}: imitation learning finished without a checkpoint")
+    if tracking_uri:  # opened (or reopened, for a resumed job) before any worker logs to it
+        tracker = _outbox(loop_config)
+        tracker.start_run(key, experiment or "pianoforge-il", f"il-{il.policy}", tags={"pianoforge.kind": "imitation"},
+                          params=params)
+        tracker.start_sender()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"{out_dir}: imitation learning finished without a checkpoint")
+        status = "FINISHED"
+    finally:
+        run_id = _close_run(tracker, key, status, cfg.mlflow.close_timeout_s) if tracker else None
     policy_path = out_dir / "policy.pt"
     with result.checkpoint.as_directory() as folder:
         with atomic_write(policy_path, "wb") as f, open(Path(folder) / "policy.pt", "rb") as src:
@@ -311,3 +278,16 @@ def train_il(
     return ILResult(policy_path=policy_path, steps=int(metrics.get("step", il.steps)),
                     start_step=int(metrics.get("start_step", 0)), metrics=metrics, song_hashes=song_hashes,
                     n_shards=len(shards), mlflow_run_id=run_id, checkpoint_path=result.checkpoint.path)
+
+
+def _close_run(tracker: Any, key: str, status: str, wait_s: float) -> str | None:
+    """End the job's run; deliver for up to ``wait_s`` seconds. Returns its MLflow id once delivered."""
+    import logging
+
+    tracker.end_run(key, status)
+    left = tracker.stop(wait_s)
+    run_id = tracker.run_id(key)
+    tracker.close()
+    if not left.empty and not tracker.path.with_name("campaign.db").exists():  # a campaign's driver says it itself
+        logging.getLogger(__name__).warning(left.describe(tracker.uri, f"`pianoforge mlflow sync {tracker.path.parent}` delivers them."))
+    return run_id
