@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,16 @@ app = typer.Typer(
 )
 manifest_app = typer.Typer(help="Song manifests: check what a manifest will train.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
+
+
+@contextmanager
+def _fail_with(code: int, *errors: type[BaseException]):
+    """A command's expected errors end it with one ``error: ...`` line on stderr and exit status ``code``."""
+    try:
+        yield
+    except errors as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code) from None
 
 
 def _version_cb(value: bool) -> None:
@@ -48,11 +59,8 @@ def dashboard(
     from dashboards.app import DashboardServer, export_html
     from dashboards.data import Campaign, CampaignNotFound, find_campaign
 
-    try:
+    with _fail_with(EXIT_USAGE, CampaignNotFound):
         directory = find_campaign(root or configs.load(profile=None).campaign.root, campaign)
-    except CampaignNotFound as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     camp = Campaign(directory)
     if export:
         out = export_html(camp, export, unit=unit)
@@ -84,12 +92,9 @@ def manifest_check(
     import configs
     from orchestrator.manifest import ManifestError, load_manifest
 
-    try:
+    with _fail_with(1, configs.ConfigError, ManifestError):
         cfg = configs.load(profile=profile, overrides=overrides)
         manifest = load_manifest(file, cfg)
-    except (configs.ConfigError, ManifestError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
 
     console = Console(width=max(Console().width, 120))
     console.print(f"{file}: {len(manifest.songs)} songs, {len(manifest.units())} units", markup=False,
@@ -128,11 +133,8 @@ def _load_config(profile: str, sets: list[str], workload: Optional[str]):
     import configs
 
     overrides = list(sets) + ([f"campaign.workload={workload}"] if workload else [])
-    try:
+    with _fail_with(EXIT_USAGE, configs.ConfigError):
         return configs.load(profile=profile, overrides=overrides)
-    except configs.ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _drive_with_progress(run, total: int):
@@ -196,11 +198,8 @@ def _manifest_or_exit(path, cfg):
     """The loaded manifest, its problems printed to stderr; exit 2 if the file itself is unusable."""
     from orchestrator.manifest import ManifestError, load_manifest
 
-    try:
+    with _fail_with(EXIT_USAGE, ManifestError):
         manifest = load_manifest(path, cfg)
-    except ManifestError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     for problem in manifest.problems:
         typer.echo(str(problem), err=True)
     return manifest
@@ -309,11 +308,8 @@ def status(
     from orchestrator.status import read_status, render, resolve_campaign
 
     root = root or Path(_load_config("local", [], None).campaign.root)
-    try:
+    with _fail_with(EXIT_USAGE, FileNotFoundError):
         directory = resolve_campaign(campaign, root)
-    except FileNotFoundError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     behind = _sync_tracking(directory, timeout_s=STATUS_SYNC_S, quiet=as_json)
     if as_json:
         import dataclasses
@@ -375,11 +371,8 @@ def mlflow_sync(
     root = root or Path(_load_config("local", [], None).campaign.root)
     directory = Path(campaign).expanduser() if campaign and (Path(campaign) / OUTBOX_FILE).exists() else None
     if directory is None:
-        try:
+        with _fail_with(EXIT_USAGE, FileNotFoundError):
             directory = resolve_campaign(campaign, root)
-        except FileNotFoundError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
     if _sync_tracking(directory.resolve(), timeout):
         raise typer.Exit(1)
     typer.echo(f"{directory}: every MLflow record delivered")
@@ -564,11 +557,8 @@ def specialist(
 def _unit_or_exit(unit_dir: Path):
     from orchestrator.playback import UnitNotFound, resolve_unit
 
-    try:
+    with _fail_with(EXIT_USAGE, UnitNotFound):
         return resolve_unit(unit_dir)
-    except UnitNotFound as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _render_failed(e: Exception) -> None:
@@ -660,11 +650,8 @@ def play(
 
             view = _unit_or_exit(target)
             cfg = view.cfg
-            try:
+            with _fail_with(EXIT_USAGE, UnitNotFound):
                 state = specialist_policy_state(view)
-            except UnitNotFound as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
             policy_file = save_state(state, Path(tmp) / "policy.pt")
             policy = SpecialistPolicy(state).eval()
             song_path = song or Path(view.spec.song_path)
@@ -672,21 +659,15 @@ def play(
         else:
             cfg = _load_config(profile, sets, None)
             policy_file = target
-            try:
+            with _fail_with(EXIT_USAGE, ValueError, FileNotFoundError):
                 policy = load_any_policy(target)
-            except (ValueError, FileNotFoundError) as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
             if song is None:
                 typer.echo("error: a policy file needs --song", err=True)
                 raise typer.Exit(2)
             song_path, chunk = song, chunk or 0
-        try:
+        with _fail_with(1, SongError):
             loaded = load_song(song_path)
             midi = load_chunk(song_path, chunk, cfg.env, expected_hash=loaded.content_hash)
-        except SongError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
         env = make_env(midi, cfg.env, seed=seed)
         rows = []
         try:
@@ -719,11 +700,8 @@ def export_policy(
     from workers.imitation.export import save_state
 
     view = _unit_or_exit(unit_dir)
-    try:
+    with _fail_with(EXIT_USAGE, UnitNotFound):
         state = specialist_policy_state(view)
-    except UnitNotFound as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     save_state(state, out)
     done = "" if state["meta"]["done"] else " (the unit has not finished training: this is its latest checkpoint)"
     typer.echo(f"wrote {out}: specialist of unit {view.spec.unit_id} at step {state['meta']['step']}{done}")
@@ -746,11 +724,8 @@ def lake_list(
     from workers.lake import Lake, LakeError
 
     lake = Lake(root)
-    try:
+    with _fail_with(1, LakeError):
         shards = lake.shards(min_f1=min_f1, split=split)
-    except LakeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     _print_shards(root, [(s, lake.shard_problem(s)) for s in shards])
 
 
@@ -794,11 +769,8 @@ def lake_verify(
     """
     from workers.lake import Lake, LakeError
 
-    try:
+    with _fail_with(1, LakeError):
         checked = Lake(root).verify()
-    except LakeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     _print_shards(root, checked)
 
 
@@ -833,11 +805,8 @@ def lake_export(
     if fmt != "lerobot":
         typer.echo(f"error: --format {fmt}: only lerobot is supported", err=True)
         raise typer.Exit(2)
-    try:
+    with _fail_with(1, LakeError, FileExistsError):
         summary = export_lerobot(root, out, min_f1=min_f1, splits=split or None, songs=song or None)
-    except (LakeError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"wrote {summary.out}: LeRobot v3.0 dataset, {summary.episodes} episodes, {summary.frames} frames, "
                f"{summary.tasks} tasks, {summary.data_files} data file(s) from {summary.shards} shard(s); "
                f"splits {summary.splits}")
@@ -928,13 +897,10 @@ def eval_cmd(
         typer.echo("error: no songs to evaluate", err=True)
         raise typer.Exit(2)
     rows = []
-    try:
+    with _fail_with(1, SongError, ValueError, FileNotFoundError):
         for path in [policy] + ([baseline] if baseline else []):
             rows += evaluate_policy(path, paths, cfg, episodes=episodes, song_names=[n or Path(p).stem for p, n in zip(paths, names)],
                                     max_chunks=max_chunks, max_steps=max_steps, progress=True)
-    except (SongError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     rows = summarize(rows)
     print_table(rows)
     table_path = write_csv(rows, out or (policy if policy.is_dir() else policy.parent) / "eval.csv")
