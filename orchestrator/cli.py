@@ -194,6 +194,22 @@ def _exit_no_space(no_space, campaign: str):
     raise typer.Exit(EXIT_NODE_FAULT)
 
 
+@contextmanager
+def _driving(campaign: str, *usage_errors: type[BaseException]):
+    """Around a driver run: ``usage_errors`` exit 2 with their message; a full disk before the
+    driver could stop cleanly gets the same one message as one it stopped on (exit 4)."""
+    with _fail_with(EXIT_USAGE, *usage_errors):
+        try:
+            yield
+        except usage_errors:
+            raise
+        except Exception as e:  # noqa: BLE001 - only a full disk is turned into a message
+            no_space = disk_full(e)
+            if no_space is None:
+                raise
+            _exit_no_space(no_space, campaign)
+
+
 def _manifest_or_exit(path, cfg):
     """The loaded manifest, its problems printed to stderr; exit 2 if the file itself is unusable."""
     from orchestrator.manifest import ManifestError, load_manifest
@@ -220,18 +236,10 @@ def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workl
     rejected = len(loaded.errors)
     dropped = f", {rejected} manifest entries dropped (errors above)" if rejected else ""
     typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}{dropped}")
-    try:
+    with _driving(name, campaign_mod.CampaignError):
         summary = _drive_with_progress(
             lambda cb: campaign_mod.submit(units, cfg, name, root=root, ray_address=ray_address, on_progress=cb),
             total=len(units))
-    except campaign_mod.CampaignError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
-        no_space = disk_full(e)
-        if no_space is None:
-            raise
-        _exit_no_space(no_space, name)
     _report_summary(summary, rejected=0 if allow_errors else rejected)
     return summary
 
@@ -269,7 +277,7 @@ def resume(
     from orchestrator.store import CampaignStore
 
     root = root or Path(_load_config("local", [], None).campaign.root)
-    try:
+    with _driving(campaign, campaign_mod.CampaignError, configs.ConfigError):
         paths = campaign_mod.CampaignPaths.of(root, campaign)
         db = paths.db
         if not db.exists():
@@ -280,14 +288,6 @@ def resume(
         summary = _drive_with_progress(
             lambda cb: campaign_mod.resume(campaign, root=root, overrides=sets, ray_address=ray_address, on_progress=cb),
             total=total)
-    except (campaign_mod.CampaignError, configs.ConfigError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except Exception as e:  # noqa: BLE001 - a full disk before the driver ran: the same message
-        no_space = disk_full(e)
-        if no_space is None:
-            raise
-        _exit_no_space(no_space, campaign)
     _report_summary(summary)
 
 
