@@ -119,7 +119,7 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
     """Worker side of one attempt: say where it runs, run the workload, time its reporting.
 
     Returns ``UnitResult`` fields plus ``report_seconds`` (time spent inside the metrics
-    callback) and ``reports`` (how many calls).
+    callback).
     """
     unit = UnitSpec.model_validate_json(spec_json)
     cfg = configs.from_dict(cfg_dict)
@@ -137,7 +137,7 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
         raise
     finally:
         report.close()  # metrics of a failed attempt still reach MLflow
-    return {**result.model_dump(), "report_seconds": report.seconds, "reports": report.calls}
+    return {**result.model_dump(), "report_seconds": report.seconds}
 
 
 def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs: list[str], lake_root: str,
@@ -145,7 +145,7 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
     """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``).
 
     Returns one dict per member: ``{"unit_id", "result"}`` with ``UnitResult`` fields plus
-    ``report_seconds`` and ``reports``, or ``{"unit_id", "error", "kind", "no_space"}`` with the
+    ``report_seconds``, or ``{"unit_id", "error", "kind", "no_space"}`` with the
     member's traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it).
     """
     units = [UnitSpec.model_validate_json(s) for s in specs_json]
@@ -167,7 +167,7 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
                         "kind": "disk_full" if full is not None else "unit", "no_space": full})
         else:
             out.append({"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(),
-                        "report_seconds": report.seconds, "reports": report.calls}})
+                        "report_seconds": report.seconds}})
     return out
 
 
@@ -182,12 +182,10 @@ class Reporter:
         self.pending: list[tuple[dict, int]] = []
         self.last_send = time.monotonic()
         self.seconds = 0.0  # everything spent in here: the share of worker time that logging costs
-        self.calls = 0
 
     def __call__(self, metrics: dict) -> None:
         t0 = time.perf_counter()
         self.pending.append((dict(metrics), int(time.time() * 1000)))
-        self.calls += 1
         if time.monotonic() - self.last_send >= self.interval_s:
             self._send()
         self.seconds += time.perf_counter() - t0
