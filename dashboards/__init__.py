@@ -7,6 +7,8 @@ pressed keys across the lake, learning curves from MLflow, which finger pressed 
 (OT fingering) and the audio of a unit's best rollout.
 
 - :mod:`dashboards.data`: reads the store, the lake and MLflow (read-only) into a ``Snapshot``;
+- :mod:`dashboards.fingering`: which finger pressed which key, pressed-key counts over the lake;
+- :mod:`dashboards.mlflow_reader`: metric histories and run links from the tracking server;
 - :mod:`dashboards.timeline`: progress numbers (states over time, throughput, ETA);
 - :mod:`dashboards.plots`: plotly figures from plain data;
 - :mod:`dashboards.audio`: a rollout's pressed keys to a WAV with RoboPianist's synthesizer;

@@ -13,23 +13,13 @@ Sources (all read-only; the driver may be writing meanwhile):
   store holds (never searched for on the server, which other campaigns may share). A SQLite
   tracking file that does not exist yet is not created.
 
-Fingering: the lake stores, per step, the observation the action was taken from (with the 10
-fingertip positions in world coordinates, ``obs[1068:1098]``, right thumb..little then left
-thumb..little as RoboPianist numbers fingers) and the keys that should sound at that step
-(``target``). The environment's OT reward for step t matches ``target[t]`` to the fingertips
-*after* the step's action, which the lake holds as ``obs[t + 1]``. :func:`episode_finger_key_counts`
-re-runs the environment's assignment (``workers.piano.fingering.assign_fingers``) on those pairs against
-the keys' press points on RoboPianist's piano at rest (the piano sits at the world origin in the
-task) and counts, for each finger and key, the steps in which that finger was matched to that key:
-the matching ``info["ot_assignment"]`` reported during the rollout, for every step but the last
-(whose next observation is not stored).
+Which finger pressed which key (OT fingering re-run on the lake's steps) lives in
+:mod:`dashboards.fingering`; MLflow reads in :mod:`dashboards.mlflow_reader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import functools
 import re
 import threading
 import time
@@ -41,8 +31,9 @@ import numpy as np
 import yaml
 
 import configs
-import workers.lake as _lake
 from dashboards import timeline
+from dashboards.fingering import KeyCounter, best_episode, episode_finger_key_counts, pedal_after_each_step
+from dashboards.mlflow_reader import MlflowReader, evaluation_f1
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
 from orchestrator.status import budget_text, steps_text, throughput_eta
@@ -56,10 +47,6 @@ UNITS_DIR = "units"
 MLFLOW_FILE = "mlflow.db"
 DASHBOARD_DIR = "dashboard"  # the dashboard's own cache (rendered WAVs) inside the campaign dir
 
-# Observation parts, by name, from the lake's layout (RP1M order).
-_OBS = {name: slice(start, stop) for name, start, stop in _lake.schema.OBS_LAYOUT}
-FINGERTIP_SLICE = _OBS["fingertip_pos"]  # 10 fingertips x (x, y, z), world frame
-SUSTAIN_SLICE = _OBS["sustain_state"]  # the pedal's position over its range (0 up .. 1 down)
 
 
 # Terminal colour codes (Ray colours its tracebacks); a web page shows them as garbage.
@@ -312,165 +299,6 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
     return units, changes, meta, budgets
 
 
-class KeyCounter:
-    """Pressed-key counts over a lake's committed shards, reading each shard's ``pressed`` column
-    once per commit (a replaced shard is read again)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
-        self._lock = threading.Lock()
-
-    def counts(self, lake, shards) -> tuple[np.ndarray, int]:
-        """``(int64[88] steps each key was pressed, total steps)`` over ``shards``."""
-        total = np.zeros(88, dtype=np.int64)
-        steps = 0
-        for shard in shards:
-            key = (str(shard.path), shard.commit_id or str(shard.committed_at))
-            with self._lock:
-                hit = self._cache.get(key)
-            if hit is None:
-                # `pressed` holds, per step, the indices of the keys sounding: count them directly.
-                try:
-                    column = lake.read_table(shard, columns=["pressed"]).column("pressed").combine_chunks()
-                except _lake.LakeError:
-                    continue  # replaced by a retried unit since it was listed: counted next time
-                keys = np.asarray(column.flatten(), dtype=np.int64)
-                hit = (np.bincount(keys, minlength=88)[:88].astype(np.int64), len(column))
-                with self._lock:
-                    self._cache[key] = hit
-            total += hit[0]
-            steps += hit[1]
-        return total, steps
-
-
-def best_episode(lake, shard):
-    """The shard's episode with the highest F1 (ties: higher return), reading only the row
-    groups that hold it (each row group holds whole episodes)."""
-    from workers.lake.episodes import read_episode
-
-    return read_episode(lake, shard)
-
-
-@functools.lru_cache(maxsize=1)
-def key_press_points() -> np.ndarray:
-    """(88, 3) world positions where a fingertip presses each key of RoboPianist's piano at rest,
-    the points the environment's OT fingering measures distances to."""
-    from dm_control import mjcf
-    from robopianist.models.piano import piano
-
-    from workers.piano.fingering import KEY_SURFACE_OFFSET
-
-    model = piano.Piano()
-    physics = mjcf.Physics.from_mjcf_model(model.mjcf_model)
-    geoms = physics.bind([key.geom[0] for key in model.keys])
-    return np.asarray(geoms.xpos) + np.asarray(geoms.size) * KEY_SURFACE_OFFSET
-
-
-def finger_key_counts(fingertips: np.ndarray, target: np.ndarray, key_points: np.ndarray | None = None) -> np.ndarray:
-    """int64 (10, 88): in how many steps OT fingering matched finger i to key j, for fingertip
-    positions ``(T, 30)`` (or ``(T, 10, 3)``) and keys to press ``bool (T, 88)``."""
-    from workers.piano.fingering import assign_fingers
-
-    points = key_press_points() if key_points is None else key_points
-    tips = np.asarray(fingertips, dtype=np.float64).reshape(len(target), -1, 3)
-    counts = np.zeros((tips.shape[1], 88), dtype=np.int64)
-    for t in range(len(target)):
-        keys = np.flatnonzero(target[t])
-        if keys.size == 0:
-            continue
-        fingers, key_rows, _ = assign_fingers(tips[t], points[keys])
-        np.add.at(counts, (fingers, keys[key_rows]), 1)
-    return counts
-
-
-def _pedal_after_each_step(episode) -> np.ndarray:
-    """bool (T,): the sustain pedal down after step t (as ``pressed[t]``), i.e. in ``obs[t + 1]``."""
-    pedal = episode.obs[:, SUSTAIN_SLICE][:, 0] > 0.5
-    return np.r_[pedal[1:], pedal[-1:]]
-
-
-def episode_finger_key_counts(episode) -> np.ndarray:
-    """int64 (10, 88) OT fingering counts of a lake ``Episode`` (see the module docstring for
-    why fingertips come from the next step's observation)."""
-    return finger_key_counts(episode.obs[1:, FINGERTIP_SLICE], episode.target[:-1])
-
-
-class MlflowReader:
-    """Metric histories and run links from one tracking server; quiet when it is unavailable."""
-
-    def __init__(self, tracking_uri: str, ui_url: str):
-        self.tracking_uri = tracking_uri
-        self.ui_url = ui_url
-        self._client = None
-        self._experiments: dict[str, str] = {}
-        self.default_experiment: str | None = None  # the campaign's experiment, from the store
-        self.ready = False  # set once the store says the driver's MLflow experiment exists
-
-    def available(self) -> bool:
-        """Whether to query MLflow now: only once the driver has opened its tracking store (it
-        records the experiment in the campaign store afterwards). Opening a SQLite tracking file
-        earlier would race the driver creating its tables, and could create an empty one."""
-        if not self.ready:
-            return False
-        if self.tracking_uri.startswith("sqlite:///"):
-            return Path(self.tracking_uri[len("sqlite:///"):]).exists()
-        return True
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            from workers.tracking import fail_fast_http
-
-            fail_fast_http()  # a server that is down costs the page one quick error, not minutes of retries
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def link(self, run_id: str | None) -> str | None:
-        """The configured MLflow UI URL of a run (``None`` without a run). Unit runs live in the
-        campaign's experiment; other runs (the imitation job) once their curves were read."""
-        if not run_id:
-            return None
-        experiment_id = self._experiments.get(run_id) or self.default_experiment or "0"
-        return self.ui_url.format(run_id=run_id, experiment_id=experiment_id, tracking_uri=self.tracking_uri)
-
-    def curves(self, run_id: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[list, list]]:
-        """``{metric: (steps, values)}`` for the run's metrics matching any of ``patterns``
-        (fnmatch globs, e.g. ``eval/*``), sorted by step."""
-        if not self.available():
-            return {}
-        run = self.client.get_run(run_id)
-        self._experiments[run_id] = run.info.experiment_id
-        names = [m for m in sorted(run.data.metrics) if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
-        out = {}
-        for name in names:
-            history = sorted(self.client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
-            out[name] = ([m.step for m in history], [m.value for m in history])
-        return out
-
-    def metrics(self, run_id: str) -> dict[str, float]:
-        """The run's latest value of each metric (``{}`` while MLflow is not to be queried)."""
-        if not self.available():
-            return {}
-        run = self.client.get_run(run_id)
-        self._experiments[run_id] = run.info.experiment_id
-        return dict(run.data.metrics)
-
-
-def evaluation_f1(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    """``{policy: {group: F1}}`` from an evaluation run's metrics, which ``workers.imitation.evaluate``
-    names ``eval/<policy>/<group>/<song>/<metric>``; the group means (song ``mean``) only."""
-    from workers.imitation.evaluate import MEAN
-
-    out: dict[str, dict[str, float]] = {}
-    for name, value in metrics.items():
-        parts = name.split("/")
-        if len(parts) == 5 and parts[0] == "eval" and parts[3] == MEAN and parts[4] == "f1":
-            out.setdefault(parts[1], {})[parts[2]] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # The snapshot
 # --------------------------------------------------------------------------------------------
@@ -605,7 +433,7 @@ class Campaign:
             self._focus_cache[key] = Focus(
                 unit_id=unit_id, song_name=shard.song_name, chunk_index=shard.chunk_index, seed=ep.seed,
                 f1=ep.f1, n_steps=ep.n_steps, finger_key=episode_finger_key_counts(ep),
-                pressed=ep.pressed, sustain=_pedal_after_each_step(ep),
+                pressed=ep.pressed, sustain=pedal_after_each_step(ep),
             )
         focus = self._focus_cache[key]
         if unit is not None:

@@ -24,7 +24,8 @@ import yaml
 import configs
 from dashboards import audio, timeline
 from dashboards.app import FIGURE_IDS
-from dashboards.data import Campaign, find_campaign, finger_key_counts, key_press_points, read_store
+from dashboards.data import Campaign, find_campaign, read_store
+from dashboards.fingering import finger_key_counts, key_press_points
 from dashboards.data import summary as page_summary
 from dashboards.timeline import StateChange
 from orchestrator.store import GATED, SUCCEEDED, CampaignStore
@@ -229,7 +230,7 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     from the stored observations equal the env's own ``info["ot_assignment"]``."""
     from robopianist import music
 
-    from dashboards.data import episode_finger_key_counts
+    from dashboards.fingering import episode_finger_key_counts
     from workers.piano.env import make_env
     from workers.lake import Episode
 
