@@ -21,7 +21,7 @@ per setting) and ``OUT/learning.json`` (every point).
 
 ``--grid`` picks settings by name (``GRID`` below: today's defaults, ``init_temperature`` 0.1,
 ``tau`` 0.005 against the default 0.05, ``utd_ratio`` 2 with ``n_step`` 3); ``--batch``
-sets the piano runs' batch size (128 by default, as in the measurements of issue 12). Every run
+sets the piano runs' batch size (128 by default, as in the earlier measurements of the easy piece). Every run
 is seeded; times are this machine's (``OMP_NUM_THREADS=1``, one torch thread per run).
 """
 
