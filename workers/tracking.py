@@ -322,6 +322,11 @@ class Outbox:
         unless another process holds it."""
         if self._sender is None:
             fail_fast_http()
+            # Import MLflow here, not first in the sender thread: a thread importing mlflow while
+            # another thread does can see a partially initialised module and fail its delivery.
+            import mlflow.entities  # noqa: F401
+            import mlflow.tracking  # noqa: F401
+
             self._take_send_lock()
             self._sender = threading.Thread(target=self._send_loop, name="mlflow-outbox-sender", daemon=True)
             self._sender.start()
