@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules: a local Ray cluster and the single-node SLURM cluster.
+"""Fixtures shared by the test modules: a local Ray cluster, the single-node SLURM cluster, one torch thread.
 
 Helpers that are not fixtures (songs for the piano tests, a small lake for the imitation
 tests) live in ``env_fixtures.py`` and ``il_fixtures.py`` beside this file.
@@ -19,3 +19,15 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small networks run fastest single-threaded, and CI has two shared cores (a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

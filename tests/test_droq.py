@@ -14,13 +14,7 @@ from workers.rl.droq import DroQ, EnsembleLayerNorm, EnsembleLinear, InputLinear
 from workers.rl.replay import ReplayBuffer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks run fastest single-threaded, and CI has two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**overrides) -> configs.DroQConfig:

@@ -23,12 +23,7 @@ OBS, ACT, GOAL = 6, 3, 3  # the first GOAL observation entries are binary, like 
 LOW, HIGH = np.array([-1.0, 0.0, -2.0]), np.array([1.0, 0.5, 2.0])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**overrides) -> configs.DroQConfig:
