@@ -6,7 +6,7 @@ Prints, side by side in one run (RP1M networks: 3 x 256, 2 Qs, batch 256, obs 11
 - the DroQ update as it was before packing (the file at ``--baseline``, a git revision), one
   thread: the reference every ratio is taken against;
 - a pack of K = 1, 4, 8, 16 agents, one thread: ms per update of the whole pack and per agent,
-  with the default settings, with ``droq.sparse_goal``, and with that and
+  with a dense goal input, with ``droq.sparse_goal`` (the CPU default), and with that and
   ``droq.matmul_precision: medium`` (bf16 matmuls where the CPU has them);
 - threads: a pack of 1 with 1 thread, 2 threads and OMP_WAIT_POLICY=PASSIVE, and 2 threads with
   OpenMP's default spinning, each in its own process (the policy is read when torch loads);
@@ -41,9 +41,10 @@ from workers.rl.replay import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS, ACT = 1144, 39
-BEFORE_PACKING = "75e1967"
-VARIANTS = {"default": {}, "sparse goal": {"sparse_goal": True},
-            "sparse goal, bf16": {"sparse_goal": True, "matmul_precision": "medium"}}  # the last revision of workers/rl/droq.py with one agent per learner
+BEFORE_PACKING = "75e1967"  # the last revision of workers/rl/droq.py with one agent per learner
+# "dense goal" is the learner with droq.sparse_goal off; its default ("auto") turns it on for a CPU learner.
+VARIANTS = {"dense goal": {"sparse_goal": False}, "sparse goal": {"sparse_goal": True},
+            "sparse goal, bf16": {"sparse_goal": True, "matmul_precision": "medium"}}
 
 
 def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
@@ -164,7 +165,7 @@ def main() -> None:
                           {**VARIANTS, "tf32": {"matmul_precision": "high"}}))
     results = measure(runs, args.reps)
 
-    reference = results["before packing (1 agent)"][1] if old is not None else results["K=1  cpu default"][1]
+    reference = results["before packing (1 agent)"][1] if old is not None else results["K=1  cpu dense goal"][1]
     print(f"\n{'update (batch 256)':34s}{'ms/update':>11s}{'ms/agent':>10s}{'ratio':>8s}   (ratio: per agent / before)")
     for name, (k, ms) in results.items():
         print(f"{name:34s}{ms:11.1f}{ms / k:10.1f}{ms / k / reference:8.2f}")
