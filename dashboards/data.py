@@ -36,7 +36,7 @@ from dashboards.fingering import KeyCounter, best_episode, episode_finger_key_co
 from dashboards.mlflow_reader import MlflowReader, evaluation_f1
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
-from orchestrator.status import budget_text, steps_text, throughput_eta
+from orchestrator.status import budget_text, group_packs, steps_text, throughput_eta
 from orchestrator.store import BudgetSummary
 from workers.tracking import outbox_path, pending_records
 
@@ -195,18 +195,9 @@ class Snapshot:
 
 
 def running_packs(units: list[Unit]) -> list[dict[str, Any]]:
-    """Packs with a running unit: which units share each, its node, and its env steps/s (the
-    sum of its running units' last reported rates)."""
-    packs: dict[str, dict[str, Any]] = {}
-    for u in sorted(units, key=lambda u: u.unit_id):
-        if u.state != "running" or not u.pack_id:
-            continue
-        p = packs.setdefault(u.pack_id, {"pack_id": u.pack_id, "units": [], "node": u.node, "steps_per_s": None})
-        p["units"].append(u.unit_id)
-        p["node"] = p["node"] or u.node
-        if u.steps_per_s is not None:
-            p["steps_per_s"] = (p["steps_per_s"] or 0.0) + u.steps_per_s
-    return list(packs.values())
+    """Packs with a running unit (``orchestrator.status.group_packs``), placed by Ray node."""
+    return group_packs([{"unit_id": u.unit_id, "pack_id": u.pack_id, "node": u.node, "steps_per_s": u.steps_per_s}
+                        for u in units if u.state == "running" and u.pack_id], place="node")
 
 
 def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:

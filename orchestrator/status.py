@@ -119,7 +119,7 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         running = [dict(r) for r in db.execute(
             f"SELECT unit_id, {pack_col}, attempts, hostname, slurm_job_id, node_id, step, env_steps_per_s AS steps_per_s,"
             " checkpoint_step, started_at FROM units WHERE state = ? ORDER BY started_at LIMIT ?", (RUNNING, n_running))]
-        packs = _packs([dict(r) for r in db.execute(
+        packs = group_packs([dict(r) for r in db.execute(
             "SELECT unit_id, pack_id, hostname, env_steps_per_s AS steps_per_s, started_at FROM units"
             " WHERE state = ? AND pack_id IS NOT NULL", (RUNNING,))]) if pack_col == "pack_id" else []
         where = [dict(r) for r in db.execute(
@@ -140,15 +140,16 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
 
 
-def _packs(rows: list[dict]) -> list[dict]:
-    """Running units grouped by pack: which units share one, where, and its env steps/s (the
-    sum of its units' last reported rates)."""
+def group_packs(rows: list[dict], place: str = "hostname") -> list[dict]:
+    """Running units grouped by pack: which units share one, where (``place``: the rows' key
+    that says it), and its env steps/s (the sum of its units' last reported rates). Each row has
+    ``unit_id``, ``pack_id``, ``place`` and ``steps_per_s``; other keys come from a pack's first unit."""
     packs: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: r["unit_id"]):
-        p = packs.setdefault(r["pack_id"], {"pack_id": r["pack_id"], "units": [], "hostname": r["hostname"],
-                                            "steps_per_s": None, "started_at": r["started_at"]})
+        p = packs.setdefault(r["pack_id"], {**{k: v for k, v in r.items() if k not in ("unit_id", "steps_per_s")},
+                                            "units": [], "steps_per_s": None})
         p["units"].append(r["unit_id"])
-        p["hostname"] = p["hostname"] or r["hostname"]
+        p[place] = p[place] or r[place]
         if r["steps_per_s"] is not None:
             p["steps_per_s"] = (p["steps_per_s"] or 0.0) + r["steps_per_s"]
     return sorted(packs.values(), key=lambda p: int(p["pack_id"].rsplit("-", 1)[-1]) if p["pack_id"][-1:].isdigit() else 0)
