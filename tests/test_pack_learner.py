@@ -161,12 +161,18 @@ def test_a_lone_agent_starts_as_before_packing():
     assert float(state["log_alpha"]) == pytest.approx(math.log(cfg.init_temperature))
 
 
-def test_an_agent_checkpoint_continues_in_a_pack_of_one_and_in_another_pack():
-    cfg = small_cfg()
+def trained_pack(cfg: configs.DroQConfig) -> tuple[DroQ, list[ReplayBuffer]]:
+    """A pack of 3 after 3 updates on its own buffers."""
     pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
     buffers = [make_buffer(s) for s in (1, 2, 3)]
     for _ in range(3):
         pack.update(buffers)
+    return pack, buffers
+
+
+def test_an_agent_checkpoint_continues_in_a_pack_of_one_and_in_another_pack():
+    cfg = small_cfg()
+    pack, buffers = trained_pack(cfg)
     blob = io.BytesIO()
     torch.save(pack.agent_state_dict(1), blob)
     blob.seek(0)
@@ -194,10 +200,7 @@ def test_an_agent_checkpoint_continues_in_a_pack_of_one_and_in_another_pack():
 
 def test_reset_agent_reinitialises_only_its_slot():
     cfg = small_cfg()
-    pack = agent(cfg, seed=[1, 2, 3], num_agents=3)
-    buffers = [make_buffer(s) for s in (1, 2, 3)]
-    for _ in range(3):
-        pack.update(buffers)
+    pack, buffers = trained_pack(cfg)
     kept = [pack.agent_state_dict(i) for i in (0, 2)]
     pack.reset_agent(1, seed=42)
     for i, state in zip((0, 2), kept):
