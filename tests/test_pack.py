@@ -23,7 +23,7 @@ from workers.rl import pack as pack_mod
 from workers.rl.envpool import EnvSpec, InProcessEnvPool, WorkerEnvPool
 from workers.rl.pack import train_pack, train_unit
 from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result
-from workers.units import read_attempts
+from workers.units import Arrival, Refill, UnitSpec, read_attempts
 
 MB = 1 << 20
 
@@ -156,6 +156,41 @@ def test_a_member_whose_environment_raises_fails_alone_and_resumes_in_a_pack_of_
     again = train_unit(units[0], cfg, dirs[0], tmp_path / "lake", progress=False)
     assert again.steps == 150 and read_result(dirs[0])["steps_this_run"] == 0 and lost.exists()
     assert again.f1 == outcomes[0].result.f1  # the same policy, seeds and chunk: the same rollouts
+
+
+@pytest.mark.slow
+def test_freed_slots_are_refilled_with_fresh_agents_and_a_broken_arrival_fails_alone(tmp_path):
+    cfg = configs.load(overrides={**TINY, "droq.warmup_steps": 20, "specialist.total_steps": 60,
+                                  "specialist.eval_interval": 60, "specialist.checkpoint_interval": 60,
+                                  "specialist.log_interval": 20, "specialist.rollouts": 1})
+    short, long_ = tiny_unit(cfg, 1), tiny_unit(cfg, 2)
+    long_ = long_.model_copy(update={"overrides": {"specialist.total_steps": 100}})  # same droq: same pack
+    late = [tiny_unit(cfg, 3), tiny_unit(cfg, 0)]
+    broken = UnitSpec.create(song_path=short.song_path, song_hash=short.song_hash, song_name=short.song_name,
+                             chunk_index=9999, config_hash=short.config_hash)  # no such chunk
+    reports: dict[str, list] = {u.unit_id: [] for u in [short, long_, broken, *late]}
+    refill = Refill([Arrival(u, tmp_path / u.unit_id, reports[u.unit_id].append) for u in [broken, *late]])
+    outcomes = train_pack([short, long_], cfg, [tmp_path / short.unit_id, tmp_path / long_.unit_id],
+                          tmp_path / "lake", [reports[short.unit_id].append, reports[long_.unit_id].append],
+                          env_workers=2, refill=refill)
+
+    # Launched members first, then arrivals in the order they came; each outcome handed back once.
+    assert [o.unit_id for o in outcomes] == [short.unit_id, long_.unit_id, broken.unit_id, *(u.unit_id for u in late)]
+    assert sorted(o.unit_id for o in refill.outcomes) == sorted(o.unit_id for o in outcomes)
+    assert outcomes[2].result is None and "9999" in outcomes[2].error_text  # the broken one alone
+    assert [o.error_text for o in outcomes if o.error is not None and o.unit_id != broken.unit_id] == []
+    steps = {o.unit_id: o.result.steps for o in outcomes if o.error is None}
+    assert steps == {short.unit_id: 60, long_.unit_id: 100, late[0].unit_id: 60, late[1].unit_id: 60}
+    lake = Lake(tmp_path / "lake", cfg.lake)
+    assert sorted(s.unit_id for s in lake.shards()) == sorted(steps)
+    for unit in late:
+        # A fresh agent in the slot: its update count and optimiser steps are its own (60 steps,
+        # 20 of warm-up), not the previous occupant's carried on; its own evaluations and result.
+        final = load_checkpoint(tmp_path / unit.unit_id)
+        assert final["agent"]["updates"] == 40
+        assert [r["step"] for r in reports[unit.unit_id] if "eval/f1" in r] == [60]
+        assert read_result(tmp_path / unit.unit_id)["steps_this_run"] == 60
+        assert [a["start_step"] for a in read_attempts(tmp_path / unit.unit_id)] == [0]
 
 
 PACK_SCRIPT = """

@@ -134,3 +134,47 @@ class MemberOutcome:
         if self.error is None:
             return None
         return "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
+
+
+# --- refilling a pack's freed slots (campaign.pack_refill) ---------------------------------
+@dataclass
+class Arrival:
+    """A unit handed to a pack for one of its freed slots: what ``train_pack`` needs of it."""
+
+    unit: UnitSpec
+    unit_dir: Path
+    report: Any  # Callable[[dict], None]: its metrics callback (its own MLflow run)
+
+
+class Refill:
+    """How a pack gets more work when a member ends (``campaign.pack_refill``).
+
+    The pack calls ``done(outcome)`` as soon as a member's outcome is final (so the orchestrator
+    can count it while the pack goes on), then ``request(slot)`` for the freed slot, and reads
+    the answers with ``poll()``: ``(slot, Arrival)`` to train next in that slot, or
+    ``(slot, None)`` when there is no more work for it (the slot stays idle). A pack ends once
+    no slot trains and no request is unanswered. This base class is the local form: a fixed
+    list of arrivals handed out in order (tests, and a pack run by hand); the scheduler's form
+    asks the campaign driver (``orchestrator.scheduler.RayRefill``).
+    """
+
+    def __init__(self, arrivals: list[Arrival] | None = None):
+        self.arrivals = list(arrivals or [])
+        self.outcomes: list[MemberOutcome] = []
+        self._asked: list[int] = []
+
+    def done(self, outcome: MemberOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def request(self, slot: int) -> None:
+        self._asked.append(slot)
+
+    def poll(self) -> list[tuple[int, Arrival | None]]:
+        answers = [(slot, self.arrivals.pop(0) if self.arrivals else None) for slot in self._asked]
+        self._asked = []
+        return answers
+
+    @property
+    def waiting(self) -> bool:
+        """Requests not yet answered."""
+        return bool(self._asked)

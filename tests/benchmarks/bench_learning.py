@@ -42,7 +42,8 @@ import configs
 from workers.piano.music import load_song
 from workers.rl.droq import DroQ
 from workers.rl.replay import ReplayBuffer
-from workers.rl.specialist import seed_everything, train_unit
+from workers.rl.pack import train_unit
+from workers.rl.specialist import seed_everything
 from workers.units import UnitSpec
 
 TWINKLE = Path(robopianist.__file__).parent / "music" / "data" / "rousseau" / "twinkle-twinkle-trimmed.mid"

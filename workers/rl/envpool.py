@@ -111,6 +111,16 @@ class _Envs:
                 self.drop(i)
         return errors
 
+    def put(self, i: int, spec: EnvSpec) -> str | None:
+        """Build slot ``i``'s environment anew from ``spec`` (a refilled slot); the error, if any."""
+        self.drop(i)
+        self.errors.pop(i, None)
+        try:
+            self.envs[i] = spec.make()
+        except Exception:  # noqa: BLE001 - this slot fails alone
+            return _error()
+        return None
+
     def drop(self, i: int) -> None:
         env = self.envs.pop(i, None)
         if env is not None:
@@ -147,6 +157,11 @@ class EnvPool:
         """Close a slot's environment (its unit has finished or failed)."""
         raise NotImplementedError
 
+    def put(self, slot: int, spec: EnvSpec) -> str | None:
+        """Give a freed slot a new environment (the unit refilling it); its traceback if that
+        raised, else None. ``reset([slot])`` starts its first episode."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -174,6 +189,9 @@ class InProcessEnvPool(EnvPool):
 
     def drop(self, slot: int) -> None:
         self._envs.drop(slot)
+
+    def put(self, slot: int, spec: EnvSpec) -> str | None:
+        return self._envs.put(slot, spec)
 
     def close(self) -> None:
         self._envs.close()
@@ -203,6 +221,8 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
                 for i in slots:
                     envs.drop(i)
                 conn.send({})
+            elif op == "put":  # slots: [(slot, EnvSpec)]
+                conn.send({i: error for i, spec in slots if (error := envs.put(i, spec)) is not None})
             else:
                 conn.send(envs.run(ops[op], slots))
     finally:
@@ -258,6 +278,14 @@ class WorkerEnvPool(EnvPool):
 
     def drop(self, slot: int) -> None:
         self._run("drop", [slot])
+
+    def put(self, slot: int, spec: EnvSpec) -> str | None:
+        w = slot % self.n_workers
+        try:
+            self._conns[w].send(("put", [(slot, spec)]))
+            return self._conns[w].recv().get(slot)
+        except (EOFError, OSError):
+            return f"environment worker {w} (pid {self._procs[w].pid}) died"
 
     def close(self) -> None:
         for conn in self._conns:

@@ -21,10 +21,16 @@ The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pa
 Each member keeps its own identity, unit directory, checkpoint (its slice of the learner, the
 same format as a single unit's, so it resumes alone or in any other pack), attempts log,
 metrics callback (its MLflow run) and shard. A member whose environment, evaluation or
-rollouts raise fails alone: its slot goes idle and the others go on. A finished member's slot
-also stays idle until the pack ends: slots are not refilled, so the unit the orchestrator
-schedules, retries and resumes stays the pack as it was launched; pending units go to the next
-pack.
+rollouts raise fails alone: its slot frees and the others go on.
+
+A freed slot (its member finished, stopped early by its budget, or failed) is refilled when the
+pack has a ``Refill`` (``workers.units``; the scheduler gives one when ``campaign.pack_refill``
+is on): the member's outcome goes back at once, the pack asks for the next pending unit of the
+same config, and trains it in that slot, its agent re-initialised as a fresh agent with its own
+seed (optimiser state and temperature reset), its replay buffer new, its environment rebuilt
+in the slot's worker, or resumed from its own checkpoint when it has one. Without a refill, or
+when no pending unit is left, the slot stays idle and costs nothing but its row of the stacked
+update. The pack ends when no slot trains and no request is unanswered.
 
 Agents of members still in their warm-up, finished or failed sit the update out (their
 buffer is passed as None: nothing of them changes). Members of one pack must share the network and update settings
@@ -69,7 +75,17 @@ from workers.rl.specialist import (
     shed_checkpoint,
     summarise,
 )
-from workers.units import ATTEMPTS_LOG, MemberOutcome, UnitResult, UnitSpec, clear_pid_file, read_attempts, write_pid_file
+from workers.units import (
+    ATTEMPTS_LOG,
+    Arrival,
+    MemberOutcome,
+    Refill,
+    UnitResult,
+    UnitSpec,
+    clear_pid_file,
+    read_attempts,
+    write_pid_file,
+)
 
 
 class MemberFailed(RuntimeError):
@@ -105,6 +121,7 @@ class Member:
     step_log: int = 0
     updates_log: int = 0
     outcome: MemberOutcome | None = None
+    released: bool = False  # its slot was freed (outcome handed back, refill asked for)
 
     @property
     def running(self) -> bool:
@@ -150,6 +167,10 @@ class Learner:
     def load_state_dict(self, i: int, state: dict) -> None:
         load_agent(self.agent, i, state)
 
+    def reset(self, i: int, seed: int) -> None:
+        """Slot ``i`` starts over as a fresh agent with ``seed`` (a refilled slot)."""
+        self.agent.reset_agent(i, seed)
+
     def policy(self, i: int) -> DroQ:
         """Agent ``i`` as a single agent, to evaluate and record rollouts with (``play``)."""
         if self.k == 1:
@@ -164,7 +185,8 @@ class Pack:
     """K units trained in one process (module docstring)."""
 
     def __init__(self, units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
-                 reports: Sequence[Report | None], env_workers: int = 0, progress: bool = False):
+                 reports: Sequence[Report | None], env_workers: int = 0, progress: bool = False,
+                 refill: Refill | None = None):
         if not units or not len(units) == len(unit_dirs) == len(reports):
             raise ValueError("a pack needs one unit directory and one report callback per unit")
         self.lake_root, self.env_workers, self.progress = Path(lake_root), env_workers, progress
@@ -172,7 +194,8 @@ class Pack:
         droqs = {json.dumps(c.droq.model_dump(), sort_keys=True) for c in self.cfgs}
         if len(droqs) > 1:
             raise ValueError("units of one pack must share droq.* settings; pack units of one config")
-        self.cfg = self.cfgs[0]
+        self.cfg, self.base_cfg, self.refill = self.cfgs[0], cfg, refill
+        self.everyone: list[Member] = []  # every member in the order it joined: the outcomes' order
         self.units, self.unit_dirs = list(units), [Path(d) for d in unit_dirs]
         self.reports = [r or (lambda metrics: None) for r in reports]
 
@@ -200,8 +223,11 @@ class Pack:
     def run(self) -> list[MemberOutcome]:
         self._t_start = time.perf_counter()
         members = self._members()
+        self.everyone = list(members)
         if all(not m.running for m in members):
-            return [m.outcome for m in members]
+            for m in members:
+                self._release(m, None)
+            return self._outcomes()
         for m in members:
             if m.running:
                 try:
@@ -210,7 +236,9 @@ class Pack:
                     self._fail(m, e)
         players = [m.player for m in members if m.player is not None]
         if not players:
-            return [m.outcome for m in members]
+            for m in members:
+                self._release(m, None)
+            return self._outcomes()
         first = players[0]
         obs_dim, action_dim, low, high = first.obs_dim, first.action_dim, first.action_low, first.action_high
         for m in members:
@@ -236,11 +264,14 @@ class Pack:
                             self._fail(m, e, pool)
                 self._loop(members, learner, pool)
         finally:
-            for m in members:
+            for m in self.everyone:
                 if m.player is not None:
                     m.player.close()
                 clear_pid_file(m.unit_dir)  # the attempt ended (the process may run other units next)
-        return [m.outcome for m in members]
+        return self._outcomes()
+
+    def _outcomes(self) -> list[MemberOutcome]:
+        return [m.outcome for m in self.everyone]
 
     @staticmethod
     def _env_spec(m: Member, seed: int) -> EnvSpec:
@@ -286,18 +317,26 @@ class Pack:
         for slot, error in pool.reset([m.slot for m in members if m.running]).items():
             self._fail(members[slot], MemberFailed(error), pool)
         t0 = self._t_train = time.perf_counter()
-        for m in members:
-            m.t_log, m.step_log, m.updates_log = t0, m.step, m.updates
-            if m.running and not m.training:  # trained before; its rollouts were not committed
-                try:
-                    self._finish(m, learner)
-                except Exception as e:  # noqa: BLE001 - it alone
-                    self._fail(m, e)
-                pool.drop(m.slot)
         bar = tqdm(total=sum(m.rule.end_step for m in members), initial=sum(m.step for m in members),
                    disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=1.0,
                    desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
-        while running := [m for m in members if m.training]:
+        for m in members:
+            self._start(m, learner, pool, t0)
+        while True:
+            # 0. freed slots: hand back their outcomes, take in the units sent to refill them
+            for m in members:
+                if not m.running and not m.released:
+                    self._release(m, pool)
+            if self.refill is not None:
+                for slot, arrival in self.refill.poll():
+                    if arrival is not None:
+                        members[slot] = self._arrive(slot, arrival, learner, pool, bar)
+            running = [m for m in members if m.training]
+            if not running:
+                if self.refill is not None and (self.refill.waiting or any(not m.released for m in members)):
+                    time.sleep(0.02)  # every slot is free: wait for the answers
+                    continue
+                break
             # 1. act
             obs = pool.obs.copy()
             if any(m.step >= droq.warmup_steps for m in running):
@@ -342,9 +381,70 @@ class Pack:
                     self._after_step(m, learner, bar)
                 except Exception as e:  # noqa: BLE001 - its evaluation or rollouts failed: it alone
                     self._fail(m, e)
-                if not m.running:
-                    pool.drop(m.slot)
         bar.close()
+
+    def _start(self, m: Member, learner: Learner, pool: EnvPool, now: float) -> None:
+        """A member joins the loop: a unit trained before whose rollouts were not committed
+        only records them."""
+        m.t_log, m.step_log, m.updates_log = now, m.step, m.updates
+        if m.running and not m.training:
+            try:
+                self._finish(m, learner)
+            except Exception as e:  # noqa: BLE001 - it alone
+                self._fail(m, e)
+
+    def _release(self, m: Member, pool: EnvPool | None) -> None:
+        """Free a member's slot: close its environment, hand its outcome back and ask for a unit
+        to refill the slot with."""
+        m.released = True
+        if pool is not None:
+            pool.drop(m.slot)
+        if m.buffer is not None:
+            m.buffer = None  # its replay is in no checkpoint it needs any more (or in the last one)
+        if self.refill is not None:
+            self.refill.done(m.outcome)
+            if pool is not None:  # a pack that never started has no slot to refill
+                self.refill.request(m.slot)
+
+    def _arrive(self, slot: int, arrival: Arrival, learner: Learner, pool: EnvPool, bar: tqdm) -> Member:
+        """A unit sent to refill ``slot``: a fresh agent and replay in the slot (or its own
+        checkpoint), its environment in the slot's worker. Fails alone, like a launched member."""
+        unit = arrival.unit
+        cfg = self.base_cfg.with_overrides(unit.overrides) if unit.overrides else self.base_cfg
+        unit_dir = Path(arrival.unit_dir)
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        m = Member(slot, unit, cfg, unit_dir, arrival.report or (lambda metrics: None),
+                   np.random.default_rng(cfg.specialist.seed),
+                   rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps))
+        self.everyone.append(m)
+        done = finished_result(unit, unit_dir)
+        if done is not None:  # finished in an earlier attempt
+            m.outcome = MemberOutcome(unit.unit_id, done)
+            return m
+        try:
+            if cfg.droq != self.cfg.droq:
+                raise ValueError(f"unit {unit.unit_id}: its droq.* settings differ from the pack's")
+            m.player = self._env_spec(m, cfg.specialist.seed + 1).make()
+            obs_dim, action_dim = learner.dims[0], learner.dims[1]
+            if (m.player.obs_dim, m.player.action_dim) != (obs_dim, action_dim):
+                raise ValueError(f"unit {unit.unit_id}: observation/action sizes differ from the pack's")
+            error = pool.put(slot, self._env_spec(m, cfg.specialist.seed))
+            if error is not None:
+                raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{error}")
+            learner.reset(slot, cfg.specialist.seed)
+            m.buffer = ReplayBuffer(obs_dim, action_dim, cfg.droq.replay_capacity, cfg.droq.discount,
+                                    cfg.droq.n_step, seed=cfg.specialist.seed)
+            self._resume(m, learner, restore_process_rng=False)
+            errors = pool.reset([slot])
+            if errors:
+                raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{errors[slot]}")
+        except Exception as e:  # noqa: BLE001 - a broken unit fails alone
+            self._fail(m, e)
+            return m
+        bar.total += m.rule.end_step
+        bar.update(m.step)
+        self._start(m, learner, pool, time.perf_counter())
+        return m
 
     def _after_step(self, m: Member, learner: Learner, bar: tqdm) -> None:
         spec = m.cfg.specialist
@@ -422,20 +522,22 @@ class Pack:
 
 def train_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
                reports: Sequence[Report | None] | None = None, env_workers: int = 1,
-               progress: bool = False) -> list[MemberOutcome]:
-    """Train ``units`` as one pack (module docstring); one outcome per unit, in order."""
-    return Pack(units, cfg, unit_dirs, lake_root, reports or [None] * len(units), env_workers, progress).run()
+               progress: bool = False, refill: Refill | None = None) -> list[MemberOutcome]:
+    """Train ``units`` as one pack (module docstring); one outcome per unit, in order, then
+    one per unit the ``refill`` sent, in the order they arrived."""
+    return Pack(units, cfg, unit_dirs, lake_root, reports or [None] * len(units), env_workers, progress,
+                refill).run()
 
 
 def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
-             reports: Sequence[Report | None], cpus: float) -> list[MemberOutcome]:
+             reports: Sequence[Report | None], cpus: float, refill: Refill | None = None) -> list[MemberOutcome]:
     """A pack as the scheduler runs it, on ``cpus`` CPUs: one environment worker per CPU, and
     as many torch threads for a CPU learner (one for a GPU learner, which waits on kernels)."""
     threads = torch.get_num_threads()
     on_gpu = resolve_device(cfg.droq.device).type == "cuda"
     torch.set_num_threads(1 if on_gpu else max(1, int(cpus)))
     try:
-        return train_pack(units, cfg, unit_dirs, lake_root, reports, env_workers=max(1, int(cpus)))
+        return train_pack(units, cfg, unit_dirs, lake_root, reports, env_workers=max(1, int(cpus)), refill=refill)
     finally:
         torch.set_num_threads(threads)
 
