@@ -149,6 +149,7 @@ class CampaignConfig(_Section):
     pack_size: int = Field(default=1, ge=1)
     cpus_per_pack: float = Field(default=0, ge=0)
     gpus_per_pack: float | None = Field(default=None, ge=0)
+    pack_refill: bool
     synthetic: SyntheticConfig
 
     def pack_resources(self, pool: "PoolConfig | None" = None) -> tuple[float, float]:

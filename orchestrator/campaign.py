@@ -271,212 +271,312 @@ def _drive(paths: CampaignPaths, store: CampaignStore, cfg: configs.Config, ray_
            restart_failed_il: bool = False) -> CampaignSummary:
     """Run every pending unit to success or failure, retrying failed attempts from checkpoints,
     and the imitation job the gate launches to its end."""
-    import ray
-    import ray.exceptions
+    return _Driver(paths, store, cfg, on_progress).run(ray_address, num_cpus, restart_failed_il)
 
-    from orchestrator import scheduler as sched_mod
-    from orchestrator.gate import ImitationLauncher
-    from orchestrator.tracking import (artifact_location_for, known_runs, record_runs, start_sink,
-                                       tracking_uri_for)
 
-    t_start = time.perf_counter()
-    handler = _QuietFileHandler(paths.logs / "driver.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("orchestrator").addHandler(handler)
-    started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus, ray_cfg=cfg.ray)
-    sink = None
-    pools = None  # slurm: the PoolManager when the profile names SLURM pools
-    attempts_run = 0
-    interrupted = False
-    no_space: NoSpaceError | None = None
-    uri = tracking_uri_for(cfg.mlflow, paths.dir)
-    try:
+class _Driver:
+    """One run of the campaign driver. ``run`` is the whole of it, top to bottom: start Ray,
+    the metrics sink and (with ``--profile slurm``) the SLURM pools; then loop until no unit is
+    left and the imitation job has ended: launch pending units (alone or in packs), keep the
+    pools sized, refill packs' freed slots, take finished attempts; then close the books. The
+    steps are the methods below it."""
+
+    def __init__(self, paths: CampaignPaths, store: CampaignStore, cfg: configs.Config,
+                 on_progress: Callable[[dict[str, int]], None] | None):
+        self.paths, self.store, self.cfg, self.on_progress = paths, store, cfg, on_progress
+        self.sink = None  # orchestrator.tracking.MetricsSink actor
+        self.feed = None  # orchestrator.scheduler.PackFeed actor (campaign.pack_refill)
+        self.pools = None  # slurm: the PoolManager when the profile names SLURM pools
+        self.pool: str | None = None
+        self.last_reconcile = 0.0
+        self.attempts_run = 0
+        self.interrupted = False
+        self.no_space: NoSpaceError | None = None
+        self.queue: deque[str] = deque()
+        self.config_dicts: dict[str, dict] = {}
+        self.pack_keys: dict[str, tuple] = {}  # pack id -> what a unit must share to join it (_pack_key)
+        self.rates = _StepRates()
+        self.last_drain = time.monotonic()
+        self.last_behind_warning = -math.inf
+
+    # --- the driver, top to bottom ---------------------------------------------------------
+    def run(self, ray_address: str | None, num_cpus: int | None, restart_failed_il: bool) -> CampaignSummary:
+        from orchestrator import scheduler as sched_mod
+        from orchestrator.tracking import tracking_uri_for
+
+        paths, store = self.paths, self.store
+        t_start = time.perf_counter()
+        handler = _QuietFileHandler(paths.logs / "driver.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("orchestrator").addHandler(handler)
+        started_ray = sched_mod.connect(ray_address, num_cpus=num_cpus, ray_cfg=self.cfg.ray)
+        self.uri = tracking_uri_for(self.cfg.mlflow, paths.dir)
+        try:
+            self._start(restart_failed_il)
+            try:
+                # Until no unit is left and the imitation job (if the gate launched one) has ended, or a disk is full.
+                while self.no_space is None and (self.imitation.step(units_left=self._units_left()) or self._units_left()):
+                    self._launch()
+                    self._reconcile_pools()  # slurm
+                    asks, outcomes = self._poll_feed()
+                    outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
+                    if outcomes or time.monotonic() - self.last_drain > 1.0:
+                        self._drain()  # before finishing: worker notes belong to the attempt that just ended
+                    for outcome in outcomes:
+                        self._finish(outcome)
+                        self.imitation.note_unit_finished()
+                    self._refill(asks)  # after finishing: a retry can go straight into a freed slot
+                    if outcomes and self.on_progress is not None:
+                        self.on_progress(store.counts())
+                if self.no_space is None:
+                    self._drain()
+            except KeyboardInterrupt:
+                self.interrupted = True
+                n = self._stop_in_flight("driver interrupted")
+                log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
+                            n, paths.name)
+            except Exception as e:  # noqa: BLE001 - only a full disk is handled here; the rest is raised
+                self.no_space = disk_full(e, paths=(paths.dir,))
+                if self.no_space is None:
+                    raise
+            if self.no_space is not None:
+                with _unless_disk_full():  # else `resume` puts them back, uncounted, the same way
+                    self._stop_in_flight(f"stopped: {self.no_space}")
+                log.error("%s: stopped; `pianoforge resume %s` continues", self.no_space, paths.name)
+        except Exception as e:  # noqa: BLE001 - a full disk while starting (store, MLflow): stop the same way
+            self.no_space = disk_full(e, paths=(paths.dir,))
+            if self.no_space is None:
+                raise
+        finally:
+            counts, overhead, sink_stats, behind = self._close()
+            logging.getLogger("orchestrator").removeHandler(handler)
+            handler.close()
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        launches = store.get_meta(LAUNCHES_KEY) or []
+        experiment_id, parent_run_id = store.get_meta("mlflow_experiment_id"), store.get_meta("mlflow_parent_run_id")
+        return CampaignSummary(name=paths.name, dir=paths.dir, counts=counts, attempts_run=self.attempts_run,
+                               seconds=time.perf_counter() - t_start, tracking_uri=self.uri,
+                               experiment_id=experiment_id and str(experiment_id),
+                               parent_run_id=parent_run_id and str(parent_run_id),
+                               logging_overhead=overhead, sink_stats=sink_stats, interrupted=self.interrupted,
+                               imitation=launches[-1] if launches else None, no_space=self.no_space,
+                               tracking_behind=behind)
+
+    # --- the steps -------------------------------------------------------------------------
+    def _start(self, restart_failed_il: bool) -> None:
+        import ray
+
+        from orchestrator import scheduler as sched_mod
+        from orchestrator.gate import ImitationLauncher
+        from orchestrator.tracking import artifact_location_for, known_runs, start_sink
+
+        paths, store, cfg = self.paths, self.store, self.cfg
         store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
         # Tracking goes through the campaign's outbox: nothing here waits for the tracking server.
-        sink = start_sink(paths.dir, uri, paths.name, artifact_location_for(uri, paths.dir), cfg.mlflow)
-        ray.get(sink.open_campaign.remote(paths.name, cfg.to_dict(), paths.config.read_text(),
-                                          cfg.mlflow.system_metrics, known_runs(store, uri)))
-        store.set_meta("tracking_uri", uri)
+        self.sink = start_sink(paths.dir, self.uri, paths.name, artifact_location_for(self.uri, paths.dir), cfg.mlflow)
+        ray.get(self.sink.open_campaign.remote(paths.name, cfg.to_dict(), paths.config.read_text(),
+                                               cfg.mlflow.system_metrics, known_runs(store, self.uri)))
+        store.set_meta("tracking_uri", self.uri)
         store.log_event("driver_start", f"pid={os.getpid()} host={socket.gethostname()}")
-
-        scheduler = sched_mod.Scheduler(cfg, cfg.campaign.workload, sink)
+        self.scheduler = sched_mod.Scheduler(cfg, cfg.campaign.workload, self.sink)
+        if cfg.campaign.pack_size > 1 and cfg.campaign.pack_refill:
+            self.feed = sched_mod.start_feed()
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
-        pool, last_reconcile = None, 0.0
         if cfg.slurm.pools:
-            from slurm.pools import imitation_jobs, pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
 
-            pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
-            pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
-            scheduler.extra_resources = unit_resources(pool)
-            scheduler.pool = cfg.slurm.pools[pool]
-
-        def reconcile_pools() -> None:
-            # Units in flight count as running (never cancel a node that may hold one); the rest wait.
-            nonlocal last_reconcile
-            if pools is not None and time.monotonic() - last_reconcile >= cfg.slurm.poll_interval_s:
-                # An imitation job in flight holds (or waits for) whole jobs for its DDP workers.
-                reserved = dict([imitation_jobs(cfg)]) if imitation.ref is not None else {}
-                pools.reconcile({pool: len(queue)}, {pool: len(scheduler)}, reserved)
-                last_reconcile = time.monotonic()
+            self.pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
+            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
+            self.scheduler.extra_resources = unit_resources(self.pool)
+            self.scheduler.pool = cfg.slurm.pools[self.pool]
         # --- end slurm ---------------------------------------------------------------------------------
-        imitation = ImitationLauncher(cfg, store, paths.dir, paths.lake, uri, paths.name)
-        imitation.restart_unfinished(include_failed=restart_failed_il)
-        queue = deque(store.unit_ids(PENDING))
-        if on_progress is not None:
-            on_progress(store.counts())
-        config_dicts: dict[str, dict] = {}
-        last_drain = time.monotonic()
-        rates = _StepRates()
-        last_behind_warning = -math.inf
+        self.imitation = ImitationLauncher(cfg, store, paths.dir, paths.lake, self.uri, paths.name)
+        self.imitation.restart_unfinished(include_failed=restart_failed_il)
+        self.queue = deque(store.unit_ids(PENDING))
+        if self.on_progress is not None:
+            self.on_progress(store.counts())
 
-        def drain() -> None:
-            nonlocal last_behind_warning
-            try:
-                notes = ray.get(sink.drain.remote(), timeout=60)
-            except (ray.exceptions.RayError, TimeoutError) as e:  # tracking must not stop the campaign
-                log.warning("metrics sink did not answer: %s", e)
-                return
-            for n in notes["started"]:
-                store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
-            for unit_id, (step, ckpt) in notes["progress"].items():
-                store.note_progress(unit_id, step, ckpt, rates.note(unit_id, step))
-            record_runs(store, notes["runs"])
-            if notes["behind"] and time.monotonic() - last_behind_warning >= 60.0:  # one line a minute at most
-                log.warning(notes["behind"])
-                last_behind_warning = time.monotonic()
+    def _units_left(self) -> bool:
+        return bool(self.queue or len(self.scheduler))
 
-        def finish(outcome) -> None:
-            nonlocal no_space
-            if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted below
-                log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
-                no_space = no_space or outcome.no_space
-                return
-            unit_id = outcome.unit_id
-            rates.forget(unit_id)  # a retry is a new attempt
-            row = store.unit(unit_id)
-            tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
-                    "slurm_job_id": row.slurm_job_id}
-            if outcome.result is not None:
-                res = outcome.result
-                result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
-                state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
-                store.mark_finished(unit_id, result, state, res.get("report_seconds"))
-                overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
-                sink.finish_unit.remote(unit_id, "FINISHED", {
-                    "return": result.episode_return, "f1": result.f1, "precision": result.precision,
-                    "recall": result.recall, "env_steps_per_s": result.env_steps_per_s,
-                    "updates_per_s": result.updates_per_s, "seconds": result.seconds,
-                    "logging_overhead": overhead, "stop_step": result.stop_step, "budget_steps": result.budget_steps,
-                    "eval_share": result.eval_seconds / result.seconds if result.seconds > 0 else None},
-                    {**tags, "state": state, "stop_reason": result.stop_reason})
-                return
-            retry = row.attempts < cfg.campaign.max_attempts
-            new_state = store.mark_attempt_failed(unit_id, outcome.error, retry)
-            log.warning("unit %s attempt %d failed (%s)%s: %s", unit_id, row.attempts, outcome.error_kind,
-                        "; retrying from its checkpoint" if retry else "; no attempts left",
-                        outcome.error.splitlines()[0])
-            if retry:
-                queue.append(unit_id)  # to the back: a bad unit does not hold up the others
+    def _launch(self) -> None:
+        """Pending units out to Ray while there is room: alone, or ``campaign.pack_size`` at a time."""
+        paths, store, scheduler = self.paths, self.store, self.scheduler
+        while self.queue and scheduler.has_room():
+            rows = _next_pack(self.queue, store, scheduler.pack_size)
+            if not rows:
+                continue
+            pack_id = None
+            if scheduler.pack_size > 1:
+                packs_launched = int(store.get_meta("packs_launched", 0)) + 1
+                store.set_meta("packs_launched", packs_launched)
+                pack_id = f"pack-{packs_launched}"
+                self.pack_keys[pack_id] = _pack_key(rows[0])
+            for row in rows:
+                self._mark_running(row, pack_id)
+            row = rows[0]
+            if row.config_key not in self.config_dicts:
+                self.config_dicts[row.config_key] = store.get_config(row.config_key)
+            config_ref = scheduler.config_ref(row.config_key, self.config_dicts[row.config_key])
+            if pack_id is None:
+                scheduler.launch(row.unit_id, row.spec_json, config_ref, paths.unit_dir(row.unit_id), paths.lake)
             else:
-                sink.finish_unit.remote(unit_id, "FAILED", {}, {**tags, "state": new_state,
-                                                                "error": outcome.error.splitlines()[0][:500]})
+                scheduler.launch_pack(pack_id, [r.unit_id for r in rows], [r.spec_json for r in rows], config_ref,
+                                      [paths.unit_dir(r.unit_id) for r in rows], paths.lake, self.feed)
+                log.info("%s: %s", pack_id, ", ".join(r.unit_id for r in rows))
+
+    def _mark_running(self, row, pack_id: str | None) -> None:
+        attempt = self.store.mark_running(row.unit_id, pack_id)
+        self.attempts_run += 1
+        self.sink.open_unit.remote(row.unit_id, _unit_params(row),
+                                   {"state": "running", "attempt": attempt, **({"pack_id": pack_id} if pack_id else {})})
+
+    def _poll_feed(self) -> tuple[list[tuple[str, int]], list]:
+        """Packs' requests for their freed slots, and the members' outcomes they sent ahead (as
+        ``Outcome``s, each once: a pack that ended or died first has accounted for it)."""
+        if self.feed is None:
+            return [], []
+        import ray
+        import ray.exceptions
 
         try:
-            # Until no unit is left and the imitation job (if the gate launched one) has ended, or a disk is full.
-            while no_space is None and (imitation.step(units_left=bool(queue or len(scheduler))) or queue
-                                        or len(scheduler)):
-                while queue and scheduler.has_room():
-                    rows = _next_pack(queue, store, scheduler.pack_size)
-                    if not rows:
-                        continue
-                    pack_id = None
-                    if scheduler.pack_size > 1:
-                        packs_launched = int(store.get_meta("packs_launched", 0)) + 1
-                        store.set_meta("packs_launched", packs_launched)
-                        pack_id = f"pack-{packs_launched}"
-                    for row in rows:
-                        attempt = store.mark_running(row.unit_id, pack_id)
-                        attempts_run += 1
-                        sink.open_unit.remote(row.unit_id, _unit_params(row),
-                                              {"state": "running", "attempt": attempt, **({"pack_id": pack_id} if pack_id else {})})
+            asks, sent = ray.get(self.feed.poll.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # packs wait; their other slots go on
+            log.warning("pack feed did not answer: %s", e)
+            return [], []
+        return asks, [o for pack_id, member in sent if (o := self.scheduler.member_outcome(pack_id, member)) is not None]
+
+    def _refill(self, asks: list[tuple[str, int]]) -> None:
+        """Each freed slot gets the next pending unit of its pack's config, or None: no more work
+        for it (the slot idles; the pack ends when all of its slots have)."""
+        for pack_id, slot in asks:
+            assignment = None
+            if self.scheduler.pack_running(pack_id) and self.no_space is None:
+                rows = _next_pack(self.queue, self.store, 1, key=self.pack_keys[pack_id])
+                if rows:
                     row = rows[0]
-                    if row.config_key not in config_dicts:
-                        config_dicts[row.config_key] = store.get_config(row.config_key)
-                    config_ref = scheduler.config_ref(row.config_key, config_dicts[row.config_key])
-                    if pack_id is None:
-                        scheduler.launch(row.unit_id, row.spec_json, config_ref, paths.unit_dir(row.unit_id), paths.lake)
-                    else:
-                        scheduler.launch_pack([r.unit_id for r in rows], [r.spec_json for r in rows], config_ref,
-                                              [paths.unit_dir(r.unit_id) for r in rows], paths.lake)
-                        log.info("%s: %s", pack_id, ", ".join(r.unit_id for r in rows))
-                reconcile_pools()  # slurm
-                outcomes = scheduler.wait(timeout=1.0)
-                if outcomes or time.monotonic() - last_drain > 1.0:
-                    drain()  # before finishing: worker notes belong to the attempt that just ended
-                    last_drain = time.monotonic()
-                for outcome in outcomes:
-                    finish(outcome)
-                    imitation.note_unit_finished()
-                if outcomes and on_progress is not None:
-                    on_progress(store.counts())
-            if no_space is None:
-                drain()
-        except KeyboardInterrupt:
-            interrupted = True
-            scheduler.cancel_all()
-            imitation.interrupt()
-            n = store.requeue_interrupted("driver interrupted")
-            log.warning("interrupted: %d running units back to pending; `pianoforge resume %s` continues",
-                        n, paths.name)
-        except Exception as e:  # noqa: BLE001 - only a full disk is handled here; the rest is raised
-            no_space = disk_full(e, paths=(paths.dir,))
-            if no_space is None:
-                raise
-        if no_space is not None:
-            scheduler.cancel_all()
-            imitation.interrupt()
-            with _unless_disk_full():  # else `resume` puts them back, uncounted, the same way
-                store.requeue_interrupted(f"stopped: {no_space}")
-            log.error("%s: stopped; `pianoforge resume %s` continues", no_space, paths.name)
-    except Exception as e:  # noqa: BLE001 - a full disk while starting (store, MLflow): stop the same way
-        no_space = disk_full(e, paths=(paths.dir,))
-        if no_space is None:
-            raise
-    finally:
-        if pools is not None:  # slurm: no pool job outlives the driver
-            pools.shutdown()
+                    self._mark_running(row, pack_id)
+                    self.scheduler.join_pack(pack_id, row.unit_id)
+                    assignment = {"spec_json": row.spec_json, "unit_dir": str(self.paths.unit_dir(row.unit_id))}
+                    log.info("%s: slot %d refilled with %s", pack_id, slot, row.unit_id)
+            self.feed.answer.remote(pack_id, slot, assignment)
+
+    def _reconcile_pools(self) -> None:
+        """slurm: pool jobs follow the queue. Units in flight count as running (never cancel a node
+        that may hold one); the rest wait."""
+        if self.pools is None or time.monotonic() - self.last_reconcile < self.cfg.slurm.poll_interval_s:
+            return
+        from slurm.pools import imitation_jobs
+
+        # An imitation job in flight holds (or waits for) whole jobs for its DDP workers.
+        reserved = dict([imitation_jobs(self.cfg)]) if self.imitation.ref is not None else {}
+        self.pools.reconcile({self.pool: len(self.queue)}, {self.pool: len(self.scheduler)}, reserved)
+        self.last_reconcile = time.monotonic()
+
+    def _drain(self) -> None:
+        """Workers' notes (where each attempt runs, its steps and checkpoints, its MLflow runs)
+        into the store."""
+        import ray
+        import ray.exceptions
+
+        from orchestrator.tracking import record_runs
+
+        self.last_drain = time.monotonic()
+        try:
+            notes = ray.get(self.sink.drain.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # tracking must not stop the campaign
+            log.warning("metrics sink did not answer: %s", e)
+            return
+        store = self.store
+        for n in notes["started"]:
+            store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
+        for unit_id, (step, ckpt) in notes["progress"].items():
+            store.note_progress(unit_id, step, ckpt, self.rates.note(unit_id, step))
+        record_runs(store, notes["runs"])
+        if notes["behind"] and time.monotonic() - self.last_behind_warning >= 60.0:  # one line a minute at most
+            log.warning(notes["behind"])
+            self.last_behind_warning = time.monotonic()
+
+    def _finish(self, outcome) -> None:
+        """A finished attempt: the unit succeeded or was gated, or its failure is retried from its
+        checkpoint (to the back of the queue) or, out of attempts, it failed."""
+        cfg, store, sink = self.cfg, self.store, self.sink
+        if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted later
+            log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
+            self.no_space = self.no_space or outcome.no_space
+            return
+        unit_id = outcome.unit_id
+        self.rates.forget(unit_id)  # a retry is a new attempt
+        row = store.unit(unit_id)
+        tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
+                "slurm_job_id": row.slurm_job_id}
+        if outcome.result is not None:
+            res = outcome.result
+            result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
+            state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
+            store.mark_finished(unit_id, result, state, res.get("report_seconds"))
+            overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
+            sink.finish_unit.remote(unit_id, "FINISHED", {
+                "return": result.episode_return, "f1": result.f1, "precision": result.precision,
+                "recall": result.recall, "env_steps_per_s": result.env_steps_per_s,
+                "updates_per_s": result.updates_per_s, "seconds": result.seconds,
+                "logging_overhead": overhead, "stop_step": result.stop_step, "budget_steps": result.budget_steps,
+                "eval_share": result.eval_seconds / result.seconds if result.seconds > 0 else None},
+                {**tags, "state": state, "stop_reason": result.stop_reason})
+            return
+        retry = row.attempts < cfg.campaign.max_attempts
+        new_state = store.mark_attempt_failed(unit_id, outcome.error, retry)
+        log.warning("unit %s attempt %d failed (%s)%s: %s", unit_id, row.attempts, outcome.error_kind,
+                    "; retrying from its checkpoint" if retry else "; no attempts left",
+                    outcome.error.splitlines()[0])
+        if retry:
+            self.queue.append(unit_id)  # to the back: a bad unit does not hold up the others
+        else:
+            sink.finish_unit.remote(unit_id, "FAILED", {}, {**tags, "state": new_state,
+                                                            "error": outcome.error.splitlines()[0][:500]})
+
+    def _stop_in_flight(self, why: str) -> int:
+        """Cancel every attempt in flight and the imitation job; running units back to pending,
+        uncounted."""
+        self.scheduler.cancel_all()
+        self.imitation.interrupt()
+        return self.store.requeue_interrupted(why)
+
+    def _close(self) -> tuple[dict[str, int], float | None, dict[str, Any], str | None]:
+        """No pool job outlives the driver; the campaign's MLflow run closes with its counts.
+        Returns (counts, logging overhead, sink statistics, what MLflow has not received)."""
+        import ray
+
+        from orchestrator.tracking import record_runs
+
+        if self.pools is not None:
+            self.pools.shutdown()
+        store = self.store
         counts = store.counts()
         overhead = _logging_overhead(store)
         sink_stats: dict[str, Any] = {}
         behind = None
-        if sink is not None:
+        if self.sink is not None:
+            timeout = self.cfg.mlflow.close_timeout_s
+            status = "KILLED" if self.interrupted or self.no_space else ("FAILED" if counts[FAILED] else "FINISHED")
             try:
-                closed = ray.get(sink.close.remote(
-                    "KILLED" if interrupted or no_space else ("FAILED" if counts[FAILED] else "FINISHED"),
-                    {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead},
-                    cfg.mlflow.close_timeout_s), timeout=cfg.mlflow.close_timeout_s + 120)
+                closed = ray.get(self.sink.close.remote(
+                    status, {**{f"units_{k}": v for k, v in counts.items()}, "logging_overhead": overhead}, timeout),
+                    timeout=timeout + 120)
                 with _unless_disk_full():
                     record_runs(store, closed["runs"])
                 sink_stats, behind = closed["stats"], closed["behind"]
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
-                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {paths.name}` delivers what is left"
+                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {self.paths.name}` delivers what is left"
             if behind:
                 log.warning(behind)
         with _unless_disk_full():
-            store.log_event("driver_stop", f"attempts={attempts_run} interrupted={interrupted}"
-                                           + (f" no_space={no_space.filename}" if no_space else ""))
-        launches = store.get_meta(LAUNCHES_KEY) or []
-        logging.getLogger("orchestrator").removeHandler(handler)
-        handler.close()
-        if started_ray:
-            ray.shutdown()
-        experiment_id, parent_run_id = store.get_meta("mlflow_experiment_id"), store.get_meta("mlflow_parent_run_id")
-    return CampaignSummary(name=paths.name, dir=paths.dir, counts=counts, attempts_run=attempts_run,
-                           seconds=time.perf_counter() - t_start, tracking_uri=uri,
-                           experiment_id=experiment_id and str(experiment_id), parent_run_id=parent_run_id and str(parent_run_id),
-                           logging_overhead=overhead, sink_stats=sink_stats, interrupted=interrupted,
-                           imitation=launches[-1] if launches else None, no_space=no_space,
-                           tracking_behind=behind)
+            store.log_event("driver_stop", f"attempts={self.attempts_run} interrupted={self.interrupted}"
+                                           + (f" no_space={self.no_space.filename}" if self.no_space else ""))
+        return counts, overhead, sink_stats, behind
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -496,24 +596,24 @@ def _unless_disk_full():
             raise
 
 
-def _next_pack(queue: deque, store: CampaignStore, size: int) -> list:
+def _pack_key(row) -> tuple[str, str]:
+    """What units must share to train in one pack: the config and the overrides (one learner,
+    one set of network settings)."""
+    return row.config_key, json.dumps(row.spec.overrides, sort_keys=True)
+
+
+def _next_pack(queue: deque, store: CampaignStore, size: int, key: tuple[str, str] | None = None) -> list:
     """Up to ``size`` pending units from the front of ``queue`` that can share one pack: the
-    same config and the same overrides (one learner, one set of network settings). Units
-    taken leave the queue; the others keep their places. Empty when the front was not pending."""
-    rows = []
-    while queue and not rows:
-        row = store.unit(queue.popleft())
-        if row.state == PENDING:
-            rows.append(row)
-    if not rows or size == 1:
-        return rows
-    key = (rows[0].config_key, json.dumps(rows[0].spec.overrides, sort_keys=True))
-    kept = deque()
+    first pending unit's ``_pack_key``, or ``key`` when refilling a pack's slot. Units taken
+    leave the queue, units no longer pending are dropped from it, the others keep their places."""
+    rows, kept = [], deque()
     while queue and len(rows) < size:
         row = store.unit(queue.popleft())
         if row.state != PENDING:
             continue
-        if (row.config_key, json.dumps(row.spec.overrides, sort_keys=True)) == key:
+        if key is None:
+            key = _pack_key(row)
+        if _pack_key(row) == key:
             rows.append(row)
         else:
             kept.append(row.unit_id)

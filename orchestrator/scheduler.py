@@ -7,6 +7,12 @@ result or error, so a member that failed is retried alone while the others succe
 pack's process dies (killed, out of memory, node lost) every member's attempt fails with that
 error and each is retried from its own checkpoint.
 
+With ``campaign.pack_refill`` a pack does not wait for its slowest member: each member's
+outcome comes back through the campaign's ``PackFeed`` actor as soon as it is final, and the
+freed slot asks the driver for the next pending unit of the pack's config (``RayRefill`` on the
+worker side, ``Scheduler.serve_refills`` on the driver's). A unit handed to a pack joins its
+members here, so a pack that dies fails (and retries) exactly the units it held at that moment.
+
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
 or node that died) comes back to the driver, which decides whether to retry. A full disk is
@@ -15,6 +21,7 @@ the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -31,7 +38,7 @@ import ray.exceptions
 import configs
 from configs.files import NoSpaceError, disk_full
 from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
-from workers.units import UnitResult, UnitSpec
+from workers.units import Arrival, MemberOutcome, Refill, UnitResult, UnitSpec
 
 log = logging.getLogger(__name__)
 
@@ -141,34 +148,143 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
 
 
 def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs: list[str], lake_root: str,
-                 sink, cpus: float) -> list[dict]:
-    """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``).
+                 sink, cpus: float, feed=None, pack_id: str | None = None) -> list[dict]:
+    """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``),
+    and, with a ``feed`` (``PackFeed``), the units the driver sends to refill freed slots.
 
-    Returns one dict per member: ``{"unit_id", "result"}`` with ``UnitResult`` fields plus
-    ``report_seconds``, or ``{"unit_id", "error", "kind", "no_space"}`` with the
-    member's traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it).
+    Returns one dict per member (``member_dict``), launched or sent.
     """
     units = [UnitSpec.model_validate_json(s) for s in specs_json]
     cfg = configs.from_dict(cfg_dict)  # each member applies its own overrides
-    for unit in units:
+    refill = RayRefill(feed, pack_id, sink, cfg.mlflow.flush_interval_s, lake_root) if feed is not None else None
+    reporters = []
+    for unit, unit_dir in zip(units, unit_dirs):
         _note_start(sink, unit.unit_id)
-    reporters = [Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s) for unit in units]
+        reporters.append(Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s))
+        if refill is not None:
+            refill.members[unit.unit_id] = (reporters[-1], unit_dir)
     run = _workload(workload, PACK_WORKLOADS)
     try:
-        outcomes = run(units, cfg, [Path(d) for d in unit_dirs], Path(lake_root), reporters, cpus)
+        outcomes = run(units, cfg, [Path(d) for d in unit_dirs], Path(lake_root), reporters, cpus,
+                       **({"refill": refill} if refill is not None else {}))
     finally:
-        for report in reporters:
+        for report in reporters + (refill.reporters() if refill is not None else []):
             report.close()  # metrics of failed members still reach MLflow
-    out = []
-    for outcome, report, unit_dir in zip(outcomes, reporters, unit_dirs):
-        if outcome.error is not None:
-            full = disk_full(outcome.error, paths=(unit_dir, lake_root))  # the node's fault, not the unit's
-            out.append({"unit_id": outcome.unit_id, "error": _clip(outcome.error_text),
-                        "kind": "disk_full" if full is not None else "unit", "no_space": full})
-        else:
-            out.append({"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(),
-                        "report_seconds": report.seconds}})
-    return out
+    if refill is not None:
+        return [refill.member_dict(o) for o in outcomes]
+    return [member_dict(o, report.seconds, unit_dir, lake_root) for o, report, unit_dir in zip(outcomes, reporters, unit_dirs)]
+
+
+def member_dict(outcome: MemberOutcome, report_seconds: float, unit_dir: str, lake_root: str) -> dict:
+    """A member's outcome as the driver reads it: ``{"unit_id", "result"}`` with ``UnitResult``
+    fields plus ``report_seconds``, or ``{"unit_id", "error", "kind", "no_space"}`` with its
+    traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it)."""
+    if outcome.error is not None:
+        full = disk_full(outcome.error, paths=(unit_dir, lake_root))  # the node's fault, not the unit's
+        return {"unit_id": outcome.unit_id, "error": _clip(outcome.error_text),
+                "kind": "disk_full" if full is not None else "unit", "no_space": full}
+    return {"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(), "report_seconds": report_seconds}}
+
+
+class PackFeed:
+    """The campaign's mailbox between its packs and its driver (``campaign.pack_refill``).
+
+    A pack calls ``next(pack_id, slot)`` for a freed slot (the call resolves when the driver
+    answers) and ``done(pack_id, member)`` with each member's outcome; the driver reads both
+    with ``poll()`` and answers with ``answer(pack_id, slot, assignment)``: ``{"spec_json",
+    "unit_dir"}`` or None (no more work for that slot)."""
+
+    def __init__(self) -> None:
+        self._asks: dict[tuple[str, int], asyncio.Future] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._outcomes: list[tuple[str, dict]] = []
+
+    async def next(self, pack_id: str, slot: int) -> dict | None:
+        future = asyncio.get_running_loop().create_future()
+        self._asks[(pack_id, slot)] = future
+        try:
+            return await future
+        finally:
+            self._asks.pop((pack_id, slot), None)
+            self._seen.discard((pack_id, slot))
+
+    async def done(self, pack_id: str, member: dict) -> None:
+        self._outcomes.append((pack_id, member))
+
+    async def poll(self) -> tuple[list[tuple[str, int]], list[tuple[str, dict]]]:
+        """(requests not yet passed on, outcomes since the last poll)."""
+        asks = [key for key in self._asks if key not in self._seen]
+        self._seen.update(asks)
+        outcomes, self._outcomes = self._outcomes, []
+        return asks, outcomes
+
+    async def answer(self, pack_id: str, slot: int, assignment: dict | None) -> None:
+        future = self._asks.get((pack_id, slot))
+        if future is not None and not future.done():
+            future.set_result(assignment)
+
+
+def start_feed():
+    """Start the campaign's ``PackFeed`` actor on this (the driver's) node; it needs no CPU slot."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(PackFeed).options(
+        num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote()
+
+
+class RayRefill(Refill):
+    """A pack's ``Refill`` through the campaign's ``PackFeed``: outcomes go to the driver as they
+    come, each freed slot waits (without blocking the pack) for the driver's answer."""
+
+    def __init__(self, feed, pack_id: str, sink, flush_interval_s: float, lake_root: str):
+        super().__init__()
+        self.feed, self.pack_id, self.sink = feed, pack_id, sink
+        self.flush_interval_s, self.lake_root = flush_interval_s, lake_root
+        self.members: dict[str, tuple[Reporter, str]] = {}  # unit_id -> (its reporter, its unit directory)
+        self._asks: dict[int, ray.ObjectRef] = {}
+        self._sent: set[str] = set()
+
+    def reporters(self) -> list[Reporter]:
+        return [report for report, _ in self.members.values()]
+
+    def member_dict(self, outcome: MemberOutcome) -> dict:
+        report, unit_dir = self.members[outcome.unit_id]
+        report.close()
+        return member_dict(outcome, report.seconds, unit_dir, self.lake_root)
+
+    def done(self, outcome: MemberOutcome) -> None:
+        if outcome.unit_id in self.members and outcome.unit_id not in self._sent:
+            self._sent.add(outcome.unit_id)
+            self.feed.done.remote(self.pack_id, self.member_dict(outcome))
+
+    def request(self, slot: int) -> None:
+        self._asks[slot] = self.feed.next.remote(self.pack_id, slot)
+
+    def poll(self) -> list[tuple[int, Arrival | None]]:
+        if not self._asks:
+            return []
+        ready, _ = ray.wait(list(self._asks.values()), num_returns=len(self._asks), timeout=0)
+        answers = []
+        for slot, ref in list(self._asks.items()):
+            if ref not in ready:
+                continue
+            del self._asks[slot]
+            assignment = ray.get(ref)
+            if assignment is None:
+                answers.append((slot, None))
+                continue
+            unit = UnitSpec.model_validate_json(assignment["spec_json"])
+            _note_start(self.sink, unit.unit_id)
+            report = Reporter(self.sink, unit.unit_id, self.flush_interval_s)
+            self.members[unit.unit_id] = (report, assignment["unit_dir"])
+            answers.append((slot, Arrival(unit, Path(assignment["unit_dir"]), report)))
+        return answers
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._asks)
 
 
 class Reporter:
@@ -256,8 +372,9 @@ class Scheduler:
         self.workload = workload
         self.camp = cfg.campaign
         self.sink = sink
-        self._inflight: dict[ray.ObjectRef, tuple[str, ...]] = {}  # launch -> its unit ids
+        self._inflight: dict[ray.ObjectRef, list[str]] = {}  # launch -> the unit ids it holds now
         self._packed: set[ray.ObjectRef] = set()  # launches that are packs
+        self._packs: dict[str, ray.ObjectRef] = {}  # pack id -> its launch
         self._config_refs: dict[str, ray.ObjectRef] = {}
         self._capacity: int | None = None
         self._capacity_at = 0.0
@@ -324,11 +441,12 @@ class Scheduler:
             max_retries=0,             # the store counts attempts; see the module docstring
             retry_exceptions=False,
         ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink)
-        self._inflight[ref] = (unit_id,)
+        self._inflight[ref] = [unit_id]
 
-    def launch_pack(self, unit_ids: list[str], specs_json: list[str], config_ref: ray.ObjectRef,
-                    unit_dirs: list[Path], lake_root: Path) -> None:
-        """One Ray task training ``unit_ids`` together (one config for all of them)."""
+    def launch_pack(self, pack_id: str, unit_ids: list[str], specs_json: list[str], config_ref: ray.ObjectRef,
+                    unit_dirs: list[Path], lake_root: Path, feed=None) -> None:
+        """One Ray task training ``unit_ids`` together (one config for all of them); with a
+        ``feed`` (``PackFeed``) it asks for more units as its slots free."""
         cpus, gpus = self.resources()
         ref = _execute_pack_remote.options(
             num_cpus=cpus,
@@ -337,9 +455,27 @@ class Scheduler:
             runtime_env={"env_vars": PACK_ENV_VARS},
             max_retries=0,
             retry_exceptions=False,
-        ).remote(self.workload, specs_json, config_ref, [str(d) for d in unit_dirs], str(lake_root), self.sink, cpus)
-        self._inflight[ref] = tuple(unit_ids)
+        ).remote(self.workload, specs_json, config_ref, [str(d) for d in unit_dirs], str(lake_root), self.sink, cpus,
+                 feed, pack_id)
+        self._inflight[ref] = list(unit_ids)
         self._packed.add(ref)
+        self._packs[pack_id] = ref
+
+    def pack_running(self, pack_id: str) -> bool:
+        return pack_id in self._packs
+
+    def join_pack(self, pack_id: str, unit_id: str) -> None:
+        """``unit_id`` was sent to refill a slot of ``pack_id``: it fails with the pack from now on."""
+        self._inflight[self._packs[pack_id]].append(unit_id)
+
+    def member_outcome(self, pack_id: str, member: dict) -> Outcome | None:
+        """A member's outcome that its pack sent ahead (``PackFeed.done``); None when the pack
+        has already been accounted for (it ended or died first)."""
+        ref = self._packs.get(pack_id)
+        if ref is None or member["unit_id"] not in self._inflight[ref]:
+            return None
+        self._inflight[ref].remove(member["unit_id"])
+        return _member_outcome(member)
 
     def wait(self, timeout: float) -> list[Outcome]:
         """Attempts that finished within ``timeout`` seconds (possibly none), one per unit."""
@@ -355,6 +491,7 @@ class Scheduler:
             unit_ids = self._inflight.pop(ref)
             packed = ref in self._packed
             self._packed.discard(ref)
+            self._packs = {p: r for p, r in self._packs.items() if r != ref}
             try:
                 value = ray.get(ref)
             except Exception as e:  # RayTaskError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
@@ -365,12 +502,8 @@ class Scheduler:
             if not packed:
                 outcomes.append(Outcome(unit_ids[0], value, None, None))
                 continue
-            for member in value:
-                if "error" in member:
-                    outcomes.append(Outcome(member["unit_id"], None, member["error"], member["kind"],
-                                            member.get("no_space")))
-                else:
-                    outcomes.append(Outcome(member["unit_id"], member["result"], None, None))
+            # Members whose outcome came ahead through the feed are no longer listed.
+            outcomes.extend(_member_outcome(member) for member in value if member["unit_id"] in unit_ids)
         return outcomes
 
     def cancel_all(self) -> list[str]:
@@ -383,4 +516,11 @@ class Scheduler:
                 pass
         self._inflight.clear()
         self._packed.clear()
+        self._packs.clear()
         return ids
+
+
+def _member_outcome(member: dict) -> Outcome:
+    if "error" in member:
+        return Outcome(member["unit_id"], None, member["error"], member["kind"], member.get("no_space"))
+    return Outcome(member["unit_id"], member["result"], None, None)

@@ -126,6 +126,7 @@ def test_a_synthetic_campaign_in_packs_retries_a_failing_member_alone(ray_cluste
     units = make_units(1, 4, "cfg")
     bad = units[1].unit_id
     cfg = configs.load(overrides=SYNTHETIC + ["campaign.pack_size=2", "campaign.cpus_per_unit=0.5",
+                                              "campaign.pack_refill=false",  # packs as launched
                                               f"campaign.synthetic.fail_pattern={bad}",
                                               "campaign.synthetic.fail_first_attempts=1"])
     summary = campaign.submit(units, cfg, "packed", root=tmp_path)
@@ -140,6 +141,30 @@ def test_a_synthetic_campaign_in_packs_retries_a_failing_member_alone(ray_cluste
     assert rows[bad].pack_id == "pack-3"  # its retry went out in a pack of its own
     assert len(read_attempts(tmp_path / "packed" / "units" / units[0].unit_id)) == 1
     assert sorted(s.unit_id for s in Lake(tmp_path / "packed" / "lake").shards()) == sorted(u.unit_id for u in units)
+
+
+@pytest.mark.slow
+def test_a_packs_freed_slots_take_the_next_pending_units_of_its_config(ray_cluster, tmp_path):
+    units = make_units(1, 5, "cfg")
+    other = units[3].model_copy(update={"overrides": {"campaign.synthetic.steps": 3}})  # another pack's
+    units = units[:3] + [other] + units[4:]
+    # Room for one pack at a time: only refills can start units while pack-1 runs.
+    cfg = configs.load(overrides=SYNTHETIC + ["campaign.pack_size=2", "campaign.cpus_per_unit=0.5",
+                                              "campaign.max_concurrent_units=2"])
+    summary = campaign.submit(units, cfg, "refilled", root=tmp_path)
+    assert summary.counts[SUCCEEDED] == 5, summary.counts
+    with CampaignStore(tmp_path / "refilled" / "campaign.db", readonly=True) as store:
+        rows = {r.unit_id: r for r in store.units()}
+        starts = [e.unit_id for e in store.events() if e.kind == "state" and e.to_state == RUNNING]
+    packs = [rows[u.unit_id].pack_id for u in units]
+    # Units 2 and 4 went into pack-1's freed slots; unit 3 (other overrides) waited for a pack of its own.
+    assert packs == ["pack-1", "pack-1", "pack-1", "pack-2", "pack-1"], packs
+    assert all(r.attempts == 1 for r in rows.values()) and len(starts) == 5
+    assert starts.index(other.unit_id) == 4  # after pack-1 ended
+    assert sorted(s.unit_id for s in Lake(tmp_path / "refilled" / "lake").shards()) == sorted(u.unit_id for u in units)
+    # Each member's outcome was counted as it came, not when its pack ended: the first unit was
+    # finished in the store before the last one to join pack-1 had started.
+    assert rows[units[0].unit_id].finished_at < rows[units[4].unit_id].started_at
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
-from workers.units import (ATTEMPTS_LOG, PID_FILE, MemberOutcome, UnitResult, UnitSpec,  # noqa: F401 (re-exported)
+from workers.units import (ATTEMPTS_LOG, PID_FILE, MemberOutcome, Refill, UnitResult, UnitSpec,  # noqa: F401 (re-exported)
                            clear_pid_file, read_attempts, write_pid_file)
 from configs.files import write_text_atomic
 
@@ -100,16 +100,30 @@ def _run(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
 
 
 def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
-             reports: Sequence[Callable[[dict], None] | None], cpus: float) -> list[MemberOutcome]:
+             reports: Sequence[Callable[[dict], None] | None], cpus: float,
+             refill: Refill | None = None) -> list[MemberOutcome]:
     """A synthetic pack: its units one after another in this process, each failure caught for
-    its unit alone (what the orchestrator needs of ``workers.rl.pack.run_pack``, cheaply)."""
+    its unit alone, each freed slot refilled through ``refill`` as a real pack's is (what the
+    orchestrator needs of ``workers.rl.pack.run_pack``, cheaply)."""
+    work = [(slot, unit, Path(unit_dir), report) for slot, (unit, unit_dir, report)
+            in enumerate(zip(units, unit_dirs, reports))]
     outcomes = []
-    for unit, unit_dir, report in zip(units, unit_dirs, reports):
+    while work or (refill is not None and refill.waiting):
+        if refill is not None:
+            work += [(slot, a.unit, a.unit_dir, a.report) for slot, a in refill.poll() if a is not None]
+        if not work:
+            time.sleep(0.02)  # every slot free: wait for the driver's answers
+            continue
+        slot, unit, unit_dir, report = work.pop(0)
         unit_cfg = cfg.with_overrides(unit.overrides) if unit.overrides else cfg
         try:
-            outcomes.append(MemberOutcome(unit.unit_id, run_unit(unit, unit_cfg, unit_dir, lake_root, report)))
+            outcome = MemberOutcome(unit.unit_id, run_unit(unit, unit_cfg, unit_dir, lake_root, report))
         except Exception as e:  # noqa: BLE001 - this unit fails alone
-            outcomes.append(MemberOutcome(unit.unit_id, None, e))
+            outcome = MemberOutcome(unit.unit_id, None, e)
+        outcomes.append(outcome)
+        if refill is not None:
+            refill.done(outcome)
+            refill.request(slot)
     return outcomes
 
 
