@@ -73,7 +73,8 @@ SHARD_TEMPLATE = "data/song={song_hash}/{unit_id}.parquet"
 CATALOG_TEMPLATE = "meta/catalog/{unit_id}.json"
 LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level
 DAMAGED_MARK = ".damaged-"  # a damaged shard set aside: ".<unit_id>.parquet.damaged-<UTC time>"
-_NOT_STATS = {"unit_id", "pressed", "target", "seed", "ot_fingering"}  # columns the statistics do not need
+# Columns the statistics do not need (those they need are in every schema version).
+_NOT_STATS = {"unit_id", "pressed", "target", "seed", "ot_fingering"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ class Lake:
         pf = self.open_shard(shard)
         parts = []
         for group in range(pf.num_row_groups):
-            table = pf.read_row_group(group, columns=[c for c in SHARD_SCHEMA.names if c not in _NOT_STATS])  # in every version
+            table = pf.read_row_group(group, columns=[c for c in SHARD_SCHEMA.names if c not in _NOT_STATS])
             parts.append(lake_stats.moments_of(rebuild_obs(table), fixed_list_to_numpy(table.column("action"), ACTION_DIM),
                                                np.asarray(table.column("reward"), np.float32)))
         moments = lake_stats.merge_all(parts)
