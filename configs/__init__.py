@@ -2,6 +2,11 @@
 
 Every hyperparameter lives in the YAML files next to this module; code reads them only
 through :class:`Config`. ``load(profile="local", overrides=["droq.batch_size=128"])``.
+
+``default.yaml`` is the one place for every default: the models below declare types and
+bounds, never a default value (``tests/test_configs.py`` checks both that no field has one and
+that ``default.yaml`` sets every field). A config saved before a setting existed loads through
+:func:`from_dict`, which merges it over ``default.yaml``.
 """
 
 from __future__ import annotations
@@ -72,25 +77,25 @@ class DroQConfig(_Section):
     # float32 matmul precision of the learner (torch.set_float32_matmul_precision): "highest"
     # keeps full float32; "high"/"medium" let CUDA use TF32 and "medium" lets a CPU with bf16
     # support multiply in bfloat16 (8-bit mantissa inputs, float32 accumulation).
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    matmul_precision: Literal["highest", "high", "medium"]
     # Multiply the observation's goal (979 entries, ~2% ones) into the first layers as sums of
     # weight rows instead of a dense matmul: the same function, float sums in another order.
     # "auto": on for a CPU learner whose observation has the piano goal (0.7x the update time
     # there, see tests/benchmarks/bench_pack.py); off on a GPU, where it would cost a host sync.
-    sparse_goal: bool | Literal["auto"] = "auto"
+    sparse_goal: bool | Literal["auto"]
 
 
 class BudgetConfig(_Section):
     """When a specialist stops before (or after) ``total_steps``; see ``workers.rl.budget``.
-    Off by default, so every unit trains exactly ``total_steps`` as in RP1M."""
+    Off in ``default.yaml``, so every unit trains exactly ``total_steps`` as in RP1M."""
 
-    enabled: bool = False
-    stop_at_f1: float | None = Field(0.75, ge=0, le=1)   # target; null: no target stop
-    judge_evals: int = Field(3, ge=1)                    # evaluations judged together
-    plateau_window: int | None = Field(None, ge=1)       # evaluations without improvement; null: no plateau stop
-    plateau_margin: float = Field(0.02, gt=0)            # smoothed F1 rise that counts as an improvement
-    min_steps: int = Field(0, ge=0)                      # no plateau stop before this step
-    max_steps: int | None = Field(None, gt=0)            # cap for improving units; null: no extension
+    enabled: bool
+    stop_at_f1: float | None = Field(ge=0, le=1)   # target; null: no target stop
+    judge_evals: int = Field(ge=1)                 # evaluations judged together
+    plateau_window: int | None = Field(ge=1)       # evaluations without improvement; null: no plateau stop
+    plateau_margin: float = Field(gt=0)            # smoothed F1 rise that counts as an improvement
+    min_steps: int = Field(ge=0)                   # no plateau stop before this step
+    max_steps: int | None = Field(gt=0)            # cap for improving units; null: no extension
 
     @model_validator(mode="after")
     def _extension_needs_a_window(self) -> BudgetConfig:
@@ -107,11 +112,9 @@ class SpecialistConfig(_Section):
     log_interval: int = Field(gt=0)
     rollouts: int = Field(ge=0)
     seed: int
-    # Rollout i samples from the policy with a generator seeded by seed * 1000 + i; the default keeps
-    # configs saved before this setting existed loadable.
-    rollout_policy: Literal["stochastic", "deterministic"] = "stochastic"
-    # A default, so that configs saved before this section existed still load.
-    budget: BudgetConfig = BudgetConfig()
+    # Rollout i samples from the policy with a generator seeded by seed * 1000 + i.
+    rollout_policy: Literal["stochastic", "deterministic"]
+    budget: BudgetConfig
 
     @model_validator(mode="after")
     def _cap_not_below_budget(self) -> SpecialistConfig:
@@ -146,9 +149,9 @@ class CampaignConfig(_Section):
     max_attempts: int = Field(ge=1)
     cpus_per_unit: float = Field(ge=0)
     gpus_per_unit: float = Field(ge=0)
-    pack_size: int = Field(default=1, ge=1)
-    cpus_per_pack: float = Field(default=0, ge=0)
-    gpus_per_pack: float | None = Field(default=None, ge=0)
+    pack_size: int = Field(ge=1)
+    cpus_per_pack: float = Field(ge=0)
+    gpus_per_pack: float | None = Field(ge=0)
     pack_refill: bool
     synthetic: SyntheticConfig
 
@@ -184,7 +187,7 @@ class GateConfig(_Section):
     # When the campaign driver starts imitation learning once the gate opens:
     # when_passing: at once (the job waits in Ray's queue until il.num_workers CPUs are free);
     # after_campaign: once no unit is pending or running; never: only by hand (pianoforge train-il).
-    launch: Literal["when_passing", "after_campaign", "never"] = "when_passing"
+    launch: Literal["when_passing", "after_campaign", "never"]
 
 
 class ILConfig(_Section):
@@ -207,10 +210,10 @@ class ILConfig(_Section):
     checkpoint_interval: int
     log_interval: int
     max_failures: int
-    warmup_steps: int = Field(500, ge=0)
-    stats_steps: int = Field(50000, ge=1)
-    seed: int = 0
-    replan_every: int = Field(0, ge=0)
+    warmup_steps: int = Field(ge=0)
+    stats_steps: int = Field(ge=1)
+    seed: int
+    replan_every: int = Field(ge=0)
     eval_max_steps: int = Field(ge=0)
 
 
@@ -234,30 +237,30 @@ class SlurmConfig(_Section):
 
 
 class DashboardConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
-    refresh_s: float = Field(5.0, gt=0)
-    throughput_window_s: float = Field(600.0, gt=0)
-    mlflow_ui_url: str = "http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
-    learning_curve_metrics: tuple[str, ...] = ("eval/f1", "train/return")
-    il_metrics: tuple[str, ...] = ("train/loss", "eval/*")
-    max_curves: int = Field(5, ge=1)
-    soundfont: str | None = None
-    allowed_hosts: tuple[str, ...] = ()
+    host: str
+    port: int = Field(ge=0, le=65535)
+    refresh_s: float = Field(gt=0)
+    throughput_window_s: float = Field(gt=0)
+    mlflow_ui_url: str
+    learning_curve_metrics: tuple[str, ...]
+    il_metrics: tuple[str, ...]
+    max_curves: int = Field(ge=1)
+    soundfont: str | None
+    allowed_hosts: tuple[str, ...]
 
 
 class ManifestConfig(_Section):
     """Bounds on a song's MIDI file, checked on its raw messages before it is expanded in memory."""
 
-    max_midi_ticks: int = Field(10_000_000, gt=0)
-    max_song_duration_s: float = Field(3600.0, gt=0)
-    max_song_notes: int = Field(200_000, gt=0)
+    max_midi_ticks: int = Field(gt=0)
+    max_song_duration_s: float = Field(gt=0)
+    max_song_notes: int = Field(gt=0)
 
 
 class RayConfig(_Section):
-    dashboard: bool = True
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = Field(8265, ge=0, le=65535)
+    dashboard: bool
+    dashboard_host: str
+    dashboard_port: int = Field(ge=0, le=65535)
 
 
 class Config(_Section):
@@ -270,10 +273,9 @@ class Config(_Section):
     gate: GateConfig
     il: ILConfig
     slurm: SlurmConfig
-    # A default, so that configs saved before this section existed still load.
-    dashboard: DashboardConfig = DashboardConfig()
-    ray: RayConfig = RayConfig()
-    manifest: ManifestConfig = ManifestConfig()
+    dashboard: DashboardConfig
+    ray: RayConfig
+    manifest: ManifestConfig
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -13,7 +13,7 @@ Sources (all read-only; the driver may be writing meanwhile):
   store holds (never searched for on the server, which other campaigns may share). A SQLite
   tracking file that does not exist yet is not created.
 
-Which finger pressed which key (OT fingering re-run on the lake's steps) lives in
+Which finger pressed which key (the OT fingering the lake records, or re-run for older shards) lives in
 :mod:`dashboards.fingering`; MLflow reads in :mod:`dashboards.mlflow_reader`.
 """
 
@@ -32,7 +32,7 @@ import yaml
 
 import configs
 from dashboards import timeline
-from dashboards.fingering import KeyCounter, best_episode, episode_finger_key_counts, pedal_after_each_step
+from dashboards.fingering import RECORDED, KeyCounter, best_episode, episode_finger_key_counts, pedal_after_each_step
 from dashboards.mlflow_reader import MlflowReader, evaluation_f1
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
@@ -137,8 +137,7 @@ class Focus:
     pressed: np.ndarray  # bool (T, 88), for the audio
     sustain: np.ndarray  # bool (T,)
     run_link: str | None = None
-    how: str = ("Fingering: the OT assignment re-run on the stored fingertip positions and target keys "
-                "(steps per finger and key).")
+    how: str = RECORDED  # where finger_key comes from (dashboards.fingering)
 
 
 @dataclass
@@ -421,9 +420,10 @@ class Campaign:
         key = (unit_id, shard.commit_id or str(shard.committed_at))
         if key not in self._focus_cache:
             ep = best_episode(lake, shard)
+            finger_key, how = episode_finger_key_counts(ep)
             self._focus_cache[key] = Focus(
                 unit_id=unit_id, song_name=shard.song_name, chunk_index=shard.chunk_index, seed=ep.seed,
-                f1=ep.f1, n_steps=ep.n_steps, finger_key=episode_finger_key_counts(ep),
+                f1=ep.f1, n_steps=ep.n_steps, finger_key=finger_key, how=how,
                 pressed=ep.pressed, sustain=pedal_after_each_step(ep),
             )
         focus = self._focus_cache[key]

@@ -1,15 +1,21 @@
 """Which finger pressed which key, and which keys sounded, from the lake (the dashboard's keyboard views).
 
-Fingering: the lake stores, per step, the observation the action was taken from (with the 10
-fingertip positions in world coordinates, ``obs[1068:1098]``, right thumb..little then left
-thumb..little as RoboPianist numbers fingers) and the keys that should sound at that step
-(``target``). The environment's OT reward for step t matches ``target[t]`` to the fingertips
-*after* the step's action, which the lake holds as ``obs[t + 1]``. :func:`episode_finger_key_counts`
-re-runs the environment's assignment (``workers.piano.fingering.assign_fingers``) on those pairs against
-the keys' press points on RoboPianist's piano at rest (the piano sits at the world origin in the
-task) and counts, for each finger and key, the steps in which that finger was matched to that key:
-the matching ``info["ot_assignment"]`` reported during the rollout, for every step but the last
-(whose next observation is not stored).
+Fingering: :func:`episode_finger_key_counts` counts, for each finger and key, the steps in which the
+environment's OT fingering matched that finger to that key. Shards of schema version 2 record the
+matching itself (the ``ot_fingering`` column: each finger's key, the rollout's
+``info["ot_assignment"]``): the counts come from it, every step, no physics.
+
+Older shards (schema version 1) and episodes played without physics (the synthetic workload) have
+no such column; for them the matching is re-run (:func:`finger_key_counts`). The lake stores,
+per step, the observation the action was taken from (with the 10 fingertip positions in world
+coordinates, ``obs[1068:1098]``, right thumb..little then left thumb..little as RoboPianist
+numbers fingers) and the keys that should sound at that step (``target``). The environment's OT
+reward for step t matches ``target[t]`` to the fingertips *after* the step's action, which the
+lake holds as ``obs[t + 1]``; the re-run applies the environment's assignment
+(``workers.piano.fingering.assign_fingers``) to those pairs against the keys' press points on
+RoboPianist's piano at rest (the piano sits at the world origin in the task), for every step but
+the last (whose next observation is not stored). It needs MuJoCo for the press points and can
+differ from the recorded matching where a pressed key's surface has moved down.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import threading
 import numpy as np
 
 import workers.lake as _lake
+from workers.piano.layout import N_FINGERS, N_KEYS, fingering_pairs
 
 # Observation parts, by name, from the lake's layout (RP1M order).
 _OBS = {name: slice(start, stop) for name, start, stop in _lake.schema.OBS_LAYOUT}
@@ -104,7 +111,23 @@ def pedal_after_each_step(episode) -> np.ndarray:
     return np.r_[pedal[1:], pedal[-1:]]
 
 
-def episode_finger_key_counts(episode) -> np.ndarray:
-    """int64 (10, 88) OT fingering counts of a lake ``Episode`` (see the module docstring for
-    why fingertips come from the next step's observation)."""
-    return finger_key_counts(episode.obs[1:, FINGERTIP_SLICE], episode.target[:-1])
+def recorded_finger_key_counts(ot_fingering: np.ndarray) -> np.ndarray:
+    """int64 (10, 88): in how many steps finger i was matched to key j, from the lake's
+    ``ot_fingering`` rows ``int8 (T, 10)`` (each finger's key, -1: none)."""
+    _, fingers, keys = fingering_pairs(ot_fingering)
+    counts = np.zeros((N_FINGERS, N_KEYS), dtype=np.int64)
+    np.add.at(counts, (fingers, keys), 1)
+    return counts
+
+
+RECORDED = "Fingering: the OT assignment the environment computed during the rollout (steps per finger and key)."
+RE_RUN = ("Fingering: the OT assignment re-run on the stored fingertip positions and target keys "
+          "(steps per finger and key; this shard predates the recorded assignment).")
+
+
+def episode_finger_key_counts(episode) -> tuple[np.ndarray, str]:
+    """(int64 (10, 88) OT fingering counts of a lake ``Episode``, how they were obtained): from its
+    recorded ``ot_fingering`` when it has one, else re-run (see the module docstring)."""
+    if episode.ot_fingering is not None:
+        return recorded_finger_key_counts(episode.ot_fingering), RECORDED
+    return finger_key_counts(episode.obs[1:, FINGERTIP_SLICE], episode.target[:-1]), RE_RUN

@@ -70,7 +70,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
     if address:  # the head's own settings decide its dashboard
         ray.init(address=address, log_to_driver=False)
     else:
-        ray_cfg = ray_cfg or configs.RayConfig()
+        ray_cfg = ray_cfg or configs.load().ray
         port = ray_cfg.dashboard_port
         if ray_cfg.dashboard and port and not _port_free(ray_cfg.dashboard_host, port):
             log.warning("Ray dashboard port %s:%d is taken (another Ray on this machine?); using a free one",

@@ -58,7 +58,7 @@ def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     env.pop("RAY_AUTH_TOKEN", None)
     ray = str(Path(sys.executable).with_name("ray"))
-    ray_cfg = ray_cfg or configs.RayConfig()
+    ray_cfg = ray_cfg or configs.load().ray
     dashboard = None
     if ray_cfg.dashboard:  # a taken port (another head on this node) would stop `ray start`: take a free one
         dashboard_port = ray_cfg.dashboard_port if ray_cfg.dashboard_port and _port_free(ray_cfg.dashboard_port) \

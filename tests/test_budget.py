@@ -19,8 +19,11 @@ from workers.rl.budget import BUDGET, CAP, PLATEAU, TARGET, StopRule
 EVERY = 10  # steps between evaluations in these tests
 
 
+DEFAULT_BUDGET = configs.load().specialist.budget.model_dump()  # default.yaml's
+
+
 def rule(total_steps: int = 1000, **budget) -> StopRule:
-    return StopRule(configs.BudgetConfig(**{"enabled": True, **budget}), total_steps)
+    return StopRule(configs.BudgetConfig(**{**DEFAULT_BUDGET, "enabled": True, **budget}), total_steps)
 
 
 def first_stop(r: StopRule, f1s: list[float], every: int = EVERY) -> tuple[int | None, str | None]:
@@ -135,8 +138,8 @@ def test_unit_not_improving_at_total_steps_is_not_extended():
 def test_disabled_rule_keeps_rp1m_behaviour():
     cfg = configs.load().specialist
     assert cfg.budget.enabled is False
-    r = StopRule(configs.BudgetConfig(enabled=False, stop_at_f1=0.5, judge_evals=1, plateau_window=1,
-                                      max_steps=10_000), total_steps=50)
+    r = StopRule(configs.BudgetConfig(**{**DEFAULT_BUDGET, "enabled": False, "stop_at_f1": 0.5, "judge_evals": 1,
+                                         "plateau_window": 1, "max_steps": 10_000}), total_steps=50)
     assert r.end_step == 50  # no extension when disabled
     assert first_stop(r, [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]) == (50, BUDGET)
 

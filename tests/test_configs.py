@@ -1,6 +1,10 @@
 """The typed config: defaults match RP1M, overrides and profiles merge, mistakes are named."""
 
+import typing
+from pathlib import Path
+
 import pytest
+import yaml
 
 import configs
 from configs import ConfigError
@@ -45,3 +49,52 @@ def test_profiles_and_saved_config_round_trip():
     assert configs.from_dict(slurm.to_dict()) == slurm
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         configs.load(profile="nope")
+
+
+# --- default.yaml is the one place for every default -----------------------------------------
+def _sections() -> set[type]:
+    found, todo = set(), [configs._Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.add(sub)
+            todo.append(sub)
+    return found
+
+
+def test_no_config_field_has_a_default_in_python():
+    with_default = [f"{cls.__name__}.{name}" for cls in _sections() for name, field in cls.model_fields.items()
+                    if not field.is_required()]
+    assert not with_default, f"give these their value in configs/default.yaml, not in Python: {with_default}"
+
+
+def test_default_yaml_sets_every_field_of_every_section():
+    defaults = yaml.safe_load((Path(configs.__file__).parent / "default.yaml").read_text())
+    missing, reached = [], set()
+
+    def walk(cls: type, data: dict, where: str) -> None:
+        reached.add(cls)
+        for name, field in cls.model_fields.items():
+            if name not in data:
+                missing.append(where + name)
+                continue
+            kind, args = typing.get_origin(field.annotation), typing.get_args(field.annotation)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, configs._Section):
+                walk(field.annotation, data[name], f"{where}{name}.")
+            elif kind is dict and isinstance(args[1], type) and issubclass(args[1], configs._Section):
+                reached.add(args[1])  # named entries (slurm.pools): every field set per entry, in a profile
+                for key, value in data[name].items():
+                    walk(args[1], value, f"{where}{name}.{key}.")
+
+    walk(configs.Config, defaults, "")
+    assert not missing, f"configs/default.yaml lacks {missing}"
+    assert _sections() <= reached, f"sections not reachable from Config: {_sections() - reached}"
+
+
+def test_config_saved_before_newer_settings_existed_loads_with_todays_defaults():
+    saved = configs.load().to_dict()
+    for section in ("dashboard", "ray", "manifest"):
+        del saved[section]
+    for section, key in [("specialist", "budget"), ("specialist", "rollout_policy"), ("droq", "matmul_precision"),
+                         ("droq", "sparse_goal"), ("campaign", "pack_size"), ("gate", "launch"), ("il", "seed")]:
+        del saved[section][key]
+    assert configs.from_dict(saved) == configs.load()

@@ -227,11 +227,13 @@ def test_finger_key_counts_find_the_finger_on_each_key():
 
 def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     """Replay a RoboPianist rollout the way the specialist records it: the dashboard's counts
-    from the stored observations equal the env's own ``info["ot_assignment"]``."""
+    from the recorded ``ot_fingering`` (every step), and re-run from the stored observations for
+    a shard without it (every step but the last), equal the env's own ``info["ot_assignment"]``."""
     from robopianist import music
 
-    from dashboards.fingering import episode_finger_key_counts
+    from dashboards.fingering import RE_RUN, RECORDED, episode_finger_key_counts
     from workers.piano.env import make_env
+    from workers.piano.layout import fingering_row
     from workers.lake import Episode
 
     cfg = configs.load()
@@ -239,24 +241,66 @@ def test_fingering_from_the_lake_is_the_environments_ot_assignment():
     env = make_env(midi, cfg.env, seed=0)
     rng = np.random.default_rng(0)
     (obs, _), observations, targets, expected = env.reset(), [], [], np.zeros((10, 88), dtype=np.int64)
+    fingering = []
     for _ in range(40):
         observations.append(obs)
         obs, _, terminated, truncated, info = env.step(rng.uniform(env.action_low, env.action_high))
         done = terminated or truncated
         targets.append(info["target"])
+        fingering.append(fingering_row(info["ot_assignment"]))
         for finger, key in info["ot_assignment"]:
             expected[finger, key] += 1
         if done:
             break
-    for finger, key in info["ot_assignment"]:  # the last step's match needs the unstored next obs
-        expected[finger, key] -= 1
     n = len(targets)
     episode = Episode(seed=0, obs=np.stack(observations), action=np.zeros((n, 39), np.float32),
                       reward=np.zeros(n, np.float32), pressed=np.zeros((n, 88), bool), target=np.stack(targets),
-                      episode_return=0.0, precision=1.0, recall=1.0, f1=1.0)
-    got = episode_finger_key_counts(episode)
+                      episode_return=0.0, precision=1.0, recall=1.0, f1=1.0, ot_fingering=np.stack(fingering))
     assert expected.sum() > 20
+    assert [x.tolist() for x in episode_finger_key_counts(episode)[0]] == expected.tolist()
+    assert episode_finger_key_counts(episode)[1] == RECORDED
+    for finger, key in info["ot_assignment"]:  # the re-run misses the last step: its next obs is not stored
+        expected[finger, key] -= 1
+    episode.ot_fingering = None  # as read from a shard of schema version 1
+    got, how = episode_finger_key_counts(episode)
     np.testing.assert_array_equal(got, expected)
+    assert how == RE_RUN
+
+
+def test_focus_fingering_comes_from_the_recorded_column_without_mujoco(tmp_path, monkeypatch):
+    """A shard with ``ot_fingering``: the focus unit's counts are that column's, and neither the
+    OT re-run nor the piano model (MuJoCo) is touched; a shard without it is re-run."""
+    from dashboards import fingering
+
+    cfg = _cfg()
+    directory = tmp_path / "c"
+    directory.mkdir()
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    spec = _spec("Twinkle", 0, cfg)
+    with CampaignStore(directory / "campaign.db") as store:
+        store.add_units([spec], store.put_config(cfg.to_dict(), cfg.hash()))
+    episode = synthetic_episode(6, seed=0, f1=0.9)
+    episode.ot_fingering = np.full((6, 10), -1, np.int8)
+    episode.ot_fingering[:, 0] = 40  # the right thumb on key 40 throughout
+    episode.ot_fingering[2:4, 6] = 45  # the left index on key 45 for two steps
+    meta = ShardMeta(spec.unit_id, spec.song_hash, spec.song_name, 0, spec.split, spec.config_hash, 0.9)
+    Lake(directory / "lake", cfg.lake).commit_shard(meta, [episode])
+
+    def no_re_run(*args, **kwargs):
+        raise AssertionError("the OT fingering was re-run although the shard records it")
+
+    monkeypatch.setattr(fingering, "finger_key_counts", no_re_run)
+    monkeypatch.setattr(fingering, "key_press_points", no_re_run)
+    focus = Campaign(directory).focus(spec.unit_id)
+    expected = np.zeros((10, 88), np.int64)
+    expected[0, 40], expected[6, 45] = 6, 2
+    np.testing.assert_array_equal(focus.finger_key, expected)
+    assert focus.how == fingering.RECORDED
+
+    old = Lake(tmp_path / "old-lake", cfg.lake.model_copy(update={"schema_version": 1}))
+    shard = old.commit_shard(meta, [episode])
+    with pytest.raises(AssertionError, match="re-run"):  # no column in a version 1 shard: the re-run it is
+        fingering.episode_finger_key_counts(fingering.best_episode(old, shard))
 
 
 def test_snapshot_reads_store_lake_and_mlflow(finished_campaign):

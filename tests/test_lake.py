@@ -62,6 +62,17 @@ def assert_same_episodes(written: list[Episode], read: list[Episode]) -> None:
             assert x.tobytes() == y.tobytes(), f"{field} differs after the round trip"
         assert (a.seed, a.episode_return, a.precision, a.recall, a.f1) == (
             b.seed, b.episode_return, b.precision, b.recall, b.f1)
+        if a.ot_fingering is None:
+            assert b.ot_fingering is None
+        else:
+            assert b.ot_fingering.dtype == np.int8 and b.ot_fingering.tobytes() == a.ot_fingering.tobytes()
+
+
+def with_fingering(episode: Episode) -> Episode:
+    """``episode`` with an OT fingering: each finger on a random key or none (-1)."""
+    rng = np.random.default_rng(episode.seed)
+    episode.ot_fingering = rng.integers(-1, 88, size=(episode.n_steps, 10)).astype(np.int8)
+    return episode
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +92,47 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert info.bytes == info.path.stat().st_size
     assert_same_episodes(episodes, lake.read_episodes(info))
     assert_same_episodes(episodes, list(lake.iter_episodes(info)))
+
+
+def test_ot_fingering_is_stored_per_step_and_null_where_not_recorded(tmp_path):
+    played = [with_fingering(synthetic_episode(n, seed=s)) for s, n in enumerate([70, 3])]
+    episodes = [played[0], synthetic_episode(20, seed=7), played[1]]  # the middle one without physics
+    lake = Lake(tmp_path, LAKE_CFG)
+    info = lake.commit_shard(make_meta("u1"), episodes)
+    assert info.schema_version == 2 and read_shard_kv(info.path)["schema_version"] == "2"
+    assert_same_episodes(episodes, lake.read_episodes(info))
+    assert_same_episodes(episodes, list(lake.iter_episodes(info)))
+    column = pq.read_table(info.path, columns=["ot_fingering"]).column("ot_fingering").to_pylist()
+    assert column[:70] == played[0].ot_fingering.tolist() and column[70:90] == [None] * 20
+    assert column[90:] == played[1].ot_fingering.tolist()
+    doc = json.loads((tmp_path / "meta" / "info.json").read_text())
+    assert "ot_fingering" in [c["name"] for c in doc["columns"]]
+
+
+def test_shards_of_schema_version_1_still_read_and_share_a_lake_with_newer_ones(tmp_path):
+    """A lake written before ``ot_fingering`` existed: its shards read (no fingering), its
+    statistics rebuild, and a writer of the newer version adds shards beside them."""
+    old_cfg = LAKE_CFG.model_copy(update={"schema_version": 1})
+    lake = Lake(tmp_path, old_cfg)
+    old_episodes = [with_fingering(synthetic_episode(30, seed=1))]
+    old = lake.commit_shard(make_meta("old"), old_episodes)
+    assert "ot_fingering" not in pq.read_schema(old.path).names
+    assert read_shard_kv(old.path)["schema_version"] == "1" and old.schema_version == 1
+    assert json.loads((tmp_path / "meta" / "info.json").read_text())["schema_version"] == 1
+    old_episodes[0].ot_fingering = None  # what a version 1 shard gives back
+    new_episodes = [with_fingering(synthetic_episode(30, seed=2))]
+    new = Lake(tmp_path, LAKE_CFG).commit_shard(make_meta("new"), new_episodes)
+    doc = json.loads((tmp_path / "meta" / "info.json").read_text())
+    assert doc["schema_version"] == 2 and "ot_fingering" in [c["name"] for c in doc["columns"]]
+    reader = Lake(tmp_path)
+    assert [s.schema_version for s in reader.shards()] == [2, 1]  # new, old
+    assert_same_episodes(old_episodes, reader.read_episodes(old))
+    assert_same_episodes(new_episodes, reader.read_episodes(new))
+    (tmp_path / "meta" / "stats.json").unlink()
+    for path in (tmp_path / "meta" / "stats").glob("*.npz"):
+        path.unlink()
+    assert reader.stats()["action"].count == 60  # recomputed from both shards
+    assert [problem for _, problem in reader.verify()] == [None, None]
 
 
 def test_row_groups_hold_whole_episodes(tmp_path):
@@ -159,6 +211,8 @@ def test_shards_filter_by_f1_and_split(tmp_path):
         (lambda ep: ep.obs.__setitem__((3, 100), 0.5), "obs[3, 100]"),
         (lambda ep: setattr(ep, "action", ep.action[:, :38]), "'action'"),
         (lambda ep: setattr(ep, "pressed", ep.pressed[:-1]), "'pressed'"),
+        (lambda ep: setattr(ep, "ot_fingering", np.full((10, 9), -1, np.int8)), "'ot_fingering'"),
+        (lambda ep: setattr(ep, "ot_fingering", np.full((10, 10), 88, np.int8)), "ot_fingering[0, 0] = 88"),
     ],
 )
 def test_bad_episode_is_refused_with_a_clear_message(tmp_path, spoil, message):

@@ -259,6 +259,30 @@ def test_rollouts_stream_into_the_lake_one_episode_at_a_time(player, tmp_path):
     assert np.array_equal(episodes[2].action, play(agent, env, seed=12, deterministic=False).action)
 
 
+def test_rollouts_record_the_environments_ot_fingering(player, tmp_path, monkeypatch):
+    """The lake's ``ot_fingering`` of a rollout is, step by step, the env's ``info["ot_assignment"]``."""
+    agent, env = player
+    assignments = []
+    step = env.step
+
+    def recording_step(action):
+        out = step(action)
+        assignments.append(out[-1]["ot_assignment"])
+        return out
+
+    monkeypatch.setattr(env, "step", recording_step)
+    song = load_song(TWINKLE)
+    lake = Lake(tmp_path, ROLLOUT_CFG.lake)
+    with lake.shard_writer("unit-f", song.content_hash) as writer:
+        record_rollouts(agent, env, writer, seeds=[3], deterministic=False)
+        info = writer.commit(ShardMeta("unit-f", song.content_hash, song.name, 1, "train", "cfg"))
+    (episode,) = lake.read_episodes(info)
+    assert info.schema_version == 2 and episode.ot_fingering.shape == (episode.n_steps, 10) == (len(assignments), 10)
+    stored = [sorted((f, k) for f, k in enumerate(row) if k >= 0) for row in episode.ot_fingering.tolist()]
+    assert stored == [sorted(pairs) for pairs in assignments]
+    assert episode.target.any() and sum(map(len, stored)) == int(episode.target.sum())  # a finger per key to press
+
+
 def test_checkpoints_keep_the_last_two_and_set_a_damaged_one_aside(tmp_path):
     from workers.rl import checkpoints
 

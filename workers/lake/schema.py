@@ -18,10 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.piano.layout import (ACTION_DIM, FPS, GOAL_BITS, GOAL_BYTES, N_KEYS, OBS_DIM, OBS_SLICES,  # noqa: F401
-                                  pack_goal, unpack_goal)
+from workers.piano.layout import (ACTION_DIM, FPS, GOAL_BITS, GOAL_BYTES, N_FINGERS, N_KEYS, NO_KEY,  # noqa: F401
+                                  OBS_DIM, OBS_SLICES, pack_goal, unpack_goal)
 
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+# Shard schema versions: 1 the first; 2 adds the ``ot_fingering`` column. This pianoforge reads
+# and writes both (``lake.schema_version`` says which it writes); a shard's own version is in its
+# key-value metadata and catalog entry.
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+LATEST_SCHEMA_VERSION = SUPPORTED_SCHEMA_VERSIONS[-1]
 SPLITS = ("train", "eval", "held-out")
 
 # Observation parts as (column, start, stop), RP1M order; the first two are the goal bits.
@@ -59,6 +63,10 @@ class Episode:
     precision: float
     recall: float
     f1: float
+    # int8 [T, 10]: per finger (right thumb..little, left thumb..little) the key (0..87) the
+    # environment's OT fingering matched to it after this step's action, -1: none. None: not
+    # recorded (synthetic episodes, shards of schema version 1).
+    ot_fingering: np.ndarray | None = None
 
     @property
     def n_steps(self) -> int:
@@ -117,8 +125,11 @@ def _fixed_list_type(width: int) -> pa.DataType:
 
 
 KEY_LIST_TYPE = pa.list_(pa.field("element", pa.uint8(), nullable=False))
+# N_FINGERS entries per row. A variable-size list because a row may be null (not recorded): pyarrow
+# (25) cannot read back a null row of a fixed-size list from Parquet.
+FINGERING_TYPE = pa.list_(pa.field("element", pa.int8(), nullable=False))
 
-SHARD_SCHEMA = pa.schema(
+SHARD_SCHEMA = pa.schema(  # the latest version's
     [
         pa.field("unit_id", pa.string(), nullable=False),
         pa.field("episode", pa.int32(), nullable=False),
@@ -133,12 +144,27 @@ SHARD_SCHEMA = pa.schema(
         pa.field("reward", pa.float32(), nullable=False),
         pa.field("pressed", KEY_LIST_TYPE, nullable=False),
         pa.field("target", KEY_LIST_TYPE, nullable=False),
+        pa.field("ot_fingering", FINGERING_TYPE, nullable=True),  # since version 2
         pa.field("episode_return", pa.float64(), nullable=False),
         pa.field("episode_precision", pa.float64(), nullable=False),
         pa.field("episode_recall", pa.float64(), nullable=False),
         pa.field("episode_f1", pa.float64(), nullable=False),
     ]
 )
+SHARD_SCHEMAS: dict[int, pa.Schema] = {
+    1: SHARD_SCHEMA.remove(SHARD_SCHEMA.get_field_index("ot_fingering")),
+    2: SHARD_SCHEMA,
+}
+
+
+def shard_schema(version: int) -> pa.Schema:
+    """The Parquet schema of shards of ``version``."""
+    try:
+        return SHARD_SCHEMAS[version]
+    except KeyError:
+        raise LakeError(f"shard schema_version {version} is not known to this pianoforge "
+                        f"(it knows {SUPPORTED_SCHEMA_VERSIONS})") from None
+
 
 COLUMN_DOCS: dict[str, str] = {
     "unit_id": "the unit that produced the shard (same for every row of a file; join key with the catalog)",
@@ -155,6 +181,10 @@ COLUMN_DOCS: dict[str, str] = {
     "reward": "reward received after this step's action",
     "pressed": "indices (0..87) of the piano keys sounding after this step, ascending",
     "target": "indices (0..87) of the piano keys that should sound at this step, ascending",
+    "ot_fingering": "per finger (0-4 right thumb..little, 5-9 left thumb..little) the key (0..87) the environment's "
+    "OT fingering matched to it after this step's action (the matching of this row's target keys to the fingertips "
+    "that the OT reward term measured), -1: no key; null: not recorded (an episode played without physics). "
+    "Absent from shards of schema_version 1",
     "episode_return": "the episode's return (same on every row of the episode)",
     "episode_precision": "the episode's mean per-step key precision",
     "episode_recall": "the episode's mean per-step key recall",
@@ -200,6 +230,8 @@ def _check_episode(ep: Episode, index: int) -> None:
     T = ep.obs.shape[0] if getattr(ep.obs, "ndim", 0) == 2 else -1
     expected = {"obs": (T, OBS_DIM), "action": (T, ACTION_DIM), "reward": (T,),
                 "pressed": (T, N_KEYS), "target": (T, N_KEYS)}
+    if ep.ot_fingering is not None:
+        expected["ot_fingering"] = (T, N_FINGERS)
     for name, shape in expected.items():
         got = np.shape(getattr(ep, name))
         if T <= 0 or got != shape:
@@ -209,11 +241,32 @@ def _check_episode(ep: Episode, index: int) -> None:
     if bad.any():
         step, col = map(int, np.argwhere(bad)[0])
         raise LakeError(f"{where}: obs[{step}, {col}] = {float(goal[step, col])}; obs[:, :{GOAL_BITS}] must be 0/1 goal bits")
+    if ep.ot_fingering is not None:
+        fingering = np.asarray(ep.ot_fingering)
+        bad = (fingering < NO_KEY) | (fingering >= N_KEYS)
+        if bad.any():
+            step, finger = map(int, np.argwhere(bad)[0])
+            raise LakeError(f"{where}: ot_fingering[{step}, {finger}] = {int(fingering[step, finger])}; "
+                            f"expected a key 0..{N_KEYS - 1} or {NO_KEY}")
 
 
-def episodes_to_table(unit_id: str, episodes: Sequence[Episode], first_episode: int = 0) -> pa.Table:
-    """The rows of a shard (one per step, episodes in order) as an Arrow table with SHARD_SCHEMA;
-    the episodes are numbered from ``first_episode`` on."""
+def _fingering_column(episodes: Sequence[Episode]) -> pa.ListArray:
+    """The episodes' ``ot_fingering`` rows (N_FINGERS entries each); null rows for an episode without them."""
+    recorded = [ep for ep in episodes if ep.ot_fingering is not None]
+    values = np.concatenate([np.asarray(ep.ot_fingering, np.int8).reshape(-1) for ep in recorded]) \
+        if recorded else np.zeros(0, np.int8)
+    missing = np.concatenate([np.full(ep.n_steps, ep.ot_fingering is None) for ep in episodes])
+    offsets = np.zeros(len(missing) + 1, dtype=np.int32)
+    np.cumsum(np.where(missing, 0, N_FINGERS), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), type=FINGERING_TYPE,
+                                    mask=pa.array(missing) if missing.any() else None)
+
+
+def episodes_to_table(unit_id: str, episodes: Sequence[Episode], first_episode: int = 0,
+                      schema_version: int = LATEST_SCHEMA_VERSION) -> pa.Table:
+    """The rows of a shard (one per step, episodes in order) as an Arrow table with the schema
+    of ``schema_version``; the episodes are numbered from ``first_episode`` on."""
+    schema = shard_schema(schema_version)
     for i, ep in enumerate(episodes):
         _check_episode(ep, first_episode + i)
     obs = np.concatenate([np.asarray(ep.obs, np.float32) for ep in episodes])
@@ -240,11 +293,13 @@ def episodes_to_table(unit_id: str, episodes: Sequence[Episode], first_episode: 
     columns["reward"] = pa.array(np.concatenate([np.asarray(ep.reward, np.float32) for ep in episodes]))
     columns["pressed"] = _index_lists(np.concatenate([np.asarray(ep.pressed, bool) for ep in episodes]))
     columns["target"] = _index_lists(np.concatenate([np.asarray(ep.target, bool) for ep in episodes]))
+    if "ot_fingering" in schema.names:
+        columns["ot_fingering"] = _fingering_column(episodes)
     columns["episode_return"] = per_episode((ep.episode_return for ep in episodes), np.float64)
     columns["episode_precision"] = per_episode((ep.precision for ep in episodes), np.float64)
     columns["episode_recall"] = per_episode((ep.recall for ep in episodes), np.float64)
     columns["episode_f1"] = per_episode((ep.f1 for ep in episodes), np.float64)
-    return pa.Table.from_arrays([columns[f.name] for f in SHARD_SCHEMA], schema=SHARD_SCHEMA)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def rebuild_obs(table: pa.Table | pa.RecordBatch) -> np.ndarray:
@@ -279,15 +334,30 @@ def table_to_episodes(table: pa.Table) -> list[Episode]:
     reward = np.asarray(table.column("reward"), dtype=np.float32)
     pressed = _index_lists_to_bool(table.column("pressed"))
     target = _index_lists_to_bool(table.column("target"))
+    fingering, recorded = read_fingering(table)
     cols = {name: table.column(name).to_numpy() for name in
             ("seed", "episode_return", "episode_precision", "episode_recall", "episode_f1")}
     return [
         Episode(seed=int(cols["seed"][a]), obs=obs[a:b], action=action[a:b], reward=reward[a:b],
                 pressed=pressed[a:b], target=target[a:b], episode_return=float(cols["episode_return"][a]),
                 precision=float(cols["episode_precision"][a]), recall=float(cols["episode_recall"][a]),
-                f1=float(cols["episode_f1"][a]))
+                f1=float(cols["episode_f1"][a]), ot_fingering=fingering[a:b] if recorded[a] else None)
         for a, b in zip(starts, stops)
     ]
+
+
+def read_fingering(table: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 [n, 10] ``ot_fingering`` rows, bool [n] whether each row has them) of a shard's
+    rows; a table without the column (schema version 1) has none."""
+    n = table.num_rows
+    if "ot_fingering" not in table.column_names:
+        return np.full((n, N_FINGERS), NO_KEY, np.int8), np.zeros(n, bool)
+    col = table.column("ot_fingering")
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    recorded = np.asarray(col.is_valid(), dtype=bool)
+    rows = np.full((n, N_FINGERS), NO_KEY, np.int8)
+    rows[recorded] = np.asarray(col.flatten(), dtype=np.int8).reshape(-1, N_FINGERS)  # flatten skips null rows
+    return rows, recorded
 
 
 def read_shard_kv(path: str | Path) -> dict[str, str]:

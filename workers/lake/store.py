@@ -14,6 +14,10 @@ One Parquet row is one control step (20 per second). The observation is stored c
 first 979 entries are 0/1 goal bits (``goal_bits``, bit-packed), the other 165 floats are split
 into named float32 columns; :func:`rebuild_obs` (or the recipe in ``info.json``) gives back the
 exact 1144-vector. Row groups hold whole episodes, so a row group can be read on its own.
+Besides observation, action and reward a row holds the keys sounding (``pressed``), the keys that
+should sound (``target``) and, since schema version 2, the environment's OT fingering
+(``ot_fingering``: the key matched to each finger); shards of version 1 stay readable (their
+episodes' ``ot_fingering`` is None), and a lake may hold both.
 
 A shard is committed atomically: it is written under a hidden temporary name in its final
 directory, fsynced and renamed, and only then catalogued. Readers of this module list shards from
@@ -59,7 +63,7 @@ from workers.lake import stats as lake_stats
 from workers.lake.schema import (ACTION_DIM, COLUMN_DOCS, FPS, GOAL_BITS, OBS_DIM, OBS_LAYOUT, SHARD_KV_KEYS,
                                  SHARD_SCHEMA, SUPPORTED_SCHEMA_VERSIONS, Episode, LakeError, ShardInfo, ShardMeta,
                                  _check_name, _plain_meta, episodes_to_table, fixed_list_to_numpy, rebuild_obs,
-                                 table_to_episodes)
+                                 shard_schema, table_to_episodes)
 
 DATA_DIR = "data"
 META_DIR = "meta"
@@ -69,7 +73,8 @@ SHARD_TEMPLATE = "data/song={song_hash}/{unit_id}.parquet"
 CATALOG_TEMPLATE = "meta/catalog/{unit_id}.json"
 LEVELLED_CODECS = ("zstd", "gzip", "lz4")  # the codecs that take lake.compression_level
 DAMAGED_MARK = ".damaged-"  # a damaged shard set aside: ".<unit_id>.parquet.damaged-<UTC time>"
-_NOT_STATS = {"unit_id", "pressed", "target", "seed"}  # columns the statistics do not need
+# Columns the statistics do not need (those they need are in every schema version).
+_NOT_STATS = {"unit_id", "pressed", "target", "seed", "ot_fingering"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,8 +111,13 @@ def info_document(lake_cfg: configs.LakeConfig) -> dict[str, Any]:
         ],
         "columns": [
             {"name": f.name, "type": str(f.type), "shape": _column_shape(f.type), "meaning": COLUMN_DOCS[f.name]}
-            for f in SHARD_SCHEMA
+            for f in shard_schema(lake_cfg.schema_version)
         ],
+        "schema_versions": {
+            "1": "the first shards",
+            "2": "adds ot_fingering; a lake may hold shards of both versions, each shard's schema_version "
+                 "(its key-value metadata and catalog entry) says which columns it has",
+        },
         "shard_metadata": {
             "where": "Parquet key-value metadata of each shard and its catalog entry",
             "keys": list(SHARD_KV_KEYS),
@@ -181,9 +191,12 @@ class Lake:
                 existing = json.loads(self.info_path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise LakeError(f"{self.info_path}: unreadable lake description: {e}") from e
-            if existing.get("schema_version") != self.cfg.schema_version:
-                raise LakeError(f"{self.info_path}: lake has schema_version {existing.get('schema_version')}, "
-                                f"this config writes {self.cfg.schema_version}")
+            version = existing.get("schema_version")
+            if version not in SUPPORTED_SCHEMA_VERSIONS:
+                raise LakeError(f"{self.info_path}: lake has schema_version {version}, "
+                                f"this pianoforge reads and writes {SUPPORTED_SCHEMA_VERSIONS}")
+            if version < self.cfg.schema_version:  # its older shards stay readable: describe the newer ones
+                write_json_atomic(self.info_path, info_document(self.cfg))
         else:
             write_json_atomic(self.info_path, info_document(self.cfg))
         self._ready = True
@@ -543,7 +556,7 @@ class ShardWriter:
         codec = lake.cfg.compression
         try:
             self._writer = pq.ParquetWriter(
-                self.tmp_path, SHARD_SCHEMA,
+                self.tmp_path, shard_schema(lake.cfg.schema_version),
                 compression=codec,
                 compression_level=lake.cfg.compression_level if codec in LEVELLED_CODECS else None,
                 use_dictionary=["unit_id"],  # everything else compresses better without dictionaries
@@ -568,7 +581,8 @@ class ShardWriter:
     def add(self, episode: Episode) -> None:
         """Append ``episode`` (numbered ``n_episodes``) to the shard being written."""
         self._check_open()
-        table = episodes_to_table(self.unit_id, [episode], first_episode=self.n_episodes)
+        table = episodes_to_table(self.unit_id, [episode], first_episode=self.n_episodes,
+                                  schema_version=self.lake.cfg.schema_version)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.n_episodes += 1

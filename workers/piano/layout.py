@@ -94,3 +94,23 @@ def pack_goal(obs: np.ndarray) -> np.ndarray:
 def unpack_goal(packed: np.ndarray, dtype=np.float32) -> np.ndarray:
     """[..., GOAL_BITS] 0/1 goal values of ``dtype`` from :func:`pack_goal`'s bytes."""
     return unpack_bits(packed, GOAL_BITS, dtype)
+
+
+# OT fingering of a step as the lake stores it: per finger (FINGER_NAMES order), the key index
+# (0..87) the environment's OT matching gave it, NO_KEY for a finger with no key.
+NO_KEY = -1
+
+
+def fingering_row(assignment) -> np.ndarray:
+    """int8 [N_FINGERS]: the (finger, key) pairs of ``info["ot_assignment"]`` as each finger's key."""
+    row = np.full(N_FINGERS, NO_KEY, dtype=np.int8)
+    for finger, key in assignment:
+        row[finger] = key
+    return row
+
+
+def fingering_pairs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, finger, key) index arrays of the matched pairs in :func:`fingering_row` rows [T, N_FINGERS]."""
+    rows = np.asarray(rows)
+    steps, fingers = np.nonzero(rows != NO_KEY)
+    return steps, fingers, rows[steps, fingers].astype(np.int64)

@@ -66,6 +66,7 @@ import configs
 from workers.rl import checkpoints
 from workers.rl.droq import DroQ
 from workers.piano.env import PianoEnv
+from workers.piano.layout import fingering_row
 from workers.lake import Episode, ShardWriter
 from workers.units import (ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, clear_pid_file,  # noqa: F401 (re-exported)
                            read_attempts, write_pid_file)
@@ -170,7 +171,7 @@ def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> E
     the same agent, chunk and seed replay the same episode whatever the global RNG state."""
     generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
-    observations, actions, rewards, pressed, target = [], [], [], [], []
+    observations, actions, rewards, pressed, target, fingering = [], [], [], [], [], []
     done = False
     while not done:
         action = agent.act(obs, deterministic=deterministic, generator=generator)
@@ -181,11 +182,13 @@ def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> E
         rewards.append(reward)
         pressed.append(info["pressed"])
         target.append(info["target"])
+        fingering.append(fingering_row(info["ot_assignment"]))
     metrics = env.episode_metrics()
     return Episode(seed=seed, obs=np.stack(observations), action=np.stack(actions).astype(np.float32),
                    reward=np.asarray(rewards, np.float32), pressed=np.stack(pressed).astype(bool),
                    target=np.stack(target).astype(bool), episode_return=float(np.sum(rewards)),
-                   precision=metrics["precision"], recall=metrics["recall"], f1=metrics["f1"])
+                   precision=metrics["precision"], recall=metrics["recall"], f1=metrics["f1"],
+                   ot_fingering=np.stack(fingering))
 
 
 @dataclass(frozen=True)
