@@ -395,10 +395,6 @@ class Scheduler:
         """Unit attempts in flight (queued in Ray or running), alone or in packs."""
         return sum(len(ids) for ids in self._inflight.values())
 
-    def inflight(self) -> list[str]:
-        """Unit ids of the attempts in flight (queued in Ray or running)."""
-        return [unit_id for ids in self._inflight.values() for unit_id in ids]
-
     def capacity(self) -> int:
         """How many launches (units, or packs) to keep in flight: ``max_concurrent_units``
         (in units, so packs of K take K each), or (0) what the cluster's CPUs/GPUs fit,
@@ -508,7 +504,7 @@ class Scheduler:
 
     def cancel_all(self) -> list[str]:
         """Cancel every attempt in flight (driver shutting down); returns their unit ids."""
-        ids = self.inflight()
+        ids = [unit_id for ids in self._inflight.values() for unit_id in ids]
         for ref in list(self._inflight):
             try:
                 ray.cancel(ref, force=True)
