@@ -6,8 +6,11 @@ them: which units share a pack, the pack's resources, pool sizing, status and da
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -22,7 +25,8 @@ from orchestrator.status import read_status, render
 from orchestrator.store import RUNNING, SUCCEEDED, CampaignStore
 from slurm.pools import units_per_job
 from workers.lake import Lake
-from workers.synthetic import make_units, read_attempts
+from workers.synthetic import make_units, read_attempts, read_checkpoint_step
+from workers.units import live_worker_pid
 
 SYNTHETIC = ["campaign.workload=synthetic", "campaign.synthetic.sleep_s=0.2", "campaign.synthetic.steps=2",
              "campaign.synthetic.episodes=1", "campaign.synthetic.steps_per_episode=4", "gate.f1_threshold=0.0",
@@ -165,6 +169,35 @@ def test_a_packs_freed_slots_take_the_next_pending_units_of_its_config(ray_clust
     # Each member's outcome was counted as it came, not when its pack ended: the first unit was
     # finished in the store before the last one to join pack-1 had started.
     assert rows[units[0].unit_id].finished_at < rows[units[4].unit_id].started_at
+
+
+@pytest.mark.slow
+def test_a_killed_refilled_pack_retries_only_the_units_it_held(ray_cluster, tmp_path):
+    a, b, c = make_units(1, 3, "cfg")
+    cfg = configs.load(overrides=SYNTHETIC + ["campaign.pack_size=2", "campaign.cpus_per_unit=0.5",
+                                              "campaign.max_concurrent_units=2", "campaign.synthetic.sleep_s=3",
+                                              "campaign.synthetic.steps=30"])  # 0.1 s a step, a checkpoint each
+    c_dir = tmp_path / "killed" / "units" / c.unit_id
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(s=campaign.submit([a, b, c], cfg, "killed", root=tmp_path)))
+    driver.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (c_dir / "checkpoint.json").exists() or read_checkpoint_step(c_dir) < 5):
+        time.sleep(0.05)
+    killed_at = read_checkpoint_step(c_dir)
+    assert killed_at >= 5
+    os.kill(live_worker_pid(c_dir), signal.SIGKILL)  # the pack's process: c came in to refill a slot
+    driver.join(timeout=180)
+    assert result["s"].counts[SUCCEEDED] == 3, result["s"].counts
+    with CampaignStore(tmp_path / "killed" / "campaign.db", readonly=True) as store:
+        rows = {u.unit_id: store.unit(u.unit_id) for u in (a, b, c)}
+        first = [e for e in store.events(unit_id=c.unit_id) if e.kind == "state" and e.to_state == RUNNING][0]
+    assert first.detail == "pack pack-1"  # c joined pack-1 in a freed slot
+    # a and b had finished (and were counted) before the kill: only c, which the pack held, is retried.
+    assert rows[a.unit_id].attempts == rows[b.unit_id].attempts == 1 and rows[c.unit_id].attempts == 2
+    starts = [x["start_step"] for x in read_attempts(c_dir)]
+    assert starts[0] == 0 and starts[1] >= killed_at  # from its checkpoint, not from scratch
+    assert sorted(s.unit_id for s in Lake(tmp_path / "killed" / "lake").shards()) == sorted(u.unit_id for u in (a, b, c))
 
 
 @pytest.mark.slow
