@@ -175,6 +175,18 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+# /audio/<unit>.wav and /video/<unit>.mp4: the unit's best recorded rollout, rendered by Campaign.<method>
+MEDIA = {"/audio/": (".wav", "render_audio", "audio/wav"), "/video/": (".mp4", "render_video", "video/mp4")}
+
+
+def _media(path: str) -> tuple[str, str, str] | None:
+    """(unit id, Campaign method that renders it, content type) for a media path, else None."""
+    for prefix, (suffix, render, content_type) in MEDIA.items():
+        if path.startswith(prefix) and path.endswith(suffix):
+            return unquote(path[len(prefix):-len(suffix)]), render, content_type
+    return None
+
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -263,20 +275,13 @@ class _Handler(BaseHTTPRequestHandler):
                 s = self.campaign.snapshot(full=False)
                 body = json.dumps(summary(s, self.campaign.dash), default=_json_default).encode()
                 self._send(HTTPStatus.OK, body, "application/json")
-            elif url.path.startswith("/audio/") and url.path.endswith(".wav"):
-                unit_id = unquote(url.path[len("/audio/"):-len(".wav")])
+            elif (media := _media(url.path)) is not None:
+                unit_id, render, content_type = media
                 focus = self.campaign.focus(unit_id)
                 if focus is None:
                     return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
-                wav = self.campaign.render_audio(focus)
-                self._send(HTTPStatus.OK, wav.read_bytes(), "audio/wav", cache="max-age=3600")
-            elif url.path.startswith("/video/") and url.path.endswith(".mp4"):
-                unit_id = unquote(url.path[len("/video/"):-len(".mp4")])
-                focus = self.campaign.focus(unit_id)
-                if focus is None:
-                    return self._error(HTTPStatus.NOT_FOUND, f"unit {unit_id} has no committed lake shard")
-                video = self.campaign.render_video(focus)
-                self._send(HTTPStatus.OK, video.read_bytes(), "video/mp4", cache="max-age=3600")
+                path = getattr(self.campaign, render)(focus)
+                self._send(HTTPStatus.OK, path.read_bytes(), content_type, cache="max-age=3600")
             elif url.path == "/static/plotly.min.js":
                 self._send(HTTPStatus.OK, plotly_js().encode(), "application/javascript", cache="max-age=86400")
             elif url.path == "/favicon.ico":

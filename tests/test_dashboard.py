@@ -732,3 +732,11 @@ def test_page_follows_a_real_synthetic_campaign_to_its_end(tmp_path, browser):
     finally:
         if started:
             ray.shutdown()
+
+
+def test_media_paths_name_the_unit_and_how_it_is_rendered():
+    from dashboards.app import _media
+
+    assert _media("/audio/song%201-c000.wav") == ("song 1-c000", "render_audio", "audio/wav")
+    assert _media("/video/u.mp4") == ("u", "render_video", "video/mp4")
+    assert _media("/audio/u.mp4") is None and _media("/api/summary") is None
