@@ -193,6 +193,30 @@ def test_freed_slots_are_refilled_with_fresh_agents_and_a_broken_arrival_fails_a
         assert [a["start_step"] for a in read_attempts(tmp_path / unit.unit_id)] == [0]
 
 
+@pytest.mark.slow
+def test_a_member_stopped_by_its_budget_frees_its_slot_for_the_next_unit(tmp_path):
+    # The plateau rule of test_specialist: F1 never rises by 1.0, so a unit with budgets on stops
+    # at step 150 of 400; units without (their override) train all 400 steps.
+    cfg = configs.load(overrides={**TINY, "droq.warmup_steps": 20, "specialist.total_steps": 400,
+                                  "specialist.eval_interval": 50, "specialist.checkpoint_interval": 50,
+                                  "specialist.rollouts": 0, "specialist.budget.enabled": True,
+                                  "specialist.budget.stop_at_f1": None, "specialist.budget.judge_evals": 1,
+                                  "specialist.budget.plateau_window": 2, "specialist.budget.plateau_margin": 1.0})
+    off = {"specialist.budget.enabled": False}
+    stops = tiny_unit(cfg, 1)
+    full, late = (tiny_unit(cfg, c).model_copy(update={"overrides": off}) for c in (2, 3))
+    dirs = {u.unit_id: tmp_path / u.unit_id for u in (stops, full, late)}
+    refill = Refill([Arrival(late, dirs[late.unit_id], None)])
+    outcomes = train_pack([stops, full], cfg, [dirs[stops.unit_id], dirs[full.unit_id]], tmp_path / "lake",
+                          env_workers=1, refill=refill)
+    got = {o.unit_id: (o.result.stop_reason, o.result.steps) for o in outcomes}
+    assert got == {stops.unit_id: ("plateau", 150), full.unit_id: ("budget", 400), late.unit_id: ("budget", 400)}
+    # The late unit started in the stopped member's slot while the other member was still training.
+    started = read_attempts(dirs[late.unit_id])[0]["time"]
+    assert started < (dirs[full.unit_id] / "result.json").stat().st_mtime
+    assert [o.unit_id for o in refill.outcomes][:1] == [stops.unit_id]  # handed back first, at its stop
+
+
 PACK_SCRIPT = """
 import json, sys
 from pathlib import Path
