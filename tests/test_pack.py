@@ -23,7 +23,7 @@ from workers.rl import pack as pack_mod
 from workers.rl.envpool import EnvSpec, InProcessEnvPool, WorkerEnvPool
 from workers.rl.pack import train_pack, train_unit
 from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result
-from workers.units import Arrival, Refill, UnitSpec, read_attempts
+from workers.units import PID_FILE, Arrival, Refill, UnitSpec, read_attempts
 
 MB = 1 << 20
 
@@ -206,9 +206,11 @@ def test_a_member_stopped_by_its_budget_frees_its_slot_for_the_next_unit(tmp_pat
     stops = tiny_unit(cfg, 1)
     full, late = (tiny_unit(cfg, c).model_copy(update={"overrides": off}) for c in (2, 3))
     dirs = {u.unit_id: tmp_path / u.unit_id for u in (stops, full, late)}
-    refill = Refill([Arrival(late, dirs[late.unit_id], None)])
+    pid_files: list[bool] = []  # at each report of the late unit: is the stopped unit's worker.pid there?
+    refill = Refill([Arrival(late, dirs[late.unit_id], lambda m: pid_files.append((dirs[stops.unit_id] / PID_FILE).exists()))])
     outcomes = train_pack([stops, full], cfg, [dirs[stops.unit_id], dirs[full.unit_id]], tmp_path / "lake",
                           env_workers=1, refill=refill)
+    assert pid_files and not any(pid_files)  # its attempt ended when it stopped, not when the pack did
     got = {o.unit_id: (o.result.stop_reason, o.result.steps) for o in outcomes}
     assert got == {stops.unit_id: ("plateau", 150), full.unit_id: ("budget", 400), late.unit_id: ("budget", 400)}
     # The late unit started in the stopped member's slot while the other member was still training.

@@ -397,6 +397,7 @@ class Pack:
         """Free a member's slot: close its environment, hand its outcome back and ask for a unit
         to refill the slot with."""
         m.released = True
+        clear_pid_file(m.unit_dir)  # its attempt ended; the pack process goes on with others
         if pool is not None:
             pool.drop(m.slot)
         if m.buffer is not None:
