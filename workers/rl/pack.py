@@ -117,6 +117,8 @@ class Member:
     update_metrics: dict = field(default_factory=dict)
     rule: StopRule | None = None  # when it stops training (specialist.budget)
     eval_seconds: float = 0.0  # this run's time in evaluations
+    t_start: float = 0.0  # when its attempt started in this pack (perf_counter)
+    t_train: float = 0.0  # when it started training here
     t_log: float = 0.0
     step_log: int = 0
     updates_log: int = 0
@@ -205,7 +207,7 @@ class Pack:
         for i, (unit, cfg, unit_dir, report) in enumerate(zip(self.units, self.cfgs, self.unit_dirs, self.reports)):
             unit_dir.mkdir(parents=True, exist_ok=True)
             member = Member(i, unit, cfg, unit_dir, report, np.random.default_rng(cfg.specialist.seed),
-                            rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps))
+                            rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps), t_start=self._t_start)
             done = finished_result(unit, unit_dir)
             if done is not None:  # a finished unit is never trained again
                 member.outcome = MemberOutcome(unit.unit_id, done)
@@ -316,7 +318,7 @@ class Pack:
         low, high = learner.dims[2], learner.dims[3]
         for slot, error in pool.reset([m.slot for m in members if m.running]).items():
             self._fail(members[slot], MemberFailed(error), pool)
-        t0 = self._t_train = time.perf_counter()
+        t0 = time.perf_counter()
         bar = tqdm(total=sum(m.rule.end_step for m in members), initial=sum(m.step for m in members),
                    disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=1.0,
                    desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
@@ -386,7 +388,8 @@ class Pack:
     def _start(self, m: Member, learner: Learner, pool: EnvPool, now: float) -> None:
         """A member joins the loop: a unit trained before whose rollouts were not committed
         only records them."""
-        m.t_log, m.step_log, m.updates_log = now, m.step, m.updates
+        m.t_train = m.t_log = now
+        m.step_log, m.updates_log = m.step, m.updates
         if m.running and not m.training:
             try:
                 self._finish(m, learner)
@@ -416,7 +419,7 @@ class Pack:
         unit_dir.mkdir(parents=True, exist_ok=True)
         m = Member(slot, unit, cfg, unit_dir, arrival.report or (lambda metrics: None),
                    np.random.default_rng(cfg.specialist.seed),
-                   rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps))
+                   rule=StopRule(cfg.specialist.budget, cfg.specialist.total_steps), t_start=time.perf_counter())
         self.everyone.append(m)
         done = finished_result(unit, unit_dir)
         if done is not None:  # finished in an earlier attempt
@@ -462,7 +465,7 @@ class Pack:
             m.last_eval = self._evaluate(m, learner)
             # The budget judges every evaluation; a stop ends training at this step (see workers.rl.budget).
             stop, _ = m.rule.observe(m.step, m.last_eval["eval/f1"])
-            m.report({"step": m.step, **m.last_eval, "perf/eval_share": m.eval_seconds / (time.perf_counter() - self._t_train),
+            m.report({"step": m.step, **m.last_eval, "perf/eval_share": m.eval_seconds / (time.perf_counter() - m.t_train),
                       **({"budget/stop_step": m.step} if stop else {})})
             if len(self.units) == 1:
                 bar.set_postfix({"eval_f1": f"{m.last_eval['eval/f1']:.3f}"})
@@ -487,7 +490,7 @@ class Pack:
         """Rollouts into the member's own lake shard, ``result.json``, then the final checkpoint
         sheds its replay buffer (the unit is done; only the policy is kept)."""
         spec, unit = m.cfg.specialist, m.unit
-        train_seconds = time.perf_counter() - self._t_train
+        train_seconds = time.perf_counter() - m.t_train
         steps_run = m.step - m.start_step
         agent = learner.policy(m.slot)
         shard_path = None
@@ -509,7 +512,7 @@ class Pack:
         m.player = None
         result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
                             recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=m.step,
-                            shard_path=shard_path, seconds=time.perf_counter() - self._t_start,
+                            shard_path=shard_path, seconds=time.perf_counter() - m.t_start,
                             env_steps_per_s=steps_run / train_seconds if steps_run else 0.0,
                             updates_per_s=(m.updates - m.start_updates) / train_seconds if steps_run else 0.0,
                             stop_reason=m.rule.reason, stop_step=m.rule.stop_step, budget_steps=spec.total_steps,
