@@ -3,6 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_learning.py [--parts cartpole,easy,twinkle]
         [--grid defaults,temp0.1,temp0.1-tau0.005,temp0.1-utd2-n3] [--seeds 0,1]
         [--cartpole-steps 20000] [--piano-steps 20000] [--eval-every 1000] [--out bench_learning]
+    .venv/bin/python tests/benchmarks/bench_learning.py --merge run1/learning.json run2/learning.json --out merged
 
 Prints one table per part (evaluation return or F1 at each evaluation step, per setting and
 seed) and the steps to reach F1 0.5 and 0.75, and writes ``OUT/learning.png`` (mean over seeds
@@ -213,6 +214,21 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """One table per part and one plot over the runs of several ``learning.json`` files."""
+    results: dict[str, dict] = {}
+    for f in files:
+        for key, curve in json.loads(f.read_text())["runs"].items():
+            part, name, seed = key.split("/")
+            results.setdefault(part, {})[(name, int(seed))] = [tuple(point) for point in curve]
+    for part, runs in results.items():
+        print_table(f"{part}: evaluation {'return' if part == 'cartpole' else 'F1'} vs steps",
+                    dict(sorted(runs.items())), f1=part != "cartpole")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / "learning.png")
+    print(f"\nwrote {out / 'learning.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="cartpole,easy,twinkle,evalshare")
@@ -225,7 +241,13 @@ def main() -> None:
     parser.add_argument("--cartpole-eval-every", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=128, help="piano runs' batch size")
     parser.add_argument("--out", default="bench_learning")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="instead of running: print the tables and draw one plot of these learning.json files "
+                             "(runs done separately, e.g. one setting per core)")
     args = parser.parse_args()
+    if args.merge:
+        merge([Path(f) for f in args.merge], Path(args.out))
+        return
 
     torch.set_num_threads(1)
     out = Path(args.out)
