@@ -21,9 +21,15 @@ per setting) and ``OUT/learning.json`` (every point).
   of a unit's training time evaluations take at several ``eval_interval`` / ``eval_episodes``.
 
 ``--grid`` picks settings by name (``GRID`` below: today's defaults, ``init_temperature`` 0.1,
-``tau`` 0.005 against the default 0.05, ``utd_ratio`` 2 with ``n_step`` 3); ``--batch``
+``tau`` 0.005 against the default 0.05, ``utd_ratio`` 2 or 4 with ``n_step`` 3); ``--batch``
 sets the piano runs' batch size (128 by default, as in the earlier measurements of the easy piece). Every run
 is seeded; times are this machine's (``OMP_NUM_THREADS=1``, one torch thread per run).
+
+The piano runs of one setting train as one pack (``train_pack``: every piece x seed a member,
+each with its own seed, buffer and evaluations, exactly as it would train alone), so a setting
+costs one process and one batched update per step; ``--solo`` trains them one after another
+with ``train_unit`` instead. ``OUT/learning.json`` is rewritten after each setting, so a long
+grid keeps what it has measured; settings run separately join with ``--merge``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import configs
 from workers.piano.music import load_song
 from workers.rl.droq import DroQ
 from workers.rl.replay import ReplayBuffer
-from workers.rl.pack import train_unit
+from workers.rl.pack import train_pack, train_unit
 from workers.rl.specialist import seed_everything
 from workers.units import UnitSpec
 
@@ -54,6 +60,8 @@ GRID: dict[str, dict] = {
     "temp0.1-tau0.005": {"droq.init_temperature": 0.1, "droq.tau": 0.005},
     "temp0.1-utd2-n3": {"droq.init_temperature": 0.1, "droq.utd_ratio": 2, "droq.n_step": 3},
     "temp0.1-utd4-n3": {"droq.init_temperature": 0.1, "droq.utd_ratio": 4, "droq.n_step": 3},
+    "temp0.1-tau0.005-utd2-n3": {"droq.init_temperature": 0.1, "droq.tau": 0.005, "droq.utd_ratio": 2,
+                                 "droq.n_step": 3},
 }
 THRESHOLDS = (0.5, 0.75)
 ACTION_REPEAT = 8
@@ -128,23 +136,55 @@ def easy_piece(path: Path) -> Path:
     return path
 
 
+def piano_cfg(overrides: dict, seed: int, steps: int, eval_every: int, batch: int) -> configs.Config:
+    return configs.load(overrides={"droq.batch_size": batch, "droq.replay_capacity": steps + 1000,
+                                   "specialist.total_steps": steps, "specialist.eval_interval": eval_every,
+                                   "specialist.checkpoint_interval": 10 ** 9, "specialist.log_interval": eval_every,
+                                   "specialist.rollouts": 0, "specialist.seed": seed, **overrides})
+
+
+def piano_unit(song: Path, cfg: configs.Config, overrides: dict | None = None) -> UnitSpec:
+    parsed = load_song(song)
+    hashed = cfg.with_overrides(overrides) if overrides else cfg
+    return UnitSpec.create(song_path=str(song), song_hash=parsed.content_hash, song_name=parsed.name, chunk_index=0,
+                           config_hash=hashed.hash("env", "droq", "specialist"), overrides=overrides)
+
+
 def piano_curve(song: Path, overrides: dict, seed: int, steps: int, eval_every: int, batch: int,
                 work: Path) -> tuple[list[tuple[int, float]], float]:
     """(step, evaluation F1) of one specialist on chunk 0 of ``song``, and the share of its
     training time spent in evaluations."""
-    cfg = configs.load(overrides={"droq.batch_size": batch, "droq.replay_capacity": steps + 1000,
-                                  "specialist.total_steps": steps, "specialist.eval_interval": eval_every,
-                                  "specialist.checkpoint_interval": 10 ** 9, "specialist.log_interval": eval_every,
-                                  "specialist.rollouts": 0, "specialist.seed": seed, **overrides})
-    parsed = load_song(song)
-    unit = UnitSpec.create(song_path=str(song), song_hash=parsed.content_hash, song_name=parsed.name, chunk_index=0,
-                           config_hash=cfg.hash("env", "droq", "specialist"))
+    cfg = piano_cfg(overrides, seed, steps, eval_every, batch)
     reports: list[dict] = []
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         t = time.perf_counter()
-        result = train_unit(unit, cfg, Path(tmp) / "unit", Path(tmp) / "lake", report=reports.append, progress=False)
+        result = train_unit(piano_unit(song, cfg), cfg, Path(tmp) / "unit", Path(tmp) / "lake",
+                            report=reports.append, progress=False)
         seconds = time.perf_counter() - t
     return [(r["step"], r["eval/f1"]) for r in reports if "eval/f1" in r], result.eval_seconds / seconds
+
+
+def piano_pack(songs: dict[str, Path], overrides: dict, seeds: list[int], steps: int, eval_every: int, batch: int,
+               work: Path) -> dict[tuple[str, int], tuple[list[tuple[int, float]], float]]:
+    """One setting's specialists, every (piece, seed), trained as one pack (``train_pack``: one
+    batched learner, the environments in this process): (piece, seed) -> (step, evaluation F1)
+    curve and its evaluation share. Members share the droq.* settings and differ in their
+    piece and ``specialist.seed``; a packed update equals the members' single updates
+    (tests/test_pack.py), so each curve is what that specialist alone would learn."""
+    cfg = piano_cfg(overrides, seeds[0], steps, eval_every, batch)
+    keys = [(part, seed) for part in songs for seed in seeds]
+    units = [piano_unit(songs[part], cfg, {"specialist.seed": seed}) for part, seed in keys]
+    reports: dict[tuple[str, int], list[dict]] = {key: [] for key in keys}
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        outcomes = train_pack(units, cfg, [Path(tmp) / f"unit{i}" for i in range(len(units))], Path(tmp) / "lake",
+                              [reports[key].append for key in keys], env_workers=0, progress=True)
+    curves = {}
+    for key, outcome in zip(keys, outcomes):
+        if outcome.error is not None:
+            raise RuntimeError(f"{key}: {outcome.error}") from outcome.error
+        curve = [(r["step"], r["eval/f1"]) for r in reports[key] if "eval/f1" in r]
+        curves[key] = (curve, outcome.result.eval_seconds / outcome.result.seconds)
+    return curves
 
 
 def evaluation_cost(steps: int, eval_every: int, work: Path) -> dict[str, float]:
@@ -214,6 +254,12 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(out: Path, args: argparse.Namespace, results: dict[str, dict], meta: dict) -> None:
+    (out / "learning.json").write_text(json.dumps(
+        {"args": vars(args), "runs": {f"{p}/{n}/{s}": c for p, r in results.items() for (n, s), c in r.items()},
+         "meta": meta}, indent=1))
+
+
 def merge(files: list[Path], out: Path) -> None:
     """One table per part and one plot over the runs of several ``learning.json`` files."""
     results: dict[str, dict] = {}
@@ -240,6 +286,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="piano: steps between evaluations")
     parser.add_argument("--cartpole-eval-every", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=128, help="piano runs' batch size")
+    parser.add_argument("--solo", action="store_true",
+                        help="train the piano specialists one after another, not one pack per setting")
     parser.add_argument("--out", default="bench_learning")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="instead of running: print the tables and draw one plot of these learning.json files "
@@ -270,28 +318,36 @@ def main() -> None:
                 for episodes in (1, 3):
                     e = episodes * cost["chunk_steps"] * cost["eval_step_s"]
                     print(f"| {interval} | {episodes} | {e / (e + interval * cost['train_step_s']):.1%} |")
-        for part in (p for p in parts if p != "evalshare"):
+        if "cartpole" in parts:
             runs: dict[tuple[str, int], list] = {}
-            for name in (args.cartpole_grid if part == "cartpole" else args.grid).split(","):
+            for name in args.cartpole_grid.split(","):
                 for seed in seeds:
                     t = time.perf_counter()
-                    if part == "cartpole":
-                        runs[(name, seed)] = cartpole_curve(GRID[name], seed, args.cartpole_steps,
-                                                            args.cartpole_eval_every)
-                        share = None
-                    else:
-                        runs[(name, seed)], share = piano_curve(songs[part], GRID[name], seed, args.piano_steps,
-                                                                args.eval_every, args.batch, work)
-                    seconds = time.perf_counter() - t
-                    meta[f"{part}/{name}/{seed}"] = {"seconds": seconds, "eval_share": share}
-                    print(f"{part} {name} seed {seed}: {seconds:.0f} s"
-                          + (f", evaluation {share:.1%} of training time" if share is not None else ""), flush=True)
-            results[part] = runs
-            print_table(f"{part}: evaluation {'return' if part == 'cartpole' else 'F1'} vs steps", runs,
-                        f1=part != "cartpole")
-    (out / "learning.json").write_text(json.dumps(
-        {"args": vars(args), "runs": {f"{p}/{n}/{s}": c for p, r in results.items() for (n, s), c in r.items()},
-         "meta": meta}, indent=1))
+                    runs[(name, seed)] = cartpole_curve(GRID[name], seed, args.cartpole_steps, args.cartpole_eval_every)
+                    meta[f"cartpole/{name}/{seed}"] = {"seconds": time.perf_counter() - t}
+                    print(f"cartpole {name} seed {seed}: {time.perf_counter() - t:.0f} s", flush=True)
+            results["cartpole"] = runs
+            print_table("cartpole: evaluation return vs steps", runs, f1=False)
+        pieces = {p: songs[p] for p in parts if p in songs}
+        for name in args.grid.split(",") if pieces else []:
+            t = time.perf_counter()
+            if args.solo:
+                curves = {(part, seed): piano_curve(song, GRID[name], seed, args.piano_steps, args.eval_every,
+                                                    args.batch, work) for part, song in pieces.items() for seed in seeds}
+            else:
+                curves = piano_pack(pieces, GRID[name], seeds, args.piano_steps, args.eval_every, args.batch, work)
+            seconds = time.perf_counter() - t
+            print(f"{name}: {len(curves)} specialists, {seconds:.0f} s" + (" (one after another)" if args.solo
+                                                                           else " (one pack)"), flush=True)
+            for (part, seed), (curve, share) in curves.items():
+                results.setdefault(part, {})[(name, seed)] = curve
+                meta[f"{part}/{name}/{seed}"] = {"seconds": seconds, "eval_share": share, "packed": not args.solo}
+                print(f"  {part} seed {seed}: evaluation {share:.1%} of training time")
+            save(out, args, results, meta)  # a long grid keeps what it has measured
+        for part in pieces:
+            if part in results:
+                print_table(f"{part}: evaluation F1 vs steps", results[part], f1=True)
+    save(out, args, results, meta)
     if results:
         plot(results, out / "learning.png")
     print(f"\nwrote {out / 'learning.json'}" + (f" and {out / 'learning.png'}" if results else ""))

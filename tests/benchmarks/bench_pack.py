@@ -10,7 +10,14 @@ Prints, side by side in one run (RP1M networks: 3 x 256, 2 Qs, batch 256, obs 11
   ``droq.matmul_precision: medium`` (bf16 matmuls where the CPU has them);
 - threads: a pack of 1 with 1 thread, 2 threads and OMP_WAIT_POLICY=PASSIVE, and 2 threads with
   OpenMP's default spinning, each in its own process (the policy is read when torch loads);
-- on CUDA when present: the same packs on the GPU.
+- on CUDA when present: the same packs on the GPU, K up to 64, and a table per device and
+  variant of what packing buys: each member's update rate relative to a solo agent's
+  (ms of K=1 / ms of K: the step rate of a member when the update is what bounds it) and the
+  device-hours of updates per 8M-step specialist (8M x ms/agent); the issue's GPU target is
+  >= 16 agents at >= 0.8 of the solo rate, <= 0.5 GPU-hours per specialist.
+
+``--devices cuda`` runs the GPU rows alone (no CPU rows, no thread rows: a GPU node's short
+lease is for the GPU); ``tests/benchmarks/device_checks.sh`` runs it that way.
 
 Single-thread rows are the process's CPU time (on a shared machine wall time also counts the
 wait for a core); measurements are interleaved (every configuration once per repetition) and
@@ -24,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -135,12 +143,51 @@ def child(threads: int, iters: int, reps: int) -> None:
                       "cpu_ms": statistics.median(cpu() for _ in range(reps))}))
 
 
+SPECIALIST_STEPS = 8_000_000  # RP1M's budget per specialist
+
+
+def packing_table(results: dict[str, tuple[int, float]]) -> list[dict]:
+    """Per (device, variant) and K: ms per update, each member's update rate relative to a solo
+    agent of the same device and variant (ms of K=1 / ms of K), and device-hours of updates per
+    8M-step specialist (one update per environment step)."""
+    rows, solo = [], {}
+    for name, (k, ms) in results.items():
+        match = re.fullmatch(r"K=(\d+)\s+(\S+) (.+)", name)
+        if match is None:  # the single-agent learner from before packing
+            continue
+        device, variant = match.group(2), match.group(3)
+        key = (device, variant)
+        if k == 1:
+            solo[key] = ms
+        if key in solo:
+            rows.append({"device": device, "variant": variant, "k": k, "ms": ms, "rate_vs_solo": solo[key] / ms,
+                         "hours_per_specialist": SPECIALIST_STEPS * ms / k / 3.6e6})
+    return rows
+
+
+def print_packing(results: dict[str, tuple[int, float]]) -> None:
+    rows = packing_table(results)
+    if not rows:
+        return
+    print(f"\n{'packing (per device, variant)':34s}{'K':>4s}{'ms/update':>11s}{'rate/solo':>11s}{'h/8M steps':>12s}"
+          "   (rate/solo: a member's update rate over a solo agent's)")
+    for r in rows:
+        print(f"{r['device'] + ' ' + r['variant']:34s}{r['k']:4d}{r['ms']:11.2f}{r['rate_vs_solo']:11.2f}"
+              f"{r['hours_per_specialist']:12.2f}")
+    for key in dict.fromkeys((r["device"], r["variant"]) for r in rows):
+        ok = [r["k"] for r in rows if (r["device"], r["variant"]) == key and r["rate_vs_solo"] >= 0.8]
+        print(f"{' '.join(key)}: largest K at >= 0.8 of the solo rate: {max(ok) if ok else '-'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
     parser.add_argument("--iters", type=int, default=2, help="updates per timing")
     parser.add_argument("--ks", default="1,4,8,16", help="pack sizes")
     parser.add_argument("--baseline", default=BEFORE_PACKING, help="git revision of the single-agent learner")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="cpu and/or cuda (cuda rows only when a GPU is present)")
+    parser.add_argument("--cuda-ks", default="1,4,8,16,32,64", help="pack sizes on CUDA")
     parser.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_threads:
@@ -153,22 +200,37 @@ def main() -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, CUDA {torch.cuda.is_available()}")
     buffers = [filled_buffer(seed) for seed in range(max(ks))]
 
+    devices = args.devices.split(",")
+    cuda = "cuda" in devices and torch.cuda.is_available()
+    if "cuda" in devices and not cuda:
+        print("no CUDA device: GPU rows skipped")
     runs: dict[str, tuple[int, object]] = {}
-    old = before_packing(args.baseline)
+    old = before_packing(args.baseline) if "cpu" in devices else None
     if old is not None:
         torch.manual_seed(0)
         baseline = old(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu")
         runs["before packing (1 agent)"] = (1, timer(lambda: baseline.update(buffers[0]), args.iters))
-    runs.update(packs(cfg, "cpu", ks, buffers, args.iters, VARIANTS))
-    if torch.cuda.is_available():
-        runs.update(packs(cfg, "cuda", ks + [32, 64], buffers * 4, args.iters * 3,
+    if "cpu" in devices:
+        runs.update(packs(cfg, "cpu", ks, buffers, args.iters, VARIANTS))
+    if cuda:
+        cuda_ks = [int(k) for k in args.cuda_ks.split(",")]
+        buffers += [filled_buffer(seed, 1000) for seed in range(len(buffers), max(cuda_ks))]
+        runs.update(packs(cfg, "cuda", cuda_ks, buffers, args.iters * 3,
                           {**VARIANTS, "tf32": {"matmul_precision": "high"}}))
+    if not runs:
+        raise SystemExit("nothing to measure: --devices names no device present here")
     results = measure(runs, args.reps)
 
-    reference = results["before packing (1 agent)"][1] if old is not None else results["K=1  cpu dense goal"][1]
-    print(f"\n{'update (batch 256)':34s}{'ms/update':>11s}{'ms/agent':>10s}{'ratio':>8s}   (ratio: per agent / before)")
+    first = next(iter(results))
+    reference_name = "before packing (1 agent)" if old is not None else first
+    reference = results[reference_name][1]
+    print(f"\n{'update (batch 256)':34s}{'ms/update':>11s}{'ms/agent':>10s}{'ratio':>8s}   "
+          f"(ratio: per agent / {reference_name.strip()})")
     for name, (k, ms) in results.items():
         print(f"{name:34s}{ms:11.1f}{ms / k:10.1f}{ms / k / reference:8.2f}")
+    print_packing(results)
+    if "cpu" not in devices:
+        return
 
     print(f"\n{'threads (pack of 1, own process)':34s}{'wall ms':>11s}{'ratio':>8s}{'CPU ms':>10s}"
           "   (ratio: wall / 1 thread's)")
