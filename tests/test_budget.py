@@ -183,6 +183,11 @@ def test_config_checks_the_extension():
     fast = configs.load(profile="fast")
     b = fast.specialist.budget
     assert b.enabled and b.max_steps >= fast.specialist.total_steps and b.plateau_window
+    # the learner settings the grid chose apply on top of the defaults, which stay RP1M's
+    base = configs.load()
+    assert (base.droq.init_temperature, base.droq.utd_ratio, base.droq.n_step) == (1.0, 1, 1)
+    assert (fast.droq.init_temperature, fast.droq.utd_ratio, fast.droq.n_step) == (0.1, 2, 3)
+    assert fast.droq.tau == base.droq.tau and fast.droq.hidden_dims == base.droq.hidden_dims
 
 
 # --- what a campaign shows ------------------------------------------------------------------
