@@ -136,6 +136,11 @@ def easy_piece(path: Path) -> Path:
     return path
 
 
+def f1_curve(reports: list[dict]) -> list[tuple[int, float]]:
+    """(step, evaluation F1) of a unit's reports."""
+    return [(r["step"], r["eval/f1"]) for r in reports if "eval/f1" in r]
+
+
 def piano_cfg(overrides: dict, seed: int, steps: int, eval_every: int, batch: int) -> configs.Config:
     return configs.load(overrides={"droq.batch_size": batch, "droq.replay_capacity": steps + 1000,
                                    "specialist.total_steps": steps, "specialist.eval_interval": eval_every,
@@ -161,7 +166,7 @@ def piano_curve(song: Path, overrides: dict, seed: int, steps: int, eval_every: 
         result = train_unit(piano_unit(song, cfg), cfg, Path(tmp) / "unit", Path(tmp) / "lake",
                             report=reports.append, progress=False)
         seconds = time.perf_counter() - t
-    return [(r["step"], r["eval/f1"]) for r in reports if "eval/f1" in r], result.eval_seconds / seconds
+    return f1_curve(reports), result.eval_seconds / seconds
 
 
 def piano_pack(songs: dict[str, Path], overrides: dict, seeds: list[int], steps: int, eval_every: int, batch: int,
@@ -182,8 +187,7 @@ def piano_pack(songs: dict[str, Path], overrides: dict, seeds: list[int], steps:
     for key, outcome in zip(keys, outcomes):
         if outcome.error is not None:
             raise RuntimeError(f"{key}: {outcome.error}") from outcome.error
-        curve = [(r["step"], r["eval/f1"]) for r in reports[key] if "eval/f1" in r]
-        curves[key] = (curve, outcome.result.eval_seconds / outcome.result.seconds)
+        curves[key] = (f1_curve(reports[key]), outcome.result.eval_seconds / outcome.result.seconds)
     return curves
 
 
@@ -324,8 +328,9 @@ def main() -> None:
                 for seed in seeds:
                     t = time.perf_counter()
                     runs[(name, seed)] = cartpole_curve(GRID[name], seed, args.cartpole_steps, args.cartpole_eval_every)
-                    meta[f"cartpole/{name}/{seed}"] = {"seconds": time.perf_counter() - t}
-                    print(f"cartpole {name} seed {seed}: {time.perf_counter() - t:.0f} s", flush=True)
+                    seconds = time.perf_counter() - t
+                    meta[f"cartpole/{name}/{seed}"] = {"seconds": seconds}
+                    print(f"cartpole {name} seed {seed}: {seconds:.0f} s", flush=True)
             results["cartpole"] = runs
             print_table("cartpole: evaluation return vs steps", runs, f1=False)
         pieces = {p: songs[p] for p in parts if p in songs}

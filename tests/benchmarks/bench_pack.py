@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -99,8 +98,9 @@ def timer(update, iters: int, sync=lambda: None, clock=time.process_time):
 
 
 def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayBuffer], iters: int,
-          variants: dict[str, dict]) -> dict[str, tuple[int, object]]:
-    """Timers of packs of each size in ``ks`` with each ``variants`` (name: droq settings)."""
+          variants: dict[str, dict], groups: dict[str, tuple[str, str]]) -> dict[str, tuple[int, object]]:
+    """Timers of packs of each size in ``ks`` with each ``variants`` (name: droq settings); each
+    row's (device, variant) goes into ``groups``."""
     sync, clock = (torch.cuda.synchronize, time.perf_counter) if device == "cuda" else (lambda: None, time.process_time)
     runs = {}
     for variant, settings in variants.items():
@@ -108,7 +108,9 @@ def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayB
         for k in ks:
             learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), droq, device=device, seed=0, num_agents=k)
             mine = buffers[:k] if k > 1 else buffers[0]
-            runs[f"K={k:<2d} {device} {variant}"] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync, clock))
+            name = f"K={k:<2d} {device} {variant}"
+            runs[name] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync, clock))
+            groups[name] = (device, variant)
     return runs
 
 
@@ -146,17 +148,16 @@ def child(threads: int, iters: int, reps: int) -> None:
 SPECIALIST_STEPS = 8_000_000  # RP1M's budget per specialist
 
 
-def packing_table(results: dict[str, tuple[int, float]]) -> list[dict]:
+def packing_table(results: dict[str, tuple[int, float]], groups: dict[str, tuple[str, str]]) -> list[dict]:
     """Per (device, variant) and K: ms per update, each member's update rate relative to a solo
     agent of the same device and variant (ms of K=1 / ms of K), and device-hours of updates per
-    8M-step specialist (one update per environment step)."""
+    8M-step specialist (one update per environment step). Rows not in ``groups`` (the learner
+    from before packing) are left out."""
     rows, solo = [], {}
     for name, (k, ms) in results.items():
-        match = re.fullmatch(r"K=(\d+)\s+(\S+) (.+)", name)
-        if match is None:  # the single-agent learner from before packing
+        if name not in groups:
             continue
-        device, variant = match.group(2), match.group(3)
-        key = (device, variant)
+        device, variant = key = groups[name]
         if k == 1:
             solo[key] = ms
         if key in solo:
@@ -165,8 +166,8 @@ def packing_table(results: dict[str, tuple[int, float]]) -> list[dict]:
     return rows
 
 
-def print_packing(results: dict[str, tuple[int, float]]) -> None:
-    rows = packing_table(results)
+def print_packing(results: dict[str, tuple[int, float]], groups: dict[str, tuple[str, str]]) -> None:
+    rows = packing_table(results, groups)
     if not rows:
         return
     print(f"\n{'packing (per device, variant)':34s}{'K':>4s}{'ms/update':>11s}{'rate/solo':>11s}{'h/8M steps':>12s}"
@@ -205,18 +206,19 @@ def main() -> None:
     if "cuda" in devices and not cuda:
         print("no CUDA device: GPU rows skipped")
     runs: dict[str, tuple[int, object]] = {}
+    groups: dict[str, tuple[str, str]] = {}
     old = before_packing(args.baseline) if "cpu" in devices else None
     if old is not None:
         torch.manual_seed(0)
         baseline = old(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu")
         runs["before packing (1 agent)"] = (1, timer(lambda: baseline.update(buffers[0]), args.iters))
     if "cpu" in devices:
-        runs.update(packs(cfg, "cpu", ks, buffers, args.iters, VARIANTS))
+        runs.update(packs(cfg, "cpu", ks, buffers, args.iters, VARIANTS, groups))
     if cuda:
         cuda_ks = [int(k) for k in args.cuda_ks.split(",")]
         buffers += [filled_buffer(seed, 1000) for seed in range(len(buffers), max(cuda_ks))]
         runs.update(packs(cfg, "cuda", cuda_ks, buffers, args.iters * 3,
-                          {**VARIANTS, "tf32": {"matmul_precision": "high"}}))
+                          {**VARIANTS, "tf32": {"matmul_precision": "high"}}, groups))
     if not runs:
         raise SystemExit("nothing to measure: --devices names no device present here")
     results = measure(runs, args.reps)
@@ -228,7 +230,7 @@ def main() -> None:
           f"(ratio: per agent / {reference_name.strip()})")
     for name, (k, ms) in results.items():
         print(f"{name:34s}{ms:11.1f}{ms / k:10.1f}{ms / k / reference:8.2f}")
-    print_packing(results)
+    print_packing(results, groups)
     if "cpu" not in devices:
         return
 

@@ -9,9 +9,9 @@
 # and writes its output to $OUT/bench_pack_cuda.txt (or ./bench_pack_cuda.txt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
-
-if [[ "${1:-}" == prepare ]]; then
+if [[ "${1:-}" == prepare ]]; then  # the versions this project's .venv runs (bash .ci/setup.sh)
+  mapfile -t WHEELS < <(.venv/bin/python -c 'from importlib.metadata import version
+for n in ("pydantic", "pydantic_core", "annotated-types", "typing-inspection"): print(f"{n}=={version(n)}")')
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${WHEELS[@]}"
