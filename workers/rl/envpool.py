@@ -14,23 +14,36 @@ step and gets back only the errors: no observation or action is pickled. Workers
 (never forked from a process holding Ray's or torch's threads) and exit when the pack process
 dies (their pipe closes), so a killed pack leaves no environment behind.
 
+Workers also *play* episodes for their slots while the pack trains (``WorkerEnvPool.play``):
+a member's evaluations and its rollouts into its lake shard run in the slot's worker, on a
+second environment of the slot's chunk and a CPU copy of the member's policy, a step at a
+time between the pack's training steps; ``collect`` hands back the finished ones. The pack's
+learner and the other members go on meanwhile, instead of waiting for every episode a member
+plays (500 rollouts of a 550-step chunk are 275k environment steps).
+
 This module is the one place where the training loop calls ``reset`` and ``step`` of an
 environment.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 import configs
+from workers.lake import Lake, ShardMeta, ShardWriter
 from workers.piano.env import PianoEnv, make_env
 from workers.piano.music import SongLimits, load_chunk
+from workers.rl.droq import DroQ
+from workers.rl.specialist import EpisodePlayer, EpisodeStats, load_agent
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,80 @@ def _error() -> str:
     return traceback.format_exc(limit=20)
 
 
+# --- episodes played in a worker ---------------------------------------------------------
+@dataclass(frozen=True)
+class PlayJob:
+    """Episodes for a slot's worker to play: one per seed, with the member's policy
+    (``agent``: ``torch.save`` bytes of an agent state, ``FINAL_AGENT_KEYS`` enough) on the
+    CPU under ``droq`` (``configs.DroQConfig`` as a dict). With ``shard`` (lake root, lake
+    config as a dict, the shard's ``ShardMeta``) every episode streams into the unit's shard
+    as it ends, committed after the last; without, only the episodes' summaries come back."""
+
+    agent: bytes
+    droq: dict[str, Any]
+    seeds: tuple[int, ...]
+    deterministic: bool
+    shard: tuple[str, dict[str, Any], ShardMeta] | None = None
+
+
+@dataclass
+class PlayResult:
+    """A finished ``PlayJob``: every episode's summary, the committed shard's path (rollouts),
+    the seconds it took; or ``error`` (a traceback) and nothing committed."""
+
+    stats: list[EpisodeStats] = field(default_factory=list)
+    shard_path: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def agent_bytes(state: dict) -> bytes:
+    """An agent state (tensors and plain containers) as bytes for a ``PlayJob``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+class _Playing:
+    """A ``PlayJob`` under way in a worker: ``step()`` plays one environment step; it returns
+    the ``PlayResult`` once the last episode has ended (and the shard is committed)."""
+
+    def __init__(self, job: PlayJob, env: PianoEnv, agent: DroQ):
+        self.t0 = time.perf_counter()
+        self.job, self.env, self.agent = job, env, agent
+        load_agent(agent, 0, torch.load(io.BytesIO(job.agent), weights_only=True))
+        self.writer: ShardWriter | None = None
+        if job.shard is not None:
+            root, lake_cfg, meta = job.shard
+            self.writer = Lake(root, configs.LakeConfig.model_validate(lake_cfg)).shard_writer(meta.unit_id,
+                                                                                              meta.song_hash)
+        self.next_seed, self.stats = 0, []
+        self.episode: EpisodePlayer | None = None
+
+    def step(self) -> PlayResult | None:
+        if self.episode is None:
+            self.episode = EpisodePlayer(self.agent, self.env, self.job.seeds[self.next_seed], self.job.deterministic)
+            self.next_seed += 1
+        episode = self.episode.step()
+        if episode is None:
+            return None
+        self.episode = None
+        if self.writer is not None:
+            self.writer.add(episode)
+        self.stats.append(EpisodeStats.of(episode))
+        if self.next_seed < len(self.job.seeds):
+            return None
+        shard_path = None
+        if self.writer is not None:
+            meta = replace(self.job.shard[2], specialist_f1=float(np.mean([e.f1 for e in self.stats])))
+            shard_path = str(self.writer.commit(meta).path)
+        return PlayResult(self.stats, shard_path, time.perf_counter() - self.t0)
+
+    def abort(self) -> None:
+        if self.writer is not None and self.writer.info is None:
+            self.writer.abort()
+
+
 # --- the environment calls of the training loop ------------------------------------------
 def _reset(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
     arrays["obs"][i] = env.reset()[0]
@@ -89,8 +176,13 @@ class _Envs:
 
     def __init__(self, specs: dict[int, EnvSpec], arrays: dict[str, np.ndarray]):
         self.arrays = arrays
+        self.specs = dict(specs)
         self.envs: dict[int, PianoEnv] = {}
         self.errors: dict[int, str] = {}
+        self.players: dict[int, PianoEnv] = {}  # each slot's environment to play episodes in
+        self.agents: dict[int, DroQ] = {}  # each slot's CPU policy to play them with
+        self.playing: dict[int, _Playing] = {}  # the jobs under way
+        self.played: dict[int, PlayResult] = {}  # finished jobs not collected yet
         for i, spec in specs.items():
             try:
                 self.envs[i] = spec.make()
@@ -115,6 +207,7 @@ class _Envs:
         """Build slot ``i``'s environment anew from ``spec`` (a refilled slot); the error, if any."""
         self.drop(i)
         self.errors.pop(i, None)
+        self.specs[i] = spec
         try:
             self.envs[i] = spec.make()
         except Exception:  # noqa: BLE001 - this slot fails alone
@@ -122,16 +215,59 @@ class _Envs:
         return None
 
     def drop(self, i: int) -> None:
-        env = self.envs.pop(i, None)
-        if env is not None:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - closing a broken environment may raise too
-                pass
+        """Close slot ``i``'s environments; a job it was playing is abandoned (its shard too)."""
+        job = self.playing.pop(i, None)
+        if job is not None:
+            job.abort()
+        self.played.pop(i, None)
+        for env in (self.envs.pop(i, None), self.players.pop(i, None)):
+            if env is not None:
+                try:
+                    env.close()
+                except Exception:  # noqa: BLE001 - closing a broken environment may raise too
+                    pass
 
     def close(self) -> None:
-        for i in list(self.envs):
+        for i in set(self.envs) | set(self.players) | set(self.playing):
             self.drop(i)
+
+    def play(self, i: int, job: PlayJob) -> None:
+        """Start playing ``job`` on slot ``i`` (its player environment and policy are made on
+        the first job); a failure to start is a finished job with its error."""
+        try:
+            if i not in self.players:
+                spec = self.specs[i]
+                self.players[i] = replace(spec, seed=spec.seed + 1).make()
+            env = self.players[i]
+            droq = configs.DroQConfig.model_validate({**job.droq, "device": "cpu"})
+            agent = self.agents.get(i)
+            if agent is None or agent.cfg != droq:
+                agent = self.agents[i] = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, droq,
+                                              seed=0)
+            self.playing[i] = _Playing(job, env, agent)
+        except Exception:  # noqa: BLE001 - this slot's job fails alone
+            self.played[i] = PlayResult(error=_error())
+
+    def play_step(self) -> None:
+        """One environment step of the job whose turn it is (round robin over the slots)."""
+        i, job = next(iter(self.playing.items()))
+        del self.playing[i]
+        try:
+            result = job.step()
+        except Exception:  # noqa: BLE001 - this slot's job fails alone
+            job.abort()
+            result = PlayResult(error=_error())
+            env = self.players.pop(i, None)  # it may be broken: the next job makes a new one
+            if env is not None:
+                env.close()
+        if result is None:
+            self.playing[i] = job  # to the back of the queue
+        else:
+            self.played[i] = result
+
+    def collect(self) -> dict[int, PlayResult]:
+        played, self.played = self.played, {}
+        return played
 
 
 class EnvPool:
@@ -161,6 +297,16 @@ class EnvPool:
         """Give a freed slot a new environment (the unit refilling it); its traceback if that
         raised, else None. ``reset([slot])`` starts its first episode."""
         raise NotImplementedError
+
+    plays = False  # whether ``play`` runs episodes beside the training steps
+
+    def play(self, slot: int, job: PlayJob) -> None:
+        """Start playing ``job`` for ``slot`` while the pack goes on (the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} does not play episodes")
+
+    def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:
+        """The finished jobs of ``slots``' workers, by slot."""
+        raise NotImplementedError(f"{type(self).__name__} does not play episodes")
 
     def close(self) -> None:
         raise NotImplementedError
@@ -206,11 +352,17 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
                  specs: dict[int, EnvSpec]) -> None:
     """One worker: build its slots' environments, then serve (op, slots) requests until told to
     stop or until the pack process is gone."""
+    torch.set_num_threads(1)  # its policy's forward passes: one core, the worker's
     envs = _Envs(specs, _shared_arrays(buffers, k, obs_dim, action_dim))
     ops = {"reset": _reset, "step": _step}
     try:
         conn.send("ready")
         while True:
+            # Requests first: the pack waits on them. Between requests, one step of an episode
+            # being played; with none, the worker sleeps in recv.
+            if envs.playing and not conn.poll(0):
+                envs.play_step()
+                continue
             try:
                 op, slots = conn.recv()
             except (EOFError, OSError):  # the pack process died
@@ -223,6 +375,12 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
                 conn.send({})
             elif op == "put":  # slots: [(slot, EnvSpec)]
                 conn.send({i: error for i, spec in slots if (error := envs.put(i, spec)) is not None})
+            elif op == "play":  # slots: [(slot, PlayJob)]
+                for i, job in slots:
+                    envs.play(i, job)
+                conn.send({})
+            elif op == "collect":
+                conn.send(envs.collect())
             else:
                 conn.send(envs.run(ops[op], slots))
     finally:
@@ -243,6 +401,7 @@ class WorkerEnvPool(EnvPool):
         self.arrays = _shared_arrays(self._buffers, self.k, obs_dim, action_dim)
         self._conns: list[Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
+        self._lost: dict[int, PlayResult] = {}  # jobs whose worker died as they were sent
         for w in range(self.n_workers):
             mine = {i: spec for i, spec in enumerate(specs) if i % self.n_workers == w}
             parent, child = ctx.Pipe()
@@ -286,6 +445,37 @@ class WorkerEnvPool(EnvPool):
             return self._conns[w].recv().get(slot)
         except (EOFError, OSError):
             return f"environment worker {w} (pid {self._procs[w].pid}) died"
+
+    plays = True
+
+    def play(self, slot: int, job: PlayJob) -> None:
+        w = slot % self.n_workers
+        try:
+            self._conns[w].send(("play", [(slot, job)]))
+            self._conns[w].recv()
+        except (EOFError, OSError):
+            self._lost[slot] = PlayResult(error=f"environment worker {w} (pid {self._procs[w].pid}) died")
+
+    def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:
+        played = {i: self._lost.pop(i) for i in slots if i in self._lost}
+        asked = []
+        for w in sorted({i % self.n_workers for i in slots if i not in played}):
+            try:
+                self._conns[w].send(("collect", []))
+                asked.append(w)
+            except OSError:
+                played.update(self._died(w, slots))
+        for w in asked:
+            try:
+                played.update(self._conns[w].recv())
+            except (EOFError, OSError):
+                played.update(self._died(w, slots))
+        return played
+
+    def _died(self, w: int, slots: Sequence[int]) -> dict[int, PlayResult]:
+        """The jobs of worker ``w``'s slots, failed: the worker process died."""
+        return {i: PlayResult(error=f"environment worker {w} (pid {self._procs[w].pid}) died")
+                for i in slots if i % self.n_workers == w}
 
     def close(self) -> None:
         for conn in self._conns:

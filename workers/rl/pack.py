@@ -42,9 +42,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,10 +58,11 @@ from workers.piano.music import song_limits
 from workers.rl import checkpoints
 from workers.rl.budget import StopRule
 from workers.rl.droq import DroQ, resolve_device
-from workers.rl.envpool import EnvPool, EnvSpec, make_pool
+from workers.rl.envpool import EnvPool, EnvSpec, PlayJob, PlayResult, agent_bytes, make_pool
 from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
     CHECKPOINT,
+    FINAL_AGENT_KEYS,
     RESULT,
     EpisodeStats,
     Report,
@@ -103,7 +104,7 @@ class Member:
     report: Report
     rng: np.random.Generator
     buffer: ReplayBuffer | None = None
-    player: PianoEnv | None = None  # evaluation and rollouts
+    player: PianoEnv | None = None  # evaluation and rollouts in this process (a pool without workers)
     step: int = 0
     episodes: int = 0
     updates: int = 0
@@ -122,8 +123,10 @@ class Member:
     t_log: float = 0.0
     step_log: int = 0
     updates_log: int = 0
+    train_seconds: float = 0.0  # this run's time from its start here to the end of its training
     outcome: MemberOutcome | None = None
     released: bool = False  # its slot was freed (outcome handed back, refill asked for)
+    pending: Callable[[PlayResult], None] | None = None  # what follows the episodes its worker plays
 
     @property
     def running(self) -> bool:
@@ -134,9 +137,14 @@ class Member:
         return self.cfg.specialist.total_steps
 
     @property
+    def trained(self) -> bool:
+        """Its training is over: stopped by its budget, or at its last step."""
+        return self.rule.stopped or self.step >= self.rule.end_step
+
+    @property
     def training(self) -> bool:
-        """Running and not yet stopped by its budget."""
-        return self.running and not self.rule.stopped and self.step < self.rule.end_step
+        """Running, not yet stopped by its budget, and not waiting for episodes it plays."""
+        return self.running and self.pending is None and not self.trained
 
 
 class Learner:
@@ -216,6 +224,7 @@ class Pack:
 
     def _fail(self, member: Member, error: BaseException, pool: EnvPool | None = None) -> None:
         member.outcome = MemberOutcome(member.unit.unit_id, None, error)
+        member.pending = None
         if pool is not None:
             pool.drop(member.slot)
         if member.player is not None:
@@ -252,6 +261,7 @@ class Pack:
                 for m in members:
                     if not m.running:
                         pool.drop(m.slot)
+                    self._players_checked(m, pool)
                 # The first member's seed seeds the process (a pack of one: exactly as a single unit).
                 seed_everything(members[0].cfg.specialist.seed)
                 droq = self.cfg.droq
@@ -274,6 +284,14 @@ class Pack:
 
     def _outcomes(self) -> list[MemberOutcome]:
         return [m.outcome for m in self.everyone]
+
+    @staticmethod
+    def _players_checked(m: Member, pool: EnvPool) -> None:
+        """A pool whose workers play the episodes: the member's environment in this process has
+        served to check its chunk and sizes; close it."""
+        if pool.plays and m.player is not None:
+            m.player.close()
+            m.player = None
 
     @staticmethod
     def _env_spec(m: Member, seed: int) -> EnvSpec:
@@ -324,8 +342,16 @@ class Pack:
                    desc=members[0].unit.unit_id if len(members) == 1 else f"pack of {len(members)}")
         for m in members:
             self._start(m, learner, pool, t0)
+        collected = 0.0
         while True:
-            # 0. freed slots: hand back their outcomes, take in the units sent to refill them
+            # 0. episodes the workers have played: what follows them (the rest of an evaluation,
+            # the end of a unit); freed slots: hand back their outcomes, take in the units sent
+            # to refill them
+            busy = [m for m in members if m.pending is not None]
+            if busy and time.perf_counter() - collected >= 0.02:
+                collected = time.perf_counter()
+                for slot, played in pool.collect([m.slot for m in busy]).items():
+                    self._played(members[slot], played, pool)
             for m in members:
                 if not m.running and not m.released:
                     self._release(m, pool)
@@ -335,8 +361,8 @@ class Pack:
                         members[slot] = self._arrive(slot, arrival, learner, pool, bar)
             running = [m for m in members if m.training]
             if not running:
-                if self.refill is not None and (self.refill.waiting or any(not m.released for m in members)):
-                    time.sleep(0.02)  # every slot is free: wait for the answers
+                if busy or (self.refill is not None and (self.refill.waiting or any(not m.released for m in members))):
+                    time.sleep(0.02)  # no slot trains: wait for the episodes played, or the answers
                     continue
                 break
             # 1. act
@@ -380,21 +406,36 @@ class Pack:
             # 5. per member: report, evaluate, checkpoint, finish
             for m in stepped:
                 try:
-                    self._after_step(m, learner, bar)
+                    self._after_step(m, learner, pool, bar)
                 except Exception as e:  # noqa: BLE001 - its evaluation or rollouts failed: it alone
-                    self._fail(m, e)
+                    self._fail(m, e, pool)
+            if busy:
+                bar.set_postfix({"playing": len(busy)}, refresh=False)
         bar.close()
+
+    def _played(self, m: Member, played: PlayResult, pool: EnvPool) -> None:
+        """Episodes a worker played for ``m`` are in: go on where its evaluation or its end left off."""
+        then, m.pending = m.pending, None
+        if then is None or not m.running:
+            return
+        if played.error is not None:
+            self._fail(m, MemberFailed(f"unit {m.unit.unit_id}: an episode it played raised\n{played.error}"), pool)
+            return
+        try:
+            then(played)
+        except Exception as e:  # noqa: BLE001 - it alone
+            self._fail(m, e, pool)
 
     def _start(self, m: Member, learner: Learner, pool: EnvPool, now: float) -> None:
         """A member joins the loop: a unit trained before whose rollouts were not committed
         only records them."""
         m.t_train = m.t_log = now
         m.step_log, m.updates_log = m.step, m.updates
-        if m.running and not m.training:
+        if m.running and m.trained:
             try:
-                self._finish(m, learner)
+                self._finish(m, learner, pool)
             except Exception as e:  # noqa: BLE001 - it alone
-                self._fail(m, e)
+                self._fail(m, e, pool)
 
     def _release(self, m: Member, pool: EnvPool | None) -> None:
         """Free a member's slot: close its environment, hand its outcome back and ask for a unit
@@ -435,6 +476,7 @@ class Pack:
             error = pool.put(slot, self._env_spec(m, cfg.specialist.seed))
             if error is not None:
                 raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{error}")
+            self._players_checked(m, pool)
             learner.reset(slot, cfg.specialist.seed)
             m.buffer = ReplayBuffer(obs_dim, action_dim, cfg.droq.replay_capacity, cfg.droq.discount,
                                     cfg.droq.n_step, seed=cfg.specialist.seed)
@@ -450,7 +492,7 @@ class Pack:
         self._start(m, learner, pool, time.perf_counter())
         return m
 
-    def _after_step(self, m: Member, learner: Learner, bar: tqdm) -> None:
+    def _after_step(self, m: Member, learner: Learner, pool: EnvPool, bar: tqdm) -> None:
         spec = m.cfg.specialist
         if m.step % spec.log_interval == 0:
             now = time.perf_counter()
@@ -462,60 +504,103 @@ class Pack:
             m.report(metrics)
             m.t_log, m.step_log, m.updates_log, m.returns, m.f1s = now, m.step, m.updates, [], []
         if m.step % spec.eval_interval == 0 or m.step in (spec.total_steps, m.rule.end_step):
-            m.last_eval = self._evaluate(m, learner)
-            # The budget judges every evaluation; a stop ends training at this step (see workers.rl.budget).
-            stop, _ = m.rule.observe(m.step, m.last_eval["eval/f1"])
-            m.report({"step": m.step, **m.last_eval, "perf/eval_share": m.eval_seconds / (time.perf_counter() - m.t_train),
-                      **({"budget/stop_step": m.step} if stop else {})})
-            if len(self.units) == 1:
-                bar.set_postfix({"eval_f1": f"{m.last_eval['eval/f1']:.3f}"})
+            # Its training waits for the evaluation (the policy of this step), the others' not.
+            self._play(m, learner, pool, self._eval_seeds(m), deterministic=True,
+                       then=lambda played: self._evaluated(m, learner, pool, bar, played))
+        else:
+            self._checkpoint(m, learner, pool)
+
+    @staticmethod
+    def _eval_seeds(m: Member) -> list[int]:
+        spec = m.cfg.specialist
+        return [spec.seed * 1000 + i for i in range(spec.eval_episodes)]
+
+    def _evaluated(self, m: Member, learner: Learner, pool: EnvPool, bar: tqdm, played: PlayResult) -> None:
+        m.eval_seconds += played.seconds
+        m.last_eval = summarise(played.stats, "eval")
+        # The budget judges every evaluation; a stop ends training at this step (see workers.rl.budget).
+        stop, _ = m.rule.observe(m.step, m.last_eval["eval/f1"])
+        m.report({"step": m.step, **m.last_eval, "perf/eval_share": m.eval_seconds / (time.perf_counter() - m.t_train),
+                  **({"budget/stop_step": m.step} if stop else {})})
+        if len(self.units) == 1:
+            bar.set_postfix({"eval_f1": f"{m.last_eval['eval/f1']:.3f}"})
+        self._checkpoint(m, learner, pool)
+
+    def _checkpoint(self, m: Member, learner: Learner, pool: EnvPool) -> None:
+        spec = m.cfg.specialist
         if m.step % spec.checkpoint_interval == 0 or m.rule.stopped:
             save_checkpoint(m.unit_dir, unit_id=m.unit.unit_id, step=m.step, episodes=m.episodes,
                             resumed_from=m.resumed_from, last_eval=m.last_eval, agent=learner.state_dict(m.slot),
                             replay=m.buffer.state_dict(), rng=m.rng, budget=m.rule.state_dict())
             m.report({"step": m.step, "checkpoint_step": m.step})  # the campaign store shows it while the unit runs
-        if not m.training:
-            self._finish(m, learner)
+        if m.trained:
+            self._finish(m, learner, pool)
 
-    def _evaluate(self, m: Member, learner: Learner) -> dict[str, float]:
-        spec = m.cfg.specialist
-        agent = learner.policy(m.slot)
-        t = time.perf_counter()
-        played = [play(agent, m.player, seed=spec.seed * 1000 + i) for i in range(spec.eval_episodes)]
-        m.eval_seconds += time.perf_counter() - t
-        return summarise(played, "eval")
+    def _play(self, m: Member, learner: Learner, pool: EnvPool, seeds: list[int], deterministic: bool,
+              then: Callable[[PlayResult], None], shard: ShardMeta | None = None) -> None:
+        """Play one episode per seed with agent ``m``'s policy as it is now (into a new lake
+        shard described by ``shard``, committed after the last), then call ``then`` with the
+        ``PlayResult``. With environment workers the slot's worker plays them while the pack
+        trains the other members (``workers.rl.envpool``); ``m`` sits out until they are in.
+        Without (a pack of one as a lone unit), here and at once, on the learner's device."""
+        if pool.plays:
+            state = learner.state_dict(m.slot)
+            job = PlayJob(agent_bytes({k: state[k] for k in FINAL_AGENT_KEYS}), self.cfg.droq.model_dump(),
+                          tuple(seeds), deterministic,
+                          None if shard is None else (str(self.lake_root), m.cfg.lake.model_dump(), shard))
+            m.pending = then
+            pool.play(m.slot, job)
+            return
+        agent, t = learner.policy(m.slot), time.perf_counter()
+        if shard is None:
+            stats = [EpisodeStats.of(play(agent, m.player, seed=seed, deterministic=deterministic)) for seed in seeds]
+            then(PlayResult(stats, None, time.perf_counter() - t))
+            return
+        with Lake(self.lake_root, m.cfg.lake).shard_writer(shard.unit_id, shard.song_hash) as writer:
+            stats = record_rollouts(agent, m.player, writer, seeds, progress=self.progress, deterministic=deterministic)
+            meta = replace(shard, specialist_f1=float(np.mean([e.f1 for e in stats])))
+            shard_path = str(writer.commit(meta).path)
+        then(PlayResult(stats, shard_path, time.perf_counter() - t))
 
     # --- the end of a member -----------------------------------------------------------
-    def _finish(self, m: Member, learner: Learner) -> None:
-        """Rollouts into the member's own lake shard, ``result.json``, then the final checkpoint
-        sheds its replay buffer (the unit is done; only the policy is kept)."""
+    def _finish(self, m: Member, learner: Learner, pool: EnvPool) -> None:
+        """Rollouts into the member's own lake shard, then ``_conclude``."""
         spec, unit = m.cfg.specialist, m.unit
-        train_seconds = time.perf_counter() - m.t_train
-        steps_run = m.step - m.start_step
-        agent = learner.policy(m.slot)
-        shard_path = None
+        m.train_seconds = time.perf_counter() - m.t_train
         if spec.rollouts > 0:
-            seeds = [spec.seed * 1000 + i for i in range(spec.rollouts)]
-            with Lake(self.lake_root, m.cfg.lake).shard_writer(unit.unit_id, unit.song_hash) as writer:
-                rollouts: list[EpisodeStats] = record_rollouts(
-                    agent, m.player, writer, seeds, progress=self.progress,
-                    deterministic=spec.rollout_policy == "deterministic")
-                summary = summarise(rollouts, "rollout")
-                meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
-                                 chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash,
-                                 specialist_f1=summary["rollout/f1"])
-                shard_path = str(writer.commit(meta).path)
-            m.report({"step": m.step, **summary})
+            meta = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
+                             chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash)
+
+            def recorded(played: PlayResult) -> None:
+                summary = summarise(played.stats, "rollout")
+                m.report({"step": m.step, **summary})
+                self._conclude(m, summary, played.shard_path)
+
+            self._play(m, learner, pool, [spec.seed * 1000 + i for i in range(spec.rollouts)],
+                       deterministic=spec.rollout_policy == "deterministic", then=recorded, shard=meta)
+        elif m.last_eval:
+            self._conclude(m, {k.replace("eval/", "rollout/"): v for k, v in m.last_eval.items()}, None)
         else:
-            summary = {k.replace("eval/", "rollout/"): v for k, v in (m.last_eval or self._evaluate(m, learner)).items()}
-        m.player.close()
-        m.player = None
+            def evaluated(played: PlayResult) -> None:
+                m.eval_seconds += played.seconds
+                self._conclude(m, summarise(played.stats, "rollout"), None)
+
+            self._play(m, learner, pool, self._eval_seeds(m), deterministic=True, then=evaluated)
+
+    def _conclude(self, m: Member, summary: dict[str, float], shard_path: str | None) -> None:
+        """``result.json``, then the final checkpoint sheds its replay buffer (the unit is done;
+        only the policy is kept)."""
+        unit = m.unit
+        steps_run, train_seconds = m.step - m.start_step, m.train_seconds
+        if m.player is not None:
+            m.player.close()
+            m.player = None
         result = UnitResult(unit_id=unit.unit_id, f1=summary["rollout/f1"], precision=summary["rollout/precision"],
                             recall=summary["rollout/recall"], episode_return=summary["rollout/return"], steps=m.step,
                             shard_path=shard_path, seconds=time.perf_counter() - m.t_start,
                             env_steps_per_s=steps_run / train_seconds if steps_run else 0.0,
                             updates_per_s=(m.updates - m.start_updates) / train_seconds if steps_run else 0.0,
-                            stop_reason=m.rule.reason, stop_step=m.rule.stop_step, budget_steps=spec.total_steps,
+                            stop_reason=m.rule.reason, stop_step=m.rule.stop_step, budget_steps=m.cfg.specialist.total_steps,
                             eval_seconds=m.eval_seconds)
         saved = {**result.model_dump(), "done": True, "resumed_from": m.resumed_from, "steps_this_run": steps_run,
                  "config_hash": unit.config_hash}

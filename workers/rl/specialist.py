@@ -165,30 +165,47 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # --- playing ---------------------------------------------------------------------------
+class EpisodePlayer:
+    """One episode played a step at a time (``play`` plays it whole): the environment's random
+    state seeded with ``seed`` first. Deterministic: the policy mean; otherwise actions sampled
+    with a torch generator seeded with ``seed``, so the same agent, chunk and seed replay the
+    same episode whatever the global RNG state. ``step()`` returns the ``Episode`` once it has
+    ended, else None; the environment worker of a pack plays its slot's episodes this way
+    between training steps (``workers.rl.envpool``)."""
+
+    def __init__(self, agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True):
+        self.agent, self.env, self.seed, self.deterministic = agent, env, seed, deterministic
+        self.generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
+        self.obs, _ = env.reset(seed=seed)
+        self.observations, self.actions, self.rewards = [], [], []
+        self.pressed, self.target, self.fingering = [], [], []
+
+    def step(self) -> Episode | None:
+        action = self.agent.act(self.obs, deterministic=self.deterministic, generator=self.generator)
+        self.observations.append(self.obs)
+        self.actions.append(action)
+        self.obs, reward, terminated, truncated, info = self.env.step(action)
+        self.rewards.append(reward)
+        self.pressed.append(info["pressed"])
+        self.target.append(info["target"])
+        self.fingering.append(fingering_row(info["ot_assignment"]))
+        return self._episode() if terminated or truncated else None
+
+    def _episode(self) -> Episode:
+        metrics = self.env.episode_metrics()
+        return Episode(seed=self.seed, obs=np.stack(self.observations),
+                       action=np.stack(self.actions).astype(np.float32), reward=np.asarray(self.rewards, np.float32),
+                       pressed=np.stack(self.pressed).astype(bool), target=np.stack(self.target).astype(bool),
+                       episode_return=float(np.sum(self.rewards)), precision=metrics["precision"],
+                       recall=metrics["recall"], f1=metrics["f1"], ot_fingering=np.stack(self.fingering))
+
+
 def play(agent: DroQ, env: PianoEnv, seed: int, deterministic: bool = True) -> Episode:
-    """One episode, the environment's random state seeded with ``seed`` first. Deterministic:
-    the policy mean; otherwise actions sampled with a torch generator seeded with ``seed``, so
-    the same agent, chunk and seed replay the same episode whatever the global RNG state."""
-    generator = None if deterministic else torch.Generator(device=agent.device).manual_seed(seed)
-    obs, _ = env.reset(seed=seed)
-    observations, actions, rewards, pressed, target, fingering = [], [], [], [], [], []
-    done = False
-    while not done:
-        action = agent.act(obs, deterministic=deterministic, generator=generator)
-        observations.append(obs)
-        actions.append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-        rewards.append(reward)
-        pressed.append(info["pressed"])
-        target.append(info["target"])
-        fingering.append(fingering_row(info["ot_assignment"]))
-    metrics = env.episode_metrics()
-    return Episode(seed=seed, obs=np.stack(observations), action=np.stack(actions).astype(np.float32),
-                   reward=np.asarray(rewards, np.float32), pressed=np.stack(pressed).astype(bool),
-                   target=np.stack(target).astype(bool), episode_return=float(np.sum(rewards)),
-                   precision=metrics["precision"], recall=metrics["recall"], f1=metrics["f1"],
-                   ot_fingering=np.stack(fingering))
+    """One whole episode (``EpisodePlayer`` says how it is seeded)."""
+    player = EpisodePlayer(agent, env, seed, deterministic)
+    while (episode := player.step()) is None:
+        pass
+    return episode
 
 
 @dataclass(frozen=True)
