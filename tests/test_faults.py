@@ -114,3 +114,31 @@ class _Loaded:
 
     def units(self):
         return self._units
+
+
+@pytest.mark.slow
+def test_rollouts_a_worker_plays_onto_a_full_disk_fail_as_the_nodes_fault_and_record_again_later(tmp_path, small_disk):
+    from configs.files import disk_full
+    from test_specialist import TINY, tiny_unit
+    from workers.rl.pack import train_pack
+    from workers.rl.specialist import load_checkpoint, read_result
+
+    cfg = configs.load(overrides={**TINY, "specialist.total_steps": 100, "specialist.rollouts": 6})
+    units = [tiny_unit(cfg, chunk) for chunk in (1, 2)]
+    dirs = [tmp_path / u.unit_id for u in units]  # unit directories on the roomy disk, the lake on the full one
+    lake_root = small_disk / "lake"
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave ~64 kB: less than one 60-step episode of the shard
+        f.write(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 64 * 1024))
+    outcomes = train_pack(units, cfg, dirs, lake_root, env_workers=2)
+    for o in outcomes:
+        assert o.result is None and disk_full(o.error) is not None, o.error_text  # recognised without a path hint
+        assert "an episode it played raised" in o.error_text
+    assert not [p for p in lake_root.rglob("*.parquet")]  # nothing half-written stays, hidden or not
+    assert all(read_result(d) is None and "replay" in load_checkpoint(d) for d in dirs)
+
+    filler.unlink()  # space freed: the units record their rollouts, without training again
+    outcomes = train_pack(units, cfg, dirs, lake_root, env_workers=2)
+    assert [o.error_text for o in outcomes] == [None, None]
+    assert [read_result(d)["steps_this_run"] for d in dirs] == [0, 0]
+    assert sorted(s.unit_id for s in Lake(lake_root, cfg.lake).shards()) == sorted(u.unit_id for u in units)

@@ -1,6 +1,7 @@
 """Packs of specialist units on real song chunks: environments in worker processes, a pack of
 one equal to a lone unit, members that fail alone, a killed pack whose members all resume,
-and finished units that keep only their policy."""
+finished units that keep only their policy, and episodes played in the workers while the
+others train."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import configs
 from test_specialist import REPO, TINY, TWINKLE, tiny_unit
 from workers.lake import Lake
 from workers.rl import pack as pack_mod
-from workers.rl.envpool import EnvSpec, InProcessEnvPool, WorkerEnvPool
+from workers.lake import ShardMeta
+from workers.rl.droq import DroQ
+from workers.rl.envpool import EnvSpec, InProcessEnvPool, PlayJob, WorkerEnvPool, agent_bytes
 from workers.rl.pack import train_pack, train_unit
-from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_checkpoint, read_result
+from workers.rl.specialist import CHECKPOINT, FINAL_AGENT_KEYS, load_agent, load_checkpoint, play, read_result
 from workers.units import PID_FILE, Arrival, Refill, UnitSpec, read_attempts
 
 MB = 1 << 20
@@ -78,6 +81,86 @@ def test_worker_processes_step_like_this_process_and_a_raising_slot_fails_alone(
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x[0], y[0])  # slot 0 throughout
     np.testing.assert_array_equal(local[20][0], workers[20][0])  # slot 1 until it failed
+
+
+@pytest.mark.slow
+def test_a_worker_plays_a_slots_episodes_between_the_steps_of_another_and_they_replay_here(tmp_path):
+    cfg = configs.load(overrides=TINY)
+    specs = env_specs(cfg, [1, 2])
+    probe = specs[0].make()
+    dims, low, high = (probe.obs_dim, probe.action_dim), probe.action_low, probe.action_high
+    agent = DroQ(*dims, low, high, cfg.droq.model_copy(update={"device": "cpu"}), seed=3)
+    state = agent.agent_state_dict(0)
+    job = PlayJob(agent_bytes({k: state[k] for k in FINAL_AGENT_KEYS}), cfg.droq.model_dump(), (11, 12),
+                  deterministic=False, shard=(str(tmp_path / "lake"), cfg.lake.model_dump(),
+                                              ShardMeta("u-1", specs[0].song_hash, "twinkle", 1, "train", "c")))
+    broken = PlayJob(b"not a checkpoint", cfg.droq.model_dump(), (5,), deterministic=True)
+    with WorkerEnvPool(specs, *dims, n_workers=1) as pool:  # both slots in one worker
+        assert pool.plays and pool.reset([1]) == {}
+        pool.play(0, job)
+        pool.play(1, broken)
+        results, steps_meanwhile = {}, 0
+        while 0 not in results:
+            pool.action[1] = np.random.default_rng(steps_meanwhile).uniform(low, high)
+            assert pool.step([1]) == {}  # slot 1 trains on while slot 0's episodes are played
+            steps_meanwhile += 1
+            results.update(pool.collect([0, 1]))
+    assert "torch.load" in results[1].error  # its job fails alone, with the traceback of its policy's loading
+    played = results[0]
+    assert played.error is None and [e.seed for e in played.stats] == [11, 12]
+    assert steps_meanwhile > 10  # ~120 episode steps were played between the training steps
+    [shard] = Lake(tmp_path / "lake", cfg.lake).shards()
+    assert str(shard.path) == played.shard_path and shard.n_episodes == 2
+    assert shard.specialist_f1 == pytest.approx(np.mean([e.f1 for e in played.stats]))
+    # The worker played with a CPU copy of the policy: here, the same seeds replay them exactly.
+    here = specs[0].make()
+    for episode, stats in zip(Lake(tmp_path / "lake", cfg.lake).read_episodes(shard), played.stats):
+        again = play(agent, here, seed=stats.seed, deterministic=False)
+        np.testing.assert_array_equal(episode.action, again.action)
+        assert again.f1 == stats.f1 and again.episode_return == pytest.approx(stats.episode_return)
+    here.close()
+    probe.close()
+
+
+@pytest.mark.slow
+def test_the_others_train_while_a_members_rollouts_are_played_in_its_worker(tmp_path):
+    cfg = configs.load(overrides={**TINY, "droq.warmup_steps": 20, "specialist.total_steps": 60,
+                                  "specialist.eval_interval": 60, "specialist.checkpoint_interval": 60,
+                                  "specialist.log_interval": 10, "specialist.rollouts": 6})
+    short = tiny_unit(cfg, 1)
+    long_ = tiny_unit(cfg, 2).model_copy(update={"overrides": {"specialist.total_steps": 600,
+                                                               "specialist.rollouts": 1}})
+    spans = {}
+    for in_workers in (True, False):
+        reports: dict[str, list] = {short.unit_id: [], long_.unit_id: []}
+
+        def timed(unit_id):
+            return lambda metrics: reports[unit_id].append((time.perf_counter(), metrics))
+
+        out = tmp_path / str(in_workers)
+        outcomes = train_pack([short, long_], cfg, [out / short.unit_id, out / long_.unit_id], out / "lake",
+                              [timed(short.unit_id), timed(long_.unit_id)], env_workers=2,
+                              play_in_workers=in_workers)
+        assert [o.error_text for o in outcomes] == [None, None]
+        assert [o.result.steps for o in outcomes] == [60, 600]
+        # The short member's rollouts: from its last checkpoint to its rollout summary.
+        start = next(t for t, m in reports[short.unit_id] if m.get("checkpoint_step") == 60)
+        end = next(t for t, m in reports[short.unit_id] if "rollout/f1" in m)
+        spans[in_workers] = [m["step"] for t, m in reports[long_.unit_id] if start < t < end]
+        lake = Lake(out / "lake", cfg.lake)
+        assert sorted(s.unit_id for s in lake.shards()) == sorted([short.unit_id, long_.unit_id])
+        [mine] = [s for s in lake.shards() if s.unit_id == short.unit_id]
+        assert mine.n_episodes == 6
+        # Its rollouts replay here from the policy its finished unit kept, wherever they were played.
+        final = load_checkpoint(out / short.unit_id)
+        env = env_specs(cfg, [1])[0].make()
+        agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, cfg.droq)
+        load_agent(agent, 0, final["agent"])
+        episode = list(lake.read_episodes(mine))[4]
+        np.testing.assert_array_equal(play(agent, env, seed=episode.seed, deterministic=False).action, episode.action)
+        env.close()
+    assert len(spans[True]) >= 2  # the long member went on training (and reporting) meanwhile
+    assert spans[False] == []  # played here, the pack waited for 6 x 60 rollout steps
 
 
 @pytest.mark.slow

@@ -103,6 +103,12 @@ class PlayResult:
     shard_path: str | None = None
     seconds: float = 0.0
     error: str | None = None
+    cause: OSError | None = None  # the error when it was an OSError (a full disk is the node's fault)
+
+    @classmethod
+    def failed(cls, e: BaseException) -> PlayResult:
+        """The job failed with ``e`` (being handled): its traceback, and ``e`` again if an OSError."""
+        return cls(error=_error(), cause=OSError(e.errno, e.strerror, e.filename) if isinstance(e, OSError) else None)
 
 
 def agent_bytes(state: dict) -> bytes:
@@ -172,10 +178,13 @@ def _step(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
 
 
 class _Envs:
-    """Slots -> environments of one process, each failure caught per slot."""
+    """Slots -> environments of one process, each failure caught per slot. Every environment
+    must have the pool's ``(obs_dim, action_dim)``; with ``plays``, each slot also gets an
+    environment to play episodes in (the training one's seed + 1), made with it."""
 
-    def __init__(self, specs: dict[int, EnvSpec], arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
+    def __init__(self, specs: dict[int, EnvSpec], arrays: dict[str, np.ndarray], plays: bool = False):
+        self.arrays, self.plays = arrays, plays
+        self.dims = (arrays["obs"].shape[1], arrays["action"].shape[1])
         self.specs = dict(specs)
         self.envs: dict[int, PianoEnv] = {}
         self.errors: dict[int, str] = {}
@@ -185,9 +194,23 @@ class _Envs:
         self.played: dict[int, PlayResult] = {}  # finished jobs not collected yet
         for i, spec in specs.items():
             try:
-                self.envs[i] = spec.make()
+                self._make(i, spec)
             except Exception:  # noqa: BLE001 - this slot fails alone
                 self.errors[i] = _error()
+                self.drop(i)
+
+    def _make(self, i: int, spec: EnvSpec) -> None:
+        env = spec.make()
+        self.envs[i] = env
+        if (env.obs_dim, env.action_dim) != self.dims:
+            raise ValueError(f"chunk {spec.chunk_index} of {spec.song_path}: observation/action sizes "
+                             f"{(env.obs_dim, env.action_dim)} differ from the pack's {self.dims}")
+        if self.plays:
+            self.players[i] = self._player(spec)
+
+    @staticmethod
+    def _player(spec: EnvSpec) -> PianoEnv:
+        return replace(spec, seed=spec.seed + 1).make()
 
     def run(self, op, slots: Sequence[int]) -> dict[int, str]:
         errors = {i: self.errors.pop(i) for i in slots if i in self.errors}
@@ -209,8 +232,9 @@ class _Envs:
         self.errors.pop(i, None)
         self.specs[i] = spec
         try:
-            self.envs[i] = spec.make()
+            self._make(i, spec)
         except Exception:  # noqa: BLE001 - this slot fails alone
+            self.drop(i)
             return _error()
         return None
 
@@ -235,9 +259,8 @@ class _Envs:
         """Start playing ``job`` on slot ``i`` (its player environment and policy are made on
         the first job); a failure to start is a finished job with its error."""
         try:
-            if i not in self.players:
-                spec = self.specs[i]
-                self.players[i] = replace(spec, seed=spec.seed + 1).make()
+            if i not in self.players:  # the slot's last job broke it
+                self.players[i] = self._player(self.specs[i])
             env = self.players[i]
             droq = configs.DroQConfig.model_validate({**job.droq, "device": "cpu"})
             agent = self.agents.get(i)
@@ -245,8 +268,8 @@ class _Envs:
                 agent = self.agents[i] = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, droq,
                                               seed=0)
             self.playing[i] = _Playing(job, env, agent)
-        except Exception:  # noqa: BLE001 - this slot's job fails alone
-            self.played[i] = PlayResult(error=_error())
+        except Exception as e:  # noqa: BLE001 - this slot's job fails alone
+            self.played[i] = PlayResult.failed(e)
 
     def play_step(self) -> None:
         """One environment step of the job whose turn it is (round robin over the slots)."""
@@ -254,9 +277,9 @@ class _Envs:
         del self.playing[i]
         try:
             result = job.step()
-        except Exception:  # noqa: BLE001 - this slot's job fails alone
+        except Exception as e:  # noqa: BLE001 - this slot's job fails alone
             job.abort()
-            result = PlayResult(error=_error())
+            result = PlayResult.failed(e)
             env = self.players.pop(i, None)  # it may be broken: the next job makes a new one
             if env is not None:
                 env.close()
@@ -349,11 +372,11 @@ def _shared_arrays(buffers: dict[str, Any], k: int, obs_dim: int, action_dim: in
 
 
 def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int, action_dim: int,
-                 specs: dict[int, EnvSpec]) -> None:
+                 specs: dict[int, EnvSpec], plays: bool) -> None:
     """One worker: build its slots' environments, then serve (op, slots) requests until told to
     stop or until the pack process is gone."""
     torch.set_num_threads(1)  # its policy's forward passes: one core, the worker's
-    envs = _Envs(specs, _shared_arrays(buffers, k, obs_dim, action_dim))
+    envs = _Envs(specs, _shared_arrays(buffers, k, obs_dim, action_dim), plays)
     ops = {"reset": _reset, "step": _step}
     try:
         conn.send("ready")
@@ -389,10 +412,13 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
 
 class WorkerEnvPool(EnvPool):
     """The K environments spread over ``n_workers`` spawned processes (slot ``i`` lives in worker
-    ``i % n_workers``), arrays in shared memory."""
+    ``i % n_workers``), arrays in shared memory. ``plays``: whether they play a pack's episodes
+    (``play``); False leaves them to the pack process, as before workers played."""
 
-    def __init__(self, specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int):
+    def __init__(self, specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int,
+                 plays: bool = True):
         super().__init__(len(specs))
+        self.plays = plays
         ctx = mp.get_context("spawn")
         self.n_workers = max(1, min(int(n_workers), self.k))
         self._buffers = {name: ctx.RawArray(np.ctypeslib.as_ctypes_type(dtype),
@@ -405,7 +431,7 @@ class WorkerEnvPool(EnvPool):
         for w in range(self.n_workers):
             mine = {i: spec for i, spec in enumerate(specs) if i % self.n_workers == w}
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, obs_dim, action_dim, mine),
+            proc = ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, obs_dim, action_dim, mine, plays),
                                daemon=True, name=f"env-worker-{w}")
             proc.start()
             child.close()
@@ -445,8 +471,6 @@ class WorkerEnvPool(EnvPool):
             return self._conns[w].recv().get(slot)
         except (EOFError, OSError):
             return f"environment worker {w} (pid {self._procs[w].pid}) died"
-
-    plays = True
 
     def play(self, slot: int, job: PlayJob) -> None:
         w = slot % self.n_workers
@@ -492,8 +516,10 @@ class WorkerEnvPool(EnvPool):
         self._conns, self._procs = [], []
 
 
-def make_pool(specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int) -> EnvPool:
-    """Worker processes when ``n_workers >= 1``, else the environments in this process."""
+def make_pool(specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int,
+              play_in_workers: bool = True) -> EnvPool:
+    """Worker processes when ``n_workers >= 1`` (which play the pack's episodes unless
+    ``play_in_workers`` is False), else the environments in this process."""
     if n_workers >= 1:
-        return WorkerEnvPool(specs, obs_dim, action_dim, n_workers)
+        return WorkerEnvPool(specs, obs_dim, action_dim, n_workers, plays=play_in_workers)
     return InProcessEnvPool(specs, obs_dim, action_dim)

@@ -18,6 +18,13 @@ The loop, per environment step of the pack (CleanRL-style, top to bottom in ``Pa
    evaluation), checkpoint, and when its budget ends its training, record its rollouts into
    its own lake shard, write its ``result.json`` and shed its replay buffer.
 
+Evaluations and rollouts are episodes played with one member's policy as it is at that step.
+With environment workers, the slot's worker plays them (``EnvPool.play``: a CPU copy of the
+policy, a second environment of the chunk) between the pack's training steps, and the loop
+picks up where the member left off when they are in (``Pack._played``): the member sits out
+acting, stepping and updating meanwhile; the other members train on. Without workers (a pack
+of one as a lone unit), this process plays them at once, on the learner's device.
+
 Each member keeps its own identity, unit directory, checkpoint (its slice of the learner, the
 same format as a single unit's, so it resumes alone or in any other pack), attempts log,
 metrics callback (its MLflow run) and shard. A member whose environment, evaluation or
@@ -196,10 +203,11 @@ class Pack:
 
     def __init__(self, units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
                  reports: Sequence[Report | None], env_workers: int = 0, progress: bool = False,
-                 refill: Refill | None = None):
+                 refill: Refill | None = None, play_in_workers: bool = True):
         if not units or not len(units) == len(unit_dirs) == len(reports):
             raise ValueError("a pack needs one unit directory and one report callback per unit")
         self.lake_root, self.env_workers, self.progress = Path(lake_root), env_workers, progress
+        self.play_in_workers = play_in_workers
         self.cfgs = [cfg.with_overrides(u.overrides) if u.overrides else cfg for u in units]
         droqs = {json.dumps(c.droq.model_dump(), sort_keys=True) for c in self.cfgs}
         if len(droqs) > 1:
@@ -239,29 +247,38 @@ class Pack:
             for m in members:
                 self._release(m, None)
             return self._outcomes()
+        # In this process: every member's environment to play in when its evaluations and
+        # rollouts are played here, else one to learn the sizes from (the workers check the rest).
+        inline = self._inline
+        dims = None
         for m in members:
-            if m.running:
-                try:
-                    m.player = self._env_spec(m, m.cfg.specialist.seed + 1).make()
-                except Exception as e:  # noqa: BLE001 - a broken chunk fails its unit alone
-                    self._fail(m, e)
-        players = [m.player for m in members if m.player is not None]
-        if not players:
+            if not m.running or (dims is not None and not inline):
+                continue
+            try:
+                env = self._env_spec(m, m.cfg.specialist.seed + 1).make()
+            except Exception as e:  # noqa: BLE001 - a broken chunk fails its unit alone
+                self._fail(m, e)
+                continue
+            if dims is None:
+                dims = (env.obs_dim, env.action_dim, env.action_low, env.action_high)
+            if inline:
+                m.player = env
+            else:
+                env.close()
+        if dims is None:
             for m in members:
                 self._release(m, None)
             return self._outcomes()
-        first = players[0]
-        obs_dim, action_dim, low, high = first.obs_dim, first.action_dim, first.action_low, first.action_high
+        obs_dim, action_dim, low, high = dims
         for m in members:
             if m.player is not None and (m.player.obs_dim, m.player.action_dim) != (obs_dim, action_dim):
                 self._fail(m, ValueError(f"unit {m.unit.unit_id}: observation/action sizes differ from the pack's"))
         specs = [self._env_spec(m, m.cfg.specialist.seed) for m in members]
         try:
-            with make_pool(specs, obs_dim, action_dim, self.env_workers) as pool:
+            with make_pool(specs, obs_dim, action_dim, self.env_workers, self.play_in_workers) as pool:
                 for m in members:
                     if not m.running:
                         pool.drop(m.slot)
-                    self._players_checked(m, pool)
                 # The first member's seed seeds the process (a pack of one: exactly as a single unit).
                 seed_everything(members[0].cfg.specialist.seed)
                 droq = self.cfg.droq
@@ -285,13 +302,10 @@ class Pack:
     def _outcomes(self) -> list[MemberOutcome]:
         return [m.outcome for m in self.everyone]
 
-    @staticmethod
-    def _players_checked(m: Member, pool: EnvPool) -> None:
-        """A pool whose workers play the episodes: the member's environment in this process has
-        served to check its chunk and sizes; close it."""
-        if pool.plays and m.player is not None:
-            m.player.close()
-            m.player = None
+    @property
+    def _inline(self) -> bool:
+        """Evaluations and rollouts are played in this process (no workers, or told so)."""
+        return self.env_workers < 1 or not self.play_in_workers
 
     @staticmethod
     def _env_spec(m: Member, seed: int) -> EnvSpec:
@@ -419,7 +433,9 @@ class Pack:
         if then is None or not m.running:
             return
         if played.error is not None:
-            self._fail(m, MemberFailed(f"unit {m.unit.unit_id}: an episode it played raised\n{played.error}"), pool)
+            error = MemberFailed(f"unit {m.unit.unit_id}: an episode it played raised\n{played.error}")
+            error.__cause__ = played.cause  # an OSError: a full disk is recognised as the node's fault
+            self._fail(m, error, pool)
             return
         try:
             then(played)
@@ -469,14 +485,14 @@ class Pack:
         try:
             if cfg.droq != self.cfg.droq:
                 raise ValueError(f"unit {unit.unit_id}: its droq.* settings differ from the pack's")
-            m.player = self._env_spec(m, cfg.specialist.seed + 1).make()
             obs_dim, action_dim = learner.dims[0], learner.dims[1]
-            if (m.player.obs_dim, m.player.action_dim) != (obs_dim, action_dim):
-                raise ValueError(f"unit {unit.unit_id}: observation/action sizes differ from the pack's")
-            error = pool.put(slot, self._env_spec(m, cfg.specialist.seed))
+            if self._inline:
+                m.player = self._env_spec(m, cfg.specialist.seed + 1).make()
+                if (m.player.obs_dim, m.player.action_dim) != (obs_dim, action_dim):
+                    raise ValueError(f"unit {unit.unit_id}: observation/action sizes differ from the pack's")
+            error = pool.put(slot, self._env_spec(m, cfg.specialist.seed))  # workers check the sizes
             if error is not None:
                 raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{error}")
-            self._players_checked(m, pool)
             learner.reset(slot, cfg.specialist.seed)
             m.buffer = ReplayBuffer(obs_dim, action_dim, cfg.droq.replay_capacity, cfg.droq.discount,
                                     cfg.droq.n_step, seed=cfg.specialist.seed)
@@ -611,11 +627,14 @@ class Pack:
 
 def train_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
                reports: Sequence[Report | None] | None = None, env_workers: int = 1,
-               progress: bool = False, refill: Refill | None = None) -> list[MemberOutcome]:
+               progress: bool = False, refill: Refill | None = None, play_in_workers: bool = True
+               ) -> list[MemberOutcome]:
     """Train ``units`` as one pack (module docstring); one outcome per unit, in order, then
-    one per unit the ``refill`` sent, in the order they arrived."""
+    one per unit the ``refill`` sent, in the order they arrived. ``play_in_workers=False``
+    plays evaluations and rollouts in this process, every other member waiting meanwhile
+    (as before the environment workers played them; ``tests/benchmarks/bench_pack_play.py``)."""
     return Pack(units, cfg, unit_dirs, lake_root, reports or [None] * len(units), env_workers, progress,
-                refill).run()
+                refill, play_in_workers).run()
 
 
 def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence[Path], lake_root: Path,
