@@ -123,6 +123,32 @@ def test_a_worker_plays_a_slots_episodes_between_the_steps_of_another_and_they_r
 
 
 @pytest.mark.slow
+def test_a_slot_of_other_sizes_and_a_worker_that_dies_while_playing_fail_their_slots_alone():
+    cfg = configs.load(overrides=TINY)
+    specs = env_specs(cfg, [1, 2])
+    probe = specs[0].make()
+    dims = (probe.obs_dim, probe.action_dim)
+    probe.close()
+    with WorkerEnvPool(specs, dims[0] + 1, dims[1], n_workers=1) as pool:  # not these chunks' sizes
+        errors = pool.reset([0, 1])
+        assert set(errors) == {0, 1} and all("differ from the pack's" in e for e in errors.values())
+    agent = DroQ(*dims, np.full(dims[1], -1.0), np.full(dims[1], 1.0), cfg.droq.model_copy(update={"device": "cpu"}),
+                 seed=0)
+    state = agent.agent_state_dict(0)
+    job = PlayJob(agent_bytes({k: state[k] for k in FINAL_AGENT_KEYS}), cfg.droq.model_dump(), tuple(range(50)),
+                  deterministic=True)
+    with WorkerEnvPool(specs, *dims, n_workers=2) as pool:
+        assert pool.reset([1]) == {}
+        pool.play(0, job)  # 50 episodes: still playing when its worker is killed
+        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        pool._procs[0].join(timeout=10)
+        played = pool.collect([0])
+        assert "environment worker 0" in played[0].error and "died" in played[0].error
+        pool.action[1] = 0.0
+        assert pool.step([1]) == {}  # the other worker's slot goes on
+
+
+@pytest.mark.slow
 def test_the_others_train_while_a_members_rollouts_are_played_in_its_worker(tmp_path):
     cfg = configs.load(overrides={**TINY, "droq.warmup_steps": 20, "specialist.total_steps": 60,
                                   "specialist.eval_interval": 60, "specialist.checkpoint_interval": 60,
