@@ -148,9 +148,8 @@ class _Playing:
         if self.next_seed < len(self.job.seeds):
             return None
         shard_path = None
-        if self.writer is not None:
-            meta = replace(self.job.shard[2], specialist_f1=float(np.mean([e.f1 for e in self.stats])))
-            shard_path = str(self.writer.commit(meta).path)
+        if self.writer is not None:  # the shard's specialist_f1: its episodes' mean F1
+            shard_path = str(self.writer.commit(self.job.shard[2]).path)
         return PlayResult(self.stats, shard_path, time.perf_counter() - self.t0)
 
     def abort(self) -> None:
@@ -427,7 +426,6 @@ class WorkerEnvPool(EnvPool):
         self.arrays = _shared_arrays(self._buffers, self.k, obs_dim, action_dim)
         self._conns: list[Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
-        self._lost: dict[int, PlayResult] = {}  # jobs whose worker died as they were sent
         for w in range(self.n_workers):
             mine = {i: spec for i, spec in enumerate(specs) if i % self.n_workers == w}
             parent, child = ctx.Pipe()
@@ -452,7 +450,7 @@ class WorkerEnvPool(EnvPool):
             try:
                 errors.update(self._conns[w].recv())
             except (EOFError, OSError):  # the worker process itself died: its slots fail
-                errors.update({i: f"environment worker {w} (pid {self._procs[w].pid}) died" for i in mine})
+                errors.update({i: self._dead(w) for i in mine})
         return errors
 
     def reset(self, slots: Sequence[int]) -> dict[int, str]:
@@ -470,20 +468,20 @@ class WorkerEnvPool(EnvPool):
             self._conns[w].send(("put", [(slot, spec)]))
             return self._conns[w].recv().get(slot)
         except (EOFError, OSError):
-            return f"environment worker {w} (pid {self._procs[w].pid}) died"
+            return self._dead(w)
 
     def play(self, slot: int, job: PlayJob) -> None:
         w = slot % self.n_workers
         try:
             self._conns[w].send(("play", [(slot, job)]))
             self._conns[w].recv()
-        except (EOFError, OSError):
-            self._lost[slot] = PlayResult(error=f"environment worker {w} (pid {self._procs[w].pid}) died")
+        except (EOFError, OSError):  # the worker is gone: the next collect reports the slot's job failed
+            pass
 
     def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:
-        played = {i: self._lost.pop(i) for i in slots if i in self._lost}
+        played: dict[int, PlayResult] = {}
         asked = []
-        for w in sorted({i % self.n_workers for i in slots if i not in played}):
+        for w in sorted({i % self.n_workers for i in slots}):
             try:
                 self._conns[w].send(("collect", []))
                 asked.append(w)
@@ -498,8 +496,10 @@ class WorkerEnvPool(EnvPool):
 
     def _died(self, w: int, slots: Sequence[int]) -> dict[int, PlayResult]:
         """The jobs of worker ``w``'s slots, failed: the worker process died."""
-        return {i: PlayResult(error=f"environment worker {w} (pid {self._procs[w].pid}) died")
-                for i in slots if i % self.n_workers == w}
+        return {i: PlayResult(error=self._dead(w)) for i in slots if i % self.n_workers == w}
+
+    def _dead(self, w: int) -> str:
+        return f"environment worker {w} (pid {self._procs[w].pid}) died"
 
     def close(self) -> None:
         for conn in self._conns:

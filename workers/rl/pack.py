@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -559,7 +559,7 @@ class Pack:
         ``PlayResult``. With environment workers the slot's worker plays them while the pack
         trains the other members (``workers.rl.envpool``); ``m`` sits out until they are in.
         Without (a pack of one as a lone unit), here and at once, on the learner's device."""
-        if pool.plays:
+        if not self._inline:
             state = learner.state_dict(m.slot)
             job = PlayJob(agent_bytes({k: state[k] for k in FINAL_AGENT_KEYS}), self.cfg.droq.model_dump(),
                           tuple(seeds), deterministic,
@@ -574,8 +574,7 @@ class Pack:
             return
         with Lake(self.lake_root, m.cfg.lake).shard_writer(shard.unit_id, shard.song_hash) as writer:
             stats = record_rollouts(agent, m.player, writer, seeds, progress=self.progress, deterministic=deterministic)
-            meta = replace(shard, specialist_f1=float(np.mean([e.f1 for e in stats])))
-            shard_path = str(writer.commit(meta).path)
+            shard_path = str(writer.commit(shard).path)  # specialist_f1: the episodes' mean F1
         then(PlayResult(stats, shard_path, time.perf_counter() - t))
 
     # --- the end of a member -----------------------------------------------------------
