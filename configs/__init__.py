@@ -250,11 +250,12 @@ class DashboardConfig(_Section):
 
 
 class ManifestConfig(_Section):
-    """Bounds on a song's MIDI file, checked on its raw messages before it is expanded in memory."""
+    """Bounds on what reading a song's MIDI file costs, counted on its bytes before mido builds a message."""
 
-    max_midi_ticks: int = Field(gt=0)
-    max_song_duration_s: float = Field(gt=0)
+    max_midi_bytes: int = Field(gt=0)
+    max_midi_events: int = Field(gt=0)
     max_song_notes: int = Field(gt=0)
+    max_song_duration_s: float = Field(gt=0)
 
 
 class RayConfig(_Section):

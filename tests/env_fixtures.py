@@ -113,3 +113,48 @@ def random_song(seed: int, seconds: float = 3.0, stretch: float = 1.25) -> MidiF
         time += length
     seq.total_time = max(n.end_time for n in seq.notes)
     return MidiFile(seq=seq).stretch(stretch)
+
+
+def write_long_piece(path: Path, minutes: float = 14.0, ticks_per_beat: int = 10_080, seed: int = 0) -> Path:
+    """A valid string-quartet-like piece as notation programs write it: four tracks, fine resolution.
+
+    Track 0 holds the tempo map (a slow introduction at 60 bpm, then 96 bpm, ritardando at the
+    end); each voice plays notes of a quarter to a half beat, with the pedal every bar on the
+    first. At 10,080 ticks per beat its 14 minutes are over 12 million ticks.
+    """
+    import mido
+
+    rng = np.random.default_rng(seed)
+    beats = int(minutes * 90)  # about 90 beats a minute on average
+    mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
+    tempo = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=1_000_000, time=0),
+                            mido.MetaMessage("set_tempo", tempo=625_000, time=16 * ticks_per_beat),
+                            mido.MetaMessage("set_tempo", tempo=1_200_000, time=(beats - 24) * ticks_per_beat)])
+    mid.tracks.append(tempo)
+    for voice, (low, high) in enumerate([(67, 96), (55, 84), (48, 72), (36, 60)]):
+        track, tick, last = mido.MidiTrack(), 0, 0
+        track.append(mido.Message("program_change", channel=voice, program=40 + voice // 2, time=0))
+        while tick < beats * ticks_per_beat:
+            length = int(rng.choice([0.25, 0.5]) * ticks_per_beat)
+            note = int(rng.integers(low, high))
+            if voice == 0 and tick % (4 * ticks_per_beat) == 0:
+                track.append(mido.Message("control_change", channel=voice, control=64, value=127, time=tick - last))
+                last = tick
+            track.append(mido.Message("note_on", channel=voice, note=note, velocity=70, time=tick - last))
+            track.append(mido.Message("note_off", channel=voice, note=note, velocity=0, time=length))
+            tick, last = tick + length, tick + length
+        mid.tracks.append(track)
+    mid.save(str(path))
+    return path
+
+
+def crafted_midi(path: Path, n: int, event: bytes) -> Path:
+    """A one-track file repeating ``event`` (delta time and message bytes) ``n`` times, written as bytes."""
+    body = b"\x00\xc0\x00" + event * n + b"\x00\xff\x2f\x00"
+    path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0"  # type 0, one track, 480 ticks per beat
+                     + b"MTrk" + len(body).to_bytes(4, "big") + body)
+    return path
+
+
+NOTE_EVENT = b"\x00\x90\x3c\x40\x01\x80\x3c\x40"  # a note of one tick: note on, note off a tick later
+PEDAL_EVENT = b"\x00\xb0\x40\x7f"  # sustain pedal down, again and again

@@ -269,7 +269,7 @@ def test_a_crafted_midi_is_an_error_naming_it_and_the_rest_goes_on(tmp_path):
     result = runner.invoke(app, ["manifest", "check", str(tmp_path / "m.yaml")])
     assert result.exit_code == 1, result.output
     assert f"{tmp_path / 'm.yaml'}:2: error: [crafted] path: " in result.output
-    assert "crafted.mid: 268,435,455 MIDI ticks long" in result.output and "manifest.max_midi_ticks" in result.output
+    assert "crafted.mid: 1,398,101 s long" in result.output and "manifest.max_song_duration_s" in result.output
     assert "1 songs, 1 units" in result.output
 
 

@@ -277,15 +277,31 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         load_song(truncated)
 
 
-def test_a_crafted_huge_delta_is_refused_before_expansion(tmp_path):
+def test_a_crafted_huge_delta_is_refused_by_its_duration(tmp_path):
     from env_fixtures import CRAFTED_MIDI, write_crafted_midi
 
     assert len(CRAFTED_MIDI) == 47
     crafted = write_crafted_midi(tmp_path / "crafted.mid")
     assert mido.MidiFile(str(crafted)).tracks[0][3].time == 268_435_455  # the file is what it claims
-    with pytest.raises(SongError, match=r"crafted.mid: 268,435,455 MIDI ticks long, over the limit of 10,000,000 "
-                                        r"\(manifest.max_midi_ticks\)"):
+    with pytest.raises(SongError, match=r"crafted.mid: 1,398,101 s long, over the limit of 3,600 s "
+                                        r"\(manifest.max_song_duration_s\)"):
         load_song(crafted)
+
+
+def test_a_long_piece_at_fine_resolution_loads_with_pretty_midis_timing(tmp_path):
+    """14 minutes at 10,080 ticks per beat are 12.7 million ticks: valid music, whatever the tick count."""
+    from env_fixtures import write_long_piece
+
+    path = write_long_piece(tmp_path / "quartet.mid")
+    song = load_song(path)
+    assert mido.MidiFile(str(path)).ticks_per_beat == 10_080
+    assert 780 < song.duration < 840 and song.n_notes > 10_000
+    # Notes timed through the tempo map exactly as pretty_midi times them (with its per-tick table).
+    pm = pretty_midi.PrettyMIDI(str(path))
+    theirs = {(n.pitch, n.start) for inst in pm.instruments for n in inst.notes}
+    assert set(zip(song.pitch.tolist(), song.start.tolist())) == theirs
+    assert song.sustain_time.tolist() == sorted(c.time for inst in pm.instruments for c in inst.control_changes
+                                                if c.number == 64)
 
 
 def test_song_duration_and_note_limits_come_from_the_config(tmp_path):
@@ -297,8 +313,67 @@ def test_song_duration_and_note_limits_come_from_the_config(tmp_path):
     with pytest.raises(SongError, match=r"long.mid: 40 s long, over the limit of 30 s \(manifest.max_song_duration_s\)"):
         load_song(path, limits=short)
     few = song_limits(configs.load(overrides=["manifest.max_song_notes=39"]).manifest)
-    with pytest.raises(SongError, match=r"long.mid: 40 notes, over the limit of 39 \(manifest.max_song_notes\)"):
+    with pytest.raises(SongError, match=r"long.mid: more than 39 notes, the limit \(manifest.max_song_notes\)"):
         load_song(path, limits=few)
     slow = _write_pm(tmp_path / "slow.mid", [[(60, 0.0, 20.0)]], tempo=30.0)  # the tempo map is followed
     with pytest.raises(SongError, match=r"slow.mid: 20 s long"):
         load_song(slow, limits=song_limits(configs.load(overrides=["manifest.max_song_duration_s=10"]).manifest))
+
+
+@pytest.fixture
+def no_mido_read(monkeypatch):
+    """Fail the test if mido is asked to build the file's messages."""
+    import workers.piano.music as music
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mido read a file the scan should have refused")
+
+    monkeypatch.setattr(music.mido, "MidiFile", refuse)
+
+
+@pytest.mark.parametrize("event, n, limit", [
+    ("PEDAL_EVENT", 1_000_000, r"more than 500,000 MIDI events \(notes, pedal, other controllers and meta messages\), "
+                               r"the limit \(manifest.max_midi_events\)"),
+    ("NOTE_EVENT", 200_001, r"more than 200,000 notes, the limit \(manifest.max_song_notes\)"),
+])
+def test_crafted_event_floods_are_refused_by_the_scan_before_mido_reads_them(tmp_path, no_mido_read, event, n, limit):
+    import env_fixtures
+
+    path = env_fixtures.crafted_midi(tmp_path / "flood.mid", n, getattr(env_fixtures, event))
+    assert path.stat().st_size < 5_000_000
+    with pytest.raises(SongError, match=rf"flood.mid: {limit}"):
+        load_song(path)
+
+
+def test_file_size_and_event_limits_come_from_the_config(tmp_path, no_mido_read):
+    from env_fixtures import PEDAL_EVENT, crafted_midi
+    from workers.piano.music import song_limits
+
+    path = crafted_midi(tmp_path / "pedal.mid", 1000, PEDAL_EVENT)
+    small = song_limits(configs.load(overrides=["manifest.max_midi_bytes=4000"]).manifest)
+    with pytest.raises(SongError, match=r"pedal.mid: 4,029 bytes, over the limit of 4,000 \(manifest.max_midi_bytes\)"):
+        load_song(path, limits=small)
+    few = song_limits(configs.load(overrides=["manifest.max_midi_events=1001"]).manifest)
+    with pytest.raises(SongError, match=r"pedal.mid: more than 1,001 MIDI events .* \(manifest.max_midi_events\)"):
+        load_song(path, limits=few)  # a program change, 1000 pedal events, the end of the track
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"\x00\x90\x3c\x40\xff\xff\xff\xff\x7f\x80\x3c\x40", "a variable-length number longer than 4 bytes"),
+    (b"\x00\x3c\x40", "running status without a status byte"),
+    (b"\x00\xf4", "undefined status byte 0xf4"),
+    (b"\x00\xff\x01\x20abc", "an event runs 29 bytes past the end of its chunk"),
+])
+def test_malformed_structure_is_refused_by_the_scan(tmp_path, no_mido_read, body, why):
+    path = tmp_path / "bad.mid"
+    path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0MTrk" + len(body).to_bytes(4, "big") + body)
+    with pytest.raises(SongError, match=rf"bad.mid: not a readable MIDI file \(track 0: {why}"):
+        load_song(path)
+
+
+def test_smpte_time_division_is_timed_in_frames(tmp_path):
+    # 25 frames a second, 40 ticks a frame: 1000 ticks a second, whatever the tempo says.
+    path = _write_mido(tmp_path / "smpte.mid", [[(0, mido.MetaMessage("set_tempo", tempo=250_000)),
+                                                  (500, _on(60)), (1500, _off(60))]], ticks_per_beat=-(25 << 8) + 40)
+    song = load_song(path)
+    assert (song.start.tolist(), song.end.tolist()) == ([0.5], [1.5])

@@ -1,7 +1,7 @@
 """Songs from MIDI files, and their cut into chunks: the units of work.
 
-A :class:`Song` is what pretty_midi reads from a MIDI file, cleaned into a note list the
-RoboPianist piano can play; ``Song.to_midi_file()`` turns it into the RoboPianist
+A :class:`Song` is the notes of a MIDI file (read with mido, notes paired and timed as
+pretty_midi does), cleaned into a note list the RoboPianist piano can play; ``Song.to_midi_file()`` turns it into the RoboPianist
 ``MidiFile`` (a note_seq ``NoteSequence``) the environment consumes. For a clean file the
 result plays exactly like ``MidiFile.from_file(path)``: same notes and sustain per control
 step.
@@ -9,9 +9,9 @@ step.
 What loading does with messy files (each fix is listed in ``Song.problems``):
 
 - several tracks / instruments: merged into one note list (one piano, two hands);
-- tempo changes on tracks other than the first: moved into the global tempo map (pretty_midi
-  would otherwise ignore them), so note times follow every tempo change;
-- sustain pedal (CC64) of every non-drum track: kept as the song's sustain; other controls
+- tempo changes on tracks other than the first: applied to the whole song (pretty_midi would
+  ignore them), so note times follow every tempo change;
+- sustain pedal (CC64) of every non-drum channel: kept as the song's sustain; other controls
   are dropped;
 - drum tracks (channel 10): dropped;
 - notes outside the piano's 88 keys (MIDI 21..108): dropped and counted (not octave-folded:
@@ -20,10 +20,10 @@ What loading does with messy files (each fix is listed in ``Song.problems``):
   notes with the same pitch and onset keep only the longer one;
 - notes without duration (note-off at the note-on tick, or never released): dropped;
 - nothing playable left, an empty file, a missing or unreadable file: :class:`SongError`;
-- a file past the :class:`SongLimits` (length in ticks, duration, note count): :class:`SongError`,
-  found by a scan of the raw MIDI messages before pretty_midi expands anything in memory
-  (pretty_midi allocates per tick; its own tick guard is switched off by note_seq, which raises
-  ``pretty_midi.MAX_TICK`` to 1e10 on import).
+- a file past the :class:`SongLimits` (bytes, events of every kind, notes, duration in
+  seconds): :class:`SongError`, found by :func:`scan_midi`, which walks the file's bytes and
+  builds nothing, before mido reads a message. Nothing is allocated per tick (pretty_midi
+  would, and note_seq switches its tick guard off), so any tick resolution loads.
 
 Chunks (``plan_chunks``): the song is stretched by ``env.stretch_factor``; with
 ``env.trim_silence`` the whole song's silence is trimmed as RoboPianist's
@@ -49,14 +49,15 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
+import os
+import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import mido
 import numpy as np
-import pretty_midi
+from mido.messages.specs import SPEC_BY_STATUS
 from note_seq import music_pb2
 from robopianist.music import constants as consts
 from robopianist.music.midi_file import MidiFile
@@ -72,15 +73,17 @@ class SongError(ValueError):
 
 @dataclass(frozen=True)
 class SongLimits:
-    """Bounds a MIDI file must respect before it is expanded in memory (``manifest.*`` in the config).
+    """Bounds on what reading a MIDI file may cost (``manifest.*`` in the config).
 
-    A crafted file with one huge delta time is a few bytes long but would make pretty_midi
-    build a per-tick table of gigabytes; these are checked on the raw messages first.
+    Each bounds memory or time: the file's bytes, its MIDI events of every kind (notes,
+    pedal and other controllers, meta), its notes, and its length in seconds following the
+    tempo map. The tick resolution is not bounded: no step of loading allocates per tick.
     """
 
-    max_midi_ticks: int = 10_000_000  # pretty_midi's own MAX_TICK before note_seq raises it
-    max_song_duration_s: float = 3600.0
-    max_song_notes: int = 200_000
+    max_midi_bytes: int
+    max_midi_events: int
+    max_song_notes: int
+    max_song_duration_s: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,58 +119,58 @@ class Song:
                                            self.sustain_time, self.sustain_value, self.duration))
 
 
-def song_limits(manifest_cfg) -> SongLimits:
-    """The limits of a :class:`configs.ManifestConfig` (``manifest.*``)."""
-    return SongLimits(max_midi_ticks=manifest_cfg.max_midi_ticks, max_song_duration_s=manifest_cfg.max_song_duration_s,
-                      max_song_notes=manifest_cfg.max_song_notes)
+def song_limits(manifest_cfg=None) -> SongLimits:
+    """The limits of a :class:`configs.ManifestConfig` (``manifest.*``; default: ``configs/default.yaml``'s)."""
+    if manifest_cfg is None:
+        import configs  # only for the defaults
+
+        manifest_cfg = configs.from_dict({}, source="configs/default.yaml").manifest
+    return SongLimits(max_midi_bytes=manifest_cfg.max_midi_bytes, max_midi_events=manifest_cfg.max_midi_events,
+                      max_song_notes=manifest_cfg.max_song_notes,
+                      max_song_duration_s=manifest_cfg.max_song_duration_s)
 
 
 def load_song(path: str | Path, name: str | None = None, limits: SongLimits | None = None) -> Song:
     """Read a MIDI file into a :class:`Song` (named ``name`` or the file's stem).
 
     Raises :class:`SongError` naming the file when it is missing, unreadable, past ``limits``
-    (default :class:`SongLimits`), or has no playable notes. Fixes that still leave a playable
-    song go to ``Song.problems``.
+    (default: :func:`song_limits`), or has no playable notes. Fixes that still leave a
+    playable song go to ``Song.problems``.
     """
     path = Path(path)
+    limits = limits or song_limits()
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limits.max_midi_bytes:
+                raise SongError(f"{path}: {size:,} bytes, over the limit of {limits.max_midi_bytes:,} "
+                                "(manifest.max_midi_bytes)")
+            data = f.read(limits.max_midi_bytes + 1)  # a file still growing is not read past the limit
     except FileNotFoundError:
         raise SongError(f"{path}: no such file") from None
     except OSError as e:
         raise SongError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if not data:
         raise SongError(f"{path}: empty file, no playable notes")
+    scan = scan_midi(data, path, limits)
     try:
         midi = mido.MidiFile(file=io.BytesIO(data))
     except Exception as e:  # mido raises many types for damaged files
         raise SongError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
-    _check_limits(midi, path, limits or SongLimits())
-    try:
-        problems = _tempo_into_first_track(midi)
-        n_note_ons = sum(msg.type == "note_on" and msg.velocity > 0 for track in midi.tracks for msg in track)
-        with warnings.catch_warnings():  # its warnings are about the tempo map handled above
-            warnings.simplefilter("ignore")
-            pm = pretty_midi.PrettyMIDI(mido_object=midi)
-    except Exception as e:  # mido and pretty_midi raise many types for damaged files
-        raise SongError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
 
-    notes, pedal, n_formed, n_drums = [], [], 0, 0
-    for inst in pm.instruments:
-        n_formed += len(inst.notes)
-        if inst.is_drum:
-            n_drums += len(inst.notes)
-            continue
-        notes += [(n.pitch, n.velocity, n.start, n.end) for n in inst.notes]
-        pedal += [(c.time, c.value) for c in inst.control_changes if c.number == SUSTAIN_CC]
+    problems = []
+    if scan.tempo_tracks:
+        problems.append(f"tempo changes on track {', '.join(map(str, scan.tempo_tracks))} applied to the whole song")
+    notes, pedal, n_drums, n_unclosed = _notes_and_pedal(midi)
     if n_drums:
         problems.append(f"dropped {n_drums} drum-track notes")
-    arr = np.array(notes, dtype=np.float64).reshape(-1, 4)
-    pitch, velocity, start, end = arr[:, 0].astype(np.int16), arr[:, 1].astype(np.int16), arr[:, 2], arr[:, 3]
+    notes = np.array(notes, dtype=np.int64).reshape(-1, 4)
+    pedal = np.array(pedal, dtype=np.int64).reshape(-1, 2)
+    pitch, velocity = notes[:, 0].astype(np.int16), notes[:, 1].astype(np.int16)
+    start, end = (ticks_to_seconds(notes[:, k], midi.ticks_per_beat, scan.tempos) for k in (2, 3))
 
-    n_silent = n_note_ons - n_formed  # pretty_midi silently drops notes it cannot close
-    audible = end > start
-    n_silent += int((~audible).sum())
+    audible = end > start  # a tick can be shorter than a float's resolution
+    n_silent = n_unclosed + int((~audible).sum())
     if n_silent:
         problems.append(f"dropped {n_silent} notes without duration (released at their onset or never released)")
     on_piano = (pitch >= LOWEST_KEY) & (pitch <= HIGHEST_KEY)
@@ -184,72 +187,201 @@ def load_song(path: str | Path, name: str | None = None, limits: SongLimits | No
         raise SongError(f"{path}: no playable notes{detail}")
 
     order = np.lexsort((pitch, start))
-    pedal_arr = np.array(pedal, dtype=np.float64).reshape(-1, 2)
-    by_time = np.argsort(pedal_arr[:, 0], kind="stable")  # one pedal: merge the tracks' events in time
+    by_tick = np.argsort(pedal[:, 0], kind="stable")  # one pedal: merge the tracks' events in time
     return Song(path=path, content_hash=hashlib.sha256(data).hexdigest(), name=name or path.stem,
                 pitch=pitch[order], velocity=velocity[order], start=start[order], end=end[order],
-                sustain_time=pedal_arr[by_time, 0], sustain_value=pedal_arr[by_time, 1].astype(np.int16),
-                problems=problems)
+                sustain_time=ticks_to_seconds(pedal[by_tick, 0], midi.ticks_per_beat, scan.tempos),
+                sustain_value=pedal[by_tick, 1].astype(np.int16), problems=problems)
 
 
-def _check_limits(midi: mido.MidiFile, path: Path, limits: SongLimits) -> None:
-    """Raise :class:`SongError` when the raw messages go past ``limits`` (one pass, nothing expanded)."""
-    last_tick, n_notes, tempos = 0, 0, []
-    for track in midi.tracks:
-        tick = 0
-        for msg in track:
-            tick += msg.time
-            if msg.type == "note_on" and msg.velocity > 0:
-                n_notes += 1
-            elif msg.type == "set_tempo":
-                tempos.append((tick, msg.tempo))
-        last_tick = max(last_tick, tick)
-    if last_tick > limits.max_midi_ticks:
-        raise SongError(f"{path}: {last_tick:,} MIDI ticks long, over the limit of {limits.max_midi_ticks:,} "
-                        "(manifest.max_midi_ticks); a crafted or damaged file?")
-    if n_notes > limits.max_song_notes:
-        raise SongError(f"{path}: {n_notes:,} notes, over the limit of {limits.max_song_notes:,} (manifest.max_song_notes)")
-    if midi.type == 2:  # independent tracks: no shared tempo map to measure with; the tick limit holds
-        return
-    seconds, at, tempo = 0.0, 0, 500_000  # MIDI's default tempo: 120 bpm
-    for tick, new_tempo in sorted(tempos):
-        seconds += (min(tick, last_tick) - at) * tempo / (1e6 * max(midi.ticks_per_beat, 1))
-        at, tempo = min(tick, last_tick), new_tempo
-    seconds += (last_tick - at) * tempo / (1e6 * max(midi.ticks_per_beat, 1))
+@dataclass(frozen=True)
+class MidiScan:
+    """What a MIDI file holds, counted from its bytes without building a message."""
+
+    ticks_per_beat: int  # negative: SMPTE time division, as mido reads it
+    n_events: int
+    n_notes: int  # note-on messages with a velocity
+    last_tick: int  # the end of the longest track
+    tempos: list[tuple[int, int]]  # (tick, microseconds per beat) of every track, stably sorted by tick
+    tempo_tracks: list[int]  # tracks after the first that hold tempo changes
+
+    @property
+    def duration(self) -> float:
+        """Seconds from time 0 to the end of the longest track, following the tempo map."""
+        return float(ticks_to_seconds(np.array([self.last_tick]), self.ticks_per_beat, self.tempos)[0])
+
+
+# Data bytes after a system common or real-time status byte (mido's table); sysex and meta carry a length.
+_SYSTEM_DATA_BYTES = {status: spec["length"] - 1 for status, spec in SPEC_BY_STATUS.items() if 0xF0 < status < 0xFF}
+
+
+def scan_midi(data: bytes, path: str | Path, limits: SongLimits) -> MidiScan:
+    """Walk the file's chunks and events as mido will read them, counting, and stop at the first limit passed.
+
+    Nothing is built per event, so a crafted file is refused after reading at most
+    ``limits.max_midi_events`` events (the caller bounds ``data`` by ``limits.max_midi_bytes``). Raises :class:`SongError` naming the file and the limit
+    (``manifest.*``), or what is malformed: a structure mido could misread at length (a track
+    running past its chunk, a variable-length number over 4 bytes) is refused here.
+    """
+    def unreadable(why: str) -> SongError:
+        return SongError(f"{path}: not a readable MIDI file ({why})")
+
+    if len(data) < 14 or data[:4] != b"MThd" or int.from_bytes(data[4:8], "big") < 6:
+        raise unreadable("no MThd header")
+    _, n_tracks, division = struct.unpack(">hhh", data[14 - 6:14])  # signed, as mido reads them
+    header_end = 8 + int.from_bytes(data[4:8], "big")
+    max_events, max_notes = limits.max_midi_events, limits.max_song_notes
+    n_events = n_notes = last_tick = 0
+    tempos, tempo_tracks = [], []
+    pos = header_end
+    for track in range(max(n_tracks, 0)):
+        if data[pos:pos + 4] != b"MTrk" or pos + 8 > len(data):
+            raise unreadable(f"track {track}: no MTrk chunk at byte {pos}")
+        i, end = pos + 8, pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
+        if end > len(data):
+            raise unreadable(f"track {track}: its chunk runs {end - len(data):,} bytes past the end of the file")
+        tick, running, n_tempos = 0, None, len(tempos)
+        try:
+            while i < end:
+                delta = data[i]  # delta time: a variable-length number of up to 4 bytes
+                i += 1
+                if delta & 0x80:
+                    delta, i = _variable_int(data, i, delta & 0x7F, path, track)
+                tick += delta
+                status = data[i]
+                peeked = status < 0x80  # running status: this is the first data byte
+                if not peeked:
+                    i += 1
+                    if status != 0xFF:  # meta messages leave the running status as it is
+                        running = status
+                elif running is None:
+                    raise unreadable(f"track {track}: running status without a status byte at byte {i}")
+                else:
+                    status = running
+                if status < 0xF0:  # a channel message: two data bytes, one for program change and aftertouch
+                    if 0x90 <= status < 0xA0:
+                        if data[i + 1]:
+                            n_notes += 1
+                            if n_notes > max_notes:
+                                raise SongError(f"{path}: more than {max_notes:,} notes, the limit "
+                                                "(manifest.max_song_notes)")
+                        i += 2
+                    else:
+                        i += 1 if 0xC0 <= status < 0xE0 else 2
+                elif status == 0xFF or status == 0xF0 or status == 0xF7:  # meta, sysex: a length, then data
+                    meta_type = -1
+                    if status == 0xFF:
+                        meta_type = data[i]
+                        i += 1
+                    elif peeked:
+                        i += 1  # mido reads this data byte as the status and drops it
+                    length = data[i]
+                    i += 1
+                    if length & 0x80:
+                        length, i = _variable_int(data, i, length & 0x7F, path, track)
+                    if meta_type == 0x51 and length == 3:
+                        tempos.append((tick, int.from_bytes(data[i:i + 3], "big")))
+                    i += length
+                else:
+                    n_data = _SYSTEM_DATA_BYTES.get(status)
+                    if n_data is None:
+                        raise unreadable(f"track {track}: undefined status byte 0x{status:02x} at byte {i - 1}")
+                    i += n_data or peeked  # a running-status byte is read even where no data byte is due
+                n_events += 1
+                if n_events > max_events:
+                    raise SongError(f"{path}: more than {max_events:,} MIDI events (notes, pedal, other controllers "
+                                    "and meta messages), the limit (manifest.max_midi_events)")
+        except IndexError:
+            raise unreadable(f"track {track}: the file ends inside an event") from None
+        if i != end:
+            raise unreadable(f"track {track}: an event runs {i - end:,} bytes past the end of its chunk")
+        if track and len(tempos) > n_tempos:
+            tempo_tracks.append(track)
+        last_tick, pos = max(last_tick, tick), end
+    if any(tempo == 0 for _, tempo in tempos):
+        raise unreadable("a tempo of 0 microseconds per beat")
+    if division == 0 or (division < 0 and not division & 0xFF):
+        raise unreadable(f"time division 0x{division & 0xFFFF:04x} has no ticks")
+    scan = MidiScan(ticks_per_beat=division, n_events=n_events, n_notes=n_notes, last_tick=last_tick,
+                    tempos=sorted(tempos, key=lambda t: t[0]), tempo_tracks=tempo_tracks)
+    seconds = scan.duration
     if seconds > limits.max_song_duration_s:
         raise SongError(f"{path}: {seconds:,.0f} s long, over the limit of {limits.max_song_duration_s:,.0f} s "
                         "(manifest.max_song_duration_s)")
+    return scan
 
 
-def _tempo_into_first_track(midi: mido.MidiFile) -> list[str]:
-    """Move tempo changes found on later tracks into track 0, where pretty_midi reads the tempo map."""
-    moved_from = [i for i, track in enumerate(midi.tracks) if i > 0 and any(m.type == "set_tempo" for m in track)]
-    if not moved_from:
-        return []
-    tempos = []
-    for i in moved_from:
-        tick, kept, carry = 0, [], 0
-        for msg in midi.tracks[i]:
+def _variable_int(data: bytes, i: int, value: int, path: str | Path, track: int) -> tuple[int, int]:
+    """Finish a variable-length number whose first byte (``value``, 7 bits) is read; at most 4 bytes."""
+    for _ in range(3):
+        byte = data[i]
+        i += 1
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, i
+    raise SongError(f"{path}: not a readable MIDI file (track {track}: a variable-length number longer than 4 bytes "
+                    f"before byte {i})")
+
+
+def ticks_to_seconds(ticks: np.ndarray, ticks_per_beat: int, tempos: list[tuple[int, int]]) -> np.ndarray:
+    """The time of each tick, following the tempo map, computed as pretty_midi does but without a per-tick table.
+
+    ``tempos`` are (tick, microseconds per beat), sorted by tick. With SMPTE time division
+    (``ticks_per_beat`` < 0, frames per second and ticks per frame) tempo changes do not apply.
+    """
+    ticks = np.asarray(ticks, dtype=np.int64)
+    if ticks_per_beat < 0:
+        fps = -(ticks_per_beat >> 8)
+        seconds_per_tick = 1.0 / ((30000 / 1001 if fps == 29 else fps) * (ticks_per_beat & 0xFF))
+        return seconds_per_tick * ticks
+    scales = [(0, 60.0 / (120.0 * ticks_per_beat))]  # MIDI's default tempo, 120 bpm
+    for tick, tempo in tempos:
+        scale = 60.0 / ((6e7 / tempo) * ticks_per_beat)
+        if tick == 0:
+            scales = [(0, scale)]
+        elif scale != scales[-1][1]:
+            scales.append((tick, scale))
+    first = np.array([t for t, _ in scales], dtype=np.int64)
+    scale = np.array([s for _, s in scales])
+    base = np.zeros(len(scales))  # the time at which each tempo begins
+    for k in range(1, len(scales)):
+        base[k] = base[k - 1] + scale[k - 1] * (first[k] - first[k - 1])
+    k = np.searchsorted(first, ticks, side="right") - 1
+    return base[k] + scale[k] * (ticks - first[k])
+
+
+def _notes_and_pedal(midi: mido.MidiFile) -> tuple[list, list, int, int]:
+    """Notes (pitch, velocity, on tick, off tick) and sustain pedal (tick, value) of every track, as pretty_midi pairs them.
+
+    A note-off (or note-on without velocity) closes every open note of its channel and pitch
+    begun at an earlier tick. Drum notes (channel 10) are left out and counted; so are notes
+    never closed or closed at their onset. Returns (notes, pedal, drum notes, unclosed notes).
+    """
+    notes, pedal, n_drums, n_unclosed = [], [], 0, 0
+    for track in midi.tracks:
+        tick, open_notes = 0, {}
+        for msg in track:
             tick += msg.time
-            if msg.type == "set_tempo":
-                tempos.append((tick, msg.copy(time=0)))
-                carry += msg.time
-            else:
-                kept.append(msg.copy(time=msg.time + carry))
-                carry = 0
-        midi.tracks[i] = mido.MidiTrack(kept)
-    first, tick = [], 0
-    for msg in midi.tracks[0]:
-        tick += msg.time
-        first.append((tick, msg.copy(time=0)))
-    events = sorted(first + tempos, key=lambda e: (e[0], e[1].type == "end_of_track"))
-    track, prev = mido.MidiTrack(), 0
-    for tick, msg in events:
-        track.append(msg.copy(time=tick - prev))
-        prev = tick
-    midi.tracks[0] = track
-    tracks = ", ".join(str(i) for i in moved_from)
-    return [f"tempo changes on track {tracks} applied to the whole song"]
+            kind = msg.type
+            if kind == "note_on" and msg.velocity > 0:
+                open_notes.setdefault((msg.channel, msg.note), []).append((tick, msg.velocity))
+            elif kind == "note_off" or kind == "note_on":
+                key = (msg.channel, msg.note)
+                held = open_notes.pop(key, [])
+                closed = [(on, velocity) for on, velocity in held if on != tick]
+                struck_now = [(on, velocity) for on, velocity in held if on == tick]
+                if closed and struck_now:  # struck again at this tick: that note stays open
+                    open_notes[key] = struck_now
+                else:
+                    n_unclosed += len(struck_now)  # released at its onset: no duration
+                if msg.channel == 9:
+                    n_drums += len(closed)
+                else:
+                    notes += [(msg.note, velocity, on, tick) for on, velocity in closed]
+            elif kind == "control_change" and msg.control == SUSTAIN_CC and msg.channel != 9:
+                pedal.append((tick, msg.value))
+        n_unclosed += sum(len(held) for held in open_notes.values())
+    return notes, pedal, n_drums, n_unclosed
 
 
 def _resolve_overlaps(pitch, velocity, start, end):
