@@ -12,13 +12,15 @@ A manifest is YAML::
         overrides: {droq.batch_size: 128}   # dotted config keys, on top of the defaults
       - songs/nocturne.mid        # a bare path is a song with every default
 
-or CSV (for long lists), a header ``path,name,split[,overrides]`` and one song per row; the
-``overrides`` cell is a JSON object or ``key=value;key=value``. Lines starting with ``#``
-are comments.
+or CSV (for long lists), a header ``path,name,split[,overrides]`` and one song per line (a
+row may leave out trailing empty cells; a cell holding a comma is quoted, and a quote closes
+on its own line); the ``overrides`` cell is a JSON object or ``key=value;key=value``. Lines
+starting with ``#`` are comments (quote a path that begins with ``#``).
 
-Loading never stops at a bad entry: a wrong field, an unreadable MIDI or a bad override is
-a :class:`Problem` (file, line, field or song, message) and that entry is left out; the
-other songs still load. A song's identity is the sha256 of its MIDI bytes, so a song listed
+Parsing is strict and never stops at a bad entry: a row that is not CSV (an unclosed quote,
+extra cells), a duplicate key or column, a wrong field, an unreadable MIDI or a bad override
+is a :class:`Problem` (file, line, field or song, message) and only that entry is left out;
+the other songs still load. :func:`parse_manifest` does the reading without loading MIDI. A song's identity is the sha256 of its MIDI bytes, so a song listed
 twice (under any path) is kept once and the repeat is reported.
 """
 
@@ -134,6 +136,71 @@ class _RawEntry:
     field_lines: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ListedSong:
+    """An entry that parsed and validated, and where the manifest writes it."""
+
+    entry: ManifestEntry
+    line: int
+    field_lines: dict[str, int]  # the line of each field (YAML); empty for a CSV row
+
+
+def parse_manifest(path: str | Path, cfg: configs.Config, text: str | None = None
+                   ) -> tuple[ManifestDefaults, list[ListedSong], list[Problem]]:
+    """Read and validate a YAML or CSV manifest's entries, in file order, without loading a MIDI file.
+
+    ``text`` (default: the file's content) is parsed as the file ``path``. Every entry either
+    comes back or is named by an error :class:`Problem` at its line; only a manifest that
+    cannot be read at all raises :class:`ManifestError`.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".yaml", ".yml"):
+        raise ManifestError(f"{path}: a manifest is a .yaml, .yml or .csv file")
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no such manifest") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: cannot read the manifest ({e})") from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")  # a BOM; any line ends
+    problems: list[Problem] = []
+    if suffix == ".csv":
+        defaults, raw = ManifestDefaults(), _read_csv(text, str(path), problems)
+    else:
+        defaults, raw = _read_yaml(text, str(path), problems, cfg)
+    if not raw and not any(p.severity == "error" for p in problems):
+        problems.append(Problem(str(path), None, "the manifest lists no songs"))
+    listed = [song for item in raw if (song := _validate_entry(item, str(path), problems)) is not None]
+    problems.sort(key=lambda p: p.line or 0)  # in file order
+    return defaults, listed, problems
+
+
+def _validate_entry(item: _RawEntry, file: str, problems: list[Problem]) -> ListedSong | None:
+    def problem(message: str, name: str | None = None) -> None:
+        problems.append(Problem(file, item.field_lines.get(name, item.line) if name else item.line, message, field=name))
+
+    data = {"path": item.data} if isinstance(item.data, str) else item.data
+    if not isinstance(data, dict):
+        problem(f"expected a song (a mapping with 'path', or a path), got {type(data).__name__}")
+        return None
+    try:
+        entry = ManifestEntry.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else None
+            if err["type"] == "extra_forbidden":
+                problem(f"unknown field (expected one of: {', '.join(ManifestEntry.model_fields)})", name)
+            else:
+                problem(err["msg"], name)
+        return None
+    if "\x00" in entry.path:
+        problem("a NUL character in the path", "path")
+        return None
+    return ListedSong(entry, item.line, item.field_lines)
+
+
 def load_manifest(path: str | Path, cfg: configs.Config) -> Manifest:
     """Read, validate and load every song of a YAML or CSV manifest.
 
@@ -142,26 +209,13 @@ def load_manifest(path: str | Path, cfg: configs.Config) -> Manifest:
     manifest file that cannot be read at all raises :class:`ManifestError`.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read the manifest ({e})") from None
-    manifest = Manifest(path=path)
-    if path.suffix.lower() == ".csv":
-        defaults, raw = ManifestDefaults(), _read_csv(text, manifest)
-    elif path.suffix.lower() in (".yaml", ".yml"):
-        defaults, raw = _read_yaml(text, manifest, cfg)
-    else:
-        raise ManifestError(f"{path}: a manifest is a .yaml, .yml or .csv file")
-    if not raw and not manifest.errors:
-        manifest.problems.append(Problem(str(path), None, "the manifest lists no songs"))
+    defaults, listed, problems = parse_manifest(path, cfg)
+    manifest = Manifest(path=path, problems=problems)
 
     configs_by_overrides: dict[str, tuple[configs.Config, str]] = {}
     by_hash: dict[str, ManifestSong] = {}
     by_name: dict[str, ManifestSong] = {}
-    for item in raw:
+    for item in listed:
         loaded = _load_entry(item, defaults, manifest, cfg, configs_by_overrides)
         if loaded is None:
             continue
@@ -184,28 +238,13 @@ def load_manifest(path: str | Path, cfg: configs.Config) -> Manifest:
     return manifest
 
 
-def _load_entry(item: _RawEntry, defaults: ManifestDefaults, manifest: Manifest, cfg: configs.Config,
+def _load_entry(item: ListedSong, defaults: ManifestDefaults, manifest: Manifest, cfg: configs.Config,
                 cache: dict[str, tuple[configs.Config, str]]) -> ManifestSong | None:
-    file = str(manifest.path)
+    file, entry = str(manifest.path), item.entry
 
     def problem(message: str, field: str | None = None, song: str | None = None, severity: str = "error") -> None:
         line = item.field_lines.get(field, item.line) if field else item.line
         manifest.problems.append(Problem(file, line, message, severity, field, song))
-
-    data = {"path": item.data} if isinstance(item.data, str) else item.data
-    if not isinstance(data, dict):
-        problem(f"expected a song (a mapping with 'path', or a path), got {type(data).__name__}")
-        return None
-    try:
-        entry = ManifestEntry.model_validate(data)
-    except ValidationError as e:
-        for err in e.errors():
-            name = str(err["loc"][0]) if err["loc"] else None
-            if err["type"] == "extra_forbidden":
-                problem(f"unknown field (expected one of: {', '.join(ManifestEntry.model_fields)})", name)
-            else:
-                problem(err["msg"], name)
-        return None
 
     song_path = Path(entry.path).expanduser()
     if not song_path.is_absolute():
@@ -252,61 +291,109 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _read_yaml(text: str, manifest: Manifest, cfg: configs.Config) -> tuple[ManifestDefaults, list[_RawEntry]]:
-    file = str(manifest.path)
+def _read_yaml(text: str, file: str, problems: list[Problem], cfg: configs.Config
+               ) -> tuple[ManifestDefaults, list[_RawEntry]]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
+        # Each part is built from its own node, so a key written twice cannot pair one node with another's data.
+        build = loader.construct_document
+        if root is None:
+            problems.append(Problem(file, None, "expected a mapping with 'songs:' (and optionally 'defaults:')"))
+            return ManifestDefaults(), []
+        if isinstance(root, yaml.SequenceNode):  # a bare list of songs
+            return ManifestDefaults(), _yaml_entries(root, build(root), file, problems)
+        if not isinstance(root, yaml.MappingNode):
+            problems.append(Problem(file, _line(root), "expected a mapping with 'songs:' (and optionally 'defaults:')"))
+            return ManifestDefaults(), []
+        parts = [(key, value, build(value)) for key, value in root.value]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         what = " ".join(str(getattr(e, "problem", None) or e).split())
-        manifest.problems.append(Problem(file, mark.line + 1 if mark else None, f"invalid YAML: {what}"))
+        problems.append(Problem(file, mark.line + 1 if mark else None, f"invalid YAML: {what}"))
+        return ManifestDefaults(), []
+    except RecursionError:
+        problems.append(Problem(file, None, "invalid YAML: nested too deeply"))
         return ManifestDefaults(), []
     finally:
         loader.dispose()
 
-    defaults = ManifestDefaults()
-    if isinstance(root, yaml.SequenceNode):  # a bare list of songs
-        return defaults, _yaml_entries(root, data)
-    if not isinstance(root, yaml.MappingNode):
-        manifest.problems.append(Problem(file, _line(root) if root else None,
-                                         "expected a mapping with 'songs:' (and optionally 'defaults:')"))
-        return defaults, []
-
-    songs = []
-    for key_node, value_node in root.value:
+    for key_node, first_line in _repeated_keys(root):
+        problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key at line {first_line}; "
+                                                       "each part is read, but write it once", field=str(key_node.value)))
+    defaults, songs = ManifestDefaults(), []
+    for key_node, value_node, data in parts:
         key = key_node.value
         if key == "songs":
             if not isinstance(value_node, yaml.SequenceNode):
-                manifest.problems.append(Problem(file, _line(value_node), "expected a list of songs", field="songs"))
+                problems.append(Problem(file, _line(value_node), "expected a list of songs", field="songs"))
                 continue
-            songs = _yaml_entries(value_node, data["songs"])
+            songs += _yaml_entries(value_node, data, file, problems)
         elif key == "defaults":
-            lines = _field_lines(value_node)
-            try:
-                defaults = ManifestDefaults.model_validate(data["defaults"] or {})
-            except ValidationError as e:
-                for err in e.errors():
-                    name = str(err["loc"][0]) if err["loc"] else None
-                    msg = "unknown field (expected split, overrides)" if err["type"] == "extra_forbidden" else err["msg"]
-                    manifest.problems.append(Problem(file, lines.get(name, _line(value_node)), msg,
-                                                     field=f"defaults.{name}" if name else "defaults"))
-                continue
-            try:  # checked once here rather than once per song
-                cfg.with_overrides(defaults.overrides)
-            except configs.ConfigError as e:
-                manifest.problems.append(Problem(file, lines.get("overrides", _line(value_node)),
-                                                 " ".join(str(e).split()), field="defaults.overrides"))
-                defaults = defaults.model_copy(update={"overrides": {}})
-            for k in defaults.overrides:
-                if k.split(".")[0] not in UNIT_SECTIONS:
-                    manifest.problems.append(Problem(file, lines.get("overrides", _line(value_node)),
-                                                     _not_per_song(k), "warning", "defaults.overrides"))
+            defaults = _yaml_defaults(value_node, data, file, problems, cfg)
         else:
-            manifest.problems.append(Problem(file, _line(key_node), "unknown top-level key (expected songs, defaults)",
-                                             field=str(key)))
+            problems.append(Problem(file, _line(key_node), "unknown top-level key (expected songs, defaults)",
+                                    field=str(key)))
     return defaults, songs
+
+
+def _yaml_defaults(node: yaml.Node, data: Any, file: str, problems: list[Problem],
+                   cfg: configs.Config) -> ManifestDefaults:
+    lines = _field_lines(node)
+    repeated = _duplicate_keys(node)
+    for key_node, first_line in repeated:
+        problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key at line {first_line}; "
+                                                       "the defaults are left out", field=f"defaults.{key_node.value}"))
+    if repeated:
+        return ManifestDefaults()
+    try:
+        defaults = ManifestDefaults.model_validate(data or {})
+    except ValidationError as e:
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else None
+            msg = "unknown field (expected split, overrides)" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(Problem(file, lines.get(name, _line(node)), msg,
+                                    field=f"defaults.{name}" if name else "defaults"))
+        return ManifestDefaults()
+    try:  # checked once here rather than once per song
+        cfg.with_overrides(defaults.overrides)
+    except configs.ConfigError as e:
+        problems.append(Problem(file, lines.get("overrides", _line(node)), " ".join(str(e).split()),
+                                field="defaults.overrides"))
+        defaults = defaults.model_copy(update={"overrides": {}})
+    for k in defaults.overrides:
+        if k.split(".")[0] not in UNIT_SECTIONS:
+            problems.append(Problem(file, lines.get("overrides", _line(node)), _not_per_song(k), "warning",
+                                    "defaults.overrides"))
+    return defaults
+
+
+def _repeated_keys(node: yaml.Node) -> list[tuple[yaml.ScalarNode, int]]:
+    """The keys a mapping node writes again, each with the line of its first writing."""
+    first: dict[str, int] = {}
+    repeated = []
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+        if isinstance(key, yaml.ScalarNode):
+            if key.value in first:
+                repeated.append((key, first[key.value]))
+            first.setdefault(key.value, _line(key))
+    return repeated
+
+
+def _duplicate_keys(root: yaml.Node) -> list[tuple[yaml.ScalarNode, int]]:
+    """Every key written twice in one mapping anywhere under ``root`` (PyYAML keeps the last without a word)."""
+    found, seen, todo = [], set(), [root]
+    while todo:  # not recursive: the composer already accepted this depth
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        found += _repeated_keys(node)
+        if isinstance(node, yaml.MappingNode):
+            todo += [x for pair in node.value for x in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+    return sorted(found, key=lambda f: _line(f[0]))
 
 
 def _field_lines(node: yaml.Node) -> dict[str, int]:
@@ -315,8 +402,17 @@ def _field_lines(node: yaml.Node) -> dict[str, int]:
     return {str(k.value): _line(k) for k, _ in node.value}
 
 
-def _yaml_entries(seq: yaml.SequenceNode, items: list) -> list[_RawEntry]:
-    return [_RawEntry(data, _line(node), _field_lines(node)) for node, data in zip(seq.value, items)]
+def _yaml_entries(seq: yaml.SequenceNode, items: list, file: str, problems: list[Problem]) -> list[_RawEntry]:
+    entries = []
+    for node, data in zip(seq.value, items, strict=True):
+        repeated = _duplicate_keys(node)
+        for key_node, first_line in repeated:
+            problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key of this song at line "
+                                                           f"{first_line}; the song is left out",
+                                    field=str(key_node.value)))
+        if not repeated:
+            entries.append(_RawEntry(data, _line(node), _field_lines(node)))
+    return entries
 
 
 # --------------------------------------------------------------------------- CSV
@@ -324,58 +420,81 @@ def _yaml_entries(seq: yaml.SequenceNode, items: list) -> list[_RawEntry]:
 CSV_COLUMNS = ("path", "name", "split", "overrides")
 
 
-def _read_csv(text: str, manifest: Manifest) -> list[_RawEntry]:
-    file = str(manifest.path)
-    reader = csv.reader(io.StringIO(text))
-    header, entries, last_line = None, [], 0
-    for row in reader:
-        line, last_line = last_line + 1, reader.line_num  # a quoted cell may span lines
-        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+def _read_csv(text: str, file: str, problems: list[Problem]) -> list[_RawEntry]:
+    """One row per line, read strictly: a line that is not one CSV row is an error at that line alone."""
+    header, entries = None, []
+    for line, row_text in enumerate(text.split("\n"), start=1):
+        if not row_text.strip() or row_text.lstrip().startswith("#"):
+            continue
+        try:
+            (row,) = csv.reader([row_text], strict=True)
+        except csv.Error as e:
+            hint = " (a quote left open? a quoted cell must close on its own line)" if "end of data" in str(e) else ""
+            problems.append(Problem(file, line, f"not a CSV row: {e}{hint}"))
+            if header is None:
+                return []
             continue
         if header is None:
             header = [h.strip().lower() for h in row]
             for h in header:
                 if h not in CSV_COLUMNS:
-                    manifest.problems.append(Problem(file, line, f"unknown column '{h}' (expected {', '.join(CSV_COLUMNS)})",
-                                                     field=h))
-            if "path" not in header:
-                manifest.problems.append(Problem(file, line, "the header needs a 'path' column", field="path"))
+                    problems.append(Problem(file, line, f"unknown column '{h}' (expected {', '.join(CSV_COLUMNS)})",
+                                            field=h))
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                problems.append(Problem(file, line, f"column {', '.join(map(repr, repeated))} named twice",
+                                        field=repeated[0]))
+            if "path" not in header or repeated:
+                if "path" not in header:
+                    problems.append(Problem(file, line, "the header needs a 'path' column", field="path"))
                 return []
             continue
         if len(row) > len(header):
-            manifest.problems.append(Problem(file, line, f"{len(row)} cells but the header names {len(header)} columns"))
+            problems.append(Problem(file, line, f"{len(row)} cells but the header names {len(header)} columns "
+                                                "(a cell holding a comma must be quoted)"))
             continue
         cells = {h: c.strip() for h, c in zip(header, row) if h in CSV_COLUMNS and c.strip()}
         if "overrides" in cells:
             try:
                 cells["overrides"] = _parse_override_cell(cells["overrides"])
             except ValueError as e:
-                manifest.problems.append(Problem(file, line, str(e), field="overrides"))
+                problems.append(Problem(file, line, str(e), field="overrides"))
                 continue
         entries.append(_RawEntry(cells, line))
     return entries
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"overrides name '{key}' twice")
+        out[key] = value
+    return out
+
+
 def _parse_override_cell(cell: str) -> dict[str, Any]:
-    """``{"a.b": 1}`` (JSON) or ``a.b=1;c.d=true`` (values read as YAML scalars)."""
+    """``{"a.b": 1}`` (JSON) or ``a.b=1;c.d=true`` (values read as YAML scalars); a key named twice is an error."""
     if cell.startswith("{"):
         try:
-            value = json.loads(cell)
+            value = json.loads(cell, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"overrides are not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError("overrides are nested too deeply") from None
         if not isinstance(value, dict):
             raise ValueError("overrides must be a JSON object")
         return value
-    out = {}
+    pairs = []
     for part in filter(None, (p.strip() for p in cell.split(";"))):
         if "=" not in part:
             raise ValueError(f"override '{part}': expected key=value (several separated by ';')")
         key, raw = part.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        except (yaml.YAMLError, RecursionError):
             raise ValueError(f"override '{part}': cannot read the value") from None
-    return out
+    return _unique_keys(pairs)
 
 
 # --------------------------------------------------------------------------- demo

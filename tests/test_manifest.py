@@ -203,6 +203,46 @@ def test_csv_needs_a_path_column(tmp_path, cfg):
     assert m.songs == [] and [(p.line, p.field) for p in m.errors] == [(1, "file"), (1, "path")]
 
 
+def test_an_unclosed_quote_is_an_error_at_its_line_and_the_next_songs_still_load(tmp_path):
+    for i, name in enumerate("abc"):
+        _song(tmp_path / "midi" / f"{name}.mid", (60 + i,))
+    (tmp_path / "m.csv").write_text('path,name,split\nmidi/a.mid,Air,train\nmidi/b.mid,"Bach 120,train\n'
+                                    'midi/c.mid,"Chopin, Op. 9",eval\n')
+    result = runner.invoke(app, ["manifest", "check", str(tmp_path / "m.csv")])
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / 'm.csv'}:3: error: not a CSV row: unexpected end of data (a quote left open?" in result.output
+    assert "2 songs, 2 units" in result.output and "Chopin, Op. 9" in result.output
+
+
+def test_csv_rows_are_read_strictly(tmp_path, cfg):
+    _song(tmp_path / "#1.mid", (60,))
+    _song(tmp_path / "b.mid", (62,))
+    (tmp_path / "m.csv").write_bytes(  # a BOM, CRLF line ends, as spreadsheets write them
+        '\ufeffpath,name,overrides\r\n"#1.mid",one\r\nb.mid,"b" ,\r\nb.mid,bee,"{""droq.batch_size"": 8, '
+        '""droq.batch_size"": 16}"\r\nb.mid,bee,droq.batch_size=8;droq.batch_size=16\r\nb.mid,bee\r\n'.encode())
+    m = load_manifest(tmp_path / "m.csv", cfg)
+    assert [(s.name, s.line) for s in m.songs] == [("one", 2), ("bee", 6)]
+    assert [(p.line, p.field, p.message) for p in m.errors] == [
+        (3, None, "not a CSV row: ',' expected after '\"'"),
+        (4, "overrides", "overrides name 'droq.batch_size' twice"),
+        (5, "overrides", "overrides name 'droq.batch_size' twice")]
+    (tmp_path / "twice.csv").write_text("path,name,Name\nb.mid,a,b\n")
+    m = load_manifest(tmp_path / "twice.csv", cfg)
+    assert m.songs == [] and [(p.line, p.message) for p in m.errors] == [(1, "column 'name' named twice")]
+
+
+def test_yaml_keys_written_twice_are_errors_and_no_song_is_lost(tmp_path, cfg):
+    for i, name in enumerate("abc"):
+        _song(tmp_path / f"{name}.mid", (60 + i,))
+    (tmp_path / "m.yaml").write_text("\ufeffsongs:\n  - a.mid\n  - path: b.mid\n    split: eval\n    split: train\n"
+                                     "  - path: c.mid\n    overrides: {droq.batch_size: 8, droq.batch_size: 16}\n"
+                                     "songs:\n  - c.mid\n")
+    m = load_manifest(tmp_path / "m.yaml", cfg)
+    assert [(s.name, s.line) for s in m.songs] == [("a", 2), ("c", 9)]
+    assert [(p.line, p.field) for p in m.errors] == [(5, "split"), (7, "droq.batch_size"), (8, "songs")]
+    assert "'split' is also a key of this song at line 4; the song is left out" in m.errors[0].message
+
+
 def test_unreadable_manifest_raises(tmp_path, cfg):
     with pytest.raises(ManifestError, match="nope.yaml: no such manifest"):
         load_manifest(tmp_path / "nope.yaml", cfg)

@@ -148,8 +148,8 @@ def load_song(path: str | Path, name: str | None = None, limits: SongLimits | No
             data = f.read(limits.max_midi_bytes + 1)  # a file still growing is not read past the limit
     except FileNotFoundError:
         raise SongError(f"{path}: no such file") from None
-    except OSError as e:
-        raise SongError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise SongError(f"{path}: cannot read the file ({getattr(e, 'strerror', None) or e})") from None
     if not data:
         raise SongError(f"{path}: empty file, no playable notes")
     scan = scan_midi(data, path, limits)
