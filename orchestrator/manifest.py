@@ -198,7 +198,26 @@ def _validate_entry(item: _RawEntry, file: str, problems: list[Problem]) -> List
     if "\x00" in entry.path:
         problem("a NUL character in the path", "path")
         return None
+    if not _plain_size_within(entry.overrides, 10_000):  # they become part of a unit's identity, as JSON
+        problem("overrides hold over 10,000 values once YAML aliases are expanded (or refer to themselves)",
+                "overrides")
+        return None
     return ListedSong(entry, item.line, item.field_lines)
+
+
+def _plain_size_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` written out (every alias expanded) holds at most ``limit`` values; stops counting there."""
+    todo, n = [value], 0
+    while todo:
+        n += 1
+        if n > limit:
+            return False
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set)):
+            todo += item
+    return True
 
 
 def load_manifest(path: str | Path, cfg: configs.Config) -> Manifest:
@@ -293,48 +312,67 @@ def _line(node: yaml.Node) -> int:
 
 def _read_yaml(text: str, file: str, problems: list[Problem], cfg: configs.Config
                ) -> tuple[ManifestDefaults, list[_RawEntry]]:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses characters YAML does not allow
         root = loader.get_single_node()
-        # Each part is built from its own node, so a key written twice cannot pair one node with another's data.
-        build = loader.construct_document
-        if root is None:
-            problems.append(Problem(file, None, "expected a mapping with 'songs:' (and optionally 'defaults:')"))
-            return ManifestDefaults(), []
+    except yaml.reader.ReaderError as e:
+        problems.append(Problem(file, text.count("\n", 0, e.position) + 1,
+                                f"invalid YAML: the character U+{e.character:04X} is not allowed"))
+        return ManifestDefaults(), []
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as e:  # ValueError: "\U00110000"
+        problems.append(_invalid_yaml(file, e, loader))
+        return ManifestDefaults(), []
+
+    def build(node: yaml.Node) -> tuple[bool, Any]:
+        """The value of one part, built on its own: a value PyYAML cannot build is an error there alone."""
+        try:
+            return True, loader.construct_document(node)
+        except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as e:  # ValueError: a date 2024-13-01
+            problems.append(_invalid_yaml(file, e, None, node))
+            return False, None
+
+    try:
         if isinstance(root, yaml.SequenceNode):  # a bare list of songs
-            return ManifestDefaults(), _yaml_entries(root, build(root), file, problems)
+            return ManifestDefaults(), _yaml_entries(root, build, file, problems)
         if not isinstance(root, yaml.MappingNode):
-            problems.append(Problem(file, _line(root), "expected a mapping with 'songs:' (and optionally 'defaults:')"))
+            problems.append(Problem(file, _line(root) if root else None,
+                                    "expected a mapping with 'songs:' (and optionally 'defaults:')"))
             return ManifestDefaults(), []
-        parts = [(key, value, build(value)) for key, value in root.value]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        what = " ".join(str(getattr(e, "problem", None) or e).split())
-        problems.append(Problem(file, mark.line + 1 if mark else None, f"invalid YAML: {what}"))
-        return ManifestDefaults(), []
-    except RecursionError:
-        problems.append(Problem(file, None, "invalid YAML: nested too deeply"))
-        return ManifestDefaults(), []
+        for key_node, first_line in _repeated_keys(root):
+            problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key at line {first_line}; "
+                                                           "each part is read, but write it once",
+                                    field=str(key_node.value)))
+        defaults, songs = ManifestDefaults(), []
+        for key_node, value_node in root.value:
+            key = key_node.value
+            if key == "songs":
+                if not isinstance(value_node, yaml.SequenceNode):
+                    problems.append(Problem(file, _line(value_node), "expected a list of songs", field="songs"))
+                    continue
+                songs += _yaml_entries(value_node, build, file, problems)
+            elif key == "defaults":
+                built, data = build(value_node)
+                if built:
+                    defaults = _yaml_defaults(value_node, data, file, problems, cfg)
+            else:
+                problems.append(Problem(file, _line(key_node), "unknown top-level key (expected songs, defaults)",
+                                        field=str(key)))
+        return defaults, songs
     finally:
         loader.dispose()
 
-    for key_node, first_line in _repeated_keys(root):
-        problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key at line {first_line}; "
-                                                       "each part is read, but write it once", field=str(key_node.value)))
-    defaults, songs = ManifestDefaults(), []
-    for key_node, value_node, data in parts:
-        key = key_node.value
-        if key == "songs":
-            if not isinstance(value_node, yaml.SequenceNode):
-                problems.append(Problem(file, _line(value_node), "expected a list of songs", field="songs"))
-                continue
-            songs += _yaml_entries(value_node, data, file, problems)
-        elif key == "defaults":
-            defaults = _yaml_defaults(value_node, data, file, problems, cfg)
-        else:
-            problems.append(Problem(file, _line(key_node), "unknown top-level key (expected songs, defaults)",
-                                    field=str(key)))
-    return defaults, songs
+
+def _invalid_yaml(file: str, e: BaseException, loader: yaml.SafeLoader | None, node: yaml.Node | None = None
+                  ) -> Problem:
+    if isinstance(e, RecursionError):
+        what = "nested too deeply"
+    else:
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+    mark = getattr(e, "problem_mark", None) or (node.start_mark if node is not None else None)
+    if mark is None and loader is not None and not isinstance(e, RecursionError):
+        mark = loader.get_mark()
+    return Problem(file, mark.line + 1 if mark else None, f"invalid YAML: {what}")
 
 
 def _yaml_defaults(node: yaml.Node, data: Any, file: str, problems: list[Problem],
@@ -354,6 +392,10 @@ def _yaml_defaults(node: yaml.Node, data: Any, file: str, problems: list[Problem
             msg = "unknown field (expected split, overrides)" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(Problem(file, lines.get(name, _line(node)), msg,
                                     field=f"defaults.{name}" if name else "defaults"))
+        return ManifestDefaults()
+    if not _plain_size_within(defaults.overrides, 10_000):
+        problems.append(Problem(file, lines.get("overrides", _line(node)), "overrides hold over 10,000 values once "
+                                "YAML aliases are expanded (or refer to themselves)", field="defaults.overrides"))
         return ManifestDefaults()
     try:  # checked once here rather than once per song
         cfg.with_overrides(defaults.overrides)
@@ -402,15 +444,16 @@ def _field_lines(node: yaml.Node) -> dict[str, int]:
     return {str(k.value): _line(k) for k, _ in node.value}
 
 
-def _yaml_entries(seq: yaml.SequenceNode, items: list, file: str, problems: list[Problem]) -> list[_RawEntry]:
+def _yaml_entries(seq: yaml.SequenceNode, build, file: str, problems: list[Problem]) -> list[_RawEntry]:
     entries = []
-    for node, data in zip(seq.value, items, strict=True):
+    for node in seq.value:
         repeated = _duplicate_keys(node)
         for key_node, first_line in repeated:
             problems.append(Problem(file, _line(key_node), f"'{key_node.value}' is also a key of this song at line "
                                                            f"{first_line}; the song is left out",
                                     field=str(key_node.value)))
-        if not repeated:
+        built, data = build(node)
+        if built and not repeated:
             entries.append(_RawEntry(data, _line(node), _field_lines(node)))
     return entries
 
