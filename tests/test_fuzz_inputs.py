@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import configs
 from orchestrator.manifest import parse_manifest
-from workers.piano.music import Song, SongError, load_song, scan_midi, song_limits
+from workers.piano.music import SongError, load_song, scan_midi, song_limits
 
 
 def fuzz(max_examples: int):
@@ -190,27 +190,25 @@ SMALL_LIMITS = song_limits(configs.load(overrides=["manifest.max_midi_events=400
                                                    "manifest.max_song_duration_s=600"]).manifest)
 
 
-def _load(midi_dir: Path, data: bytes) -> Song | None:
-    """Load ``data``: a Song, or None when refused with a SongError naming the file; anything else fails the test."""
+def _load(midi_dir: Path, data: bytes) -> str:
+    """Load ``data``: read, or refused with a SongError naming the file (how, returned); anything else fails the test."""
     path = midi_dir / "fuzzed.mid"
     path.write_bytes(data)
     try:
         song = load_song(path, limits=SMALL_LIMITS)
     except SongError as e:
         assert str(e).startswith(str(path)), e
-        event("refused: " + ("a limit" if "(manifest." in str(e) else "no playable notes" if "no playable" in str(e)
-                             else "by mido" if re.search(r"MIDI file \(\w+(Error|Exception)\b", str(e)) else "by the scan"))
-        return None
-    event("read")
+        return "refused: " + ("a limit" if "(manifest." in str(e) else "no playable notes" if "no playable" in str(e)
+                              else "by mido" if re.search(r"MIDI file \(\w+(Error|Exception)\b", str(e)) else "by the scan")
     assert song.n_notes > 0 and (song.end > song.start).all() and song.duration <= SMALL_LIMITS.max_song_duration_s
     # The scan that bounded the cost counted exactly the messages mido went on to build.
     scan = scan_midi(data, path, SMALL_LIMITS)
     assert scan.n_events == sum(len(track) for track in mido.MidiFile(file=io.BytesIO(data)).tracks)
-    return song
+    return "read"
 
 
 def test_the_valid_fuzz_seed_loads(midi_dir):
-    assert _load(midi_dir, VALID_MIDI).n_notes == 12
+    assert _load(midi_dir, VALID_MIDI) == "read"
 
 
 def _frame(header: bytes, bodies: list[bytes]) -> bytes:
@@ -230,7 +228,7 @@ events = st.lists(st.tuples(st.sampled_from([b"\x00", b"\x10", b"\x81\x00", b"\x
        st.lists(events | st.binary(max_size=100), min_size=1, max_size=3))
 def test_random_tracks_are_read_or_refused(midi_dir, kind, n_tracks, division, bodies):
     """Random events (or bytes) in well-formed chunks, under a header of any type, track count and time division."""
-    _load(midi_dir, _frame(b"MThd\x00\x00\x00\x06" + struct.pack(">hhh", kind, n_tracks, division), bodies))
+    event(_load(midi_dir, _frame(b"MThd\x00\x00\x00\x06" + struct.pack(">hhh", kind, n_tracks, division), bodies)))
 
 
 def _chunks(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -269,4 +267,4 @@ def test_a_damaged_midi_file_is_read_or_refused(midi_dir, data):
             damaged[at:at] = damaged[at:at + data.draw(st.integers(1, 40))] * data.draw(st.integers(1, 50))
     if not whole_file:
         damaged = _frame(header, bodies[:track] + [bytes(damaged)] + bodies[track + 1:])
-    _load(midi_dir, bytes(damaged))
+    event(_load(midi_dir, bytes(damaged)))
