@@ -149,8 +149,8 @@ def write_long_piece(path: Path, minutes: float = 14.0, ticks_per_beat: int = 10
 
 
 def crafted_midi(path: Path, n: int, event: bytes) -> Path:
-    """A one-track file repeating ``event`` (delta time and message bytes) ``n`` times, written as bytes."""
-    body = b"\x00\xc0\x00" + event * n + b"\x00\xff\x2f\x00"
+    """A one-track file of one note then ``event`` (delta time and message bytes) ``n`` times, written as bytes."""
+    body = b"\x00\xc0\x00" + NOTE_EVENT + event * n + b"\x00\xff\x2f\x00"
     path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0"  # type 0, one track, 480 ticks per beat
                      + b"MTrk" + len(body).to_bytes(4, "big") + body)
     return path

@@ -334,7 +334,7 @@ def no_mido_read(monkeypatch):
 @pytest.mark.parametrize("event, n, limit", [
     ("PEDAL_EVENT", 1_000_000, r"more than 500,000 MIDI events \(notes, pedal, other controllers and meta messages\), "
                                r"the limit \(manifest.max_midi_events\)"),
-    ("NOTE_EVENT", 200_001, r"more than 200,000 notes, the limit \(manifest.max_song_notes\)"),
+    ("NOTE_EVENT", 200_000, r"more than 200,000 notes, the limit \(manifest.max_song_notes\)"),
 ])
 def test_crafted_event_floods_are_refused_by_the_scan_before_mido_reads_them(tmp_path, no_mido_read, event, n, limit):
     import env_fixtures
@@ -351,11 +351,11 @@ def test_file_size_and_event_limits_come_from_the_config(tmp_path, no_mido_read)
 
     path = crafted_midi(tmp_path / "pedal.mid", 1000, PEDAL_EVENT)
     small = song_limits(configs.load(overrides=["manifest.max_midi_bytes=4000"]).manifest)
-    with pytest.raises(SongError, match=r"pedal.mid: 4,029 bytes, over the limit of 4,000 \(manifest.max_midi_bytes\)"):
+    with pytest.raises(SongError, match=r"pedal.mid: 4,037 bytes, over the limit of 4,000 \(manifest.max_midi_bytes\)"):
         load_song(path, limits=small)
-    few = song_limits(configs.load(overrides=["manifest.max_midi_events=1001"]).manifest)
-    with pytest.raises(SongError, match=r"pedal.mid: more than 1,001 MIDI events .* \(manifest.max_midi_events\)"):
-        load_song(path, limits=few)  # a program change, 1000 pedal events, the end of the track
+    few = song_limits(configs.load(overrides=["manifest.max_midi_events=1003"]).manifest)
+    with pytest.raises(SongError, match=r"pedal.mid: more than 1,003 MIDI events .* \(manifest.max_midi_events\)"):
+        load_song(path, limits=few)  # a program change, a note (on, off), 1000 pedal events, the end of track
 
 
 @pytest.mark.parametrize("body, why", [

@@ -142,14 +142,15 @@ def load_song(path: str | Path, name: str | None = None, limits: SongLimits | No
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > limits.max_midi_bytes:
-                raise SongError(f"{path}: {size:,} bytes, over the limit of {limits.max_midi_bytes:,} "
-                                "(manifest.max_midi_bytes)")
-            data = f.read(limits.max_midi_bytes + 1)  # a file still growing is not read past the limit
+            # Not read(limit): that allocates the whole limit first. One byte more notices a file still growing.
+            data = f.read(min(size, limits.max_midi_bytes) + 1) if size <= limits.max_midi_bytes else b""
     except FileNotFoundError:
         raise SongError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
         raise SongError(f"{path}: cannot read the file ({getattr(e, 'strerror', None) or e})") from None
+    if max(size, len(data)) > limits.max_midi_bytes:
+        raise SongError(f"{path}: {max(size, len(data)):,} bytes, over the limit of {limits.max_midi_bytes:,} "
+                        "(manifest.max_midi_bytes)")
     if not data:
         raise SongError(f"{path}: empty file, no playable notes")
     scan = scan_midi(data, path, limits)
