@@ -477,6 +477,8 @@ def _read_csv(text: str, file: str, problems: list[Problem]) -> list[_RawEntry]:
             if header is None:
                 return []
             continue
+        if not any(c.strip() for c in row):  # an empty row, as spreadsheets write them: ",,,"
+            continue
         if header is None:
             header = [h.strip().lower() for h in row]
             for h in header:

@@ -219,9 +219,9 @@ def test_csv_rows_are_read_strictly(tmp_path, cfg):
     _song(tmp_path / "b.mid", (62,))
     (tmp_path / "m.csv").write_bytes(  # a BOM, CRLF line ends, as spreadsheets write them
         '\ufeffpath,name,overrides\r\n"#1.mid",one\r\nb.mid,"b" ,\r\nb.mid,bee,"{""droq.batch_size"": 8, '
-        '""droq.batch_size"": 16}"\r\nb.mid,bee,droq.batch_size=8;droq.batch_size=16\r\nb.mid,bee\r\n'.encode())
+        '""droq.batch_size"": 16}"\r\nb.mid,bee,droq.batch_size=8;droq.batch_size=16\r\n,,\r\nb.mid,bee\r\n'.encode())
     m = load_manifest(tmp_path / "m.csv", cfg)
-    assert [(s.name, s.line) for s in m.songs] == [("one", 2), ("bee", 6)]
+    assert [(s.name, s.line) for s in m.songs] == [("one", 2), ("bee", 7)]
     assert [(p.line, p.field, p.message) for p in m.errors] == [
         (3, None, "not a CSV row: ',' expected after '\"'"),
         (4, "overrides", "overrides name 'droq.batch_size' twice"),
