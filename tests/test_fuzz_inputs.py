@@ -11,7 +11,9 @@ import csv
 import io
 import json
 import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import mido
@@ -19,6 +21,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 import configs
 from orchestrator.manifest import parse_manifest
@@ -30,6 +33,19 @@ def fuzz(max_examples: int):
     return settings(max_examples=max_examples, deadline=None, database=None,
                     phases=[Phase.explicit, Phase.generate, Phase.shrink],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# Hypothesis's caches (unicode tables, source constants) in a temporary folder, not .hypothesis/ in the
+# tree; set on import, as hypothesis fills them from the first test on.
+HYPOTHESIS_HOME = Path(tempfile.mkdtemp(prefix="pianoforge-hypothesis-"))
+set_hypothesis_home_dir(HYPOTHESIS_HOME)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hypothesis_home():
+    yield
+    set_hypothesis_home_dir(None)
+    shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

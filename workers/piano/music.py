@@ -220,9 +220,10 @@ def scan_midi(data: bytes, path: str | Path, limits: SongLimits) -> MidiScan:
     """Walk the file's chunks and events as mido will read them, counting, and stop at the first limit passed.
 
     Nothing is built per event, so a crafted file is refused after reading at most
-    ``limits.max_midi_events`` events (the caller bounds ``data`` by ``limits.max_midi_bytes``). Raises :class:`SongError` naming the file and the limit
-    (``manifest.*``), or what is malformed: a structure mido could misread at length (a track
-    running past its chunk, a variable-length number over 4 bytes) is refused here.
+    ``limits.max_midi_events`` events (the caller bounds ``data`` by ``limits.max_midi_bytes``).
+    Raises :class:`SongError` naming the file and the limit (``manifest.*``), or what is
+    malformed: a structure mido could misread at length (a track running past its chunk, a
+    variable-length number over 4 bytes) is refused here.
     """
     def unreadable(why: str) -> SongError:
         return SongError(f"{path}: not a readable MIDI file ({why})")
@@ -280,7 +281,7 @@ def scan_midi(data: bytes, path: str | Path, limits: SongLimits) -> MidiScan:
                     i += 1
                     if length & 0x80:
                         length, i = _variable_int(data, i, length & 0x7F, path, track)
-                    if meta_type == 0x51 and length == 3:
+                    if meta_type == 0x51 and length >= 3:  # mido reads a tempo from the first 3 bytes
                         tempos.append((tick, int.from_bytes(data[i:i + 3], "big")))
                     i += length
                 else:
