@@ -198,14 +198,19 @@ def _validate_entry(item: _RawEntry, file: str, problems: list[Problem]) -> List
     if "\x00" in entry.path:
         problem("a NUL character in the path", "path")
         return None
-    if not _plain_size_within(entry.overrides, 10_000):  # they become part of a unit's identity, as JSON
-        problem("overrides hold over 10,000 values once YAML aliases are expanded (or refer to themselves)",
-                "overrides")
+    if not _plain_size_within(entry.overrides):  # they become part of a unit's identity, as JSON
+        problem(TOO_MANY_OVERRIDES, "overrides")
         return None
     return ListedSong(entry, item.line, item.field_lines)
 
 
-def _plain_size_within(value: Any, limit: int) -> bool:
+# YAML aliases can make a few lines stand for billions of values, or for a value holding itself.
+MAX_OVERRIDE_VALUES = 10_000
+TOO_MANY_OVERRIDES = (f"overrides hold over {MAX_OVERRIDE_VALUES:,} values once YAML aliases are expanded "
+                      "(or refer to themselves)")
+
+
+def _plain_size_within(value: Any, limit: int = MAX_OVERRIDE_VALUES) -> bool:
     """Whether ``value`` written out (every alias expanded) holds at most ``limit`` values; stops counting there."""
     todo, n = [value], 0
     while todo:
@@ -393,9 +398,9 @@ def _yaml_defaults(node: yaml.Node, data: Any, file: str, problems: list[Problem
             problems.append(Problem(file, lines.get(name, _line(node)), msg,
                                     field=f"defaults.{name}" if name else "defaults"))
         return ManifestDefaults()
-    if not _plain_size_within(defaults.overrides, 10_000):
-        problems.append(Problem(file, lines.get("overrides", _line(node)), "overrides hold over 10,000 values once "
-                                "YAML aliases are expanded (or refer to themselves)", field="defaults.overrides"))
+    if not _plain_size_within(defaults.overrides):
+        problems.append(Problem(file, lines.get("overrides", _line(node)), TOO_MANY_OVERRIDES,
+                                field="defaults.overrides"))
         return ManifestDefaults()
     try:  # checked once here rather than once per song
         cfg.with_overrides(defaults.overrides)

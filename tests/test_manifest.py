@@ -243,6 +243,23 @@ def test_yaml_keys_written_twice_are_errors_and_no_song_is_lost(tmp_path, cfg):
     assert "'split' is also a key of this song at line 4; the song is left out" in m.errors[0].message
 
 
+def test_yaml_values_pyyaml_cannot_build_cost_only_their_song(cfg):
+    from orchestrator.manifest import parse_manifest
+
+    bomb = "".join(f"      l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    text = ("songs:\n  - a.mid\n  - {path: b.mid, name: 2024-13-01}\n  - {path: c.mid, overrides: &o {x.y: *o}}\n"
+            "  - path: d.mid\n    overrides:\n      l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + bomb + "  - e.mid\n")
+    _, listed, problems = parse_manifest("m.yaml", cfg, text=text)  # returns at once: nothing is expanded
+    assert [(s.entry.path, s.line) for s in listed] == [("a.mid", 2), ("e.mid", 16)]
+    assert [(p.line, p.message) for p in problems] == [
+        (3, "invalid YAML: month must be in 1..12"),
+        (4, "overrides hold over 10,000 values once YAML aliases are expanded (or refer to themselves)"),
+        (6, "overrides hold over 10,000 values once YAML aliases are expanded (or refer to themselves)")]
+    for bad, line in [("songs:\n  - a.mid\n  - b\x1f.mid\n", 3), ("songs: [" * 3000, None),
+                      ('songs:\n  - "\\U00110000"\n', 2)]:
+        assert [p.line for p in parse_manifest("m.yaml", cfg, text=bad)[2]] == [line]
+
+
 def test_unreadable_manifest_raises(tmp_path, cfg):
     with pytest.raises(ManifestError, match="nope.yaml: no such manifest"):
         load_manifest(tmp_path / "nope.yaml", cfg)
