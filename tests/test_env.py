@@ -3,6 +3,8 @@ episode ends, the gymnasium API, and the lean backend against RoboPianist's own 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import gymnasium
@@ -14,6 +16,7 @@ from robopianist.models.piano.piano import _KEY_THRESHOLD
 from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, random_song, twinkle
 from workers.piano import env as piano_env
 from workers.piano.env import BACKENDS, ENV_ID, OBS_SLICES, make_env
+from unit_fixtures import ffprobe
 from workers.rl.replay import ReplayBuffer
 
 TERMS = {"key_press_reward", "sustain_reward", "energy_reward", "ot_fingering_reward", "collision_reward"}
@@ -368,3 +371,51 @@ def test_gymnasium_make_and_the_environment_checker():
                                backend="robopianist")
     assert from_file.unwrapped.backend == "robopianist" and from_file.unwrapped.n_steps == 40
     from_file.close()
+
+
+def test_importing_workers_piano_registers_the_environment_without_loading_mujoco():
+    code = ("import sys, gymnasium, workers.piano; spec = gymnasium.spec('pianoforge/Piano-v0'); "
+            "assert spec.entry_point == 'workers.piano.env:make_gym_env', spec; "
+            "assert 'mujoco' not in sys.modules and 'robopianist' not in sys.modules")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+
+
+@pytest.fixture(scope="module")
+def rgb_env():
+    env = gymnasium.make(ENV_ID, midi=chord_song(), env_cfg=env_config(), render_mode="rgb_array")
+    yield env
+    env.close()
+
+
+def test_gymnasium_rendering_and_episode_length(rgb_env, tmp_path):
+    env = rgb_env
+    piano = env.unwrapped
+    assert env.metadata["render_modes"] == ["rgb_array"] and env.render_mode == "rgb_array"
+    assert env.metadata["render_fps"] == round(1 / env_config().control_timestep)
+    assert env.spec.max_episode_steps == piano.n_steps == 81  # the chunk's own length
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8 and frame.std() > 10  # a picture, not a blank
+    with pytest.raises(ValueError, match="render_mode .depth_array."):
+        gymnasium.make(ENV_ID, midi=chord_song(), env_cfg=env_config(), render_mode="depth_array")
+
+    # gymnasium's RecordVideo records an episode (a short chunk: a clip of every step).
+    short = gymnasium.make(ENV_ID, midi=str(TWINKLE), chunk=0, env_cfg=env_config("env.chunk_steps=6"),
+                           render_mode="rgb_array")
+    assert short.spec.max_episode_steps == 6
+    recorder = gymnasium.wrappers.RecordVideo(short, str(tmp_path / "videos"), episode_trigger=lambda e: True,
+                                              disable_logger=True)
+    recorder.reset(seed=0)
+    truncated = False
+    while not truncated:
+        _, _, _, truncated, _ = recorder.step(np.zeros(39))
+    recorder.close()
+    # "human": gymnasium's own window around the rgb_array frames (it opens one where a display is).
+    human = gymnasium.make(ENV_ID, midi=str(TWINKLE), chunk=0, env_cfg=env_config("env.chunk_steps=6"), render_mode="human")
+    assert isinstance(human, gymnasium.wrappers.HumanRendering) and human.render_mode == "human"
+    assert human.unwrapped.render_mode == "rgb_array"
+    human.unwrapped.close()
+    clips = list((tmp_path / "videos").glob("*.mp4"))
+    assert len(clips) == 1
+    assert int(ffprobe(clips[0])["video"]["nb_read_frames"]) == 6 + 1  # the reset's frame, then one per step

@@ -5,8 +5,8 @@ settings from ``configs.EnvConfig`` (lookahead 10, gravity compensation, 0.05 s 
 step, trimmed silence, reduced 39-d action space, capsule fingertip colliders, no human
 fingering in the observation or the reward) and wraps it as a ``PianoEnv``: a
 ``gymnasium.Env`` with flat float32 observations (``workers.piano.layout``) and 39-d actions,
-registered as ``pianoforge/Piano-v0`` (``gymnasium.make(ENV_ID, midi=...)`` after importing
-this module).
+registered as ``pianoforge/Piano-v0`` by importing :mod:`workers.piano`
+(``gymnasium.make(ENV_ID, midi=..., render_mode="rgb_array")``; rendering: :mod:`workers.piano.view`).
 
 Two backends step the same compiled MuJoCo model:
 
@@ -58,6 +58,7 @@ from mujoco_utils.composer_utils import Environment
 from robopianist.music.midi_file import MidiFile
 
 import configs
+from workers.piano import ENV_ID
 from workers.piano.layout import (ACTION_DIM, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, N_KEYS, OBS_DIM,  # noqa: F401
                                   OBS_SLICES, PIANO_GOAL, SUSTAIN_GOAL, SUSTAIN_STATE)
 from workers.piano.lean import LeanPianoEnv
@@ -65,7 +66,6 @@ from workers.piano.task import PianoEnv, RP1MPianoTask, robopianist_task_kwargs 
 
 Backend = Literal["lean", "robopianist"]
 BACKENDS: tuple[str, ...] = ("lean", "robopianist")
-ENV_ID = "pianoforge/Piano-v0"
 
 
 class RoboPianistEnv(PianoEnv):
@@ -143,16 +143,21 @@ def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0, backend:
 
 
 def make_gym_env(midi: MidiFile | str | Path, env_cfg: configs.EnvConfig | None = None, chunk: int = 0,
-                 seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+                 seed: int = 0, backend: Backend = "lean", render_mode: str | None = None) -> PianoEnv:
     """``gymnasium.make(ENV_ID, midi=...)``'s entry point: ``midi`` a ``MidiFile`` (used as given)
-    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's."""
+    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's;
+    ``render_mode`` None or ``"rgb_array"`` (gymnasium wraps it for ``"human"``)."""
+    if render_mode not in (None, *make_gym_env.metadata["render_modes"]):
+        raise ValueError(f"render_mode {render_mode!r}: expected one of {make_gym_env.metadata['render_modes']} or None")
     env_cfg = env_cfg if env_cfg is not None else configs.load().env
     if isinstance(midi, (str, Path)):
         from workers.piano.music import load_chunk
 
         midi = load_chunk(midi, chunk, env_cfg)
-    return make_env(midi, env_cfg, seed=seed, backend=backend)
+    env = make_env(midi, env_cfg, seed=seed, backend=backend)
+    env.render_mode = render_mode
+    return env
 
 
-gymnasium.register(ENV_ID, entry_point=make_gym_env)
-
+# What gymnasium.make reads before it builds one (render_fps: the environment's own metadata).
+make_gym_env.metadata = {"render_modes": ["rgb_array"]}

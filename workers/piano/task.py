@@ -22,6 +22,7 @@ import configs
 from workers.piano.fingering import LITTLE_FINGERS, OTFingeringReward
 from workers.piano.layout import N_FINGERS, N_KEYS, OBS_SLICES
 from workers.piano.metrics import step_metrics
+from workers.piano.view import Rendering
 
 # Little-finger actuators held in place on four-finger hands.
 _LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
@@ -156,7 +157,7 @@ def observation_slices(task: RP1MPianoTask) -> dict[str, slice]:
     return slices
 
 
-class PianoEnv(gymnasium.Env):
+class PianoEnv(Rendering, gymnasium.Env):
     """The RP1M task as a gymnasium environment: flat float32 observations, 39-d actions.
 
     ``reset(seed=..., options=...)`` returns ``(obs, info)``; ``seed`` also seeds the task's
@@ -172,7 +173,6 @@ class PianoEnv(gymnasium.Env):
     step count and F1 sums, and decides how an episode ends.
     """
 
-    metadata = {"render_modes": []}
     backend: str
 
     def __init__(self, environment: Environment) -> None:
@@ -217,6 +217,7 @@ class PianoEnv(gymnasium.Env):
         self._done = False
         self._t = 0
         self._sums = np.zeros(3)
+        self.keep_frame(obs)
         return obs, {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -236,6 +237,7 @@ class PianoEnv(gymnasium.Env):
         precision, recall, f1 = step_metrics(pressed, target)
         self._sums += (precision, recall, f1)
         info.update(precision=precision, recall=recall, f1=f1)
+        self.keep_frame(obs, pressed, target)
         return obs, reward, terminated, truncated, info
 
     def episode_metrics(self) -> dict[str, float]:
