@@ -114,6 +114,7 @@ class SpecialistConfig(_Section):
     seed: int
     # Rollout i samples from the policy with a generator seeded by seed * 1000 + i.
     rollout_policy: Literal["stochastic", "deterministic"]
+    video: bool  # a finished unit's clip as an artifact of its MLflow run
     budget: BudgetConfig
 
     @model_validator(mode="after")

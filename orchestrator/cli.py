@@ -569,7 +569,8 @@ def _render_failed(e: Exception) -> None:
 @app.command()
 def render(
     unit_dir: Optional[Path] = typer.Argument(None, metavar="UNIT_DIR", help="Unit directory (campaign's units/<id>, or specialist --out)."),
-    out: Path = typer.Option(..., "--out", metavar="FILE.mp4", help="Video to write."),
+    out: Path = typer.Option(..., "--out", metavar="FILE.mp4", help="Video to write: .mp4, .mov, .mkv, .webm, .avi "
+                             "(the container follows the extension), or .png for one still."),
     seed: Optional[int] = typer.Option(None, "--seed", help="The recorded rollout with this seed (default: the best one)."),
     policy: Optional[Path] = typer.Option(None, "--policy", exists=True, metavar="FILE",
                                           help="Play this policy instead (export-policy or train-il output); needs --song."),
@@ -582,7 +583,7 @@ def render(
     profile: str = typer.Option("local", "--profile", help="Config profile (for --policy without UNIT_DIR)."),
     sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override (for --policy without UNIT_DIR)."),
 ) -> None:
-    """Write an MP4 with sound of a unit's best recorded rollout (replayed from the lake), or of a policy playing a song chunk."""
+    """Write a video with sound of a unit's best recorded rollout (replayed from the lake), or of a policy playing a song chunk."""
     from workers.piano.music import SongError
     from workers.piano.render import RenderError, render_rollout
 
@@ -596,7 +597,7 @@ def render(
             cfg = _unit_or_exit(unit_dir).cfg if unit_dir else _load_config(profile, sets, None)
             result = render_rollout(song, chunk, cfg.env, out, policy=policy, seed=seed or 0, width=width, height=height,
                                     max_steps=max_steps, soundfont=cfg.dashboard.soundfont,
-                                    song_hash=load_song(song).content_hash, quality=quality)
+                                    song_hash=load_song(song).content_hash, quality=quality, progress=True)
         elif unit_dir is None:
             typer.echo("error: give UNIT_DIR, or --policy with --song", err=True)
             raise typer.Exit(2)
@@ -607,7 +608,7 @@ def render(
             view = _unit_or_exit(unit_dir)
             try:
                 result = render_unit(view, out, seed=seed, width=width, height=height, max_steps=max_steps,
-                                     soundfont=view.cfg.dashboard.soundfont, quality=quality)
+                                     soundfont=view.cfg.dashboard.soundfont, quality=quality, progress=True)
             except LakeError as e:
                 _render_failed(e)
     except (RenderError, SongError, ValueError) as e:

@@ -112,6 +112,10 @@ class MetricsSink:
         """The unit's final metrics and tags, and the end of its run with ``status``."""
         self.outbox.end_run(unit_key(unit_id), status, metrics, tags)
 
+    def log_file(self, unit_id: str, path: str) -> None:
+        """A file (the unit's clip) as an artifact of the unit's run."""
+        self.outbox.log_file(unit_key(unit_id), path)
+
     def log(self, unit_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
         """A worker's metrics; ``step`` in the dict is the MLflow step."""
         step = int(metrics.get("step", 0) or 0)

@@ -206,6 +206,12 @@ class Outbox:
         self._flush_key(key)
         self._append("artifact", key, {"name": name, "text": text})
 
+    def log_file(self, key: str, path: str | Path) -> None:
+        """A file (e.g. a unit's clip) as an artifact of the run ``key``; it must stay at ``path``
+        until delivered (a file gone by then is skipped with a warning)."""
+        self._flush_key(key)
+        self._append("artifact", key, {"name": Path(path).name, "path": str(Path(path).absolute())})
+
     def end_run(self, key: str, status: str, metrics: dict[str, Any] | None = None,
                 tags: dict[str, Any] | None = None) -> None:
         """Final ``metrics`` and ``tags``, then end the run with ``status`` (FINISHED, FAILED, KILLED)."""
@@ -522,6 +528,11 @@ class Outbox:
             return
         if kind == "end":
             client.set_terminated(run_id, bodies[-1]["status"])
+        elif kind == "artifact" and "path" in bodies[0]:
+            if Path(bodies[0]["path"]).is_file():
+                client.log_artifact(run_id, bodies[0]["path"])
+            else:
+                log.warning("MLflow artifact %s of run %s skipped: the file is gone", bodies[0]["path"], key)
         elif kind == "artifact":
             body = bodies[0]
             with tempfile.TemporaryDirectory() as folder:

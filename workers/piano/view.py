@@ -85,12 +85,12 @@ class PianoView:
                 self._move_camera(in_play)
             else:
                 self.camera.set_pose(model.stat.center, 1.5 * model.stat.extent, 90.0, -45.0)
-            image = self.camera.render()
+            image = self.camera.render().copy()  # MuJoCo's camera reuses its buffer for the next frame
         finally:
             model.geom_rgba[self.key_geoms] = self.key_rgba
             model.geom_matid[self.key_geoms] = self.key_matid
         if self.strip and upcoming is not None:
-            image = self._draw_strip(np.array(image), np.asarray(upcoming, bool))
+            image = self._draw_strip(image, np.asarray(upcoming, bool))
         return image
 
     def _move_camera(self, in_play: np.ndarray) -> None:
@@ -131,7 +131,7 @@ class Rendering:
     _spec = None
     _view: PianoView | None = None
     _last_keys: tuple[np.ndarray, np.ndarray] | None = None
-    _upcoming: np.ndarray | None = None
+    upcoming: np.ndarray | None = None  # bool [steps, 88]: the observation's goal window (what should sound next)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -149,7 +149,7 @@ class Rendering:
     def keep_frame(self, obs: np.ndarray, pressed: np.ndarray | None = None, target: np.ndarray | None = None) -> None:
         """Remember what :meth:`render` shows: the observation's goal window and the last step's keys."""
         goal = obs[self.obs_slices["piano_goal"]]
-        self._upcoming = goal.reshape(-1, N_KEYS) > 0.5
+        self.upcoming = goal.reshape(-1, N_KEYS) > 0.5
         self._last_keys = None if pressed is None else (pressed, target)
 
     def render(self) -> np.ndarray | None:
@@ -159,4 +159,4 @@ class Rendering:
         if self._view is None:
             self._view = PianoView(self, *RENDER_SIZE)
         pressed, target = self._last_keys or (None, None)
-        return self._view.frame(pressed, target, upcoming=self._upcoming)
+        return self._view.frame(pressed, target, upcoming=self.upcoming)
