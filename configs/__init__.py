@@ -242,7 +242,7 @@ class DashboardConfig(_Section):
     port: int = Field(ge=0, le=65535)
     refresh_s: float = Field(gt=0)
     throughput_window_s: float = Field(gt=0)
-    mlflow_ui_url: str
+    mlflow_ui_url: str | None
     learning_curve_metrics: tuple[str, ...]
     il_metrics: tuple[str, ...]
     max_curves: int = Field(ge=1)

@@ -265,6 +265,7 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
     """Units, state changes, the meta table and the budgets summary from the campaign store, opened read-only."""
     import sqlite3
 
+    from orchestrator.status import driver_ended, driver_state
     from orchestrator.store import CampaignStore
 
     try:
@@ -273,6 +274,8 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
             events = store.events()
             meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
             budgets = store.budgets()
+            if driver_ended(driver_state(store)):  # its Ray cluster, and Ray's dashboard, ended with it
+                meta.pop("ray_dashboard_url", None)
     except sqlite3.OperationalError as e:
         if "no such table" in str(e):  # the driver has created the file but not its tables yet
             return [], [], {}, None

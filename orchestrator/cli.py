@@ -169,8 +169,10 @@ def _report_summary(summary, rejected: int = 0) -> None:
     from orchestrator.status import read_status, render
 
     Console().print(render(read_status(summary.dir)))
+    from orchestrator.tracking import mlflow_ui_hint
+
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
-               f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+               f"{mlflow_ui_hint(summary.tracking_uri)}")
     if summary.tracking_behind:
         typer.echo(f"warning: {summary.tracking_behind}", err=True)
     if summary.no_space is not None:
@@ -392,6 +394,7 @@ def demo(
     import yaml
 
     from orchestrator.manifest import demo_manifest
+    from orchestrator.tracking import mlflow_ui_hint
 
     t0 = _time.perf_counter()
     cfg = _load_config("demo", list(sets), workload)
@@ -434,7 +437,7 @@ def demo(
                f"  evaluation  {table}\n"
                f"  status      pianoforge status {summary.name}{root_opt}\n"
                f"  dashboard   pianoforge dashboard {summary.name}{root_opt}\n"
-               f"  MLflow      mlflow ui --backend-store-uri {summary.tracking_uri}")
+               f"  MLflow      {mlflow_ui_hint(summary.tracking_uri)}")
 
 
 # --- slurm: the campaign head as a SLURM job ----------------------------------------------------

@@ -67,6 +67,25 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store by default
+
+
+def mlflow_ui(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: an http(s) tracking server serves its own UI;
+    a local store (sqlite, a folder) is seen through `mlflow ui` at :data:`LOCAL_UI`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """How to look at a campaign's runs: the server's URL, or the `mlflow ui` command for a local
+    store (MLflow 3 refuses `mlflow ui --backend-store-uri http://...`)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {mlflow_ui(tracking_uri)}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then open {LOCAL_UI})"
+
+
 class MetricsSink:
     """The campaign's MLflow writer and the workers' notes. Create with ``start_sink`` (a Ray actor).
 

@@ -266,6 +266,7 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
         "specialist.log_interval=10", "specialist.rollouts=1", "mlflow.system_metrics=false",
         # A target any policy meets, judged over both evaluations: it wins over the budget at step 40.
         "specialist.budget.enabled=true", "specialist.budget.stop_at_f1=0.0", "specialist.budget.judge_evals=2",
+        "specialist.video=true", "env.chunk_steps=20",  # the finished unit's clip goes to its MLflow run
     ])
     unit = load_manifest(demo_manifest(tmp_path / "manifest"), cfg).units()[0]
     summary = campaign.submit([unit], cfg, "one-specialist", root=tmp_path)
@@ -282,6 +283,9 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
     saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
     assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]
+    clip = tmp_path / "one-specialist" / "units" / unit.unit_id / "rollout.mp4"
+    assert clip.stat().st_size > 0
+    assert [a.path for a in MlflowClient(summary.tracking_uri).list_artifacts(row.mlflow_run_id)] == ["rollout.mp4"]
 
 
 def test_submit_with_rejected_entries_exits_3_unless_errors_are_allowed(ray_cluster, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,3 +216,49 @@ def test_mlflow_sync_delivers_what_a_stopped_driver_left_and_records_the_run_ids
     run = _client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == parent_id
     assert run.info.experiment_id == experiment_id and run.data.metrics["train/return"] == 1.0
+
+
+def test_a_file_artifact_is_delivered_from_where_it_lies(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    box = Outbox(tmp_path / "outbox.db", uri)
+    artifacts = (tmp_path / "artifacts").as_uri()
+    box.start_run(CAMPAIGN_KEY, "camp", "camp", artifact_location=artifacts)
+    box.start_run(unit_key("u1"), "camp", "u1", parent=CAMPAIGN_KEY, artifact_location=artifacts)
+    box.end_run(unit_key("u1"), "FINISHED")
+    clip, gone = tmp_path / "rollout.mp4", tmp_path / "gone.mp4"
+    clip.write_bytes(b"\x00\x01 a clip")
+    box.log_file(unit_key("u1"), clip)  # after the run's end, as the campaign logs a finished unit's clip
+    box.log_file(unit_key("u1"), gone)  # deleted before delivery: skipped, the rest goes on
+    assert box.deliver() is True and box.backlog().empty
+    client = MlflowClient(uri)
+    run_id = box.run_id(unit_key("u1"))
+    assert [a.path for a in client.list_artifacts(run_id)] == ["rollout.mp4"]
+    assert Path(client.download_artifacts(run_id, "rollout.mp4", str(tmp_path / "dl"))).read_bytes() == clip.read_bytes()
+    box.close()
+
+
+def test_run_links_and_the_ui_hint_follow_the_tracking_uri(tmp_path):
+    import subprocess
+    import sys
+
+    from dashboards.mlflow_reader import MlflowReader
+    from orchestrator.tracking import mlflow_ui_hint
+
+    # A tracking server serves its own UI: links and the hint lead there, not to a local default.
+    server = MlflowReader("https://mlflow.lab.example:8443/", None)
+    assert server.link("r1") == "https://mlflow.lab.example:8443/#/experiments/0/runs/r1"
+    assert mlflow_ui_hint("https://mlflow.lab.example:8443/") == "open https://mlflow.lab.example:8443"
+    elsewhere = MlflowReader("http://tracking:5000", "https://ui.example/exp/{experiment_id}/run/{run_id}")
+    assert elsewhere.link("r2") == "https://ui.example/exp/0/run/r2"  # the UI URL setting, where the UI lives elsewhere
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert MlflowReader(local, None).link("r3") == "http://127.0.0.1:5000/#/experiments/0/runs/r3"
+
+    # For a local store the hint is a command MLflow (3) runs: `mlflow ui` (an alias of `mlflow server`)
+    # starts by opening its stores the way this does.
+    command = mlflow_ui_hint(local).split("  (")[0].split()
+    assert command[:3] == ["mlflow", "ui", "--backend-store-uri"] and command[3] == local
+    check = ("import sys; from mlflow.server.handlers import initialize_backend_stores as init\n"
+             "init(sys.argv[1], sys.argv[1], sys.argv[2]); print('stores open')")
+    child = subprocess.run([sys.executable, "-c", check, command[3], (tmp_path / "artifacts").as_uri()],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert child.returncode == 0 and "stores open" in child.stdout, child.stderr[-2000:]
