@@ -1,12 +1,13 @@
 """Render time per second of video, this tree beside an older revision, in one run.
 
-    .venv/bin/python tests/benchmarks/bench_render.py [--before main] [--steps 60] [--size 640x480] [--repeat 2]
+    .venv/bin/python tests/benchmarks/bench_render.py [--before main] [--steps 100] [--size 640x480] [--repeat 3]
 
 Each side renders the same rollout (the first ``--steps`` control steps of Twinkle Twinkle with
 fixed random actions, MP4, fast quality) through its own ``workers.piano.render.render_in_process``
 in a child process (``--before``'s tree comes from ``git archive``), with the OpenGL backend
 ``gl_backend`` picks. Reported: wall seconds per second of video (environment build, rendering,
-encoding and sound included; the best of ``--repeat``) and frames per second, and the ratio.
+encoding and sound included; the best of ``--repeat`` runs, the two sides alternating) and frames
+per second, and the ratio.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def measure(tree: Path, steps: int, width: int, height: int, backend: str) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="main", help="git revision to compare with")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--size", default="640x480")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
     sys.path.insert(0, str(REPO))
@@ -69,10 +70,14 @@ def main() -> None:
         before.mkdir()
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        sides = {f"before ({args.before})": before, "after (this tree)": REPO}
+        runs: dict[str, list[dict]] = {label: [] for label in sides}
+        for _ in range(args.repeat):  # alternating, so that a change in the machine's load hits both sides
+            for label, tree in sides.items():
+                runs[label].append(measure(tree, args.steps, width, height, backend))
         rows = {}
-        for label, tree in ((f"before ({args.before})", before), ("after (this tree)", REPO)):
-            runs = [measure(tree, args.steps, width, height, backend) for _ in range(args.repeat)]
-            best = min(runs, key=lambda r: r["seconds"])
+        for label, measured in runs.items():
+            best = min(measured, key=lambda r: r["seconds"])
             rows[label] = (best["seconds"] / (best["frames"] / best["fps"]), best["frames"] / best["seconds"])
     print(f"render {args.steps} steps of Twinkle at {width}x{height}, MP4, OpenGL {backend}, best of {args.repeat}")
     print(f"{'':22s} {'s per video s':>14s} {'frames/s':>9s}")

@@ -46,7 +46,7 @@ CONTAINERS: dict[str, tuple[list[str], list[str]]] = {
     ".avi": (["-c:v", "mpeg4", "-q:v", "3"], ["-c:a", "libmp3lame", "-b:a", "128k"]),
 }
 STILLS = (".png",)  # one frame, no sound
-QUALITIES = ("fast", "full")  # fast: no shadows or reflections (software OpenGL draws ~8x faster)
+QUALITIES = ("fast", "full")  # fast: no shadows, reflections or anti-aliasing (software OpenGL draws much faster)
 _PROBE = "import mujoco; c = mujoco.GLContext(8, 8); c.make_current(); c.free()"
 _backend_cache: dict[str, str] = {}
 
@@ -159,8 +159,8 @@ def render_in_process(midi, env_cfg, out: str | Path, *, actions: np.ndarray | N
     action chunks), render every step and write ``out`` atomically: a clip in the container its
     extension names, or (``.png``) the poster frame alone. ``poster``: also write the poster frame
     there. MuJoCo's OpenGL backend in this process must work (see :func:`render_rollout`).
-    ``quality`` fast leaves out shadows and reflections (measured 8x faster on software OpenGL),
-    full keeps RoboPianist's look. ``progress``: a progress bar on stderr."""
+    ``quality`` fast leaves out shadows, reflections and anti-aliasing (software OpenGL draws
+    them many times slower, ``tests/benchmarks/bench_render.py``), full keeps RoboPianist's look. ``progress``: a progress bar on stderr."""
     from tqdm import tqdm
 
     from workers.piano.audio import TAIL_S, write_wav, synthesize
