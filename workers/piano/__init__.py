@@ -6,7 +6,8 @@
   registered as ``pianoforge/Piano-v0``) and ``make_env``;
 - :mod:`workers.piano.task`: RoboPianist's task with RP1M's settings and the environments' shared interface;
 - :mod:`workers.piano.lean`: the default backend, stepping MuJoCo directly at close to its own speed;
-- :mod:`workers.piano.fingering`: the optimal-transport fingering reward (RP1M eq. 1-2);
+- :mod:`workers.piano.reward`: the reward terms, each defined once for both backends;
+- :mod:`workers.piano.fingering`: the optimal-transport fingering (RP1M eq. 1-2);
 - :mod:`workers.piano.metrics`: key-press precision, recall and F1;
 - :mod:`workers.piano.audio` and :mod:`workers.piano.render`: a rollout as WAV and as MP4 with sound.
 
