@@ -3,8 +3,9 @@
 ``RP1MPianoTask`` builds the model (RoboPianist's ``PianoWithShadowHands``) and computes the
 reward of ``workers.piano.reward`` from RoboPianist's own state; ``PianoEnv`` is what both
 backends (``workers.piano.env``: the reference that steps through dm_control,
-``workers.piano.lean``: MuJoCo directly) share: spaces, action checks, the episode's F1 sums and how an episode ends. ``workers.piano.env`` is where
-environments are made; it describes the observation, the reward and the episode end.
+``workers.piano.lean``: MuJoCo directly) share: spaces, action checks, the episode's F1 sums
+and how an episode ends. ``workers.piano.env`` is where environments are made; it describes
+the observation, the reward and the episode end.
 """
 
 from __future__ import annotations
