@@ -550,7 +550,7 @@ class _Driver:
         Returns (counts, logging overhead, sink statistics, what MLflow has not received)."""
         import ray
 
-        from orchestrator.tracking import record_runs
+        from orchestrator.tracking import record_runs, sync_hint
 
         if self.pools is not None:
             self.pools.shutdown()
@@ -570,7 +570,7 @@ class _Driver:
                     record_runs(store, closed["runs"])
                 sink_stats, behind = closed["stats"], closed["behind"]
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
-                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {self.paths.name}` delivers what is left"
+                behind = f"closing the metrics sink failed ({e}); {sync_hint(self.paths.name)}"
             if behind:
                 log.warning(behind)
         with _unless_disk_full():

@@ -336,7 +336,7 @@ STATUS_SYNC_S = 5.0  # how long `status` spends delivering MLflow records a stop
 def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False) -> str | None:
     """Deliver the campaign's waiting MLflow records. Returns the warning line when some are left
     (also printed to stderr unless ``quiet``), else None."""
-    from orchestrator.tracking import sync
+    from orchestrator.tracking import sync, sync_hint
 
     try:
         done = sync(directory, timeout_s)
@@ -345,7 +345,7 @@ def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False
     else:
         if done is None or done[0].empty:
             return None
-        line = done[0].describe(done[1], f"`pianoforge mlflow sync {directory.name}` delivers them.")
+        line = done[0].describe(done[1], sync_hint(directory.name))
     if not quiet:
         typer.echo(f"warning: {line}", err=True)
     return line
