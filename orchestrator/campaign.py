@@ -53,7 +53,7 @@ from filelock import FileLock, Timeout
 
 import configs
 from configs.files import NoSpaceError, disk_full
-from orchestrator.gate import LAUNCHES_KEY
+from orchestrator.gate import LAUNCHES_KEY, Gate
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
@@ -516,7 +516,7 @@ class _Driver:
         if outcome.result is not None:
             res = outcome.result
             result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
-            state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
+            state = SUCCEEDED if Gate(cfg.gate).passes(result.f1) else GATED
             store.mark_finished(unit_id, result, state, res.get("report_seconds"))
             overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
             sink.finish_unit.remote(unit_id, "FINISHED", {

@@ -139,7 +139,7 @@ class LeanPianoEnv(PianoEnv):
         assignment, distance = ot_match(tips[self._ot_fingers], key_points, on, self._ot_fingers, self._ot_reduction)
         right = self._right_actuators
         reward, terms = self.reward(StepState(
-            goal=goal, keys=self._normalized, pressed=pressed, sustain_pressed=bool(sustain_pressed),
+            goal=goal, target=target, keys=self._normalized, pressed=pressed, sustain_pressed=bool(sustain_pressed),
             power=(power[:right], power[right:]), ot_distance=distance,
             hands_touch=hands_touch(data.contact, self._hand_of_geom)))
         info = {

@@ -45,6 +45,7 @@ class StepState:
     """What the reward reads of one control step, after the physics has stepped."""
 
     goal: np.ndarray  # float[89]: this step's goal, 88 keys then the sustain pedal (1 = should sound)
+    target: np.ndarray  # bool[88]: keys that should sound (goal[:88] > 0.5)
     keys: np.ndarray  # float[88]: key joint positions / their range (0 up .. 1 down)
     pressed: np.ndarray  # bool[88]: keys sounding
     sustain_pressed: bool  # the pedal is down
@@ -55,11 +56,11 @@ class StepState:
 
 def key_press(s: StepState) -> float:
     """0.5 * mean closeness of the keys that should sound, + 0.5 unless a key sounds that should not."""
-    on = np.flatnonzero(s.goal[:-1])
     value = 0.0
-    if on.size > 0:
+    if s.target.any():
+        on = np.flatnonzero(s.target)
         value += 0.5 * tolerance(s.goal[on] - s.keys[on]).mean()
-    return value + 0.5 * (1 - float(s.pressed[s.goal[:-1] == 0].any()))
+    return value + 0.5 * (1 - float(s.pressed[~s.target].any()))
 
 
 def sustain(s: StepState) -> float:
@@ -73,7 +74,7 @@ def energy(s: StepState) -> float:
 
 def ot_fingering(s: StepState, threshold: float) -> float:
     """r_OT of the step's d_OT; 0 with no key to press (as RoboPianist's fingering term)."""
-    return ot_reward(s.ot_distance, threshold) if s.goal[:-1].any() else 0.0
+    return ot_reward(s.ot_distance, threshold) if s.target.any() else 0.0
 
 
 def no_collision(s: StepState) -> float:

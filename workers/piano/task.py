@@ -104,6 +104,7 @@ class RP1MPianoTask(PianoWithShadowHands):
         self.ot_assignment, self.ot_distance = self.ot_fingering(physics, on)
         state = StepState(
             goal=self._goal_current,
+            target=self._goal_current[:-1] > 0.5,
             keys=self.piano.state / self.piano._qpos_range[:, 1],
             pressed=self.piano.activation,
             sustain_pressed=bool(self.piano.sustain_activation[0]),
