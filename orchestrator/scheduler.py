@@ -123,15 +123,14 @@ def _note_start(sink, unit_id: str) -> None:
 
 
 def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink) -> dict:
-    """Worker side of one attempt: say where it runs, run the workload, time its reporting.
+    """Worker side of one attempt: say where it runs, run the workload (given the campaign's
+    config: it applies the unit's overrides, ``UnitSpec.config``), time its reporting.
 
     Returns ``UnitResult`` fields plus ``report_seconds`` (time spent inside the metrics
     callback).
     """
     unit = UnitSpec.model_validate_json(spec_json)
     cfg = configs.from_dict(cfg_dict)
-    if unit.overrides:
-        cfg = cfg.with_overrides(unit.overrides)
     _note_start(sink, unit.unit_id)
     report = Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s)
     run = _workload(workload)
