@@ -8,6 +8,7 @@ import that closes a cycle is caught as well as one at the top of a file.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -147,13 +148,14 @@ def _distribution(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0]).lower()
 
 
-def undeclared_imports(declared: set[str]) -> dict[str, list[str]]:
-    """Third-party top-level modules the project imports whose distribution is not in ``declared``
-    (normalised names), with the files that import them."""
+@functools.lru_cache(maxsize=1)
+def third_party_imports() -> dict[str, tuple[set[str], tuple[str, ...]]]:
+    """Third-party top-level module -> (the distributions that provide it, normalised; the
+    project modules that import it)."""
     import sys
     from importlib.metadata import packages_distributions
 
-    provided = {name: {_distribution(d) for d in dists} for name, dists in packages_distributions().items()}
+    provided = packages_distributions()
     found: dict[str, list[str]] = {}
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -164,11 +166,14 @@ def undeclared_imports(declared: set[str]) -> dict[str, list[str]]:
             else:
                 continue
             for top in tops:
-                if top in LAYERS or top in sys.stdlib_module_names or top == "__future__":
-                    continue
-                if not provided.get(top, set()) & declared:
+                if top not in LAYERS and top not in sys.stdlib_module_names and top != "__future__":
                     found.setdefault(top, []).append(name)
-    return found
+    return {top: ({_distribution(d) for d in provided.get(top, [])}, tuple(users)) for top, users in found.items()}
+
+
+def undeclared_imports(declared: set[str]) -> dict[str, tuple[str, ...]]:
+    """Third-party modules the project imports whose distribution is not in ``declared``, with their importers."""
+    return {top: users for top, (dists, users) in third_party_imports().items() if not dists & declared}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
