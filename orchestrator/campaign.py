@@ -53,7 +53,7 @@ from filelock import FileLock, Timeout
 
 import configs
 from configs.files import NoSpaceError, disk_full
-from orchestrator.gate import LAUNCHES_KEY
+from orchestrator.gate import LAUNCHES_KEY, Gate
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
@@ -518,7 +518,7 @@ class _Driver:
         if outcome.result is not None:
             res = outcome.result
             result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
-            state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
+            state = SUCCEEDED if Gate(cfg.gate).passes(result.f1) else GATED
             store.mark_finished(unit_id, result, state, res.get("report_seconds"))
             overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
             sink.finish_unit.remote(unit_id, "FINISHED", {
@@ -574,7 +574,7 @@ class _Driver:
         Returns (counts, logging overhead, sink statistics, what MLflow has not received)."""
         import ray
 
-        from orchestrator.tracking import record_runs
+        from orchestrator.tracking import record_runs, sync_hint
 
         if self.pools is not None:
             self.pools.shutdown()
@@ -596,7 +596,7 @@ class _Driver:
                     record_runs(store, closed["runs"])
                 sink_stats, behind = closed["stats"], closed["behind"]
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
-                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {self.paths.name}` delivers what is left"
+                behind = f"closing the metrics sink failed ({e}); {sync_hint(self.paths.name)}"
             if behind:
                 log.warning(behind)
         with _unless_disk_full():

@@ -45,37 +45,6 @@ def _root(
     pass
 
 
-@app.command()
-def dashboard(
-    campaign: Optional[str] = typer.Argument(None, help="Campaign name under --root (default: the one changed last)."),
-    root: Optional[str] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port on localhost (default: dashboard.port, 8765; 0: any free)."),
-    export: Optional[str] = typer.Option(None, "--export", metavar="FILE.html",
-                                         help="Write the page as one self-contained HTML file and exit."),
-    unit: Optional[str] = typer.Option(None, "--unit", help="Unit whose fingering and audio to show (default: best F1)."),
-) -> None:
-    """Show a campaign's progress in the browser: states, throughput, ETA, failures, F1, gate, curves, audio."""
-    import configs
-    from dashboards.app import DashboardServer, export_html
-    from dashboards.data import Campaign, CampaignNotFound, find_campaign
-
-    with _fail_with(EXIT_USAGE, CampaignNotFound):
-        directory = find_campaign(root or configs.load(profile=None).campaign.root, campaign)
-    camp = Campaign(directory)
-    if export:
-        out = export_html(camp, export, unit=unit)
-        typer.echo(f"wrote {out}")
-        return
-    server = DashboardServer(camp, port=port)
-    url = server.url + (f"?unit={unit}" if unit else "")
-    with server:
-        typer.echo(f"campaign {camp.name} ({directory}) on {url}  (Ctrl-C stops)")
-        try:
-            server.thread.join()
-        except KeyboardInterrupt:
-            pass
-
-
 @manifest_app.command("check")
 def manifest_check(
     file: str = typer.Argument(..., metavar="FILE", help="Manifest (.yaml or .csv)."),
@@ -338,7 +307,7 @@ STATUS_SYNC_S = 5.0  # how long `status` spends delivering MLflow records a stop
 def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False) -> str | None:
     """Deliver the campaign's waiting MLflow records. Returns the warning line when some are left
     (also printed to stderr unless ``quiet``), else None."""
-    from orchestrator.tracking import sync
+    from orchestrator.tracking import sync, sync_hint
 
     try:
         done = sync(directory, timeout_s)
@@ -347,7 +316,7 @@ def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False
     else:
         if done is None or done[0].empty:
             return None
-        line = done[0].describe(done[1], f"`pianoforge mlflow sync {directory.name}` delivers them.")
+        line = done[0].describe(done[1], sync_hint(directory.name))
     if not quiet:
         typer.echo(f"warning: {line}", err=True)
     return line
@@ -914,6 +883,18 @@ def eval_cmd(
                                                                      "episodes": episodes, "songs": len(paths)})
         typer.echo(f"MLflow run {run_id} in experiment {experiment}")
 # ---- end imitation learning -----------------------------------------------------------------------
+
+
+def _add_registered_commands() -> None:
+    """Commands other packages register in the entry point group ``pianoforge.commands``
+    (``pyproject.toml``; ``dashboard`` from ``dashboards.cli``): loaded by name, not imported."""
+    from importlib.metadata import entry_points
+
+    for command in entry_points(group="pianoforge.commands"):
+        app.command(command.name)(command.load())
+
+
+_add_registered_commands()
 
 
 def main() -> None:

@@ -323,3 +323,19 @@ def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluste
     with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
         requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
         assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+
+
+def test_a_units_overrides_are_applied_once_on_its_way_to_the_workload(tmp_path, monkeypatch):
+    """The worker hands the workload the campaign's config; the workload applies the unit's
+    overrides (``UnitSpec.config``), once."""
+    from orchestrator.scheduler import execute_unit
+
+    cfg = configs.load(overrides=["campaign.synthetic.sleep_s=0"])
+    unit = make_units(1, 1, "cfg")[0].model_copy(update={"overrides": {"campaign.synthetic.episodes": 3}})
+    applied, apply = [], configs.Config.with_overrides
+    monkeypatch.setattr(configs.Config, "with_overrides", lambda self, o: applied.append(o) or apply(self, o))
+    result = execute_unit("synthetic", unit.model_dump_json(), cfg.to_dict(), str(tmp_path / "unit"),
+                          str(tmp_path / "lake"), None)
+    assert applied == [{"campaign.synthetic.episodes": 3}]
+    [shard] = Lake(tmp_path / "lake", cfg.lake).shards()
+    assert shard.n_episodes == 3 and result["unit_id"] == unit.unit_id

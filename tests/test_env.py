@@ -55,7 +55,9 @@ def test_rp1m_sizes_and_layout(env):
     assert obs.dtype == np.float32 and obs.shape == (1144,) and info == {}
     # The human fingering is neither observed nor rewarded.
     assert "fingering" not in env.environment.observation_spec()
-    assert env.task.reward_fn.reward_fns.keys() == TERMS
+    reward_cfg = env_config().reward
+    assert env.reward.weights == {**dict.fromkeys(TERMS, 1.0), "energy_reward": reward_cfg.energy_coef,
+                                  "collision_reward": reward_cfg.collision_coef}
 
 
 def test_observation_slices_hold_what_they_say(env):
@@ -238,6 +240,68 @@ def test_episode_length_equals_planned_chunk_length():
     chunk = plan.chunks[0]
     env = make_env(chunk.midi, cfg, seed=0)
     assert env.n_steps == chunk.n_steps == cfg.chunk_steps
+
+
+# --- the reward: each term defined once (workers.piano.reward) -----------------------------------
+def test_reward_terms_are_robopianists_own(env):
+    """RoboPianist's own key press, sustain and energy terms, called on the task after each step,
+    give the values of the terms both backends share (``workers.piano.reward``)."""
+    if env.backend != "robopianist":
+        pytest.skip("RoboPianist's piano state follows dm_control's stepping only")
+    from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands as Upstream
+
+    task, physics = env.task, env.environment.physics
+    presser, rng = KeyPresser(env.environment), np.random.default_rng(8)
+    (obs, _), done, pressing = env.reset(), False, 0
+    while not done:
+        presser.press(oracle_ish_keys(obs[:88], rng))
+        obs, _, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        terms = info["reward_terms"]
+        assert terms["key_press_reward"] == pytest.approx(Upstream._compute_key_press_reward(task, physics), abs=1e-12)
+        assert terms["sustain_reward"] == pytest.approx(Upstream._compute_sustain_reward(task, physics), abs=1e-12)
+        assert terms["energy_reward"] == pytest.approx(Upstream._compute_energy_reward(task, physics), rel=1e-12)
+        pressing += info["pressed"].any()
+    presser.press([])
+    assert pressing > 0
+
+
+def _bonus_rewards(backend: str) -> list[tuple[float, dict]]:
+    env = make_env(chord_song(), env_config(), seed=0, backend=backend)
+    presser, rng = KeyPresser(env.environment), np.random.default_rng(9)
+    obs, _ = env.reset()
+    steps = []
+    for _ in range(12):
+        presser.press(oracle_ish_keys(obs[:88], rng))
+        obs, reward, _, _, info = env.step(rng.uniform(env.action_low, env.action_high))
+        steps.append((reward, info))
+    presser.press([])
+    env.close()
+    return steps
+
+
+def test_a_term_added_once_reaches_both_backends(monkeypatch):
+    """A term added to ``workers.piano.reward.TERMS`` alone is summed by both backends."""
+    from workers.piano import reward
+
+    bonus = reward.Term("pressed_keys_bonus", lambda s, cfg: float(s.pressed.sum()), 0.25)
+    monkeypatch.setattr(reward, "TERMS", reward.TERMS + (bonus,))
+    runs = {b: _bonus_rewards(b) for b in BACKENDS}
+    for (reward_a, info_a), (reward_b, info_b) in zip(runs["lean"], runs["robopianist"]):
+        for reward_value, info in ((reward_a, info_a), (reward_b, info_b)):
+            assert list(info["reward_terms"]) == [t.name for t in reward.TERMS]
+            assert info["reward_terms"]["pressed_keys_bonus"] == 0.25 * info["pressed"].sum()
+            assert reward_value == pytest.approx(sum(info["reward_terms"].values()), abs=1e-12)
+        assert reward_a == pytest.approx(reward_b, abs=1e-12)
+    assert any(info["pressed"].any() for _, info in runs["lean"])
+
+
+def test_backends_whose_terms_differ_are_refused(monkeypatch):
+    from workers.piano import lean, reward
+
+    heavier = tuple(reward.Term(t.name, t.fn, 2.0) if t.name == "sustain_reward" else t for t in reward.TERMS)
+    monkeypatch.setattr(lean, "Reward", lambda cfg: reward.Reward(cfg, heavier))
+    with pytest.raises(ValueError, match=r"'lean' backend's reward terms .*'sustain_reward': 2\.0.* differ from the task's"):
+        make_env(chord_song(), env_config(), backend="lean")
 
 
 # --- both backends step the same trajectories --------------------------------------------------

@@ -7,7 +7,8 @@
 - :mod:`workers.piano.view`: frames that show the music (coloured keys, a camera on the hands), gymnasium's render;
 - :mod:`workers.piano.task`: RoboPianist's task with RP1M's settings and the environments' shared interface;
 - :mod:`workers.piano.lean`: the default backend, stepping MuJoCo directly at close to its own speed;
-- :mod:`workers.piano.fingering`: the optimal-transport fingering reward (RP1M eq. 1-2);
+- :mod:`workers.piano.reward`: the reward terms, each defined once for both backends;
+- :mod:`workers.piano.fingering`: the optimal-transport fingering (RP1M eq. 1-2);
 - :mod:`workers.piano.metrics`: key-press precision, recall and F1;
 - :mod:`workers.piano.audio` and :mod:`workers.piano.render`: a rollout as WAV and as MP4 with sound.
 
