@@ -46,8 +46,8 @@ def key_states(pressed: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]
 class PianoView:
     """Frames of ``env`` (a :class:`~workers.piano.task.PianoEnv`) at ``width`` x ``height``.
     ``quality`` fast leaves out shadows, reflections and anti-aliasing (software OpenGL draws
-    them many times slower);
-    ``follow`` False keeps MuJoCo's default free camera; ``strip`` draws the upcoming notes."""
+    them many times slower); ``follow`` False keeps one view of the whole scene; ``strip`` draws
+    the upcoming notes."""
 
     def __init__(self, env, width: int, height: int, *, quality: str = "fast", follow: bool = True,
                  strip: bool = True) -> None:
