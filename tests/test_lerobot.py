@@ -32,10 +32,12 @@ LAKE_CFG = configs.load().lake.model_copy(update={"row_group_rows": 50})  # seve
 
 
 def commit(lake: Lake, unit: str, song: str, split: str = "train", f1: float = 0.9, chunk: int = 0,
-           lengths=(30, 25), seed: int = 0):
+           lengths=(30, 25), seed: int = 0, fingering: bool = False):
     meta = ShardMeta(unit_id=unit, song_hash=song.encode().hex().ljust(64, "0"), song_name=song, chunk_index=chunk,
                      split=split, config_hash="cfg", specialist_f1=f1)
     episodes = [synthetic_episode(n, seed=seed * 100 + i) for i, n in enumerate(lengths)]
+    for ep in episodes if fingering else ():  # as the environment records it: a key per finger, -1 for none
+        ep.ot_fingering = np.random.default_rng(seed).integers(-1, 88, (ep.n_steps, 10)).astype(np.int8)
     return lake.commit_shard(meta, episodes), episodes
 
 
@@ -43,7 +45,7 @@ def commit(lake: Lake, unit: str, song: str, split: str = "train", f1: float = 0
 def lake(tmp_path) -> Lake:
     lake = Lake(tmp_path / "lake", LAKE_CFG)
     commit(lake, "u-held", "Nocturne", split="held-out", f1=0.8, seed=1)
-    commit(lake, "u-twinkle-0", "Twinkle", chunk=0, f1=0.95, seed=2, lengths=(40, 40, 12))
+    commit(lake, "u-twinkle-0", "Twinkle", chunk=0, f1=0.95, seed=2, lengths=(40, 40, 12), fingering=True)
     commit(lake, "u-twinkle-1", "Twinkle", chunk=1, f1=0.5, seed=3)
     commit(lake, "u-fur", "Fur Elise", split="eval", f1=0.9, seed=4)
     return lake
@@ -207,6 +209,9 @@ def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path, monk
         np.testing.assert_array_equal(env_state, lake_episode.obs[:, ENVIRONMENT_INDEX])
         np.testing.assert_array_equal(np.stack(frames.column("action").to_numpy(zero_copy_only=False)), lake_episode.action)
         np.testing.assert_array_equal(frames.column("next.reward").to_numpy(), lake_episode.reward)
+        fingering = np.stack(frames.column("next.ot_fingering").to_numpy(zero_copy_only=False))
+        expected = lake_episode.ot_fingering if lake_episode.ot_fingering is not None else np.full((b - a, 10), -1)
+        np.testing.assert_array_equal(fingering, expected)
     assert [shards[u].split for u in first_of_unit] == ["train", "train", "eval", "held-out"]
 
 

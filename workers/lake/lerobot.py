@@ -15,7 +15,11 @@ the piano and the music (goal piano roll, sustain goal, key joints, pedal; 1068 
 entry named in ``info.json`` from :data:`workers.piano.layout.OBS_NAMES`, their concatenation in
 the order of :data:`STATE_PARTS` + :data:`ENVIRONMENT_PARTS` being RP1M's order again.
 ``action`` holds the 39 actions (:data:`~workers.piano.layout.ACTION_NAMES`), ``next.reward`` the
-reward received after the action and ``next.done`` True on an episode's last frame, plus
+reward received after the action, ``next.done`` True on an episode's last frame and
+``next.ot_fingering`` the key (0-87) the environment's OT fingering matched to each finger after
+the action (-1: none, or not recorded in the shard). The fingering is not an observation: it
+matches the step's goal to where the fingertips are after the action, which the policy does not
+see before acting; it is there as a label. Plus
 LeRobot's ``timestamp``, ``frame_index``, ``episode_index``, ``index`` and ``task_index``. The
 task of an episode is its song and chunk (``"<song name> / chunk <k>"``). Episodes are ordered
 by split (train, eval, held-out), then unit, then episode, and ``info.json``'s ``splits`` gives
@@ -49,10 +53,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.files import tmp_path, write_json_atomic
-from workers.lake.schema import SPLITS, LakeError, ShardInfo, fixed_list_to_numpy, rebuild_obs
+from workers.lake.schema import SPLITS, LakeError, ShardInfo, fixed_list_to_numpy, read_fingering, rebuild_obs
 from workers.lake.stats import Moments
 from workers.lake.store import Lake
-from workers.piano.layout import ACTION_DIM, ACTION_NAMES, FPS, OBS_NAMES, OBS_SLICES
+from workers.piano.layout import ACTION_DIM, ACTION_NAMES, FINGER_NAMES, FPS, OBS_NAMES, OBS_SLICES
 
 CODEBASE_VERSION = "v3.0"  # LeRobot's dataset format version (lerobot >= 0.4)
 ROBOT_TYPE = "robopianist_two_shadow_hands"
@@ -91,13 +95,14 @@ FEATURES = {
     "action": _vector(ACTION_NAMES),
     "next.reward": _scalar("float32"),
     "next.done": _scalar("bool"),
+    "next.ot_fingering": {"dtype": "int8", "shape": [len(FINGER_NAMES)], "names": list(FINGER_NAMES)},
     "timestamp": _scalar("float32"),
     "frame_index": _scalar("int64"),
     "episode_index": _scalar("int64"),
     "index": _scalar("int64"),
     "task_index": _scalar("int64"),
 }
-_ARROW = {"float32": pa.float32(), "int64": pa.int64(), "bool": pa.bool_()}
+_ARROW = {"float32": pa.float32(), "int64": pa.int64(), "int8": pa.int8(), "bool": pa.bool_()}
 DATA_SCHEMA = pa.schema([
     pa.field(name, _ARROW[ft["dtype"]] if ft["shape"] == [1] else pa.list_(_ARROW[ft["dtype"]], ft["shape"][0]))
     for name, ft in FEATURES.items()])
@@ -260,6 +265,7 @@ def _frames(table: pa.Table, first_episode: int, first_index: int, task_index: i
         "action": fixed_list_to_numpy(table.column("action"), ACTION_DIM),
         "next.reward": np.asarray(table.column("reward"), dtype=np.float32),
         "next.done": np.r_[episode[1:] != episode[:-1], True],  # row groups hold whole episodes
+        "next.ot_fingering": read_fingering(table)[0],
         "timestamp": (step / FPS).astype(np.float32),
         "frame_index": step,
         "episode_index": first_episode + episode,
