@@ -6,7 +6,9 @@ through :class:`Config`. ``load(profile="local", overrides=["droq.batch_size=128
 ``default.yaml`` is the one place for every default: the models below declare types and
 bounds, never a default value (``tests/test_configs.py`` checks both that no field has one and
 that ``default.yaml`` sets every field). A config saved before a setting existed loads through
-:func:`from_dict`, which merges it over ``default.yaml``.
+:func:`from_dict`, which merges it over ``default.yaml``. A key that no longer exists
+(``REMOVED_KEYS``) is dropped: with a warning when a file or an override names it, silently
+from a saved config (it was valid when saved).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +117,7 @@ class SpecialistConfig(_Section):
     seed: int
     # Rollout i samples from the policy with a generator seeded by seed * 1000 + i.
     rollout_policy: Literal["stochastic", "deterministic"]
+    video: bool  # a finished unit's clip as an artifact of its MLflow run
     budget: BudgetConfig
 
     @model_validator(mode="after")
@@ -211,7 +215,6 @@ class ILConfig(_Section):
     log_interval: int
     max_failures: int
     warmup_steps: int = Field(ge=0)
-    stats_steps: int = Field(ge=1)
     seed: int
     replan_every: int = Field(ge=0)
     eval_max_steps: int = Field(ge=0)
@@ -241,7 +244,7 @@ class DashboardConfig(_Section):
     port: int = Field(ge=0, le=65535)
     refresh_s: float = Field(gt=0)
     throughput_window_s: float = Field(gt=0)
-    mlflow_ui_url: str
+    mlflow_ui_url: str | None
     learning_curve_metrics: tuple[str, ...]
     il_metrics: tuple[str, ...]
     max_curves: int = Field(ge=1)
@@ -297,6 +300,31 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the field."""
 
 
+class RemovedKeyWarning(UserWarning):
+    """A config file or override names a key pianoforge no longer reads."""
+
+
+# Keys configs once had, and why they went: named by an old file, override or saved config they are dropped.
+REMOVED_KEYS: dict[str, str] = {
+    "il.stats_steps": "the imitation learner normalises with the lake's statistics (meta/stats)",
+}
+
+
+def _drop_removed(data: dict, source: str | None) -> dict:
+    """``data`` without the ``REMOVED_KEYS``; a warning naming ``source`` for each (None: silently)."""
+    out = data
+    for dotted, why in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            if out is data:
+                out = copy.deepcopy(data)
+            del out[section][key]
+            if source is not None:
+                warnings.warn(f"{source}: config key '{dotted}' is no longer read ({why}); ignored",
+                              RemovedKeyWarning, stacklevel=3)
+    return out
+
+
 def _deep_merge(base: dict, extra: dict, source: str, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in (extra or {}).items():
@@ -314,6 +342,10 @@ def _apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
     data = copy.deepcopy(data)
     for dotted, value in items:
+        if dotted in REMOVED_KEYS:
+            warnings.warn(f"override '{dotted}': config key '{dotted}' is no longer read ({REMOVED_KEYS[dotted]}); "
+                          "ignored", RemovedKeyWarning, stacklevel=3)
+            continue
         node = data
         parts = dotted.split(".")
         for p in parts[:-1]:
@@ -379,7 +411,7 @@ def load(
         sources.append(p)
     sources += [Path(f) for f in files or []]
     for src in sources:
-        data = _deep_merge(data, _read_yaml(src), str(src))
+        data = _deep_merge(data, _drop_removed(_read_yaml(src), str(src)), str(src))
     if overrides:
         data = _apply_overrides(data, overrides)
     return _validate(data, source=str(sources[-1]) if sources else "default.yaml", overrides=overrides)
@@ -388,7 +420,7 @@ def load(
 def from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
     """Rebuild a config saved with ``Config.to_dict()`` (e.g. in a campaign directory), merged
     over today's defaults so that a config saved before a setting existed still loads."""
-    return _validate(_deep_merge(_defaults(), data, source), source=source)
+    return _validate(_deep_merge(_defaults(), _drop_removed(data, None), source), source=source)
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,7 +12,8 @@ pressed keys across the lake, learning curves from MLflow, which finger pressed 
 - :mod:`dashboards.timeline`: progress numbers (states over time, throughput, ETA);
 - :mod:`dashboards.plots`: plotly figures from plain data;
 - :mod:`dashboards.audio`: a rollout's pressed keys to a WAV with RoboPianist's synthesizer;
-- :mod:`dashboards.app`: the page, the HTTP server and the static export.
+- :mod:`dashboards.app`: the page, the HTTP server and the static export;
+- :mod:`dashboards.cli`: the ``dashboard`` command, which the CLI loads through an entry point.
 
-This package reads ``orchestrator`` and ``workers``; they import it only inside the CLI command.
+This package reads ``orchestrator`` and ``workers``; they never import it.
 """

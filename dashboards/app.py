@@ -137,7 +137,8 @@ def render_page(s: Snapshot, campaign: Campaign, *, live: bool, audio_src: str |
         f = s.focus
         view["focus"] = {"unit_id": f.unit_id, "song_name": f.song_name, "chunk_index": f.chunk_index, "seed": f.seed,
                          "f1": f.f1, "n_steps": f.n_steps, "how": f.how, "run_link": f.run_link,
-                         "link": unit_link(f.unit_id), "audio_src": audio_src, "video_src": video_src}
+                         "link": unit_link(f.unit_id), "audio_src": audio_src, "video_src": video_src,
+                         "poster_src": video_src and f"/poster/{quote(f.unit_id)}.png"}
     return _environment().get_template("campaign.html").render(
         s=view, summary=info, figs=figs, states=timeline.STATES, colors=plots.STATE_COLORS, live=live,
         refresh_s=dash.refresh_s, plotly_js_inline=None if live else plotly_js(),
@@ -175,8 +176,10 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-# /audio/<unit>.wav and /video/<unit>.mp4: the unit's best recorded rollout, rendered by Campaign.<method>
-MEDIA = {"/audio/": (".wav", "render_audio", "audio/wav"), "/video/": (".mp4", "render_video", "video/mp4")}
+# /audio/<unit>.wav, /video/<unit>.mp4 and its /poster/<unit>.png: the unit's best recorded rollout,
+# rendered by Campaign.<method>
+MEDIA = {"/audio/": (".wav", "render_audio", "audio/wav"), "/video/": (".mp4", "render_video", "video/mp4"),
+         "/poster/": (".png", "render_poster", "image/png")}
 
 
 def _media(path: str) -> tuple[str, str, str] | None:

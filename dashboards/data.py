@@ -265,6 +265,7 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
     """Units, state changes, the meta table and the budgets summary from the campaign store, opened read-only."""
     import sqlite3
 
+    from orchestrator.status import driver_ended, driver_state
     from orchestrator.store import CampaignStore
 
     try:
@@ -273,6 +274,8 @@ def read_store(campaign_dir: Path) -> tuple[list[Unit], list[StateChange], dict[
             events = store.events()
             meta = {k: store.get_meta(k) for (k,) in store.db.execute("SELECT key FROM meta")}
             budgets = store.budgets()
+            if driver_ended(driver_state(store)):  # its Ray cluster, and Ray's dashboard, ended with it
+                meta.pop("ray_dashboard_url", None)
     except sqlite3.OperationalError as e:
         if "no such table" in str(e):  # the driver has created the file but not its tables yet
             return [], [], {}, None
@@ -440,17 +443,29 @@ class Campaign:
         return self.directory / DASHBOARD_DIR / "video" / f"{focus.unit_id}-seed{focus.seed}.mp4"
 
     def render_video(self, focus: Focus, width: int = 640, height: int = 480) -> Path:
-        """The MP4 (with sound) of ``focus``'s best rollout, replayed from the lake once and cached;
-        concurrent requests for the same clip wait for one rendering."""
+        """The MP4 (with sound) of ``focus``'s best rollout, replayed from the lake once and cached
+        with its poster frame; concurrent requests for the same clip wait for one rendering."""
+        return self._rendered(focus, self.video_path(focus), width, height, poster=self.poster_path(focus))
+
+    def poster_path(self, focus: Focus) -> Path:
+        """Where the focus rollout video's poster frame (PNG) is cached."""
+        return self.video_path(focus).with_suffix(".png")
+
+    def render_poster(self, focus: Focus, width: int = 640, height: int = 480) -> Path:
+        """The poster frame of ``focus``'s video (the step with the most keys in play): made with the
+        video, or on its own (one frame) when the page asks before anyone played it."""
+        return self._rendered(focus, self.poster_path(focus), width, height)
+
+    def _rendered(self, focus: Focus, path: Path, width: int, height: int, poster: Path | None = None) -> Path:
         from orchestrator.playback import render_unit, resolve_unit
 
-        path = self.video_path(focus)
         with self._lock:
-            lock = self._video_locks.setdefault(path, threading.Lock())
+            lock = self._video_locks.setdefault(self.video_path(focus), threading.Lock())
         with lock:
             if not path.exists():
                 view = resolve_unit(self.directory / "units" / focus.unit_id)
-                render_unit(view, path, seed=focus.seed, width=width, height=height, soundfont=self.dash.soundfont)
+                render_unit(view, path, seed=focus.seed, width=width, height=height, soundfont=self.dash.soundfont,
+                            poster=poster)
         return path
 
     def render_audio(self, focus: Focus) -> Path:

@@ -9,9 +9,13 @@ from pathlib import Path
 class MlflowReader:
     """Metric histories and run links from one tracking server; quiet when it is unavailable."""
 
-    def __init__(self, tracking_uri: str, ui_url: str):
+    def __init__(self, tracking_uri: str, ui_url: str | None = None):
+        from orchestrator.tracking import mlflow_ui
+
         self.tracking_uri = tracking_uri
-        self.ui_url = ui_url
+        # A run's page in MLflow's UI: the configured template where the UI lives elsewhere, else
+        # the UI of the campaign's own tracking server (or of `mlflow ui` on its local store).
+        self.ui_url = ui_url or mlflow_ui(tracking_uri) + "/#/experiments/{experiment_id}/runs/{run_id}"
         self._client = None
         self._experiments: dict[str, str] = {}
         self.default_experiment: str | None = None  # the campaign's experiment, from the store
@@ -39,7 +43,7 @@ class MlflowReader:
         return self._client
 
     def link(self, run_id: str | None) -> str | None:
-        """The configured MLflow UI URL of a run (``None`` without a run). Unit runs live in the
+        """The MLflow UI URL of a run (``None`` without a run). Unit runs live in the
         campaign's experiment; other runs (the imitation job) once their curves were read."""
         if not run_id:
             return None

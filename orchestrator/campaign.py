@@ -53,7 +53,7 @@ from filelock import FileLock, Timeout
 
 import configs
 from configs.files import NoSpaceError, disk_full
-from orchestrator.gate import LAUNCHES_KEY
+from orchestrator.gate import LAUNCHES_KEY, Gate
 from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
 from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
@@ -62,6 +62,7 @@ from configs.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+UNIT_VIDEO = "rollout.mp4"  # a finished unit's clip, logged to its MLflow run with specialist.video
 
 
 class CampaignError(RuntimeError):
@@ -285,6 +286,7 @@ class _Driver:
                  on_progress: Callable[[dict[str, int]], None] | None):
         self.paths, self.store, self.cfg, self.on_progress = paths, store, cfg, on_progress
         self.sink = None  # orchestrator.tracking.MetricsSink actor
+        self._videos = None  # renders finished units' clips (specialist.video)
         self.feed = None  # orchestrator.scheduler.PackFeed actor (campaign.pack_refill)
         self.pools = None  # slurm: the PoolManager when the profile names SLURM pools
         self.pool: str | None = None
@@ -516,7 +518,7 @@ class _Driver:
         if outcome.result is not None:
             res = outcome.result
             result = UnitResult(**{k: res[k] for k in UnitResult.model_fields if k in res})
-            state = SUCCEEDED if result.f1 >= cfg.gate.f1_threshold else GATED
+            state = SUCCEEDED if Gate(cfg.gate).passes(result.f1) else GATED
             store.mark_finished(unit_id, result, state, res.get("report_seconds"))
             overhead = res.get("report_seconds", 0.0) / result.seconds if result.seconds > 0 else None
             sink.finish_unit.remote(unit_id, "FINISHED", {
@@ -526,6 +528,8 @@ class _Driver:
                 "logging_overhead": overhead, "stop_step": result.stop_step, "budget_steps": result.budget_steps,
                 "eval_share": result.eval_seconds / result.seconds if result.seconds > 0 else None},
                 {**tags, "state": state, "stop_reason": result.stop_reason})
+            if cfg.specialist.video:
+                self._log_video(unit_id)
             return
         retry = row.attempts < cfg.campaign.max_attempts
         new_state = store.mark_attempt_failed(unit_id, outcome.error, retry)
@@ -545,15 +549,37 @@ class _Driver:
         self.imitation.interrupt()
         return self.store.requeue_interrupted(why)
 
+    def _log_video(self, unit_id: str) -> None:
+        """Render the finished unit's best rollout to ``units/<id>/rollout.mp4`` in the background
+        and log it to the unit's MLflow run (``specialist.video``). A clip that cannot be made is a
+        warning, never the unit's failure."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def render() -> None:
+            from orchestrator.playback import render_unit, resolve_unit
+
+            try:
+                out = self.paths.unit_dir(unit_id) / UNIT_VIDEO
+                render_unit(resolve_unit(self.paths.unit_dir(unit_id)), out, soundfont=self.cfg.dashboard.soundfont)
+                self.sink.log_file.remote(unit_id, str(out))
+            except Exception as e:  # noqa: BLE001 - a video is a bonus; the unit has finished
+                log.warning("unit %s: no video for its MLflow run: %s", unit_id, e)
+
+        if self._videos is None:
+            self._videos = ThreadPoolExecutor(1, thread_name_prefix="unit-video")  # the renderer is a child process
+        self._videos.submit(render)
+
     def _close(self) -> tuple[dict[str, int], float | None, dict[str, Any], str | None]:
         """No pool job outlives the driver; the campaign's MLflow run closes with its counts.
         Returns (counts, logging overhead, sink statistics, what MLflow has not received)."""
         import ray
 
-        from orchestrator.tracking import record_runs
+        from orchestrator.tracking import record_runs, sync_hint
 
         if self.pools is not None:
             self.pools.shutdown()
+        if self._videos is not None:  # the clips reach the outbox before it closes
+            self._videos.shutdown(wait=True)
         store = self.store
         counts = store.counts()
         overhead = _logging_overhead(store)
@@ -570,7 +596,7 @@ class _Driver:
                     record_runs(store, closed["runs"])
                 sink_stats, behind = closed["stats"], closed["behind"]
             except Exception as e:  # the campaign's state is in the store; MLflow is a view of it
-                behind = f"closing the metrics sink failed ({e}); `pianoforge mlflow sync {self.paths.name}` delivers what is left"
+                behind = f"closing the metrics sink failed ({e}); {sync_hint(self.paths.name)}"
             if behind:
                 log.warning(behind)
         with _unless_disk_full():

@@ -45,37 +45,6 @@ def _root(
     pass
 
 
-@app.command()
-def dashboard(
-    campaign: Optional[str] = typer.Argument(None, help="Campaign name under --root (default: the one changed last)."),
-    root: Optional[str] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port on localhost (default: dashboard.port, 8765; 0: any free)."),
-    export: Optional[str] = typer.Option(None, "--export", metavar="FILE.html",
-                                         help="Write the page as one self-contained HTML file and exit."),
-    unit: Optional[str] = typer.Option(None, "--unit", help="Unit whose fingering and audio to show (default: best F1)."),
-) -> None:
-    """Show a campaign's progress in the browser: states, throughput, ETA, failures, F1, gate, curves, audio."""
-    import configs
-    from dashboards.app import DashboardServer, export_html
-    from dashboards.data import Campaign, CampaignNotFound, find_campaign
-
-    with _fail_with(EXIT_USAGE, CampaignNotFound):
-        directory = find_campaign(root or configs.load(profile=None).campaign.root, campaign)
-    camp = Campaign(directory)
-    if export:
-        out = export_html(camp, export, unit=unit)
-        typer.echo(f"wrote {out}")
-        return
-    server = DashboardServer(camp, port=port)
-    url = server.url + (f"?unit={unit}" if unit else "")
-    with server:
-        typer.echo(f"campaign {camp.name} ({directory}) on {url}  (Ctrl-C stops)")
-        try:
-            server.thread.join()
-        except KeyboardInterrupt:
-            pass
-
-
 @manifest_app.command("check")
 def manifest_check(
     file: str = typer.Argument(..., metavar="FILE", help="Manifest (.yaml or .csv)."),
@@ -169,8 +138,10 @@ def _report_summary(summary, rejected: int = 0) -> None:
     from orchestrator.status import read_status, render
 
     Console().print(render(read_status(summary.dir)))
+    from orchestrator.tracking import mlflow_ui_hint
+
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
-               f"mlflow ui --backend-store-uri {summary.tracking_uri}")
+               f"{mlflow_ui_hint(summary.tracking_uri)}")
     if summary.tracking_behind:
         typer.echo(f"warning: {summary.tracking_behind}", err=True)
     if summary.no_space is not None:
@@ -336,7 +307,7 @@ STATUS_SYNC_S = 5.0  # how long `status` spends delivering MLflow records a stop
 def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False) -> str | None:
     """Deliver the campaign's waiting MLflow records. Returns the warning line when some are left
     (also printed to stderr unless ``quiet``), else None."""
-    from orchestrator.tracking import sync
+    from orchestrator.tracking import sync, sync_hint
 
     try:
         done = sync(directory, timeout_s)
@@ -345,7 +316,7 @@ def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False
     else:
         if done is None or done[0].empty:
             return None
-        line = done[0].describe(done[1], f"`pianoforge mlflow sync {directory.name}` delivers them.")
+        line = done[0].describe(done[1], sync_hint(directory.name))
     if not quiet:
         typer.echo(f"warning: {line}", err=True)
     return line
@@ -392,6 +363,7 @@ def demo(
     import yaml
 
     from orchestrator.manifest import demo_manifest
+    from orchestrator.tracking import mlflow_ui_hint
 
     t0 = _time.perf_counter()
     cfg = _load_config("demo", list(sets), workload)
@@ -434,7 +406,7 @@ def demo(
                f"  evaluation  {table}\n"
                f"  status      pianoforge status {summary.name}{root_opt}\n"
                f"  dashboard   pianoforge dashboard {summary.name}{root_opt}\n"
-               f"  MLflow      mlflow ui --backend-store-uri {summary.tracking_uri}")
+               f"  MLflow      {mlflow_ui_hint(summary.tracking_uri)}")
 
 
 # --- slurm: the campaign head as a SLURM job ----------------------------------------------------
@@ -569,7 +541,8 @@ def _render_failed(e: Exception) -> None:
 @app.command()
 def render(
     unit_dir: Optional[Path] = typer.Argument(None, metavar="UNIT_DIR", help="Unit directory (campaign's units/<id>, or specialist --out)."),
-    out: Path = typer.Option(..., "--out", metavar="FILE.mp4", help="Video to write."),
+    out: Path = typer.Option(..., "--out", metavar="FILE.mp4", help="Video to write: .mp4, .mov, .mkv, .webm, .avi "
+                             "(the container follows the extension), or .png for one still."),
     seed: Optional[int] = typer.Option(None, "--seed", help="The recorded rollout with this seed (default: the best one)."),
     policy: Optional[Path] = typer.Option(None, "--policy", exists=True, metavar="FILE",
                                           help="Play this policy instead (export-policy or train-il output); needs --song."),
@@ -582,7 +555,7 @@ def render(
     profile: str = typer.Option("local", "--profile", help="Config profile (for --policy without UNIT_DIR)."),
     sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Config override (for --policy without UNIT_DIR)."),
 ) -> None:
-    """Write an MP4 with sound of a unit's best recorded rollout (replayed from the lake), or of a policy playing a song chunk."""
+    """Write a video with sound of a unit's best recorded rollout (replayed from the lake), or of a policy playing a song chunk."""
     from workers.piano.music import SongError
     from workers.piano.render import RenderError, render_rollout
 
@@ -596,7 +569,7 @@ def render(
             cfg = _unit_or_exit(unit_dir).cfg if unit_dir else _load_config(profile, sets, None)
             result = render_rollout(song, chunk, cfg.env, out, policy=policy, seed=seed or 0, width=width, height=height,
                                     max_steps=max_steps, soundfont=cfg.dashboard.soundfont,
-                                    song_hash=load_song(song).content_hash, quality=quality)
+                                    song_hash=load_song(song).content_hash, quality=quality, progress=True)
         elif unit_dir is None:
             typer.echo("error: give UNIT_DIR, or --policy with --song", err=True)
             raise typer.Exit(2)
@@ -607,7 +580,7 @@ def render(
             view = _unit_or_exit(unit_dir)
             try:
                 result = render_unit(view, out, seed=seed, width=width, height=height, max_steps=max_steps,
-                                     soundfont=view.cfg.dashboard.soundfont, quality=quality)
+                                     soundfont=view.cfg.dashboard.soundfont, quality=quality, progress=True)
             except LakeError as e:
                 _render_failed(e)
     except (RenderError, SongError, ValueError) as e:
@@ -910,6 +883,18 @@ def eval_cmd(
                                                                      "episodes": episodes, "songs": len(paths)})
         typer.echo(f"MLflow run {run_id} in experiment {experiment}")
 # ---- end imitation learning -----------------------------------------------------------------------
+
+
+def _add_registered_commands() -> None:
+    """Commands other packages register in the entry point group ``pianoforge.commands``
+    (``pyproject.toml``; ``dashboard`` from ``dashboards.cli``): loaded by name, not imported."""
+    from importlib.metadata import entry_points
+
+    for command in entry_points(group="pianoforge.commands"):
+        app.command(command.name)(command.load())
+
+
+_add_registered_commands()
 
 
 def main() -> None:

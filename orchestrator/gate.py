@@ -62,15 +62,24 @@ class Gate:
             return passing >= self.min_shards
         return self.relaunch_every > 0 and passing - last_launch_count >= self.relaunch_every
 
+    def passes(self, f1: float) -> bool:
+        """Whether a specialist with this F1 passes (its unit succeeds, its shards count): F1 >= the
+        threshold (NaN never passes)."""
+        return bool(f1 >= self.f1_threshold)
+
+    def _train_shards(self, lake: Any) -> tuple[list[Any], list[Any]]:
+        """(undamaged, damaged) committed train-split shards of ``lake`` whose specialist passes."""
+        return lake.split_damaged([s for s in lake.shards(split="train") if self.passes(s.specialist_f1)])
+
     def passing_shards(self, lake: Any) -> list[Any]:
-        """Committed train-split shards of ``lake`` (a ``workers.lake.Lake``) with F1 >= the threshold
-        and an undamaged file."""
-        return lake.split_damaged(lake.shards(min_f1=self.f1_threshold, split="train"))[0]
+        """Committed train-split shards of ``lake`` (a ``workers.lake.Lake``) whose specialist passes
+        and whose file is undamaged."""
+        return self._train_shards(lake)[0]
 
     def check(self, lake: Any, last_launch_count: int | None = None) -> GateDecision:
         """Read the lake catalog and decide; the decision carries the passing shards and counts
         the damaged ones it left out."""
-        shards, damaged = lake.split_damaged(lake.shards(min_f1=self.f1_threshold, split="train"))
+        shards, damaged = self._train_shards(lake)
         return GateDecision(launch=self.decide(len(shards), last_launch_count), passing=len(shards), shards=shards,
                             damaged=len(damaged))
 

@@ -102,9 +102,11 @@ def specialist_policy_state(view: UnitView) -> dict:
 
 
 def render_unit(view: UnitView, out: Path, *, seed: int | None = None, width: int = 640, height: int = 480,
-                max_steps: int | None = None, soundfont: str | None = None, quality: str = "fast"):
+                max_steps: int | None = None, soundfont: str | None = None, quality: str = "fast",
+                poster: Path | None = None, progress: bool = False):
     """Render the unit's best recorded rollout (or the one with ``seed``) to ``out``, replayed from
-    the lake's actions; without a shard, the unit's policy plays (deterministically) from ``seed``."""
+    the lake's actions; without a shard, the unit's policy plays (deterministically) from ``seed``.
+    ``poster``, ``progress``: see :func:`workers.piano.render.render_in_process`."""
     import tempfile
 
     from workers.imitation.export import save_state
@@ -115,7 +117,7 @@ def render_unit(view: UnitView, out: Path, *, seed: int | None = None, width: in
     spec = view.spec
     shard = view.shard()
     common = dict(width=width, height=height, max_steps=max_steps, soundfont=soundfont, song_hash=spec.song_hash,
-                  quality=quality)
+                  quality=quality, poster=poster, progress=progress)
     if shard is not None:
         episode = read_episode(Lake(view.lake_root), shard, seed=seed)
         return render_rollout(spec.song_path, spec.chunk_index, view.cfg.env, out, actions=episode.action,

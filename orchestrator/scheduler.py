@@ -10,8 +10,9 @@ error and each is retried from its own checkpoint.
 With ``campaign.pack_refill`` a pack does not wait for its slowest member: each member's
 outcome comes back through the campaign's ``PackFeed`` actor as soon as it is final, and the
 freed slot asks the driver for the next pending unit of the pack's config (``RayRefill`` on the
-worker side, ``Scheduler.serve_refills`` on the driver's). A unit handed to a pack joins its
-members here, so a pack that dies fails (and retries) exactly the units it held at that moment.
+worker side; on the driver's, ``orchestrator.campaign``'s ``_poll_feed`` and ``_refill``, which
+hands the unit over and records it with ``Scheduler.join_pack``). A unit handed to a pack joins
+its members here, so a pack that dies fails (and retries) exactly the units it held at that moment.
 
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
@@ -123,15 +124,14 @@ def _note_start(sink, unit_id: str) -> None:
 
 
 def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink) -> dict:
-    """Worker side of one attempt: say where it runs, run the workload, time its reporting.
+    """Worker side of one attempt: say where it runs, run the workload (given the campaign's
+    config: it applies the unit's overrides, ``UnitSpec.config``), time its reporting.
 
     Returns ``UnitResult`` fields plus ``report_seconds`` (time spent inside the metrics
     callback).
     """
     unit = UnitSpec.model_validate_json(spec_json)
     cfg = configs.from_dict(cfg_dict)
-    if unit.overrides:
-        cfg = cfg.with_overrides(unit.overrides)
     _note_start(sink, unit.unit_id)
     report = Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s)
     run = _workload(workload)

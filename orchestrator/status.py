@@ -105,7 +105,7 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         counts = store.counts()
         marks = ",".join("?" * len(FINISHED))
         f1 = [r[0] for r in db.execute(f"SELECT f1 FROM units WHERE state IN ({marks}) AND f1 IS NOT NULL", FINISHED)]
-        driver = _driver_state(store)
+        driver = driver_state(store)
         open_marks = ",".join("?" * len(OPEN_STATES))
         ended = [r[0] for r in db.execute(f"SELECT finished_at FROM units WHERE state NOT IN ({open_marks})"
                                           " AND finished_at IS NOT NULL", OPEN_STATES)]
@@ -155,7 +155,12 @@ def group_packs(rows: list[dict], place: str = "hostname") -> list[dict]:
     return sorted(packs.values(), key=lambda p: int(p["pack_id"].rsplit("-", 1)[-1]) if p["pack_id"][-1:].isdigit() else 0)
 
 
-def _driver_state(store: CampaignStore) -> str:
+def driver_ended(state: str) -> bool:
+    """Whether a :func:`driver_state` says the driver (and the Ray cluster it ran) is gone."""
+    return state.startswith(("stopped", "gone"))
+
+
+def driver_state(store: CampaignStore) -> str:
     """From the last driver_start/driver_stop events (a pid check when the driver ran on this host)."""
     row = store.db.execute("SELECT kind, detail FROM events WHERE kind IN ('driver_start', 'driver_stop')"
                            " ORDER BY id DESC LIMIT 1").fetchone()
@@ -215,9 +220,8 @@ def render(status: CampaignStatus):
                          "throughput: -   ", f"ETA: {_duration(status.eta_s)}")
     if status.logging_overhead is not None:
         head.append(f"   logging overhead: {status.logging_overhead:.3%} of worker time")
-    if status.ray_dashboard:
-        live = status.driver.startswith("running")
-        head.append(f"\nRay dashboard: {status.ray_dashboard}" + ("" if live else " (while the driver runs)"))
+    if status.ray_dashboard and not driver_ended(status.driver):  # a finished driver's Ray cluster is gone
+        head.append(f"\nRay dashboard: {status.ray_dashboard}")
 
     states = Table(title="units by state", show_edge=False,
                    caption="gated: finished with F1 below gate.f1_threshold (its shard is not used for imitation)")

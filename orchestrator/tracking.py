@@ -23,15 +23,11 @@ from typing import Any
 
 import ray
 
-from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Backlog, Outbox, outbox_path, unit_key  # noqa: F401
+from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Backlog, Outbox, outbox_path, sync_hint, unit_key  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SYSTEM_METRICS_INTERVAL_S = 10.0
-
-
-def sync_hint(campaign: str) -> str:
-    return f"`pianoforge mlflow sync {campaign}` delivers them (status, resume and submit do too)."
 
 
 def tracking_uri_for(mlflow_cfg: Any, campaign_dir: Path) -> str:
@@ -50,9 +46,7 @@ def artifact_location_for(tracking_uri: str, campaign_dir: Path) -> str | None:
 
 def open_outbox(campaign_dir: Path, tracking_uri: str, mlflow_cfg: Any) -> Outbox:
     """The campaign's outbox with the ``mlflow.*`` settings."""
-    return Outbox(outbox_path(campaign_dir), tracking_uri, max_batch=mlflow_cfg.max_batch,
-                  flush_interval_s=mlflow_cfg.flush_interval_s, max_metrics=mlflow_cfg.outbox_max_metrics,
-                  retry_max_s=mlflow_cfg.retry_max_s, sync_hint=sync_hint(Path(campaign_dir).name))
+    return Outbox(outbox_path(campaign_dir), tracking_uri, mlflow_cfg, sync_hint=sync_hint(Path(campaign_dir).name))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -65,6 +59,25 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)
     return out
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store by default
+
+
+def mlflow_ui(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: an http(s) tracking server serves its own UI;
+    a local store (sqlite, a folder) is seen through `mlflow ui` at :data:`LOCAL_UI`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """How to look at a campaign's runs: the server's URL, or the `mlflow ui` command for a local
+    store (MLflow 3 refuses `mlflow ui --backend-store-uri http://...`)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {mlflow_ui(tracking_uri)}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then open {LOCAL_UI})"
 
 
 class MetricsSink:
@@ -111,6 +124,10 @@ class MetricsSink:
     def finish_unit(self, unit_id: str, status: str, metrics: dict[str, float], tags: dict[str, Any]) -> None:
         """The unit's final metrics and tags, and the end of its run with ``status``."""
         self.outbox.end_run(unit_key(unit_id), status, metrics, tags)
+
+    def log_file(self, unit_id: str, path: str) -> None:
+        """A file (the unit's clip) as an artifact of the unit's run."""
+        self.outbox.log_file(unit_key(unit_id), path)
 
     def log(self, unit_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
         """A worker's metrics; ``step`` in the dict is the MLflow step."""
@@ -245,7 +262,6 @@ def sync(campaign_dir: Path, timeout_s: float | None = None) -> tuple[Backlog, s
     driver delivers on its own: then this only reports."""
     from filelock import FileLock, Timeout
 
-    import configs
     from orchestrator.store import CampaignStore
 
     campaign_dir = Path(campaign_dir)
@@ -257,7 +273,7 @@ def sync(campaign_dir: Path, timeout_s: float | None = None) -> tuple[Backlog, s
     if store_path.exists():
         with CampaignStore(store_path, readonly=True) as store:
             uri = store.get_meta("tracking_uri") or ""
-    box = Outbox(path, uri, max_batch=configs.load(profile=None).mlflow.max_batch, sync_hint=sync_hint(campaign_dir.name))
+    box = Outbox(path, uri, sync_hint=sync_hint(campaign_dir.name))
     try:
         box.deliver(timeout_s)
         _, runs = box.runs_since(0)

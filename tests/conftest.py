@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+import workers  # noqa: F401  (sets MUJOCO_GL as on worker nodes, before a test module imports dm_control)
+
 from slurm_fixtures import slurm_cluster  # noqa: F401  (session fixture, shared by the SLURM tests)
 
 

@@ -12,7 +12,7 @@ from workers.lake import Episode, Lake, ShardMeta
 # An imitation job of a few seconds: a tiny model, 6 steps, checkpoints at 3 and 6.
 TINY_IL = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.action_chunk=4", "il.batch_size=8",
            "il.shuffle_buffer=32", "il.steps=6", "il.log_interval=2", "il.checkpoint_interval=3",
-           "il.warmup_steps=2", "il.stats_steps=100", "il.max_failures=0"]
+           "il.warmup_steps=2", "il.max_failures=0"]
 
 
 def make_episode(rng: np.random.Generator, steps: int, seed: int = 0) -> Episode:

@@ -266,6 +266,7 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
         "specialist.log_interval=10", "specialist.rollouts=1", "mlflow.system_metrics=false",
         # A target any policy meets, judged over both evaluations: it wins over the budget at step 40.
         "specialist.budget.enabled=true", "specialist.budget.stop_at_f1=0.0", "specialist.budget.judge_evals=2",
+        "specialist.video=true", "env.chunk_steps=20",  # the finished unit's clip goes to its MLflow run
     ])
     unit = load_manifest(demo_manifest(tmp_path / "manifest"), cfg).units()[0]
     summary = campaign.submit([unit], cfg, "one-specialist", root=tmp_path)
@@ -282,6 +283,9 @@ def test_a_specialist_unit_runs_through_the_campaign(ray_cluster, tmp_path):
     # The unit reports each checkpoint as it saves it: that is what the store shows while it runs.
     saved = MlflowClient(summary.tracking_uri).get_metric_history(row.mlflow_run_id, "checkpoint_step")
     assert sorted((m.step, m.value) for m in saved) == [(20, 20.0), (40, 40.0)]
+    clip = tmp_path / "one-specialist" / "units" / unit.unit_id / "rollout.mp4"
+    assert clip.stat().st_size > 0
+    assert [a.path for a in MlflowClient(summary.tracking_uri).list_artifacts(row.mlflow_run_id)] == ["rollout.mp4"]
 
 
 def test_submit_with_rejected_entries_exits_3_unless_errors_are_allowed(ray_cluster, tmp_path):
@@ -319,3 +323,19 @@ def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluste
     with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
         requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
         assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+
+
+def test_a_units_overrides_are_applied_once_on_its_way_to_the_workload(tmp_path, monkeypatch):
+    """The worker hands the workload the campaign's config; the workload applies the unit's
+    overrides (``UnitSpec.config``), once."""
+    from orchestrator.scheduler import execute_unit
+
+    cfg = configs.load(overrides=["campaign.synthetic.sleep_s=0"])
+    unit = make_units(1, 1, "cfg")[0].model_copy(update={"overrides": {"campaign.synthetic.episodes": 3}})
+    applied, apply = [], configs.Config.with_overrides
+    monkeypatch.setattr(configs.Config, "with_overrides", lambda self, o: applied.append(o) or apply(self, o))
+    result = execute_unit("synthetic", unit.model_dump_json(), cfg.to_dict(), str(tmp_path / "unit"),
+                          str(tmp_path / "lake"), None)
+    assert applied == [{"campaign.synthetic.episodes": 3}]
+    [shard] = Lake(tmp_path / "lake", cfg.lake).shards()
+    assert shard.n_episodes == 3 and result["unit_id"] == unit.unit_id

@@ -1,6 +1,7 @@
 """The typed config: defaults match RP1M, overrides and profiles merge, mistakes are named."""
 
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,23 @@ def test_config_saved_before_newer_settings_existed_loads_with_todays_defaults()
                          ("droq", "sparse_goal"), ("campaign", "pack_size"), ("gate", "launch"), ("il", "seed")]:
         del saved[section][key]
     assert configs.from_dict(saved) == configs.load()
+
+
+def test_a_removed_key_is_ignored_with_a_warning_naming_where_it_was(tmp_path):
+    """``il.stats_steps`` is no longer read: an old file or override naming it loads with a warning,
+    an old saved config silently; a key that never existed is still an error."""
+    old = tmp_path / "old.yaml"
+    old.write_text("il:\n  stats_steps: 500\n  steps: 7\n")
+    with pytest.warns(configs.RemovedKeyWarning, match=rf"{old}: config key 'il.stats_steps' is no longer read"):
+        cfg = configs.load(files=[old])
+    assert cfg.il.steps == 7 and "stats_steps" not in cfg.to_dict()["il"]
+    with pytest.warns(configs.RemovedKeyWarning, match="override 'il.stats_steps'"):
+        assert configs.load(overrides=["il.stats_steps=100"]) == configs.load()
+    saved = configs.load().to_dict()
+    saved["il"]["stats_steps"] = 50000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs.from_dict(saved) == configs.load()
+    assert saved["il"]["stats_steps"] == 50000  # the caller's dict is left as it was
+    with pytest.raises(configs.ConfigError, match="unknown config key 'il.stats_stepz'"):
+        configs.load(overrides=["il.stats_stepz=1"])

@@ -3,6 +3,8 @@ episode ends, the gymnasium API, and the lean backend against RoboPianist's own 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import gymnasium
@@ -14,6 +16,7 @@ from robopianist.models.piano.piano import _KEY_THRESHOLD
 from env_fixtures import TWINKLE, KeyPresser, chord_song, env_config, oracle_ish_keys, random_song, twinkle
 from workers.piano import env as piano_env
 from workers.piano.env import BACKENDS, ENV_ID, OBS_SLICES, make_env
+from unit_fixtures import ffprobe
 from workers.rl.replay import ReplayBuffer
 
 TERMS = {"key_press_reward", "sustain_reward", "energy_reward", "ot_fingering_reward", "collision_reward"}
@@ -52,7 +55,9 @@ def test_rp1m_sizes_and_layout(env):
     assert obs.dtype == np.float32 and obs.shape == (1144,) and info == {}
     # The human fingering is neither observed nor rewarded.
     assert "fingering" not in env.environment.observation_spec()
-    assert env.task.reward_fn.reward_fns.keys() == TERMS
+    reward_cfg = env_config().reward
+    assert env.reward.weights == {**dict.fromkeys(TERMS, 1.0), "energy_reward": reward_cfg.energy_coef,
+                                  "collision_reward": reward_cfg.collision_coef}
 
 
 def test_observation_slices_hold_what_they_say(env):
@@ -237,6 +242,68 @@ def test_episode_length_equals_planned_chunk_length():
     assert env.n_steps == chunk.n_steps == cfg.chunk_steps
 
 
+# --- the reward: each term defined once (workers.piano.reward) -----------------------------------
+def test_reward_terms_are_robopianists_own(env):
+    """RoboPianist's own key press, sustain and energy terms, called on the task after each step,
+    give the values of the terms both backends share (``workers.piano.reward``)."""
+    if env.backend != "robopianist":
+        pytest.skip("RoboPianist's piano state follows dm_control's stepping only")
+    from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands as Upstream
+
+    task, physics = env.task, env.environment.physics
+    presser, rng = KeyPresser(env.environment), np.random.default_rng(8)
+    (obs, _), done, pressing = env.reset(), False, 0
+    while not done:
+        presser.press(oracle_ish_keys(obs[:88], rng))
+        obs, _, _, done, info = env.step(rng.uniform(env.action_low, env.action_high))
+        terms = info["reward_terms"]
+        assert terms["key_press_reward"] == pytest.approx(Upstream._compute_key_press_reward(task, physics), abs=1e-12)
+        assert terms["sustain_reward"] == pytest.approx(Upstream._compute_sustain_reward(task, physics), abs=1e-12)
+        assert terms["energy_reward"] == pytest.approx(Upstream._compute_energy_reward(task, physics), rel=1e-12)
+        pressing += info["pressed"].any()
+    presser.press([])
+    assert pressing > 0
+
+
+def _bonus_rewards(backend: str) -> list[tuple[float, dict]]:
+    env = make_env(chord_song(), env_config(), seed=0, backend=backend)
+    presser, rng = KeyPresser(env.environment), np.random.default_rng(9)
+    obs, _ = env.reset()
+    steps = []
+    for _ in range(12):
+        presser.press(oracle_ish_keys(obs[:88], rng))
+        obs, reward, _, _, info = env.step(rng.uniform(env.action_low, env.action_high))
+        steps.append((reward, info))
+    presser.press([])
+    env.close()
+    return steps
+
+
+def test_a_term_added_once_reaches_both_backends(monkeypatch):
+    """A term added to ``workers.piano.reward.TERMS`` alone is summed by both backends."""
+    from workers.piano import reward
+
+    bonus = reward.Term("pressed_keys_bonus", lambda s, cfg: float(s.pressed.sum()), 0.25)
+    monkeypatch.setattr(reward, "TERMS", reward.TERMS + (bonus,))
+    runs = {b: _bonus_rewards(b) for b in BACKENDS}
+    for (reward_a, info_a), (reward_b, info_b) in zip(runs["lean"], runs["robopianist"]):
+        for reward_value, info in ((reward_a, info_a), (reward_b, info_b)):
+            assert list(info["reward_terms"]) == [t.name for t in reward.TERMS]
+            assert info["reward_terms"]["pressed_keys_bonus"] == 0.25 * info["pressed"].sum()
+            assert reward_value == pytest.approx(sum(info["reward_terms"].values()), abs=1e-12)
+        assert reward_a == pytest.approx(reward_b, abs=1e-12)
+    assert any(info["pressed"].any() for _, info in runs["lean"])
+
+
+def test_backends_whose_terms_differ_are_refused(monkeypatch):
+    from workers.piano import lean, reward
+
+    heavier = tuple(reward.Term(t.name, t.fn, 2.0) if t.name == "sustain_reward" else t for t in reward.TERMS)
+    monkeypatch.setattr(lean, "Reward", lambda cfg: reward.Reward(cfg, heavier))
+    with pytest.raises(ValueError, match=r"'lean' backend's reward terms .*'sustain_reward': 2\.0.* differ from the task's"):
+        make_env(chord_song(), env_config(), backend="lean")
+
+
 # --- both backends step the same trajectories --------------------------------------------------
 def _play(env, seed: int, policy: str) -> list[tuple]:
     """One episode from ``reset(seed=seed)``: actions drawn from ``seed``; with the ``scripted``
@@ -368,3 +435,51 @@ def test_gymnasium_make_and_the_environment_checker():
                                backend="robopianist")
     assert from_file.unwrapped.backend == "robopianist" and from_file.unwrapped.n_steps == 40
     from_file.close()
+
+
+def test_importing_workers_piano_registers_the_environment_without_loading_mujoco():
+    code = ("import sys, gymnasium, workers.piano; spec = gymnasium.spec('pianoforge/Piano-v0'); "
+            "assert spec.entry_point == 'workers.piano.env:make_gym_env', spec; "
+            "assert 'mujoco' not in sys.modules and 'robopianist' not in sys.modules")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+
+
+@pytest.fixture(scope="module")
+def rgb_env():
+    env = gymnasium.make(ENV_ID, midi=chord_song(), env_cfg=env_config(), render_mode="rgb_array")
+    yield env
+    env.close()
+
+
+def test_gymnasium_rendering_and_episode_length(rgb_env, tmp_path):
+    env = rgb_env
+    piano = env.unwrapped
+    assert env.metadata["render_modes"] == ["rgb_array"] and env.render_mode == "rgb_array"
+    assert env.metadata["render_fps"] == round(1 / env_config().control_timestep)
+    assert env.spec.max_episode_steps == piano.n_steps == 81  # the chunk's own length
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8 and frame.std() > 10  # a picture, not a blank
+    with pytest.raises(ValueError, match="render_mode .depth_array."):
+        gymnasium.make(ENV_ID, midi=chord_song(), env_cfg=env_config(), render_mode="depth_array")
+
+    # gymnasium's RecordVideo records an episode (a short chunk: a clip of every step).
+    short = gymnasium.make(ENV_ID, midi=str(TWINKLE), chunk=0, env_cfg=env_config("env.chunk_steps=6"),
+                           render_mode="rgb_array")
+    assert short.spec.max_episode_steps == 6
+    recorder = gymnasium.wrappers.RecordVideo(short, str(tmp_path / "videos"), episode_trigger=lambda e: True,
+                                              disable_logger=True)
+    recorder.reset(seed=0)
+    truncated = False
+    while not truncated:
+        _, _, _, truncated, _ = recorder.step(np.zeros(39))
+    recorder.close()
+    # "human": gymnasium's own window around the rgb_array frames (it opens one where a display is).
+    human = gymnasium.make(ENV_ID, midi=str(TWINKLE), chunk=0, env_cfg=env_config("env.chunk_steps=6"), render_mode="human")
+    assert isinstance(human, gymnasium.wrappers.HumanRendering) and human.render_mode == "human"
+    assert human.unwrapped.render_mode == "rgb_array"
+    human.unwrapped.close()
+    clips = list((tmp_path / "videos").glob("*.mp4"))
+    assert len(clips) == 1
+    assert int(ffprobe(clips[0])["video"]["nb_read_frames"]) == 6 + 1  # the reset's frame, then one per step

@@ -41,6 +41,9 @@ def test_check_counts_only_train_shards_at_or_above_threshold(tmp_path):
     decision = g.check(lake)
     assert decision.passing == 2 and decision.launch
     assert sorted(s.specialist_f1 for s in decision.shards) == [0.75, 0.9]
+    # One judgement for a unit (SUCCEEDED or GATED) and for its shards: at the threshold passes.
+    assert [g.passes(f1) for f1 in (0.9, 0.75, 0.7499, float("nan"))] == [True, True, False, False]
+    assert decision.shards == [s for s in lake.shards(split="train") if g.passes(s.specialist_f1)]
     assert decision.song_hashes == sorted(s.song_hash for s in decision.shards)
     assert not gate(min_shards=3, f1_threshold=0.75).check(lake).launch
     assert not g.check(lake, last_launch_count=2).launch

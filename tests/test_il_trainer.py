@@ -18,7 +18,7 @@ from workers.imitation.policies import FlowPolicy, load_policy
 
 TINY = ["il.d_model=32", "il.n_layers=1", "il.n_heads=2", "il.bc_hidden=64", "il.action_chunk=4",
         "il.batch_size=16", "il.shuffle_buffer=64", "il.log_interval=5", "il.checkpoint_interval=5",
-        "il.warmup_steps=2", "il.max_failures=1", "il.stats_steps=200"]
+        "il.warmup_steps=2", "il.max_failures=1"]
 
 
 @pytest.fixture(scope="module")

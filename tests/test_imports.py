@@ -1,5 +1,6 @@
-"""Imports point one way: configs <- workers, slurm <- orchestrator <- dashboards, with the CLI
-the only module that sees everything, and no module imports itself back through others.
+"""Imports point one way: configs <- workers, slurm <- orchestrator <- dashboards, the CLI
+included (a command of a package above it comes through an entry point, loaded by name), and no
+module imports itself back through others.
 
 Read from the source with ``ast`` (every ``import``, also those inside functions), so a lazy
 import that closes a cycle is caught as well as one at the top of a file.
@@ -8,13 +9,14 @@ import that closes a cycle is caught as well as one at the top of a file.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"configs": 0, "workers": 1, "slurm": 1, "orchestrator": 2, "dashboards": 3}
-SEES_EVERYTHING = {"orchestrator.cli"}
+SEES_EVERYTHING: set[str] = set()  # modules the layering may exempt: none
 
 
 def _module_name(path: Path) -> str:
@@ -128,7 +130,77 @@ def test_a_backwards_import_is_reported(edge, expected):
     assert any(v.startswith(expected) for v in layer_violations(graph))
 
 
+def test_the_cli_gets_the_dashboard_command_through_an_entry_point():
+    """``orchestrator.cli`` imports nothing of ``dashboards``; the commands declared in the group
+    ``pianoforge.commands`` are all on the CLI, each the function the declaration names."""
+    import importlib
+
+    from orchestrator.cli import app
+
+    assert not {t for t in import_graph()["orchestrator.cli"] if t.startswith("dashboards")}
+    declared = _pyproject()["project"]["entry-points"]["pianoforge.commands"]
+    assert "dashboard" in declared
+    commands = {c.name: c.callback for c in app.registered_commands}
+    for name, target in declared.items():
+        module, _, function = target.partition(":")
+        assert commands[name] is getattr(importlib.import_module(module), function)
+
+
 def test_a_new_cycle_is_reported():
     graph = import_graph()
     graph["workers.piano.layout"] = graph["workers.piano.layout"] | {"workers.lake.schema"}
     assert any({"workers.piano.layout", "workers.lake.schema"} <= set(c) for c in cycles(graph))
+
+
+# --- what the project imports from others is declared, and what it ships exists ---------------
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _distribution(requirement: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0]).lower()
+
+
+@functools.lru_cache(maxsize=1)
+def third_party_imports() -> dict[str, tuple[set[str], tuple[str, ...]]]:
+    """Third-party top-level module -> (the distributions that provide it, normalised; the
+    project modules that import it)."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    provided = packages_distributions()
+    found: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top not in LAYERS and top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, []).append(name)
+    return {top: ({_distribution(d) for d in provided.get(top, [])}, tuple(users)) for top, users in found.items()}
+
+
+def undeclared_imports(declared: set[str]) -> dict[str, tuple[str, ...]]:
+    """Third-party modules the project imports whose distribution is not in ``declared``, with their importers."""
+    return {top: users for top, (dists, users) in third_party_imports().items() if not dists & declared}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    declared = {_distribution(r) for r in _pyproject()["project"]["dependencies"]}
+    assert undeclared_imports(declared) == {}
+    # The check sees an import that only arrives with another package (robopianist brings both).
+    assert {"mujoco_utils", "note_seq"} <= set(undeclared_imports(declared - {"mujoco-utils", "note-seq"}))
+
+
+def test_package_data_names_files_that_exist():
+    for package, patterns in _pyproject()["tool"]["setuptools"]["package-data"].items():
+        for pattern in patterns:
+            assert list((ROOT / package).glob(pattern)), f"pyproject.toml ships {package}/{pattern}: no such file"

@@ -2,11 +2,12 @@
 v3.0 dataset.
 
 LeRobot itself cannot be installed beside this project's torch (every lerobot release with the
-v3.0 format pins torch < 2.11), so the export is checked against LeRobot's published v3.0 layout:
-the reads below are the ones ``lerobot.datasets`` (0.4.4) makes: ``meta/info.json`` and its path
+v3.0 format pins torch < 2.12), so here the export is checked against LeRobot's published v3.0
+layout: the reads below are the ones ``lerobot.datasets`` makes: ``meta/info.json`` and its path
 templates, ``meta/tasks.parquet`` through pandas, ``meta/episodes/*/*.parquet`` and the data files
 found as ``data/*/*.parquet``, an episode's frames located by ``dataset_from_index`` and
-``dataset_to_index``, its task by ``tasks.iloc[task_index].name``.
+``dataset_to_index``, its task by ``tasks.iloc[task_index].name``. ``tests/lerobot/check.sh``
+trains LeRobot's own policies on an export, in an environment of its own.
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ from typer.testing import CliRunner
 
 import configs
 from workers.lake import Lake, LakeError, ShardMeta, synthetic_episode
-from workers.lake.lerobot import export_lerobot
+from workers.lake.lerobot import ENVIRONMENT_INDEX, STATE_INDEX, export_lerobot
 from workers.lake.stats import TOTALS_FILE
-from workers.piano.layout import ACTION_DIM, ACTION_NAMES, OBS_DIM, OBS_NAMES
+from workers.piano.layout import ACTION_DIM, ACTION_NAMES, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, OBS_DIM, OBS_NAMES
 
 LAKE_CFG = configs.load().lake.model_copy(update={"row_group_rows": 50})  # several row groups per shard
 
 
 def commit(lake: Lake, unit: str, song: str, split: str = "train", f1: float = 0.9, chunk: int = 0,
-           lengths=(30, 25), seed: int = 0):
+           lengths=(30, 25), seed: int = 0, fingering: bool = False):
     meta = ShardMeta(unit_id=unit, song_hash=song.encode().hex().ljust(64, "0"), song_name=song, chunk_index=chunk,
                      split=split, config_hash="cfg", specialist_f1=f1)
     episodes = [synthetic_episode(n, seed=seed * 100 + i) for i, n in enumerate(lengths)]
+    for ep in episodes if fingering else ():  # as the environment records it: a key per finger, -1 for none
+        ep.ot_fingering = np.random.default_rng(seed).integers(-1, 88, (ep.n_steps, 10)).astype(np.int8)
     return lake.commit_shard(meta, episodes), episodes
 
 
@@ -42,7 +45,7 @@ def commit(lake: Lake, unit: str, song: str, split: str = "train", f1: float = 0
 def lake(tmp_path) -> Lake:
     lake = Lake(tmp_path / "lake", LAKE_CFG)
     commit(lake, "u-held", "Nocturne", split="held-out", f1=0.8, seed=1)
-    commit(lake, "u-twinkle-0", "Twinkle", chunk=0, f1=0.95, seed=2, lengths=(40, 40, 12))
+    commit(lake, "u-twinkle-0", "Twinkle", chunk=0, f1=0.95, seed=2, lengths=(40, 40, 12), fingering=True)
     commit(lake, "u-twinkle-1", "Twinkle", chunk=1, f1=0.5, seed=3)
     commit(lake, "u-fur", "Fur Elise", split="eval", f1=0.9, seed=4)
     return lake
@@ -151,7 +154,12 @@ def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path, monk
     assert info["total_tasks"] == len(tasks) == 4
     assert summary.data_files > 1
     features = info["features"]
-    assert features["observation.state"]["names"] == list(OBS_NAMES) and features["observation.state"]["shape"] == [1144]
+    # LeRobot's policies take the robot's proprioception and the environment's state apart.
+    state_names, env_names = features["observation.state"]["names"], features["observation.environment_state"]["names"]
+    assert state_names == list(OBS_NAMES[FINGERTIPS]) + list(OBS_NAMES[HAND_JOINTS])
+    assert features["observation.state"]["shape"] == [76] and features["observation.environment_state"]["shape"] == [1068]
+    assert env_names[0] == "piano_goal.t0.key0" and set(OBS_NAMES[KEY_JOINTS]) <= set(env_names)
+    assert sorted(state_names + env_names) == sorted(OBS_NAMES)
     assert features["action"]["names"] == list(ACTION_NAMES) and features["action"]["shape"] == [ACTION_DIM]
     for name in ("timestamp", "frame_index", "episode_index", "index", "task_index", "next.reward", "next.done"):
         assert features[name]["shape"] == [1]
@@ -162,10 +170,11 @@ def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path, monk
             assert str(dtype) == {"float32": "float", "int64": "int64", "bool": "bool"}[ft["dtype"]]
         else:
             assert isinstance(dtype, pa.FixedSizeListType) and dtype.list_size == ft["shape"][0]
-    assert set(stats) == {"observation.state", "action", "next.reward"}
+    assert set(stats) == set(features)  # every numeric feature, next.done and the indices too
     for name, feature_stats in stats.items():
-        assert {"mean", "std", "min", "max", "count"} <= set(feature_stats)
-        assert len(feature_stats["mean"]) == features[name]["shape"][0]
+        assert {"mean", "std", "min", "max", "count", "q01", "q10", "q50", "q90", "q99"} <= set(feature_stats)
+        assert len(feature_stats["mean"]) == len(feature_stats["q99"]) == features[name]["shape"][0]
+        assert feature_stats["count"] == [data.num_rows]
 
     # Splits are episode ranges: train first, then eval, then held-out.
     assert info["splits"] == {"train": "0:5", "eval": "5:7", "held-out": "7:9"}
@@ -195,10 +204,60 @@ def test_export_has_lerobots_v3_layout_and_the_lakes_frames(lake, tmp_path, monk
         lake_episode = lake.read_episodes(shard)[row["episode_index"] - first_of_unit[row["unit_id"]]]
         assert lake_episode.seed == row["seed"] and lake_episode.f1 == pytest.approx(row["f1"])
         state = np.stack(frames.column("observation.state").to_numpy(zero_copy_only=False))
-        np.testing.assert_array_equal(state, lake_episode.obs)
+        env_state = np.stack(frames.column("observation.environment_state").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(state, lake_episode.obs[:, STATE_INDEX])
+        np.testing.assert_array_equal(env_state, lake_episode.obs[:, ENVIRONMENT_INDEX])
         np.testing.assert_array_equal(np.stack(frames.column("action").to_numpy(zero_copy_only=False)), lake_episode.action)
         np.testing.assert_array_equal(frames.column("next.reward").to_numpy(), lake_episode.reward)
+        fingering = np.stack(frames.column("next.ot_fingering").to_numpy(zero_copy_only=False))
+        expected = lake_episode.ot_fingering if lake_episode.ot_fingering is not None else np.full((b - a, 10), -1)
+        np.testing.assert_array_equal(fingering, expected)
     assert [shards[u].split for u in first_of_unit] == ["train", "train", "eval", "held-out"]
+
+
+def test_export_statistics_are_lerobots_per_episode_and_aggregated(lake, tmp_path):
+    export_lerobot(lake.root, tmp_path / "ds")
+    info, _, episodes, data, stats = load_like_lerobot(tmp_path / "ds")
+    columns = {name: np.stack(data.column(name).to_numpy(zero_copy_only=False)).astype(np.float64).reshape(
+        data.num_rows, -1) for name in info["features"]}
+    quantiles = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+    for row in episodes:  # LeRobot's per-episode stats/<feature>/<stat> columns, of the episode's frames
+        a, b = row["dataset_from_index"], row["dataset_to_index"]
+        for name, values in columns.items():
+            x = values[a:b]
+            assert row[f"stats/{name}/count"] == [b - a]
+            np.testing.assert_allclose(row[f"stats/{name}/mean"], x.mean(0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(row[f"stats/{name}/std"], x.std(0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_array_equal(row[f"stats/{name}/min"], x.min(0))
+            for key, q in quantiles.items():
+                np.testing.assert_allclose(row[f"stats/{name}/{key}"], np.quantile(x, q, axis=0), rtol=1e-6, atol=1e-9)
+
+    # stats.json: the whole data's moments; quantiles the count-weighted mean of the episodes' (as LeRobot aggregates).
+    counts = np.array([row["length"] for row in episodes], dtype=np.float64)[:, None]
+    done = columns["next.done"]
+    np.testing.assert_allclose(stats["next.done"]["mean"], done.mean(0))
+    assert stats["next.done"]["max"] == [1.0] and stats["next.done"]["count"] == [data.num_rows]
+    action = columns["action"]
+    np.testing.assert_allclose(stats["action"]["std"], action.std(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["q10"], (np.stack([r["stats/action/q10"] for r in episodes]) * counts).sum(0)
+                               / counts.sum(), rtol=1e-6)
+
+    # A dimension constant in the data (a key never in the goal here) normalises to finite values.
+    env = columns["observation.environment_state"]
+    constant = np.flatnonzero(env.std(0) == 0)
+    varying = np.flatnonzero(env.std(0) > 0.1)
+    assert len(constant) and len(varying)
+    env_stats = {k: np.asarray(v) for k, v in stats["observation.environment_state"].items()}
+    np.testing.assert_array_equal(env_stats["std"][constant], 1.0)
+    np.testing.assert_allclose(env_stats["std"][varying], env.std(0)[varying], rtol=1e-6)
+    np.testing.assert_allclose(env_stats["mean"], env.mean(0), atol=1e-9)
+    for lo, hi in (("min", "max"), ("q01", "q99"), ("q10", "q90")):
+        assert (env_stats[hi] - env_stats[lo] > 0).all()
+        np.testing.assert_array_equal(env_stats[hi][constant] - env_stats[lo][constant], 2.0)
+    np.testing.assert_array_equal(env_stats["max"][varying], env.max(0)[varying])
+    unseen = 1.0  # a key pressed that never was: bounded under mean/std, min/max and quantile normalisation
+    assert abs((unseen - env_stats["mean"][constant]) / (env_stats["std"][constant] + 1e-8)).max() <= 1.0
+    assert abs(2 * (unseen - env_stats["q01"][constant]) / (env_stats["q99"][constant] - env_stats["q01"][constant]) - 1).max() <= 2.0
 
 
 def test_export_filters_shards_like_training(lake, tmp_path):

@@ -73,3 +73,25 @@ def test_status_links_the_ray_dashboard(tmp_path):
     console = Console(width=200, record=True)
     console.print(render(status))
     assert "Ray dashboard: http://127.0.0.1:8265" in console.export_text()
+
+
+def test_a_stopped_driver_s_ray_dashboard_is_not_linked(tmp_path):
+    import os
+    import socket
+
+    from rich.console import Console
+
+    from dashboards.data import read_store
+    from orchestrator.status import read_status, render
+    from orchestrator.store import CampaignStore
+
+    with CampaignStore(tmp_path / "campaign.db") as store:
+        store.set_meta("ray_dashboard_url", "http://127.0.0.1:8265")
+        store.log_event("driver_start", f"pid={os.getpid()} host={socket.gethostname()}")  # this process: running
+    assert read_store(tmp_path)[2]["ray_dashboard_url"] == "http://127.0.0.1:8265"
+    with CampaignStore(tmp_path / "campaign.db") as store:
+        store.log_event("driver_stop", "attempts=1 interrupted=False")
+    console = Console(width=200, record=True)
+    console.print(render(read_status(tmp_path)))
+    assert "Ray dashboard" not in console.export_text()  # its cluster ended with the driver
+    assert "ray_dashboard_url" not in read_store(tmp_path)[2]  # the campaign dashboard links it no more

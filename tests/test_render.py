@@ -3,8 +3,11 @@ offscreen renderer, RoboPianist's synthesizer and ffmpeg; checked with ffprobe."
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -95,6 +98,67 @@ def test_dashboard_serves_the_best_rollouts_video_made_once(unit, tmp_path):
             first = response.read()
         made = camp.video_path(focus).stat().st_mtime_ns
         second = urllib.request.urlopen(f"{url}/video/{view.spec.unit_id}.mp4", timeout=60).read()
+        # The video's poster frame was made with it, and is served as a PNG.
+        assert f'poster="/poster/{view.spec.unit_id}.png"' in page and camp.poster_path(focus).exists()
+        with urllib.request.urlopen(f"{url}/poster/{view.spec.unit_id}.png", timeout=60) as response:
+            assert response.headers["Content-Type"] == "image/png" and response.read()[:8] == b"\x89PNG\r\n\x1a\n"
     assert first == second and camp.video_path(focus).stat().st_mtime_ns == made
     streams = ffprobe(camp.video_path(focus))
     assert int(streams["video"]["nb_read_frames"]) == focus.n_steps + 20 and "audio" in streams
+
+
+def test_render_writes_the_container_its_extension_names_and_refuses_others(unit, tmp_path):
+    from orchestrator.cli import app
+
+    out = tmp_path / "clip.avi"
+    result = CliRunner().invoke(app, ["render", str(unit), "--out", str(out), "--width", "64", "--height", "48",
+                                      "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name:stream=codec_name", "-of",
+                            "json", str(out)], capture_output=True, text=True, check=True)
+    info = json.loads(probe.stdout)
+    assert info["format"]["format_name"] == "avi"
+    assert sorted(s["codec_name"] for s in info["streams"]) == ["mp3", "mpeg4"]
+    refused = CliRunner().invoke(app, ["render", str(unit), "--out", str(tmp_path / "clip.gif")])
+    assert refused.exit_code == 1 and "cannot write a .gif" in refused.output and ".webm" in refused.output
+    assert not (tmp_path / "clip.gif").exists()
+
+
+@pytest.fixture(scope="module")
+def piano_view():
+    from env_fixtures import chord_song, env_config
+    from workers.piano.env import make_env
+    from workers.piano.view import PianoView
+
+    env = make_env(chord_song(), env_config())
+    yield env, PianoView(env, 320, 240)
+    env.close()
+
+
+def _pixels(frame: np.ndarray, colour: str) -> np.ndarray:
+    """bool [h, w]: pixels whose hue is clearly the key colour's (shading changes brightness only)."""
+    rgb = frame.astype(np.int32)
+    main = {"right": 1, "wrong": 0, "missed": 2}[colour]
+    others = [c for c in range(3) if c != main]
+    return (rgb[..., main] > 80) & np.all(rgb[..., [main]] > 1.4 * rgb[..., others], axis=-1)
+
+
+def test_frames_colour_right_wrong_and_missed_keys(piano_view):
+    """A pressed target key is green, a key pressed that should not sound red, a target not pressed
+    blue, each where the camera sees that key; the scene without them has none of these colours."""
+    env, view = piano_view
+    env.reset(seed=0)
+    keys = {"right": 8, "wrong": 84, "missed": 20}  # far from the hands, which rest over the middle
+    pressed, target = np.zeros(88, bool), np.zeros(88, bool)
+    pressed[[keys["right"], keys["wrong"]]] = True
+    target[[keys["right"], keys["missed"]]] = True
+    frame = view.frame(pressed, target)
+    assert frame.shape == (240, 320, 3)
+    centres = np.c_[env.environment.physics.data.geom_xpos[view.key_geoms], np.ones(88)] @ view.camera.matrix.T
+    columns = (centres[:, 0] / centres[:, 2]).astype(int)  # where this frame's camera sees each key
+    plain = view.frame()
+    for colour, key in keys.items():
+        mask = _pixels(frame, colour)
+        assert mask.sum() > 20, colour
+        assert not _pixels(plain, colour).any(), colour
+        assert abs(np.median(np.nonzero(mask)[1]) - columns[key]) < 8, (colour, key)  # on that key

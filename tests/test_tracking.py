@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 import configs
 from orchestrator.tracking import MetricsSink, artifact_location_for, flatten, tracking_uri_for
-from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Outbox, unit_key
+from workers.tracking import CAMPAIGN_KEY, PARENT_TAG, Outbox, sync_hint, unit_key
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,25 @@ def store_uri(tmp_path_factory) -> str:
 
 def _client(uri: str) -> MlflowClient:
     return MlflowClient(uri)
+
+
+def mlflow_settings(**changes) -> configs.MlflowConfig:
+    """``configs/default.yaml``'s ``mlflow`` section with ``changes``."""
+    return configs.load(profile=None, overrides=[f"mlflow.{k}={v}" for k, v in changes.items()]).mlflow
+
+
+def test_the_outbox_takes_its_settings_from_the_config(tmp_path):
+    """No number of the outbox is written in Python: default.yaml's, or the config it is given."""
+    default = configs.load(profile=None).mlflow
+    box = Outbox(tmp_path / "camp" / "mlflow-outbox.db", "")
+    assert (box.max_batch, box.flush_interval_s, box.max_metrics, box.retry_max_s) == (
+        default.max_batch, default.flush_interval_s, default.outbox_max_metrics, default.retry_max_s)
+    assert box.sync_hint == f"`pianoforge mlflow sync {tmp_path / 'camp'}` delivers them."
+    box.close()
+    box = Outbox(tmp_path / "camp" / "mlflow-outbox.db", "", mlflow_settings(max_batch=7, retry_max_s=3.5),
+                 sync_hint=sync_hint("camp"))
+    assert (box.max_batch, box.retry_max_s, box.sync_hint) == (7, 3.5, "`pianoforge mlflow sync camp` delivers them.")
+    box.close()
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_campaign_directory(tmp_path):
@@ -59,7 +79,7 @@ def test_records_wait_on_disk_while_the_store_is_unreachable_then_arrive_in_orde
     blocker = tmp_path / "server"
     blocker.write_text("a file where the store's folder should be: the store cannot open")
     uri = f"sqlite:///{blocker / 'mlflow.db'}"
-    box = Outbox(tmp_path / "outbox.db", uri, max_batch=5)
+    box = Outbox(tmp_path / "outbox.db", uri, mlflow_settings(max_batch=5))
     box.start_run(CAMPAIGN_KEY, "camp", "camp", params={"campaign.workload": "synthetic"})
     box.start_run(unit_key("u1"), "camp", "u1", parent=CAMPAIGN_KEY, params={"song": "twinkle"}, tags={"attempt": 1})
     for step in range(12):
@@ -70,12 +90,12 @@ def test_records_wait_on_disk_while_the_store_is_unreachable_then_arrive_in_orde
     assert box.deliver() is False  # unreachable: nothing lost, nothing half-done
     left = box.backlog()
     assert left.records == 8 and left.metrics == 13 and "server" in left.last_error
-    line = left.describe(uri, "`pianoforge mlflow sync camp` delivers them.")
+    line = left.describe(uri, sync_hint("camp"))
     assert line.startswith("tracking is behind: 8 records (13 metric values") and "mlflow sync camp" in line
     box.close()
 
     blocker.unlink()  # the store is back; a later process (a new driver, `mlflow sync`) delivers
-    box = Outbox(tmp_path / "outbox.db", uri, max_batch=5)
+    box = Outbox(tmp_path / "outbox.db", uri, mlflow_settings(max_batch=5))
     assert box.deliver() is True and box.backlog().empty
     # 2 openings, 13 metric values in 3 calls of <= 5 (the unit's end tags riding on the last), 2 endings
     assert box.stats["delivered_metrics"] == 13 and box.stats["mlflow_calls"] == 7
@@ -119,7 +139,7 @@ def test_a_record_the_store_rejects_is_dropped_and_the_rest_goes_on(tmp_path, st
 
 
 def test_the_outbox_is_bounded_by_dropping_the_oldest_metrics(tmp_path):
-    box = Outbox(tmp_path / "outbox.db", "http://127.0.0.1:9", max_batch=10, max_metrics=25)
+    box = Outbox(tmp_path / "outbox.db", "http://127.0.0.1:9", mlflow_settings(max_batch=10, outbox_max_metrics=25))
     box.start_run("r", "e", "r")
     for step in range(40):
         box.log("r", {"loss": float(step)}, step)
@@ -215,3 +235,49 @@ def test_mlflow_sync_delivers_what_a_stopped_driver_left_and_records_the_run_ids
     run = _client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == parent_id
     assert run.info.experiment_id == experiment_id and run.data.metrics["train/return"] == 1.0
+
+
+def test_a_file_artifact_is_delivered_from_where_it_lies(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    box = Outbox(tmp_path / "outbox.db", uri)
+    artifacts = (tmp_path / "artifacts").as_uri()
+    box.start_run(CAMPAIGN_KEY, "camp", "camp", artifact_location=artifacts)
+    box.start_run(unit_key("u1"), "camp", "u1", parent=CAMPAIGN_KEY, artifact_location=artifacts)
+    box.end_run(unit_key("u1"), "FINISHED")
+    clip, gone = tmp_path / "rollout.mp4", tmp_path / "gone.mp4"
+    clip.write_bytes(b"\x00\x01 a clip")
+    box.log_file(unit_key("u1"), clip)  # after the run's end, as the campaign logs a finished unit's clip
+    box.log_file(unit_key("u1"), gone)  # deleted before delivery: skipped, the rest goes on
+    assert box.deliver() is True and box.backlog().empty
+    client = MlflowClient(uri)
+    run_id = box.run_id(unit_key("u1"))
+    assert [a.path for a in client.list_artifacts(run_id)] == ["rollout.mp4"]
+    assert Path(client.download_artifacts(run_id, "rollout.mp4", str(tmp_path / "dl"))).read_bytes() == clip.read_bytes()
+    box.close()
+
+
+def test_run_links_and_the_ui_hint_follow_the_tracking_uri(tmp_path):
+    import subprocess
+    import sys
+
+    from dashboards.mlflow_reader import MlflowReader
+    from orchestrator.tracking import mlflow_ui_hint
+
+    # A tracking server serves its own UI: links and the hint lead there, not to a local default.
+    server = MlflowReader("https://mlflow.lab.example:8443/", None)
+    assert server.link("r1") == "https://mlflow.lab.example:8443/#/experiments/0/runs/r1"
+    assert mlflow_ui_hint("https://mlflow.lab.example:8443/") == "open https://mlflow.lab.example:8443"
+    elsewhere = MlflowReader("http://tracking:5000", "https://ui.example/exp/{experiment_id}/run/{run_id}")
+    assert elsewhere.link("r2") == "https://ui.example/exp/0/run/r2"  # the UI URL setting, where the UI lives elsewhere
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert MlflowReader(local, None).link("r3") == "http://127.0.0.1:5000/#/experiments/0/runs/r3"
+
+    # For a local store the hint is a command MLflow (3) runs: `mlflow ui` (an alias of `mlflow server`)
+    # starts by opening its stores the way this does.
+    command = mlflow_ui_hint(local).split("  (")[0].split()
+    assert command[:3] == ["mlflow", "ui", "--backend-store-uri"] and command[3] == local
+    check = ("import sys; from mlflow.server.handlers import initialize_backend_stores as init\n"
+             "init(sys.argv[1], sys.argv[1], sys.argv[2]); print('stores open')")
+    child = subprocess.run([sys.executable, "-c", check, command[3], (tmp_path / "artifacts").as_uri()],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert child.returncode == 0 and "stores open" in child.stdout, child.stderr[-2000:]

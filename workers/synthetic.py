@@ -51,7 +51,9 @@ def _unit_seed(unit_id: str) -> int:
 
 def run_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
              report: Callable[[dict], None] | None = None) -> UnitResult:
-    """Run one synthetic unit: resume from its checkpoint, sleep, report, commit one shard."""
+    """Run one synthetic unit: resume from its checkpoint, sleep, report, commit one shard.
+    ``cfg`` is the campaign's; the unit's overrides are applied here."""
+    cfg = unit.config(cfg)
     unit_dir = Path(unit_dir)
     unit_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -115,9 +117,8 @@ def run_pack(units: Sequence[UnitSpec], cfg: configs.Config, unit_dirs: Sequence
             time.sleep(0.02)  # every slot free: wait for the driver's answers
             continue
         slot, unit, unit_dir, report = work.pop(0)
-        unit_cfg = cfg.with_overrides(unit.overrides) if unit.overrides else cfg
         try:
-            outcome = MemberOutcome(unit.unit_id, run_unit(unit, unit_cfg, unit_dir, lake_root, report))
+            outcome = MemberOutcome(unit.unit_id, run_unit(unit, cfg, unit_dir, lake_root, report))
         except Exception as e:  # noqa: BLE001 - this unit fails alone
             outcome = MemberOutcome(unit.unit_id, None, e)
         outcomes.append(outcome)

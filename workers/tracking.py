@@ -38,6 +38,8 @@ from typing import Any, Iterable
 
 from filelock import FileLock, Timeout
 
+import configs
+
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "mlflow-outbox.db"
@@ -77,6 +79,14 @@ def unit_key(unit_id: str) -> str:
 def il_key(out_dir: str | Path) -> str:
     """The key of an imitation job's run: its folder, so a resumed job logs to the same run."""
     return f"il:{Path(out_dir).resolve()}"
+
+
+def sync_hint(where: str | Path) -> str:
+    """How a person delivers the records an outbox in ``where`` (a campaign name or a folder) still holds."""
+    return f"`pianoforge mlflow sync {where}` delivers them."
+
+
+_sync_hint = sync_hint  # Outbox's argument of the same name hides it
 
 
 def outbox_path(campaign_dir: str | Path) -> Path:
@@ -143,14 +153,17 @@ class Outbox:
     other process holds it); ``deliver()`` is one synchronous pass (``pianoforge mlflow sync``).
     """
 
-    def __init__(self, path: str | Path, tracking_uri: str, *, max_batch: int = 900, flush_interval_s: float = 2.0,
-                 max_metrics: int = 2_000_000, retry_max_s: float = 60.0, sync_hint: str = ""):
+    def __init__(self, path: str | Path, tracking_uri: str, mlflow: configs.MlflowConfig | None = None, *,
+                 sync_hint: str | None = None):
+        """``mlflow``: the ``mlflow.*`` settings (``configs/default.yaml``'s when None); ``sync_hint``:
+        how a person delivers what is left (default: ``sync_hint`` of the outbox's folder)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri
-        self.max_batch, self.flush_interval_s = max_batch, flush_interval_s
-        self.max_metrics, self.retry_max_s = max_metrics, retry_max_s
-        self.sync_hint = sync_hint or "`pianoforge mlflow sync` delivers them."
+        mlflow = mlflow if mlflow is not None else configs.load(profile=None).mlflow
+        self.max_batch, self.flush_interval_s = mlflow.max_batch, mlflow.flush_interval_s
+        self.max_metrics, self.retry_max_s = mlflow.outbox_max_metrics, mlflow.retry_max_s
+        self.sync_hint = sync_hint if sync_hint is not None else _sync_hint(self.path.parent)
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -205,6 +218,12 @@ class Outbox:
         """A small text artifact (e.g. the resolved config), kept in the outbox until delivered."""
         self._flush_key(key)
         self._append("artifact", key, {"name": name, "text": text})
+
+    def log_file(self, key: str, path: str | Path) -> None:
+        """A file (e.g. a unit's clip) as an artifact of the run ``key``; it must stay at ``path``
+        until delivered (a file gone by then is skipped with a warning)."""
+        self._flush_key(key)
+        self._append("artifact", key, {"name": Path(path).name, "path": str(Path(path).absolute())})
 
     def end_run(self, key: str, status: str, metrics: dict[str, Any] | None = None,
                 tags: dict[str, Any] | None = None) -> None:
@@ -522,6 +541,11 @@ class Outbox:
             return
         if kind == "end":
             client.set_terminated(run_id, bodies[-1]["status"])
+        elif kind == "artifact" and "path" in bodies[0]:
+            if Path(bodies[0]["path"]).is_file():
+                client.log_artifact(run_id, bodies[0]["path"])
+            else:
+                log.warning("MLflow artifact %s of run %s skipped: the file is gone", bodies[0]["path"], key)
         elif kind == "artifact":
             body = bodies[0]
             with tempfile.TemporaryDirectory() as folder:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import configs
+
 Split = Literal["train", "eval", "held-out"]
 
 # In every unit directory, whatever the workload:
@@ -95,6 +97,10 @@ class UnitSpec(BaseModel):
         return cls(unit_id=unit_id_for(song_hash, chunk_index, config_hash), song_path=str(song_path),
                    song_hash=song_hash, song_name=song_name, split=split, chunk_index=chunk_index,
                    config_hash=config_hash, overrides=dict(overrides or {}))
+
+    def config(self, cfg: configs.Config) -> configs.Config:
+        """``cfg`` (the campaign's) with this unit's overrides: the one place a workload applies them."""
+        return cfg.with_overrides(self.overrides) if self.overrides else cfg
 
 
 class UnitResult(BaseModel):

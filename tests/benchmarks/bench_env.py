@@ -109,13 +109,13 @@ def lean_breakdown(lean, actions: np.ndarray) -> list[tuple[str, float]]:
         ("MuJoCo: mj_step2 + mj_step x (substeps - 1) + mj_step1", physics / n * 1e6),
         ("key states and activations (numpy)", cum("_update_keys")),
         ("observation assembly", cum("_observation")),
-        ("OT assignment and r_OT", cum("ot_term")),
-        ("hand collision term (contacts)", cum("hands_touch")),
-        ("key press + sustain tolerance", cum("_tolerance")),
+        ("OT assignment", cum("ot_match")),
+        ("hand contacts", cum("hands_touch")),
+        ("reward terms (workers.piano.reward)", cum("__call__")),
         ("precision/recall/F1", cum("step_metrics")),
     ]
     total = cum("step")
-    parts.append(("rest of the step (energy, info, checks)", total - sum(v for _, v in parts)))
+    parts.append(("rest of the step (reward state, info, checks)", total - sum(v for _, v in parts)))
     parts.append(("total per step", total))
     return parts
 

@@ -39,7 +39,7 @@ def main() -> None:
     window = max(1, args.steps // 3)
     cfg = configs.load(overrides=[f"il.steps={args.steps}", f"il.batch_size={args.batch_size}",
                                   f"il.log_interval={window}", f"il.checkpoint_interval={args.steps}",
-                                  "il.shuffle_buffer=2000", "il.stats_steps=5000"] + args.sets)
+                                  "il.shuffle_buffer=2000"] + args.sets)
     il = cfg.il
     with tempfile.TemporaryDirectory(prefix="bench-il-") as tmp:
         tmp = Path(tmp)

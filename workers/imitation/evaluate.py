@@ -181,8 +181,9 @@ def log_to_mlflow(rows: Iterable[EvalRow], tracking_uri: str, experiment: str, r
     now = int(time.time() * 1000)
     metrics = [Metric(_metric_name("eval", r.policy, r.group, r.song, m), getattr(r, m), now, 0)
                for r in rows for m in ("precision", "recall", "f1")]
-    for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per call
-        client.log_batch(run.info.run_id, metrics=metrics[i : i + 900])
+    batch = configs.load(profile=None).mlflow.max_batch  # MLflow takes at most 1000 metrics per call
+    for i in range(0, len(metrics), batch):
+        client.log_batch(run.info.run_id, metrics=metrics[i : i + batch])
     if params:
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.set_terminated(run.info.run_id)

@@ -181,9 +181,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def _outbox(config: dict[str, Any]) -> Outbox:
-    m = configs.MlflowConfig(**config["mlflow"])
-    return Outbox(config["outbox"], config["tracking_uri"], max_batch=m.max_batch, flush_interval_s=m.flush_interval_s,
-                  max_metrics=m.outbox_max_metrics, retry_max_s=m.retry_max_s)
+    return Outbox(config["outbox"], config["tracking_uri"], configs.MlflowConfig(**config["mlflow"]))
 
 
 def train_il(
@@ -289,5 +287,5 @@ def _close_run(tracker: Any, key: str, status: str, wait_s: float) -> str | None
     run_id = tracker.run_id(key)
     tracker.close()
     if not left.empty and not tracker.path.with_name("campaign.db").exists():  # a campaign's driver says it itself
-        logging.getLogger(__name__).warning(left.describe(tracker.uri, f"`pianoforge mlflow sync {tracker.path.parent}` delivers them."))
+        logging.getLogger(__name__).warning(left.describe(tracker.uri, tracker.sync_hint))
     return run_id

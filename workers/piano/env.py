@@ -5,8 +5,8 @@ settings from ``configs.EnvConfig`` (lookahead 10, gravity compensation, 0.05 s 
 step, trimmed silence, reduced 39-d action space, capsule fingertip colliders, no human
 fingering in the observation or the reward) and wraps it as a ``PianoEnv``: a
 ``gymnasium.Env`` with flat float32 observations (``workers.piano.layout``) and 39-d actions,
-registered as ``pianoforge/Piano-v0`` (``gymnasium.make(ENV_ID, midi=...)`` after importing
-this module).
+registered as ``pianoforge/Piano-v0`` by importing :mod:`workers.piano`
+(``gymnasium.make(ENV_ID, midi=..., render_mode="rgb_array")``; rendering: :mod:`workers.piano.view`).
 
 Two backends step the same compiled MuJoCo model:
 
@@ -19,16 +19,10 @@ Two backends step the same compiled MuJoCo model:
                  (``tests/test_env.py``; the one difference is the goal in the observation
                  after a chunk's last step, see ``workers.piano.lean``).
 
-Reward (RP1M eq. 3), weighted values in ``info["reward_terms"]`` that add up to the reward:
-
-    key_press_reward     r_press    RoboPianist's key press term
-    sustain_reward       r_sustain  RoboPianist's sustain pedal term
-    energy_reward        energy_coef * r_energy, r_energy = -sum |force * velocity|
-    ot_fingering_reward  r_OT       optimal-transport fingering (workers/fingering.py)
-    collision_reward     collision_coef * r_collision, r_collision = 1 while no geom of
-                         the right hand (forearm included) touches one of the left hand,
-                         else 0: RoboPianist's forearm term widened from the two forearms
-                         to the whole hands, so 0.5 per step like RoboPianist's.
+Reward (RP1M eq. 3): the terms of ``workers.piano.reward`` (key press, sustain, energy, OT
+fingering, hand collision), defined once there for both backends; their weighted values are in
+``info["reward_terms"]`` and add up to the reward. ``make_env`` refuses a backend whose terms
+differ from its task's by name or weight.
 
 Episode end: the last step of the chunk is a time limit (``truncated``: a learner bootstraps
 through it); with ``env.wrong_press_termination`` a step that sounds a key that should not
@@ -58,14 +52,15 @@ from mujoco_utils.composer_utils import Environment
 from robopianist.music.midi_file import MidiFile
 
 import configs
+from workers.piano import ENV_ID
 from workers.piano.layout import (ACTION_DIM, FINGERTIPS, HAND_JOINTS, KEY_JOINTS, N_KEYS, OBS_DIM,  # noqa: F401
                                   OBS_SLICES, PIANO_GOAL, SUSTAIN_GOAL, SUSTAIN_STATE)
 from workers.piano.lean import LeanPianoEnv
+from workers.piano.reward import check_same_terms
 from workers.piano.task import PianoEnv, RP1MPianoTask, robopianist_task_kwargs  # noqa: F401 (re-exported)
 
 Backend = Literal["lean", "robopianist"]
 BACKENDS: tuple[str, ...] = ("lean", "robopianist")
-ENV_ID = "pianoforge/Piano-v0"
 
 
 class RoboPianistEnv(PianoEnv):
@@ -75,6 +70,7 @@ class RoboPianistEnv(PianoEnv):
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
+        self.reward = self.task.reward
         hands = [hand.name for hand in self.task.hands]
         self._obs_keys = {
             "key_joints": ["piano/state"],
@@ -100,9 +96,9 @@ class RoboPianistEnv(PianoEnv):
             "target": target,
             "sustain_pressed": bool(task.piano.sustain_activation[0]),
             "sustain_target": bool(task.goal_current[-1] > 0.5),
-            "reward_terms": {k: float(v) for k, v in task.reward_fn.reward_terms.items()},
-            "ot_assignment": list(task.ot_fingering.assignment),
-            "ot_distance": task.ot_fingering.distance,
+            "reward_terms": dict(task.reward_terms),
+            "ot_assignment": list(task.ot_assignment),
+            "ot_distance": task.ot_distance,
         }
         return self._flatten(timestep.observation), float(timestep.reward), info
 
@@ -138,21 +134,27 @@ def make_env(midi: MidiFile, env_cfg: configs.EnvConfig, seed: int = 0, backend:
         env: PianoEnv = LeanPianoEnv(environment)
     else:
         env = RoboPianistEnv(environment)
+    check_same_terms(backend, env.reward, task.reward)
     env.reset()
     return env
 
 
 def make_gym_env(midi: MidiFile | str | Path, env_cfg: configs.EnvConfig | None = None, chunk: int = 0,
-                 seed: int = 0, backend: Backend = "lean") -> PianoEnv:
+                 seed: int = 0, backend: Backend = "lean", render_mode: str | None = None) -> PianoEnv:
     """``gymnasium.make(ENV_ID, midi=...)``'s entry point: ``midi`` a ``MidiFile`` (used as given)
-    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's."""
+    or a MIDI file whose chunk ``chunk`` is played; ``env_cfg`` defaults to the default config's;
+    ``render_mode`` None or ``"rgb_array"`` (gymnasium wraps it for ``"human"``)."""
+    if render_mode not in (None, *make_gym_env.metadata["render_modes"]):
+        raise ValueError(f"render_mode {render_mode!r}: expected one of {make_gym_env.metadata['render_modes']} or None")
     env_cfg = env_cfg if env_cfg is not None else configs.load().env
     if isinstance(midi, (str, Path)):
         from workers.piano.music import load_chunk
 
         midi = load_chunk(midi, chunk, env_cfg)
-    return make_env(midi, env_cfg, seed=seed, backend=backend)
+    env = make_env(midi, env_cfg, seed=seed, backend=backend)
+    env.render_mode = render_mode
+    return env
 
 
-gymnasium.register(ENV_ID, entry_point=make_gym_env)
-
+# What gymnasium.make reads before it builds one (render_fps: the environment's own metadata).
+make_gym_env.metadata = {"render_modes": ["rgb_array"]}

@@ -25,7 +25,7 @@ as RoboPianist's fingering reward is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -86,35 +86,21 @@ def ot_reward(d_ot: float, threshold: float) -> float:
     )
 
 
-class OTFingeringReward:
-    """A reward term for a RoboPianist piano task: r_OT of the current step.
+class OTFingering:
+    """The OT fingering of a RoboPianist piano task's current step, read through dm_control.
 
-    Call it with the physics after a control step, as a ``CompositeReward`` term.
-    ``keys_to_press()`` returns the 88-long goal of this step (non-zero = should sound).
-    Only fingers listed in ``fingers`` take part in the matching (the four-finger hands
-    leave out 4 and 9). After each call ``assignment`` holds the (finger, key) pairs and
-    ``distance`` d_OT.
+    Only fingers listed in ``fingers`` take part in the matching (the four-finger hands leave
+    out 4 and 9). ``workers.piano.reward`` turns its d_OT into r_OT.
     """
 
-    def __init__(
-        self,
-        piano,
-        hands: Sequence,
-        keys_to_press: Callable[[], np.ndarray],
-        threshold: float,
-        reduction: Reduction = "sum",
-        fingers: Sequence[int] = tuple(range(N_FINGERS)),
-    ) -> None:
+    def __init__(self, piano, hands: Sequence, reduction: Reduction = "sum",
+                 fingers: Sequence[int] = tuple(range(N_FINGERS))) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"unknown OT reduction '{reduction}' (expected 'sum' or 'mean')")
         self._piano = piano
         self._hands = tuple(hands)  # right, left: fingers 0-4, 5-9
-        self._keys_to_press = keys_to_press
-        self.threshold = float(threshold)
         self.reduction: Reduction = reduction
         self.fingers = np.asarray(sorted(fingers), dtype=np.int64)
-        self.assignment: list[tuple[int, int]] = []
-        self.distance = 0.0
         self._site_ids: np.ndarray | None = None
 
     def bind(self, physics) -> None:
@@ -134,26 +120,23 @@ class OTFingeringReward:
         ids = self._key_geom_ids[keys]
         return physics.data.geom_xpos[ids] + self._key_offsets[keys]
 
-    def __call__(self, physics) -> float:
+    def __call__(self, physics, keys: np.ndarray) -> tuple[list[tuple[int, int]], float]:
+        """``ot_match`` of the keys ``keys`` (indices 0..87) in the physics' current state."""
         if self._site_ids is None:
             self.bind(physics)
-        keys = np.flatnonzero(self._keys_to_press())
-        reward, self.assignment, self.distance = ot_term(
-            self.fingertip_positions(physics), self.key_positions(physics, keys), keys, self.fingers,
-            self.threshold, self.reduction)
-        return reward
+        return ot_match(self.fingertip_positions(physics), self.key_positions(physics, keys), keys, self.fingers,
+                        self.reduction)
 
 
-def ot_term(fingertips: np.ndarray, key_points: np.ndarray, keys: np.ndarray, fingers: np.ndarray,
-            threshold: float, reduction: Reduction = "sum") -> tuple[float, list[tuple[int, int]], float]:
-    """(r_OT, (finger, key) pairs, d_OT) of one step.
+def ot_match(fingertips: np.ndarray, key_points: np.ndarray, keys: np.ndarray, fingers: np.ndarray,
+             reduction: Reduction = "sum") -> tuple[list[tuple[int, int]], float]:
+    """((finger, key) pairs, d_OT) of one step.
 
     ``fingertips`` (len(fingers), 3) are the participating fingertips, numbered by ``fingers``;
-    ``key_points`` (len(keys), 3) where each key in ``keys`` should be pressed. No key: (0, [], 0).
+    ``key_points`` (len(keys), 3) where each key in ``keys`` should be pressed. No key: ([], 0).
     """
     if len(keys) == 0:
-        return 0.0, [], 0.0
+        return [], 0.0
     rows, key_rows, distances = assign_fingers(fingertips, key_points)
     assignment = [(int(f), int(k)) for f, k in zip(fingers[rows], keys[key_rows])]
-    distance = ot_distance(distances, reduction)
-    return ot_reward(distance, threshold), assignment, distance
+    return assignment, ot_distance(distances, reduction)

@@ -10,9 +10,9 @@ from RoboPianist's ``RP1MPianoTask`` (``workers.piano.env``), but runs a control
   states, key colours, MIDI events: ten times per control step) and the extra ``mj_forward``
   that writing through ``physics.bind`` forces;
 - once per control step, from MjData arrays with numpy: key states and activations, the
-  sustain pedal, the observation, the reward terms (key press, sustain, energy, OT
-  fingering, hand collision, with RoboPianist's formulas and summation order) and the goal
-  window (precomputed for the whole chunk).
+  sustain pedal, the observation, the state the reward reads (``workers.piano.reward``: the
+  same terms as the task's, from the same definitions) and the goal window (precomputed for
+  the whole chunk).
 
 Same trajectories as the ``robopianist`` backend (``tests/test_env.py``), with one documented
 difference: after the last step of a chunk RoboPianist leaves the previous goal window in the
@@ -29,21 +29,11 @@ import numpy as np
 from dm_control.rl.control import PhysicsError
 from mujoco_utils.composer_utils import Environment
 from robopianist.models.piano.piano import _KEY_THRESHOLD, _SUSTAIN_THRESHOLD
-from robopianist.suite.tasks.piano_with_shadow_hands import _KEY_CLOSE_ENOUGH_TO_PRESSED
 
-from workers.piano.task import PianoEnv, hands_touch
-from workers.piano.fingering import KEY_SURFACE_OFFSET, ot_term
+from workers.piano.fingering import KEY_SURFACE_OFFSET, ot_match
 from workers.piano.layout import N_KEYS
-
-_UPPER, _MARGIN = _KEY_CLOSE_ENOUGH_TO_PRESSED, _KEY_CLOSE_ENOUGH_TO_PRESSED * 10
-_SCALE = np.sqrt(-2 * np.log(0.1))  # dm_control's Gaussian sigmoid, 0.1 at the margin
-
-
-def _tolerance(x: np.ndarray) -> np.ndarray:
-    """``dm_control.utils.rewards.tolerance(x, bounds=(0, 0.05), margin=0.5, sigmoid="gaussian")``
-    as RoboPianist's key press and sustain terms call it, the same float operations in fewer calls."""
-    d = np.where(x < 0, 0 - x, x - _UPPER) / _MARGIN
-    return np.where((0 <= x) & (x <= _UPPER), 1.0, np.exp(-0.5 * (d * _SCALE) ** 2))
+from workers.piano.reward import Reward, StepState
+from workers.piano.task import PianoEnv, hands_touch
 
 
 class LeanPianoEnv(PianoEnv):
@@ -72,10 +62,9 @@ class LeanPianoEnv(PianoEnv):
         self._force_adr = np.concatenate([model.sensor_adr[ids(h.actuator_force_sensors)] for h in hands])
         self._velocity_adr = np.concatenate([model.sensor_adr[ids(h.actuator_velocity_sensors)] for h in hands])
         self._right_actuators = len(hands[0].actuator_force_sensors)
-        self._energy_coef = float(task._energy_penalty_coef)
-        self._collision_coef = float(task._reward_cfg.collision_coef)
+        self.reward = Reward(task._reward_cfg)
         ot = task.ot_fingering
-        self._ot_fingers, self._ot_threshold, self._ot_reduction = ot.fingers, ot.threshold, ot.reduction
+        self._ot_fingers, self._ot_reduction = ot.fingers, ot.reduction
         self._key_geoms = ids([key.geom[0] for key in piano.keys])
         self._key_offsets = model.geom_size[self._key_geoms] * KEY_SURFACE_OFFSET
         self._hand_of_geom = task.hand_of_geom(physics)
@@ -143,28 +132,16 @@ class LeanPianoEnv(PianoEnv):
         sustain_pressed = self._sustain >= _SUSTAIN_THRESHOLD
         goal, target, on = self._goal[t], self._target[t], self._on[t]
 
-        # RoboPianist's key press, sustain and energy terms, then OT and collision; summed in that order.
-        key_press = 0.0
-        if on.size > 0:
-            key_press += 0.5 * _tolerance(goal[on] - self._normalized[on]).mean()
-        key_press += 0.5 * (1 - float(pressed[~target].any()))
-        sustain = float(_tolerance(goal[-1] - float(sustain_pressed)))
         sensors = data.sensordata
         power = abs(sensors[self._force_adr]) * abs(sensors[self._velocity_adr])
-        right = self._right_actuators
-        energy = 0.0  # per hand, right then left, as RoboPianist sums it
-        energy -= self._energy_coef * power[:right].sum()
-        energy -= self._energy_coef * power[right:].sum()
         tips = data.site_xpos[self._tip_sites]
         key_points = data.geom_xpos[self._key_geoms[on]] + self._key_offsets[on]
-        ot, assignment, distance = ot_term(tips[self._ot_fingers], key_points, on, self._ot_fingers,
-                                           self._ot_threshold, self._ot_reduction)
-        collision = 0.0 if hands_touch(data.contact, self._hand_of_geom) else self._collision_coef
-        terms = {"key_press_reward": key_press, "sustain_reward": sustain, "energy_reward": float(energy),
-                 "ot_fingering_reward": ot, "collision_reward": collision}
-        reward = 0.0
-        for value in terms.values():
-            reward += value
+        assignment, distance = ot_match(tips[self._ot_fingers], key_points, on, self._ot_fingers, self._ot_reduction)
+        right = self._right_actuators
+        reward, terms = self.reward(StepState(
+            goal=goal, target=target, keys=self._normalized, pressed=pressed, sustain_pressed=bool(sustain_pressed),
+            power=(power[:right], power[right:]), ot_distance=distance,
+            hands_touch=hands_touch(data.contact, self._hand_of_geom)))
         info = {
             "pressed": pressed.copy(),
             "target": target.copy(),

@@ -1,10 +1,11 @@
 """RoboPianist's piano task with RP1M's settings, and the gymnasium interface of its environments.
 
-``RP1MPianoTask`` builds the model (RoboPianist's ``PianoWithShadowHands``) and defines the
-RP1M reward terms; ``PianoEnv`` is what both backends (``workers.piano.env``: the reference
-that steps through dm_control, ``workers.piano.lean``: MuJoCo directly) share: spaces,
-action checks, the episode's F1 sums and how an episode ends. ``workers.piano.env`` is where
-environments are made; it describes the observation, the reward and the episode end.
+``RP1MPianoTask`` builds the model (RoboPianist's ``PianoWithShadowHands``) and computes the
+reward of ``workers.piano.reward`` from RoboPianist's own state; ``PianoEnv`` is what both
+backends (``workers.piano.env``: the reference that steps through dm_control,
+``workers.piano.lean``: MuJoCo directly) share: spaces, action checks, the episode's F1 sums
+and how an episode ends. ``workers.piano.env`` is where environments are made; it describes
+the observation, the reward and the episode end.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from robopianist.music.midi_file import MidiFile
 from robopianist.suite.tasks.piano_with_shadow_hands import PianoWithShadowHands
 
 import configs
-from workers.piano.fingering import LITTLE_FINGERS, OTFingeringReward
+from workers.piano.fingering import LITTLE_FINGERS, OTFingering
 from workers.piano.layout import N_FINGERS, N_KEYS, OBS_SLICES
 from workers.piano.metrics import step_metrics
+from workers.piano.reward import Reward, StepState
+from workers.piano.view import Rendering
 
 # Little-finger actuators held in place on four-finger hands.
 _LITTLE_FINGER_ACTUATORS = ("A_LFJ4", "A_LFJ3", "A_LFJ0")
@@ -54,11 +57,12 @@ def robopianist_task_kwargs(env_cfg: configs.EnvConfig) -> dict[str, Any]:
 
 
 class RP1MPianoTask(PianoWithShadowHands):
-    """``PianoWithShadowHands`` configured as in RP1M, with OT fingering and collision terms.
+    """``PianoWithShadowHands`` configured as in RP1M, with the reward of ``workers.piano.reward``.
 
-    The human-fingering reward and observable and RoboPianist's forearm term are switched
-    off; ``_set_rewards`` adds the OT term and the hand-hand collision term to RoboPianist's
-    own key press, sustain and energy terms.
+    The human-fingering reward and observable are switched off; ``get_reward`` reads the
+    step's state from RoboPianist's piano and hands and sums the terms of
+    ``workers.piano.reward.TERMS`` (RoboPianist's key press, sustain and energy terms, OT
+    fingering and the hand-hand collision term).
     """
 
     def __init__(self, midi: MidiFile, env_cfg: configs.EnvConfig) -> None:
@@ -85,18 +89,32 @@ class RP1MPianoTask(PianoWithShadowHands):
         return len(self._notes)
 
     def _set_rewards(self) -> None:
-        super()._set_rewards()  # key press, sustain, energy
+        # In place of RoboPianist's own terms: every term from workers.piano.reward, as the lean backend.
+        self.reward = Reward(self._reward_cfg)
+        self.reward_terms: dict[str, float] = {}
         fingers = [f for f in range(N_FINGERS) if not (self._four_fingers and f in LITTLE_FINGERS)]
-        self.ot_fingering = OTFingeringReward(
-            self.piano,
-            self.hands,
-            keys_to_press=lambda: self._goal_current[:-1],
-            threshold=self._reward_cfg.ot_distance_threshold,
-            reduction=self._reward_cfg.ot_reduction,
-            fingers=fingers,
+        self.ot_fingering = OTFingering(self.piano, self.hands, reduction=self._reward_cfg.ot_reduction,
+                                        fingers=fingers)
+        self.ot_assignment: list[tuple[int, int]] = []
+        self.ot_distance = 0.0
+
+    def get_reward(self, physics) -> float:
+        """The step's reward from RoboPianist's own key, pedal and actuator state; the weighted
+        terms in ``reward_terms``, the OT fingering in ``ot_assignment`` and ``ot_distance``."""
+        on = np.flatnonzero(self._goal_current[:-1])
+        self.ot_assignment, self.ot_distance = self.ot_fingering(physics, on)
+        state = StepState(
+            goal=self._goal_current,
+            target=self._goal_current[:-1] > 0.5,
+            keys=self.piano.state / self.piano._qpos_range[:, 1],
+            pressed=self.piano.activation,
+            sustain_pressed=bool(self.piano.sustain_activation[0]),
+            power=tuple(hand.observables.actuators_power(physics) for hand in self.hands),
+            ot_distance=self.ot_distance,
+            hands_touch=hands_touch(physics.data.contact, self._hand_of_geom),
         )
-        self._reward_fn.add("ot_fingering_reward", self.ot_fingering)
-        self._reward_fn.add("collision_reward", self._compute_collision_reward)
+        reward, self.reward_terms = self.reward(state)
+        return reward
 
     def initialize_episode(self, physics, random_state) -> None:
         super().initialize_episode(physics, random_state)
@@ -129,10 +147,6 @@ class RP1MPianoTask(PianoWithShadowHands):
             labels[physics.bind(hand.mjcf_model.find_all("geom")).element_id] = label
         return labels
 
-    def _compute_collision_reward(self, physics) -> float:
-        """collision_coef while the two hands do not touch, else 0."""
-        return 0.0 if hands_touch(physics.data.contact, self._hand_of_geom) else self._reward_cfg.collision_coef
-
 
 def hands_touch(contact, hand_of_geom: np.ndarray) -> bool:
     """Whether a geom of one hand touches one of the other (``contact``: MjData's contact list)."""
@@ -156,7 +170,7 @@ def observation_slices(task: RP1MPianoTask) -> dict[str, slice]:
     return slices
 
 
-class PianoEnv(gymnasium.Env):
+class PianoEnv(Rendering, gymnasium.Env):
     """The RP1M task as a gymnasium environment: flat float32 observations, 39-d actions.
 
     ``reset(seed=..., options=...)`` returns ``(obs, info)``; ``seed`` also seeds the task's
@@ -172,7 +186,6 @@ class PianoEnv(gymnasium.Env):
     step count and F1 sums, and decides how an episode ends.
     """
 
-    metadata = {"render_modes": []}
     backend: str
 
     def __init__(self, environment: Environment) -> None:
@@ -217,6 +230,7 @@ class PianoEnv(gymnasium.Env):
         self._done = False
         self._t = 0
         self._sums = np.zeros(3)
+        self.keep_frame(obs)
         return obs, {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -236,6 +250,7 @@ class PianoEnv(gymnasium.Env):
         precision, recall, f1 = step_metrics(pressed, target)
         self._sums += (precision, recall, f1)
         info.update(precision=precision, recall=recall, f1=f1)
+        self.keep_frame(obs, pressed, target)
         return obs, reward, terminated, truncated, info
 
     def episode_metrics(self) -> dict[str, float]:
