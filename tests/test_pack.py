@@ -20,7 +20,6 @@ import torch
 import configs
 from test_specialist import REPO, TINY, TWINKLE, tiny_unit
 from workers.lake import Lake
-from workers.rl import pack as pack_mod
 from workers.lake import ShardMeta
 from workers.rl.droq import DroQ
 from workers.rl.envpool import EnvSpec, InProcessEnvPool, PlayJob, WorkerEnvPool, agent_bytes
@@ -220,16 +219,16 @@ def test_a_member_whose_environment_raises_fails_alone_and_resumes_in_a_pack_of_
                                   "specialist.log_interval": 50})
     units = [tiny_unit(cfg, chunk) for chunk in (1, 2, 3)]
     dirs = [tmp_path / u.unit_id for u in units]
-    act, calls = pack_mod.Learner.act, []
+    act, calls = DroQ.act, []
 
-    def act_breaking_member_1(self, obs):  # after step 100 member 1 sends its environment NaNs
-        actions = act(self, obs)
+    def act_breaking_member_1(self, obs, *args, **kwargs):  # after step 100 member 1 sends its environment NaNs
+        actions = act(self, obs, *args, **kwargs)
         calls.append(1)
         if len(calls) > 100 - cfg.droq.warmup_steps:
             actions[1] = np.nan
         return actions
 
-    monkeypatch.setattr(pack_mod.Learner, "act", act_breaking_member_1)
+    monkeypatch.setattr(DroQ, "act", act_breaking_member_1)
     reports = [[], [], []]
     outcomes = train_pack(units, cfg, dirs, tmp_path / "lake", [r.append for r in reports], env_workers=2)
     monkeypatch.undo()

@@ -210,13 +210,13 @@ def test_act_with_a_generator_ignores_the_global_rng():
     torch.manual_seed(0)
     agent = DroQ(8, 3, -np.ones(3), np.ones(3), ROLLOUT_CFG.droq)
     obs = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
-    draw = lambda seed: agent.act(obs, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed: agent.act(obs[None], generator=torch.Generator().manual_seed(seed))  # noqa: E731
     first = draw(7)
     torch.manual_seed(123)  # the global RNG moves on; the generator alone decides
     assert np.array_equal(draw(7), first)
     assert not np.allclose(draw(8), first)
-    mean = agent.act(obs, deterministic=True)
-    assert np.array_equal(agent.act(obs, deterministic=True, generator=torch.Generator().manual_seed(9)), mean)
+    mean = agent.act(obs[None], deterministic=True)
+    assert np.array_equal(agent.act(obs[None], deterministic=True, generator=torch.Generator().manual_seed(9)), mean)
     assert not np.allclose(first, mean) and np.all(np.abs(first) <= 1)
 
 

@@ -107,7 +107,7 @@ def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayB
         droq = cfg.droq.model_copy(update=settings)
         for k in ks:
             learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), droq, device=device, seed=0, num_agents=k)
-            mine = buffers[:k] if k > 1 else buffers[0]
+            mine = buffers[:k]
             name = f"K={k:<2d} {device} {variant}"
             runs[name] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync, clock))
             groups[name] = (device, variant)
@@ -139,8 +139,8 @@ def child(threads: int, iters: int, reps: int) -> None:
     cfg = configs.load(overrides={"droq.device": "cpu"})
     learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu", seed=0)
     buffer = filled_buffer(0, 1000)
-    wall = timer(lambda: learner.update(buffer), iters, clock=time.perf_counter)
-    cpu = timer(lambda: learner.update(buffer), iters)
+    wall = timer(lambda: learner.update([buffer]), iters, clock=time.perf_counter)
+    cpu = timer(lambda: learner.update([buffer]), iters)
     print(json.dumps({"ms": statistics.median(wall() for _ in range(reps)),
                       "cpu_ms": statistics.median(cpu() for _ in range(reps))}))
 

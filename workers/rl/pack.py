@@ -223,50 +223,6 @@ def eval_seeds(spec: configs.SpecialistConfig, n: int) -> list[int]:
     return [spec.seed * 1000 + i for i in range(n)]
 
 
-class Learner:
-    """The K agents behind one interface: ``DroQ(num_agents=K)`` for a pack, the single ``DroQ``
-    of today's specialist for a pack of one (initialised from the process's seeded RNG, whose
-    calls take one observation and one buffer). Agent i of a pack starts as a lone agent with
-    its member's ``specialist.seed`` would."""
-
-    def __init__(self, obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray,
-                 cfg: configs.DroQConfig, seeds: list[int]):
-        self.k, self.cfg = len(seeds), cfg
-        self.dims = (obs_dim, action_dim, low, high)
-        if self.k == 1:
-            self.agent = DroQ(obs_dim, action_dim, low, high, cfg)
-        else:
-            self.agent = DroQ(obs_dim, action_dim, low, high, cfg, seed=seeds, num_agents=self.k)
-        self._policy: DroQ | None = None
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Stochastic actions for all K slots: (K, obs_dim) -> (K, action_dim)."""
-        return self.agent.act(obs[0])[None] if self.k == 1 else self.agent.act(obs)
-
-    def update(self, buffers: Sequence[ReplayBuffer | None]) -> list[dict]:
-        """One update; agents whose buffer is None sit it out."""
-        return [self.agent.update(buffers[0])] if self.k == 1 else self.agent.update(list(buffers))
-
-    def state_dict(self, i: int) -> dict:
-        return self.agent.agent_state_dict(i)
-
-    def load_state_dict(self, i: int, state: dict) -> None:
-        load_agent(self.agent, i, state)
-
-    def reset(self, i: int, seed: int) -> None:
-        """Slot ``i`` starts over as a fresh agent with ``seed`` (a refilled slot)."""
-        self.agent.reset_agent(i, seed)
-
-    def policy(self, i: int) -> DroQ:
-        """Agent ``i`` as a single agent, to evaluate and record rollouts with (``play``)."""
-        if self.k == 1:
-            return self.agent
-        if self._policy is None:
-            self._policy = DroQ(*self.dims, self.cfg, device=self.agent.device, seed=0)
-        self._policy.load_agent_state_dict(0, self.agent.agent_state_dict(i))
-        return self._policy
-
-
 class Pack:
     """K units trained in one process (module docstring)."""
 
@@ -284,7 +240,9 @@ class Pack:
         self.cfg = cfgs[0]
         self.everyone: list[Member] = []  # every member in the order it joined: the outcomes' order
         self.pool: EnvPool | None = None
-        self.learner: Learner | None = None
+        self.learner: DroQ | None = None  # agent i is slot i's
+        self.dims: tuple = ()  # (obs_dim, action_dim, action_low, action_high) of every member's environment
+        self._lone: DroQ | None = None  # one agent of the learner, to play episodes in this process
         self.bar: tqdm | None = None
 
     def _cfg(self, unit: UnitSpec) -> configs.Config:
@@ -309,9 +267,9 @@ class Pack:
     def run(self) -> list[MemberOutcome]:
         members = [self._member(i, *args) for i, args in enumerate(zip(self.units, self.unit_dirs, self.reports))]
         try:
-            dims = self._probe(members)
-            if dims is not None:
-                self._train(members, *dims)
+            self.dims = self._probe(members)
+            if self.dims is not None:
+                self._train(members)
         finally:
             for m in self.everyone:
                 if m.slot.player is not None:
@@ -346,23 +304,23 @@ class Pack:
                 env.close()
         return dims
 
-    def _train(self, members: list[Member], obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray) -> None:
+    def _train(self, members: list[Member]) -> None:
         specs = [self._env_spec(m) for m in members]
-        with make_pool(specs, obs_dim, action_dim, self.env_workers, self.play_in_workers) as pool:
+        with make_pool(specs, *self.dims[:2], self.env_workers, self.play_in_workers) as pool:
             self.pool = pool
             try:
-                self._train_in(members, pool, obs_dim, action_dim, low, high)
+                self._train_in(members, pool)
             finally:
                 self.pool = None
 
-    def _train_in(self, members: list[Member], pool: EnvPool, obs_dim: int, action_dim: int, low: np.ndarray,
-                  high: np.ndarray) -> None:
+    def _train_in(self, members: list[Member], pool: EnvPool) -> None:
         for m in members:
             if m.state in ENDED:
                 pool.drop(m.slot.index)
         # The first member's seed seeds the process (a pack of one: exactly as a single unit).
         seed_everything(members[0].spec.seed)
-        self.learner = Learner(obs_dim, action_dim, low, high, self.cfg.droq, [m.spec.seed for m in members])
+        # Agent i starts as a lone agent with member i's specialist.seed would.
+        self.learner = DroQ(*self.dims, self.cfg.droq, seed=[m.spec.seed for m in members], num_agents=len(members))
         for m in members:
             if m.state not in ENDED:
                 self._guarded(m, self._resume, m, len(members) == 1)
@@ -395,7 +353,7 @@ class Pack:
         """A fresh replay buffer, then the member's checkpoint when it has one (a damaged one is
         moved aside), its attempt logged. On the CPU: RNG states and the replay live there."""
         droq, p = m.id.cfg.droq, m.progress
-        obs_dim, action_dim = self.learner.dims[:2]
+        obs_dim, action_dim = self.dims[:2]
         m.slot.buffer = ReplayBuffer(obs_dim, action_dim, droq.replay_capacity, droq.discount, droq.n_step,
                                      seed=m.spec.seed)
         loaded = checkpoints.load(m.id.unit_dir / CHECKPOINT, repair=True)
@@ -404,7 +362,7 @@ class Pack:
             if checkpoint["unit_id"] != m.id.unit.unit_id:
                 raise ValueError(f"{m.id.unit_dir}: its checkpoint belongs to unit {checkpoint['unit_id']}, "
                                  f"not {m.id.unit.unit_id}; use another unit directory")
-            self.learner.load_state_dict(m.slot.index, checkpoint["agent"])
+            load_agent(self.learner, m.slot.index, checkpoint["agent"])
             if "replay" in checkpoint:  # else a finished unit whose shard was lost: rollouts only
                 m.slot.buffer.load_state_dict(checkpoint["replay"])
                 if restore_process_rng:
@@ -440,12 +398,12 @@ class Pack:
                 raise ValueError(f"unit {unit.unit_id}: its droq.* settings differ from the pack's")
             if self._inline:
                 m.slot.player = self._env_spec(m, play=True).make()
-                if (m.slot.player.obs_dim, m.slot.player.action_dim) != self.learner.dims[:2]:
+                if (m.slot.player.obs_dim, m.slot.player.action_dim) != self.dims[:2]:
                     raise ValueError(f"unit {unit.unit_id}: observation/action sizes differ from the pack's")
             error = self.pool.put(index, self._env_spec(m))  # workers check the sizes
             if error is not None:
                 raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{error}")
-            self.learner.reset(index, m.spec.seed)
+            self.learner.reset_agent(index, m.spec.seed)
             self._resume(m, restore_process_rng=False)
             errors = self.pool.reset([index])
             if errors:
@@ -461,7 +419,7 @@ class Pack:
     # --- training --------------------------------------------------------------------
     def _loop(self, members: list[Member]) -> None:
         pool, learner, droq = self.pool, self.learner, self.cfg.droq
-        low, high = learner.dims[2], learner.dims[3]
+        low, high = self.dims[2:]
         collected = 0.0
         while True:
             # 0. episodes the workers have played; freed slots: hand back their outcomes, take in
@@ -616,7 +574,7 @@ class Pack:
         if p.step % m.spec.checkpoint_interval == 0 or p.rule.stopped:
             save_checkpoint(m.id.unit_dir, unit_id=m.id.unit.unit_id, step=p.step, episodes=p.episodes,
                             resumed_from=p.resumed_from, last_eval=p.last_eval,
-                            agent=self.learner.state_dict(m.slot.index), replay=m.slot.buffer.state_dict(),
+                            agent=self.learner.agent_state_dict(m.slot.index), replay=m.slot.buffer.state_dict(),
                             rng=m.slot.rng, budget=p.rule.state_dict())
             m.id.report({"step": p.step, "checkpoint_step": p.step})  # the campaign store shows it while the unit runs
 
@@ -644,12 +602,12 @@ class Pack:
         of one as a lone unit), here and at once, on the learner's device."""
         m.state = state
         if not self._inline:
-            state_dict = self.learner.state_dict(m.slot.index)
+            state_dict = self.learner.agent_state_dict(m.slot.index)
             self.pool.play(m.slot.index, PlayJob(
                 agent_bytes({k: state_dict[k] for k in FINAL_AGENT_KEYS}), self.cfg.droq.model_dump(), tuple(seeds),
                 deterministic, None if shard is None else (str(self.lake_root), m.id.cfg.lake.model_dump(), shard)))
             return
-        agent, env, t = self.learner.policy(m.slot.index), m.slot.player, time.perf_counter()
+        agent, env, t = self._agent(m.slot.index), m.slot.player, time.perf_counter()
         if shard is None:
             stats = [EpisodeStats.of(play(agent, env, seed=seed, deterministic=deterministic)) for seed in seeds]
             shard_path = None
@@ -658,6 +616,13 @@ class Pack:
                 stats = record_rollouts(agent, env, writer, seeds, progress=self.progress, deterministic=deterministic)
                 shard_path = str(writer.commit(shard).path)  # specialist_f1: the episodes' mean F1
         self._played(m, PlayResult(stats, shard_path, time.perf_counter() - t))
+
+    def _agent(self, i: int) -> DroQ:
+        """Agent ``i`` of the learner as a lone agent on its device, to play episodes with here."""
+        if self._lone is None:
+            self._lone = DroQ(*self.dims, self.cfg.droq, device=self.learner.device, seed=0)
+        self._lone.load_agent_state_dict(0, self.learner.agent_state_dict(i))
+        return self._lone
 
     # --- the end of a member -----------------------------------------------------------
     def _conclude(self, m: Member, summary: dict[str, float], shard_path: str | None) -> None:

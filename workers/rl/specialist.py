@@ -181,7 +181,7 @@ class EpisodePlayer:
         self.pressed, self.target, self.fingering = [], [], []
 
     def step(self) -> Episode | None:
-        action = self.agent.act(self.obs, deterministic=self.deterministic, generator=self.generator)
+        action = self.agent.act(self.obs[None], deterministic=self.deterministic, generator=self.generator)[0]
         self.observations.append(self.obs)
         self.actions.append(action)
         self.obs, reward, terminated, truncated, info = self.env.step(action)
