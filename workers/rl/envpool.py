@@ -14,6 +14,9 @@ step and gets back only the errors: no observation or action is pickled. Workers
 (never forked from a process holding Ray's or torch's threads) and exit when the pack process
 dies (their pipe closes), so a killed pack leaves no environment behind.
 
+A slot's two environments (training, and playing with ``seed + 1``) come from one reading of
+its chunk's MIDI per process (``EnvSpec.make``).
+
 Workers also *play* episodes for their slots while the pack trains (``WorkerEnvPool.play``):
 a member's evaluations and its rollouts into its lake shard run in the slot's worker, on a
 second environment of the slot's chunk and a CPU copy of the member's policy, a step at a
@@ -27,16 +30,19 @@ environment.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from robopianist.music.midi_file import MidiFile
 
 import configs
 from workers.lake import Lake, ShardMeta, ShardWriter
@@ -48,7 +54,7 @@ from workers.rl.specialist import EpisodePlayer, EpisodeStats, load_agent
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """How to build one slot's environment; plain values, so it crosses to a worker process."""
+    """How to build one slot's environments; plain values, so it crosses to a worker process."""
 
     song_path: str
     chunk_index: int
@@ -57,10 +63,20 @@ class EnvSpec:
     seed: int
     limits: SongLimits | None = None  # manifest.* limits on the song (song_limits)
 
-    def make(self) -> PianoEnv:
-        env_cfg = configs.EnvConfig.model_validate(self.env)
-        midi = load_chunk(self.song_path, self.chunk_index, env_cfg, expected_hash=self.song_hash, limits=self.limits)
-        return make_env(midi, env_cfg, seed=self.seed)
+    def make(self, play: bool = False) -> PianoEnv:
+        """The slot's training environment, or (``play``) the one its evaluations and rollouts
+        are played in, seeded ``seed + 1``. Both are built from one reading of the chunk: a
+        process reads each chunk's MIDI once (``_chunk``)."""
+        midi = _chunk(self.song_path, self.chunk_index, self.song_hash, json.dumps(self.env, sort_keys=True),
+                      self.limits)
+        return make_env(midi, configs.EnvConfig.model_validate(self.env), seed=self.seed + int(play))
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk(song_path: str, chunk_index: int, song_hash: str, env: str, limits: SongLimits | None) -> MidiFile:
+    """The chunk's MIDI, read once per process and reused (``make_env`` does not change it)."""
+    return load_chunk(song_path, chunk_index, configs.EnvConfig.model_validate_json(env), expected_hash=song_hash,
+                      limits=limits)
 
 
 _FIELDS = {  # name -> (dtype, per-slot shape as a function of (obs_dim, action_dim))
@@ -178,13 +194,15 @@ def _step(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
 
 class _Envs:
     """Slots -> environments of one process, each failure caught per slot. Every environment
-    must have the pool's ``(obs_dim, action_dim)``; with ``plays``, each slot also gets an
-    environment to play episodes in (the training one's seed + 1), made with it."""
+    must have the pool's ``(obs_dim, action_dim)`` and the action bounds of the first one made
+    (``bounds``); with ``plays``, each slot also gets an environment to play episodes in
+    (``EnvSpec.make(play=True)``), made with it."""
 
     def __init__(self, specs: dict[int, EnvSpec], arrays: dict[str, np.ndarray], plays: bool = False):
         self.arrays, self.plays = arrays, plays
         self.dims = (arrays["obs"].shape[1], arrays["action"].shape[1])
         self.specs = dict(specs)
+        self.bounds: tuple[np.ndarray, np.ndarray] | None = None  # (action_low, action_high)
         self.envs: dict[int, PianoEnv] = {}
         self.errors: dict[int, str] = {}
         self.players: dict[int, PianoEnv] = {}  # each slot's environment to play episodes in
@@ -201,15 +219,16 @@ class _Envs:
     def _make(self, i: int, spec: EnvSpec) -> None:
         env = spec.make()
         self.envs[i] = env
+        where = f"chunk {spec.chunk_index} of {spec.song_path}"
         if (env.obs_dim, env.action_dim) != self.dims:
-            raise ValueError(f"chunk {spec.chunk_index} of {spec.song_path}: observation/action sizes "
-                             f"{(env.obs_dim, env.action_dim)} differ from the pack's {self.dims}")
+            raise ValueError(f"{where}: observation/action sizes {(env.obs_dim, env.action_dim)} differ from the "
+                             f"pack's {self.dims}")
+        if self.bounds is None:
+            self.bounds = (env.action_low.copy(), env.action_high.copy())
+        elif not (np.array_equal(env.action_low, self.bounds[0]) and np.array_equal(env.action_high, self.bounds[1])):
+            raise ValueError(f"{where}: action bounds differ from the pack's")
         if self.plays:
-            self.players[i] = self._player(spec)
-
-    @staticmethod
-    def _player(spec: EnvSpec) -> PianoEnv:
-        return replace(spec, seed=spec.seed + 1).make()
+            self.players[i] = spec.make(play=True)
 
     def run(self, op, slots: Sequence[int]) -> dict[int, str]:
         errors = {i: self.errors.pop(i) for i in slots if i in self.errors}
@@ -259,7 +278,7 @@ class _Envs:
         the first job); a failure to start is a finished job with its error."""
         try:
             if i not in self.players:  # the slot's last job broke it
-                self.players[i] = self._player(self.specs[i])
+                self.players[i] = self.specs[i].make(play=True)
             env = self.players[i]
             droq = configs.DroQConfig.model_validate({**job.droq, "device": "cpu"})
             agent = self.agents.get(i)
@@ -293,9 +312,11 @@ class _Envs:
 
 
 class EnvPool:
-    """K environment slots with shared arrays (see the module docstring)."""
+    """K environment slots with shared arrays (see the module docstring). ``action_bounds``:
+    the environments' (action_low, action_high), None when none could be made."""
 
     arrays: dict[str, np.ndarray]
+    action_bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def __init__(self, k: int):
         self.k = k
@@ -348,6 +369,7 @@ class InProcessEnvPool(EnvPool):
         self.arrays = {name: np.zeros((self.k, *shape(obs_dim, action_dim)), dtype)
                        for name, (dtype, shape) in _FIELDS.items()}
         self._envs = _Envs(dict(enumerate(specs)), self.arrays)
+        self.action_bounds = self._envs.bounds
 
     def reset(self, slots: Sequence[int]) -> dict[int, str]:
         return self._envs.run(_reset, slots)
@@ -378,7 +400,7 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
     envs = _Envs(specs, _shared_arrays(buffers, k, obs_dim, action_dim), plays)
     ops = {"reset": _reset, "step": _step}
     try:
-        conn.send("ready")
+        conn.send(("ready", envs.bounds))
         while True:
             # Requests first: the pack waits on them. Between requests, one step of an episode
             # being played; with none, the worker sleeps in recv.
@@ -436,8 +458,11 @@ class WorkerEnvPool(EnvPool):
             self._conns.append(parent)
             self._procs.append(proc)
         for w, conn in enumerate(self._conns):
-            if conn.recv() != "ready":
+            ready, bounds = conn.recv()
+            if ready != "ready":
                 raise RuntimeError(f"environment worker {w} did not start")
+            if self.action_bounds is None:
+                self.action_bounds = bounds
 
     def _run(self, op: str, slots: Sequence[int]) -> dict[int, str]:
         by_worker: dict[int, list[int]] = {}

@@ -42,7 +42,9 @@ FAILED         the outcome holds the error; its slot's environment is closed
     anything raised:  any state  -> FAILED  (its environment, an episode, a checkpoint: it alone)
 
 A unit trained before whose rollouts were not committed starts in RECORDING; a finished unit
-starts (and stays) DONE. Evaluations and rollouts are episodes played with the member's policy
+starts (and stays) DONE. The environments' sizes are
+RP1M's (``workers.piano.layout``); the pool builds each member's environments from one reading
+of its chunk (``workers.rl.envpool``). Evaluations and rollouts are episodes played with the member's policy
 as it is at that step. With environment workers the slot's worker plays them (``EnvPool.play``:
 a CPU copy of the policy, a second environment of the chunk) between the pack's training steps,
 and ``collect`` hands the result to ``Pack._played`` while the other members train on. Without
@@ -83,6 +85,7 @@ import configs
 from configs.files import write_text_atomic
 from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
+from workers.piano.layout import ACTION_DIM, OBS_DIM
 from workers.piano.music import song_limits
 from workers.rl import checkpoints
 from workers.rl.budget import StopRule
@@ -95,6 +98,7 @@ from workers.rl.specialist import (
     RESULT,
     EpisodeStats,
     Report,
+    episode_seeds,
     finished_result,
     load_agent,
     play,
@@ -218,11 +222,6 @@ class Member:
         return self.id.cfg.specialist
 
 
-def eval_seeds(spec: configs.SpecialistConfig, n: int) -> list[int]:
-    """The seeds of a unit's first ``n`` rollouts (its evaluations play the first ``eval_episodes``)."""
-    return [spec.seed * 1000 + i for i in range(n)]
-
-
 class Pack:
     """K units trained in one process (module docstring)."""
 
@@ -241,7 +240,7 @@ class Pack:
         self.everyone: list[Member] = []  # every member in the order it joined: the outcomes' order
         self.pool: EnvPool | None = None
         self.learner: DroQ | None = None  # agent i is slot i's
-        self.dims: tuple = ()  # (obs_dim, action_dim, action_low, action_high) of every member's environment
+        self.bounds: tuple[np.ndarray, np.ndarray] | None = None  # every member's (action_low, action_high)
         self._lone: DroQ | None = None  # one agent of the learner, to play episodes in this process
         self.bar: tqdm | None = None
 
@@ -267,8 +266,7 @@ class Pack:
     def run(self) -> list[MemberOutcome]:
         members = [self._member(i, *args) for i, args in enumerate(zip(self.units, self.unit_dirs, self.reports))]
         try:
-            self.dims = self._probe(members)
-            if self.dims is not None:
+            if any(m.state not in ENDED for m in members):
                 self._train(members)
         finally:
             for m in self.everyone:
@@ -280,33 +278,9 @@ class Pack:
                 self._release(m)
         return [m.outcome for m in self.everyone]
 
-    def _probe(self, members: list[Member]) -> tuple | None:
-        """The environment's sizes and action bounds, from this process: every member's
-        environment to play in when its evaluations and rollouts are played here, else one
-        (the workers check the rest). None when no member can train."""
-        dims = None
-        for m in members:
-            if m.state in ENDED or (dims is not None and not self._inline):
-                continue
-            try:
-                env = self._env_spec(m, play=True).make()
-                if dims is not None and (env.obs_dim, env.action_dim) != dims[:2]:
-                    env.close()
-                    raise ValueError(f"unit {m.id.unit.unit_id}: observation/action sizes differ from the pack's")
-            except Exception as e:  # noqa: BLE001 - a broken chunk fails its unit alone
-                self._fail(m, e)
-                continue
-            if dims is None:
-                dims = (env.obs_dim, env.action_dim, env.action_low, env.action_high)
-            if self._inline:
-                m.slot.player = env
-            else:
-                env.close()
-        return dims
-
     def _train(self, members: list[Member]) -> None:
         specs = [self._env_spec(m) for m in members]
-        with make_pool(specs, *self.dims[:2], self.env_workers, self.play_in_workers) as pool:
+        with make_pool(specs, OBS_DIM, ACTION_DIM, self.env_workers, self.play_in_workers) as pool:
             self.pool = pool
             try:
                 self._train_in(members, pool)
@@ -317,15 +291,21 @@ class Pack:
         for m in members:
             if m.state in ENDED:
                 pool.drop(m.slot.index)
+            elif self._inline:  # first: a broken chunk raises its own error here (SongError, ...)
+                self._guarded(m, self._make_player, m)
+        for slot, error in pool.reset([m.slot.index for m in members if m.state not in ENDED]).items():
+            self._fail(members[slot], MemberFailed(error))
+        self.bounds = pool.action_bounds
+        if self.bounds is None:  # no environment could be made: every member has failed
+            return
         # The first member's seed seeds the process (a pack of one: exactly as a single unit).
         seed_everything(members[0].spec.seed)
         # Agent i starts as a lone agent with member i's specialist.seed would.
-        self.learner = DroQ(*self.dims, self.cfg.droq, seed=[m.spec.seed for m in members], num_agents=len(members))
+        self.learner = DroQ(OBS_DIM, ACTION_DIM, *self.bounds, self.cfg.droq, seed=[m.spec.seed for m in members],
+                            num_agents=len(members))
         for m in members:
             if m.state not in ENDED:
                 self._guarded(m, self._resume, m, len(members) == 1)
-        for slot, error in pool.reset([m.slot.index for m in members if m.state not in ENDED]).items():
-            self._fail(members[slot], MemberFailed(error))
         self.bar = tqdm(total=sum(m.progress.rule.end_step for m in members),
                         initial=sum(m.progress.step for m in members), disable=not self.progress, unit="step",
                         dynamic_ncols=True, mininterval=1.0,
@@ -343,18 +323,20 @@ class Pack:
         return self.env_workers < 1 or not self.play_in_workers
 
     @staticmethod
-    def _env_spec(m: Member, play: bool = False) -> EnvSpec:
-        """The member's training environment (its seed), or the one it plays in (seed + 1)."""
+    def _env_spec(m: Member) -> EnvSpec:
         cfg = m.id.cfg
         return EnvSpec(m.id.unit.song_path, m.id.unit.chunk_index, m.id.unit.song_hash, cfg.env.model_dump(),
-                       cfg.specialist.seed + int(play), song_limits(cfg.manifest))
+                       cfg.specialist.seed, song_limits(cfg.manifest))
+
+    def _make_player(self, m: Member) -> None:
+        """The environment ``m`` plays its episodes in, in this process (``_inline``)."""
+        m.slot.player = self._env_spec(m).make(play=True)
 
     def _resume(self, m: Member, restore_process_rng: bool) -> None:
         """A fresh replay buffer, then the member's checkpoint when it has one (a damaged one is
         moved aside), its attempt logged. On the CPU: RNG states and the replay live there."""
         droq, p = m.id.cfg.droq, m.progress
-        obs_dim, action_dim = self.dims[:2]
-        m.slot.buffer = ReplayBuffer(obs_dim, action_dim, droq.replay_capacity, droq.discount, droq.n_step,
+        m.slot.buffer = ReplayBuffer(OBS_DIM, ACTION_DIM, droq.replay_capacity, droq.discount, droq.n_step,
                                      seed=m.spec.seed)
         loaded = checkpoints.load(m.id.unit_dir / CHECKPOINT, repair=True)
         checkpoint = loaded.state
@@ -396,13 +378,11 @@ class Pack:
         try:
             if m.id.cfg.droq != self.cfg.droq:
                 raise ValueError(f"unit {unit.unit_id}: its droq.* settings differ from the pack's")
-            if self._inline:
-                m.slot.player = self._env_spec(m, play=True).make()
-                if (m.slot.player.obs_dim, m.slot.player.action_dim) != self.dims[:2]:
-                    raise ValueError(f"unit {unit.unit_id}: observation/action sizes differ from the pack's")
-            error = self.pool.put(index, self._env_spec(m))  # workers check the sizes
+            error = self.pool.put(index, self._env_spec(m))  # the pool checks its sizes and bounds
             if error is not None:
                 raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{error}")
+            if self._inline:
+                self._make_player(m)
             self.learner.reset_agent(index, m.spec.seed)
             self._resume(m, restore_process_rng=False)
             errors = self.pool.reset([index])
@@ -419,7 +399,7 @@ class Pack:
     # --- training --------------------------------------------------------------------
     def _loop(self, members: list[Member]) -> None:
         pool, learner, droq = self.pool, self.learner, self.cfg.droq
-        low, high = self.dims[2:]
+        low, high = self.bounds
         collected = 0.0
         while True:
             # 0. episodes the workers have played; freed slots: hand back their outcomes, take in
@@ -468,9 +448,9 @@ class Pack:
                     m.log.f1s.append(float(pool.episode_f1[s]))
                     m.progress.episodes += 1
                     m.log.episode_return = 0.0
-            self.bar.update(len(running) - len(errors))
-            # 4. update the agents of members in training, in one call (the others sit it out, unchanged)
             stepped = [m for m in running if m.state in TRAINS]
+            self.bar.update(len(stepped))
+            # 4. update the agents of members in training, in one call (the others sit it out, unchanged)
             learning = [m for m in stepped if m.state is State.TRAINING]
             if learning:
                 buffers = [None] * len(members)
@@ -515,13 +495,13 @@ class Pack:
             self._log(m)
         if p.step % spec.eval_interval == 0 or p.step in (spec.total_steps, p.rule.end_step):
             # Its training waits for the evaluation (the policy of this step), the others' not.
-            self._play(m, State.EVALUATING, eval_seeds(spec, spec.eval_episodes), deterministic=True)
+            self._play(m, State.EVALUATING, episode_seeds(spec, spec.eval_episodes), deterministic=True)
         else:
             self._checkpoint(m)
             self._trained_or_on(m)
 
     def _collected(self, m: Member, played: PlayResult) -> None:
-        """Episodes a worker played for ``m`` are in (or its worker failed them)."""
+        """Episodes a worker played for ``m`` are in (or they raised)."""
         if m.state not in PLAYS:  # it failed meanwhile: nothing waits for them
             return
         if played.error is not None:
@@ -586,12 +566,12 @@ class Pack:
         if spec.rollouts > 0:
             shard = ShardMeta(unit_id=unit.unit_id, song_hash=unit.song_hash, song_name=unit.song_name,
                               chunk_index=unit.chunk_index, split=unit.split, config_hash=unit.config_hash)
-            self._play(m, State.RECORDING, eval_seeds(spec, spec.rollouts),
+            self._play(m, State.RECORDING, episode_seeds(spec, spec.rollouts),
                        deterministic=spec.rollout_policy == "deterministic", shard=shard)
         elif m.progress.last_eval:
             self._conclude(m, {k.replace("eval/", "rollout/"): v for k, v in m.progress.last_eval.items()}, None)
         else:
-            self._play(m, State.RECORDING, eval_seeds(spec, spec.eval_episodes), deterministic=True)
+            self._play(m, State.RECORDING, episode_seeds(spec, spec.eval_episodes), deterministic=True)
 
     def _play(self, m: Member, state: State, seeds: list[int], deterministic: bool,
               shard: ShardMeta | None = None) -> None:
@@ -620,7 +600,7 @@ class Pack:
     def _agent(self, i: int) -> DroQ:
         """Agent ``i`` of the learner as a lone agent on its device, to play episodes with here."""
         if self._lone is None:
-            self._lone = DroQ(*self.dims, self.cfg.droq, device=self.learner.device, seed=0)
+            self._lone = DroQ(OBS_DIM, ACTION_DIM, *self.bounds, self.cfg.droq, device=self.learner.device, seed=0)
         self._lone.load_agent_state_dict(0, self.learner.agent_state_dict(i))
         return self._lone
 
