@@ -12,7 +12,9 @@ closed; the other slots go on.
 Its arrays live in shared memory, so a step sends each worker only the list of its slots to
 step and gets back only the errors: no observation or action is pickled. Workers are spawned
 (never forked from a process holding Ray's or torch's threads) and exit when the pack process
-dies (their pipe closes), so a killed pack leaves no environment behind.
+dies (their pipe closes), so a killed pack leaves no environment behind. A worker that dies is
+replaced by a new process that rebuilds its slots' environments; the pool reports those slots
+as lost (``take_lost``), not as failed, and the other workers go on.
 
 A slot's two environments (training, and playing with ``seed + 1``) come from one reading of
 its chunk's MIDI per process (``EnvSpec.make``).
@@ -351,6 +353,12 @@ class EnvPool:
         """The finished jobs of ``slots``' workers, by slot."""
         raise NotImplementedError(f"{type(self).__name__} does not play episodes")
 
+    def take_lost(self) -> list[int]:
+        """The slots whose environments were lost with their worker process and rebuilt in a
+        new one since the last call: each needs ``reset`` (its episode under way is gone) and
+        its job played again. Empty for a pool without workers."""
+        return []
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -434,48 +442,102 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
 class WorkerEnvPool(EnvPool):
     """The K environments spread over ``n_workers`` spawned processes (slot ``i`` lives in worker
     ``i % n_workers``), arrays in shared memory. ``plays``: whether they play a pack's episodes
-    (``play``); False leaves them to the pack process, as before workers played."""
+    (``play``); False leaves them to the pack process, as before workers played.
+
+    A worker that dies (killed, out of memory, a crash in MuJoCo) is replaced as soon as a call
+    finds it gone: a new process rebuilds the environments of its live slots from their specs,
+    and those slots are reported by ``take_lost`` (the episode under way and any job it was
+    playing are lost), not as errors. The other workers' slots are not touched."""
 
     def __init__(self, specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int,
                  plays: bool = True):
         super().__init__(len(specs))
-        self.plays = plays
-        ctx = mp.get_context("spawn")
+        self.plays, self.dims = plays, (obs_dim, action_dim)
+        self._ctx = mp.get_context("spawn")
         self.n_workers = max(1, min(int(n_workers), self.k))
-        self._buffers = {name: ctx.RawArray(np.ctypeslib.as_ctypes_type(dtype),
-                                            self.k * int(np.prod(shape(obs_dim, action_dim), dtype=int)))
+        self._buffers = {name: self._ctx.RawArray(np.ctypeslib.as_ctypes_type(dtype),
+                                                  self.k * int(np.prod(shape(obs_dim, action_dim), dtype=int)))
                          for name, (dtype, shape) in _FIELDS.items()}
         self.arrays = _shared_arrays(self._buffers, self.k, obs_dim, action_dim)
-        self._conns: list[Connection] = []
-        self._procs: list[mp.process.BaseProcess] = []
+        self._specs = dict(enumerate(specs))  # the live slots': what a replacement worker rebuilds
+        self._lost: list[int] = []  # slots whose worker was replaced, not yet taken
+        self._errors: dict[int, str] = {}  # slots whose replacement worker did not start
+        self._conns: list[Connection | None] = [None] * self.n_workers
+        self._procs: list[mp.process.BaseProcess | None] = [None] * self.n_workers
+        for w in range(self.n_workers):  # every worker builds its environments before any is waited for
+            self._spawn(w)
         for w in range(self.n_workers):
-            mine = {i: spec for i, spec in enumerate(specs) if i % self.n_workers == w}
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, obs_dim, action_dim, mine, plays),
-                               daemon=True, name=f"env-worker-{w}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        for w, conn in enumerate(self._conns):
-            ready, bounds = conn.recv()
-            if ready != "ready":
-                raise RuntimeError(f"environment worker {w} did not start")
-            if self.action_bounds is None:
-                self.action_bounds = bounds
+            self._ready(w)
+
+    def _mine(self, w: int) -> dict[int, EnvSpec]:
+        return {i: spec for i, spec in self._specs.items() if i % self.n_workers == w}
+
+    def _spawn(self, w: int) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, *self.dims, self._mine(w),
+                                                            self.plays), daemon=True, name=f"env-worker-{w}")
+        proc.start()
+        child.close()
+        self._conns[w], self._procs[w] = parent, proc
+
+    def _ready(self, w: int) -> None:
+        ready, bounds = self._conns[w].recv()
+        if ready != "ready":
+            raise RuntimeError(f"environment worker {w} did not start")
+        if self.action_bounds is None:
+            self.action_bounds = bounds
+
+    def _replace(self, w: int) -> None:
+        """Worker ``w`` is gone: start another for its live slots; they are lost (``take_lost``)."""
+        dead = self._procs[w]
+        if dead.is_alive():  # its pipe broke but it lingers: it must not write into the arrays any more
+            dead.kill()
+        dead.join()
+        self._conns[w].close()
+        mine = sorted(self._mine(w))
+        self._lost.extend(mine)
+        try:
+            self._spawn(w)
+            self._ready(w)
+        except Exception:  # noqa: BLE001 - e.g. out of memory again: its slots fail, the others go on
+            for i in mine:
+                self._errors[i] = (f"environment worker {w} (pid {dead.pid}) died and its replacement did not "
+                                   f"start\n{_error()}")
+
+    def _ask(self, w: int, message: Any) -> Any:
+        """Send ``message`` to worker ``w`` and return its answer; None when it was found dead
+        (and replaced)."""
+        return self._answer(w) if self._send(w, message) else None
+
+    def _send(self, w: int, message: Any) -> bool:
+        try:
+            self._conns[w].send(message)
+            return True
+        except OSError:
+            self._replace(w)
+            return False
+
+    def _answer(self, w: int) -> Any:
+        try:
+            return self._conns[w].recv()
+        except (EOFError, OSError):
+            self._replace(w)
+            return None
+
+    def take_lost(self) -> list[int]:
+        lost, self._lost = sorted(set(self._lost)), []
+        return lost
 
     def _run(self, op: str, slots: Sequence[int]) -> dict[int, str]:
+        errors = {i: self._errors.pop(i) for i in slots if i in self._errors}
         by_worker: dict[int, list[int]] = {}
         for i in slots:
-            by_worker.setdefault(i % self.n_workers, []).append(i)
-        for w, mine in by_worker.items():  # every worker starts before any is waited for
-            self._conns[w].send((op, mine))
-        errors: dict[int, str] = {}
-        for w, mine in by_worker.items():
-            try:
-                errors.update(self._conns[w].recv())
-            except (EOFError, OSError):  # the worker process itself died: its slots fail
-                errors.update({i: self._dead(w) for i in mine})
+            if i not in errors:
+                by_worker.setdefault(i % self.n_workers, []).append(i)
+        # Every worker starts before any is waited for.
+        asked = [w for w, mine in by_worker.items() if self._send(w, (op, mine))]
+        for w in asked:
+            errors.update(self._answer(w) or {})
         return errors
 
     def reset(self, slots: Sequence[int]) -> dict[int, str]:
@@ -485,46 +547,24 @@ class WorkerEnvPool(EnvPool):
         return self._run("step", slots)
 
     def drop(self, slot: int) -> None:
+        self._specs.pop(slot, None)
+        self._errors.pop(slot, None)
         self._run("drop", [slot])
 
     def put(self, slot: int, spec: EnvSpec) -> str | None:
-        w = slot % self.n_workers
-        try:
-            self._conns[w].send(("put", [(slot, spec)]))
-            return self._conns[w].recv().get(slot)
-        except (EOFError, OSError):
-            return self._dead(w)
+        self._specs[slot] = spec
+        self._errors.pop(slot, None)
+        return (self._ask(slot % self.n_workers, ("put", [(slot, spec)])) or {}).get(slot)
 
     def play(self, slot: int, job: PlayJob) -> None:
-        w = slot % self.n_workers
-        try:
-            self._conns[w].send(("play", [(slot, job)]))
-            self._conns[w].recv()
-        except (EOFError, OSError):  # the worker is gone: the next collect reports the slot's job failed
-            pass
+        self._ask(slot % self.n_workers, ("play", [(slot, job)]))  # a dead worker's slot is lost, job and all
 
     def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:
         played: dict[int, PlayResult] = {}
-        asked = []
-        for w in sorted({i % self.n_workers for i in slots}):
-            try:
-                self._conns[w].send(("collect", []))
-                asked.append(w)
-            except OSError:
-                played.update(self._died(w, slots))
+        asked = [w for w in sorted({i % self.n_workers for i in slots}) if self._send(w, ("collect", []))]
         for w in asked:
-            try:
-                played.update(self._conns[w].recv())
-            except (EOFError, OSError):
-                played.update(self._died(w, slots))
+            played.update(self._answer(w) or {})
         return played
-
-    def _died(self, w: int, slots: Sequence[int]) -> dict[int, PlayResult]:
-        """The jobs of worker ``w``'s slots, failed: the worker process died."""
-        return {i: PlayResult(error=self._dead(w)) for i in slots if i % self.n_workers == w}
-
-    def _dead(self, w: int) -> str:
-        return f"environment worker {w} (pid {self._procs[w].pid}) died"
 
     def close(self) -> None:
         for conn in self._conns:

@@ -39,10 +39,15 @@ FAILED         the outcome holds the error; its slot's environment is closed
                                             -> DONE            (no episodes left to play)
     a play finished:  EVALUATING -> WARMING_UP | TRAINING | RECORDING | DONE
                       RECORDING  -> DONE
+    its worker died:  any state  -> the same state (``Pack._worker_lost``: the pool has started a
+                      new worker; the episode under way is lost, episodes being played are played
+                      again); a third death under the same member -> FAILED
     anything raised:  any state  -> FAILED  (its environment, an episode, a checkpoint: it alone)
 
 A unit trained before whose rollouts were not committed starts in RECORDING; a finished unit
-starts (and stays) DONE. The environments' sizes are
+starts (and stays) DONE. A member's agent, replay buffer and progress live in this process, so
+an environment worker that dies costs its members only the episode under way: nothing goes back
+to a checkpoint, and the members of the other workers do not notice. The environments' sizes are
 RP1M's (``workers.piano.layout``); the pool builds each member's environments from one reading
 of its chunk (``workers.rl.envpool``). Evaluations and rollouts are episodes played with the member's policy
 as it is at that step. With environment workers the slot's worker plays them (``EnvPool.play``:
@@ -126,6 +131,9 @@ class MemberFailed(RuntimeError):
     """A member's environment, evaluation or rollouts failed; the text carries the cause."""
 
 
+WORKERS_LOST_ALLOWED = 2  # a member whose environment workers die a third time fails (a crash that repeats)
+
+
 class State(Enum):
     """Where a member of a pack is (the module docstring's table)."""
 
@@ -160,6 +168,8 @@ class Slot:
     rng: np.random.Generator  # its warm-up actions
     buffer: ReplayBuffer | None = None
     player: PianoEnv | None = None  # evaluations and rollouts in this process (a pool without workers)
+    job: PlayJob | None = None  # the episodes its worker plays now
+    workers_lost: int = 0  # environment workers that died under it
     released: bool = False  # freed: outcome handed back, refill asked for
 
 
@@ -409,6 +419,8 @@ class Pack:
                 collected = time.perf_counter()
                 for slot, played in pool.collect([m.slot.index for m in busy]).items():
                     self._collected(members[slot], played)
+            for slot in pool.take_lost():
+                self._guarded(members[slot], self._worker_lost, members[slot])
             for m in members:
                 if m.state in ENDED and not m.slot.released:
                     self._release(m)
@@ -432,11 +444,14 @@ class Pack:
                     pool.action[m.slot.index] = m.slot.rng.uniform(low, high).astype(np.float32)
             # 2. step the environments together
             errors = pool.step([m.slot.index for m in running])
+            lost = pool.take_lost()  # their worker died: no step was taken
             # 3. store the transitions
             for m in running:
                 s = m.slot.index
                 if s in errors:
                     self._fail(m, MemberFailed(f"unit {m.id.unit.unit_id}: its environment raised\n{errors[s]}"))
+                    continue
+                if s in lost:
                     continue
                 m.progress.step += 1
                 ended, terminated, reward = bool(pool.ended[s]), bool(pool.terminated[s]), float(pool.reward[s])
@@ -448,8 +463,10 @@ class Pack:
                     m.log.f1s.append(float(pool.episode_f1[s]))
                     m.progress.episodes += 1
                     m.log.episode_return = 0.0
-            stepped = [m for m in running if m.state in TRAINS]
+            stepped = [m for m in running if m.state in TRAINS and m.slot.index not in lost]
             self.bar.update(len(stepped))
+            for slot in lost:
+                self._guarded(members[slot], self._worker_lost, members[slot])
             # 4. update the agents of members in training, in one call (the others sit it out, unchanged)
             learning = [m for m in stepped if m.state is State.TRAINING]
             if learning:
@@ -504,6 +521,7 @@ class Pack:
         """Episodes a worker played for ``m`` are in (or they raised)."""
         if m.state not in PLAYS:  # it failed meanwhile: nothing waits for them
             return
+        m.slot.job = None
         if played.error is not None:
             error = MemberFailed(f"unit {m.id.unit.unit_id}: an episode it played raised\n{played.error}")
             error.__cause__ = played.cause  # an OSError: a full disk is recognised as the node's fault
@@ -537,6 +555,26 @@ class Pack:
                 self._conclude(m, summarise(played.stats, "rollout"), None)
         else:
             raise RuntimeError(f"unit {m.id.unit.unit_id}: episodes came back while {m.state.value}")
+
+    def _worker_lost(self, m: Member) -> None:
+        """The environment worker of ``m``'s slot died and the pool has started another: ``m``
+        goes on from where it was (its agent, replay and progress live in this process); only
+        the episode under way is lost. A training episode ends there, episodes it was playing
+        are played again from the start."""
+        if m.state in ENDED:
+            return
+        p, unit = m.progress, m.id.unit
+        m.slot.workers_lost += 1
+        if m.slot.workers_lost > WORKERS_LOST_ALLOWED:
+            raise MemberFailed(f"unit {unit.unit_id}: its environment worker died {m.slot.workers_lost} times")
+        m.id.report({"step": p.step, "env/workers_lost": m.slot.workers_lost})
+        errors = self.pool.reset([m.slot.index])
+        if errors:
+            raise MemberFailed(f"unit {unit.unit_id}: its environment raised\n{errors[m.slot.index]}")
+        m.slot.buffer.end_episode()
+        m.log.episode_return = 0.0
+        if m.slot.job is not None:
+            self.pool.play(m.slot.index, m.slot.job)
 
     # --- what the handlers do ---------------------------------------------------------
     def _log(self, m: Member) -> None:
@@ -583,9 +621,10 @@ class Pack:
         m.state = state
         if not self._inline:
             state_dict = self.learner.agent_state_dict(m.slot.index)
-            self.pool.play(m.slot.index, PlayJob(
+            m.slot.job = PlayJob(
                 agent_bytes({k: state_dict[k] for k in FINAL_AGENT_KEYS}), self.cfg.droq.model_dump(), tuple(seeds),
-                deterministic, None if shard is None else (str(self.lake_root), m.id.cfg.lake.model_dump(), shard)))
+                deterministic, None if shard is None else (str(self.lake_root), m.id.cfg.lake.model_dump(), shard))
+            self.pool.play(m.slot.index, m.slot.job)
             return
         agent, env, t = self._agent(m.slot.index), m.slot.player, time.perf_counter()
         if shard is None:
@@ -627,6 +666,7 @@ class Pack:
     def _fail(self, m: Member, error: BaseException) -> None:
         """FAILED with ``error``: its slot's environments close; the others go on."""
         m.state, m.outcome = State.FAILED, MemberOutcome(m.id.unit.unit_id, None, error)
+        m.slot.job = None
         if self.pool is not None:
             self.pool.drop(m.slot.index)
         self._close_player(m)
