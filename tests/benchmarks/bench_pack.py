@@ -69,19 +69,25 @@ def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
     return buffer
 
 
-def before_packing(revision: str):
-    """The single-agent DroQ class of ``revision`` (None when git cannot show it)."""
+def droq_at(revision: str):
+    """``workers/rl/droq.py`` as it was at git ``revision`` (None when git cannot show it)."""
     try:
         source = subprocess.run(["git", "show", f"{revision}:workers/rl/droq.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp()) / "droq_before_packing.py"
+    path = Path(tempfile.mkdtemp()) / f"droq_at_{revision.replace('/', '_')}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("droq_before_packing", path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.DroQ
+    return module
+
+
+def before_packing(revision: str):
+    """The single-agent DroQ class of ``revision`` (None when git cannot show it)."""
+    module = droq_at(revision)
+    return None if module is None else module.DroQ
 
 
 def timer(update, iters: int, sync=lambda: None, clock=time.process_time):

@@ -12,11 +12,8 @@ same parameters (checked before timing).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,21 +22,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+
+from bench_pack import droq_at  # noqa: E402
 
 import configs  # noqa: E402
 from workers.rl.droq import DroQ  # noqa: E402
 from workers.rl.packing import StackedAdam  # noqa: E402
-
-
-def packed_adam(revision: str):
-    source = subprocess.run(["git", "show", f"{revision}:workers/rl/droq.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "droq_packed_adam.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("droq_packed_adam", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PackedAdam
 
 
 def main() -> None:
@@ -50,7 +39,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    old_cls = packed_adam(args.baseline)
+    old_cls = droq_at(args.baseline).PackedAdam
     cfg = configs.load(overrides={"droq.device": "cpu"}).droq
     print(f"{'K':>3} {'agents':>7} {'old ms':>8} {'new ms':>8} {'new/old':>8}")
     for k in args.ks:
