@@ -115,7 +115,7 @@ class SpecialistConfig(_Section):
     log_interval: int = Field(gt=0)
     rollouts: int = Field(ge=0)
     seed: int
-    # Rollout i samples from the policy with a generator seeded by seed * 1000 + i.
+    # Rollout i plays (and samples its actions) with seed workers.rl.specialist.episode_seeds(...)[i].
     rollout_policy: Literal["stochastic", "deterministic"]
     video: bool  # a finished unit's clip as an artifact of its MLflow run
     budget: BudgetConfig

@@ -129,5 +129,7 @@ def render_unit(view: UnitView, out: Path, *, seed: int | None = None, width: in
 
 
 def spec_seed(view: UnitView) -> int:
-    """The seed of the unit's first rollout (``specialist.seed * 1000``)."""
-    return view.cfg.specialist.seed * 1000
+    """The seed of the unit's first rollout."""
+    from workers.rl.specialist import episode_seeds
+
+    return episode_seeds(view.cfg.specialist, 1)[0]

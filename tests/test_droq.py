@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import configs
-from workers.rl.droq import DroQ, EnsembleLayerNorm, EnsembleLinear, InputLinear, MaskDropout
+from workers.rl.droq import DroQ, MaskDropout
+from workers.rl.packing import EnsembleLayerNorm, EnsembleLinear, InputLinear
 from workers.rl.replay import ReplayBuffer
 
 
@@ -33,12 +34,12 @@ def test_default_networks_follow_rp1m_table_iv():
     assert all(isinstance(m, nn.GELU) for m in agent.actor.trunk[1::2])
     # A lone agent's checkpoint keeps the layout it had before packing: nn.Linear's (out, in)
     # for the actor (exported policies rely on it), (num_qs, in, out) for the critic.
-    state = agent.state_dict()
+    state = agent.agent_state_dict(0)
     assert [state["actor"][f"trunk.{i}.weight"].shape for i in (0, 2, 4)] == [(256, 1144), (256, 256), (256, 256)]
     assert state["actor"]["mean.weight"].shape == (39, 256) and state["actor"]["mean.bias"].shape == (39,)
     assert state["critic"]["net.0.weight"].shape == (2, 1144 + 39, 256)
     assert state["critic"]["net.0.bias"].shape == (2, 1, 256) and state["critic"]["net.12.weight"].shape == (2, 256, 1)
-    assert agent.target_entropy == -39 / 2 and agent.temperature == pytest.approx(1.0)
+    assert agent.target_entropy == -39 / 2 and agent.temperature == pytest.approx([1.0])
     assert agent.actor_opt.param_groups[0]["lr"] == 3e-4
     assert agent.critic_opt.param_groups[0]["betas"] == (0.9, 0.999)
 
@@ -48,9 +49,9 @@ def test_actions_stay_within_asymmetric_bounds():
     agent = DroQ(4, 3, low, high, small_cfg(), device="cpu")
     obs = np.random.default_rng(0).normal(size=(500, 4)).astype(np.float32) * 10
     for deterministic in (False, True):
-        a = agent.act(obs, deterministic=deterministic)
-        assert a.shape == (500, 3) and np.all(a >= low) and np.all(a <= high)
-    assert agent.act(obs[0]).shape == (3,)
+        a = agent.act(obs[None], deterministic=deterministic)
+        assert a.shape == (1, 500, 3) and np.all(a >= low) and np.all(a <= high)
+    assert agent.act(obs[:1]).shape == (1, 3)
 
 
 def bandit_buffer(n: int, seed: int) -> ReplayBuffer:
@@ -70,11 +71,11 @@ def test_learns_a_one_dimensional_task():
     # A low temperature keeps the entropy bonus from blurring a reward that spans only ~1.
     agent = DroQ(1, 1, [-1.0], [1.0], small_cfg(init_temperature=0.05), device="cpu")
     xs = np.linspace(-0.8, 0.8, 9, dtype=np.float32)[:, None]
-    error_before = np.abs(agent.act(xs, deterministic=True) - xs).mean()
-    first = agent.update(buffer)
+    error_before = np.abs(agent.act(xs[None], deterministic=True)[0] - xs).mean()
+    [first] = agent.update([buffer])
     for _ in range(300):
-        last = agent.update(buffer)
-    error_after = np.abs(agent.act(xs, deterministic=True) - xs).mean()
+        [last] = agent.update([buffer])
+    error_after = np.abs(agent.act(xs[None], deterministic=True)[0] - xs).mean()
     assert last["train/critic_loss"] < 0.1 * first["train/critic_loss"]
     assert error_after < 0.1 and error_before > 0.3
 
@@ -82,8 +83,8 @@ def test_learns_a_one_dimensional_task():
 def test_utd_ratio_counts_critic_updates():
     buffer = bandit_buffer(100, seed=1)
     agent = DroQ(1, 1, [-1.0], [1.0], small_cfg(utd_ratio=3), device="cpu")
-    agent.update(buffer)
-    agent.update(buffer)
+    agent.update([buffer])
+    agent.update([buffer])
     assert agent.updates == 6
 
 
@@ -92,22 +93,22 @@ def test_checkpoint_round_trip_with_weights_only():
     cfg = small_cfg()
     agent = DroQ(1, 1, [-1.0], [1.0], cfg, device="cpu")
     for _ in range(5):
-        agent.update(buffer)
+        agent.update([buffer])
     blob = io.BytesIO()
-    torch.save(agent.state_dict(), blob)
+    torch.save(agent.agent_state_dict(0), blob)
     blob.seek(0)
     restored = DroQ(1, 1, [-1.0], [1.0], cfg, device="cpu")
-    restored.load_state_dict(torch.load(blob, weights_only=True))
+    restored.load_agent_state_dict(0, torch.load(blob, weights_only=True))
 
     xs = np.linspace(-1, 1, 7, dtype=np.float32)[:, None]
-    np.testing.assert_array_equal(agent.act(xs, deterministic=True), restored.act(xs, deterministic=True))
-    assert restored.temperature == agent.temperature and restored.updates == agent.updates
+    np.testing.assert_array_equal(agent.act(xs[None], deterministic=True), restored.act(xs[None], deterministic=True))
+    assert restored.temperature == agent.temperature and restored.agent_updates == agent.agent_updates == [5]
     # Optimiser moments came along too: one more identical update gives identical weights.
     batch = buffer.sample(64)
     for a in (agent, restored):
         torch.manual_seed(5)
-        a.update_critic(batch)
-        a.update_actor(batch)
+        a.update_critic([batch])
+        a.update_actor([batch])
     for p, q in zip(agent.critic.parameters(), restored.critic.parameters()):
         torch.testing.assert_close(p, q)
     for p, q in zip(agent.actor.parameters(), restored.actor.parameters()):

@@ -55,7 +55,7 @@ def test_droq_learns_to_reach_and_values_the_goal():
         buffer = ReplayBuffer(1, 1, steps + 10, DISCOUNT, cfg.n_step, binary_dims=0, seed=0)
         x, t = rng.uniform(-1, 1, 1).astype(np.float32), 0
         for i in range(steps):
-            action = rng.uniform(-1, 1, 1).astype(np.float32) if i < warmup else agent.act(x)
+            action = rng.uniform(-1, 1, 1).astype(np.float32) if i < warmup else agent.act(x[None])[0]
             next_x, reward = _move(x, action)
             t += 1
             buffer.add(x, action, reward, next_x, terminated=False, truncated=t == HORIZON)
@@ -63,20 +63,20 @@ def test_droq_learns_to_reach_and_values_the_goal():
             if t == HORIZON:
                 x, t = rng.uniform(-1, 1, 1).astype(np.float32), 0
             if i >= warmup:
-                agent.update(buffer)
+                agent.update([buffer])
 
         starts = np.random.default_rng(99).uniform(-1, 1, (10, 1)).astype(np.float32)
         returns = []
         for x in starts:
             total = 0.0
             for _ in range(HORIZON):
-                x, reward = _move(x, agent.act(x, deterministic=True))
+                x, reward = _move(x, agent.act(x[None], deterministic=True)[0])
                 total += reward
             returns.append(total)
-        q_goal = agent.q_values(np.array([[GOAL]]), np.array([[0.0]])).min(dim=0).values.item()
+        q_goal = agent.q_values(np.array([[[GOAL]]]), np.array([[[0.0]]]))[0].min(dim=0).values.item()
     finally:
         torch.set_num_threads(threads)
 
     assert np.mean(returns) > 16.0, returns  # doing nothing scores ~7.5, random actions ~10
     assert 14.0 < q_goal < 26.0, q_goal  # the soft value of staying at the goal is ~20
-    assert agent.temperature < cfg.init_temperature  # entropy above the target pulls it down
+    assert agent.temperature[0] < cfg.init_temperature  # entropy above the target pulls it down

@@ -6,11 +6,13 @@ others train."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ import torch
 import configs
 from test_specialist import REPO, TINY, TWINKLE, tiny_unit
 from workers.lake import Lake
-from workers.rl import pack as pack_mod
 from workers.lake import ShardMeta
 from workers.rl.droq import DroQ
 from workers.rl.envpool import EnvSpec, InProcessEnvPool, PlayJob, WorkerEnvPool, agent_bytes
@@ -123,7 +124,7 @@ def test_a_worker_plays_a_slots_episodes_between_the_steps_of_another_and_they_r
 
 
 @pytest.mark.slow
-def test_a_slot_of_other_sizes_and_a_worker_that_dies_while_playing_fail_their_slots_alone():
+def test_a_slot_of_other_sizes_fails_alone_and_a_worker_killed_while_playing_is_replaced():
     cfg = configs.load(overrides=TINY)
     specs = env_specs(cfg, [1, 2])
     probe = specs[0].make()
@@ -138,14 +139,23 @@ def test_a_slot_of_other_sizes_and_a_worker_that_dies_while_playing_fail_their_s
     job = PlayJob(agent_bytes({k: state[k] for k in FINAL_AGENT_KEYS}), cfg.droq.model_dump(), tuple(range(50)),
                   deterministic=True)
     with WorkerEnvPool(specs, *dims, n_workers=2) as pool:
-        assert pool.reset([1]) == {}
+        assert pool.reset([0, 1]) == {}
         pool.play(0, job)  # 50 episodes: still playing when its worker is killed
-        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        killed, other = pool._procs[0].pid, pool._procs[1].pid
+        os.kill(killed, signal.SIGKILL)
         pool._procs[0].join(timeout=10)
-        played = pool.collect([0])
-        assert "environment worker 0" in played[0].error and "died" in played[0].error
-        pool.action[1] = 0.0
+        assert pool.collect([0]) == {}  # no result: the job went with its worker...
+        assert pool.take_lost() == [0] and pool.take_lost() == []  # ...and the slot is rebuilt in a new one
+        assert pool._procs[0].pid != killed and pool._procs[1].pid == other
+        pool.action[:] = 0.0
         assert pool.step([1]) == {}  # the other worker's slot goes on
+        assert pool.reset([0]) == {} and pool.step([0, 1]) == {}
+        pool.play(0, replace(job, seeds=(0,)))  # the replacement plays too
+        played = {}
+        while not played:
+            time.sleep(0.02)
+            played = pool.collect([0])
+        assert played[0].error is None and len(played[0].stats) == 1
 
 
 @pytest.mark.slow
@@ -190,6 +200,38 @@ def test_the_others_train_while_a_members_rollouts_are_played_in_its_worker(tmp_
 
 
 @pytest.mark.slow
+def test_a_killed_environment_worker_is_replaced_and_its_neighbour_trains_on_untouched(tmp_path):
+    cfg = configs.load(overrides={**TINY, "droq.warmup_steps": 20, "specialist.total_steps": 120,
+                                  "specialist.eval_interval": 60, "specialist.checkpoint_interval": 60,
+                                  "specialist.log_interval": 10, "specialist.rollouts": 1})
+    units = [tiny_unit(cfg, chunk) for chunk in (1, 2)]
+    dirs = [tmp_path / u.unit_id for u in units]
+    reports: list[list[dict]] = [[], []]
+    killed = []
+
+    def kill_member_0s_worker(metrics: dict) -> None:  # at member 1's step 30
+        reports[1].append(metrics)
+        if metrics["step"] == 30 and not killed:
+            [worker] = [p for p in mp.active_children() if p.name == "env-worker-0"]
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=10)
+            killed.append(worker.pid)
+
+    outcomes = train_pack(units, cfg, dirs, tmp_path / "lake", [reports[0].append, kill_member_0s_worker],
+                          env_workers=2)
+    assert killed and [o.error_text for o in outcomes] == [None, None]
+    assert [o.result.steps for o in outcomes] == [120, 120]
+    for d in dirs:  # nothing charged to either: one attempt each, no step trained again
+        assert [a["start_step"] for a in read_attempts(d)] == [0]
+        assert read_result(d)["resumed_from"] == [] and read_result(d)["steps_this_run"] == 120
+    # Member 0 lost the episode under way and went on in a new worker; member 1 never noticed.
+    assert [r["env/workers_lost"] for r in reports[0] if "env/workers_lost" in r] == [1]
+    assert not any("env/workers_lost" in r or "resume/step" in r for r in reports[1])
+    assert [r["step"] for r in reports[1] if "perf/env_steps_per_s" in r] == list(range(10, 121, 10))
+    assert sorted(s.unit_id for s in Lake(tmp_path / "lake", cfg.lake).shards()) == sorted(u.unit_id for u in units)
+
+
+@pytest.mark.slow
 def test_a_pack_of_one_trains_bit_identically_to_a_lone_unit(tmp_path):
     cfg = configs.load(overrides={**TINY, "specialist.total_steps": 120, "specialist.checkpoint_interval": 60,
                                   "specialist.eval_interval": 60})
@@ -220,16 +262,16 @@ def test_a_member_whose_environment_raises_fails_alone_and_resumes_in_a_pack_of_
                                   "specialist.log_interval": 50})
     units = [tiny_unit(cfg, chunk) for chunk in (1, 2, 3)]
     dirs = [tmp_path / u.unit_id for u in units]
-    act, calls = pack_mod.Learner.act, []
+    act, calls = DroQ.act, []
 
-    def act_breaking_member_1(self, obs):  # after step 100 member 1 sends its environment NaNs
-        actions = act(self, obs)
+    def act_breaking_member_1(self, obs, *args, **kwargs):  # after step 100 member 1 sends its environment NaNs
+        actions = act(self, obs, *args, **kwargs)
         calls.append(1)
         if len(calls) > 100 - cfg.droq.warmup_steps:
             actions[1] = np.nan
         return actions
 
-    monkeypatch.setattr(pack_mod.Learner, "act", act_breaking_member_1)
+    monkeypatch.setattr(DroQ, "act", act_breaking_member_1)
     reports = [[], [], []]
     outcomes = train_pack(units, cfg, dirs, tmp_path / "lake", [r.append for r in reports], env_workers=2)
     monkeypatch.undo()

@@ -88,24 +88,24 @@ def test_a_packed_update_equals_separate_updates(overrides):
     pack = agent(cfg, seed=seeds, num_agents=3)
     alone = [agent(cfg, seed=s) for s in seeds]
     for i, single in enumerate(alone):  # each starts as a lone agent with its seed
-        assert_same_state(pack.agent_state_dict(i), single.state_dict(), exact=True)
+        assert_same_state(pack.agent_state_dict(i), single.agent_state_dict(0), exact=True)
     before = pack.agent_state_dict(0)
 
     buffers = [make_buffer(s) for s in seeds]
     batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(4)]
     packed = train(pack, batches, 4)
-    separate = [train(single, [step[i] for step in batches], 4) for i, single in enumerate(alone)]
+    separate = [train(single, [[step[i]] for step in batches], 4) for i, single in enumerate(alone)]
     # update() samples its own batches: identical buffers give identical samples.
     packed.append(pack.update([make_buffer(s) for s in seeds]))
     for i, single in enumerate(alone):
-        separate[i].append(single.update(make_buffer(seeds[i])))
+        separate[i].append(single.update([make_buffer(seeds[i])]))
 
     for i, single in enumerate(alone):
-        assert_same_state(pack.agent_state_dict(i), single.state_dict())
-        for pm, sm in zip(packed, separate[i]):
+        assert_same_state(pack.agent_state_dict(i), single.agent_state_dict(0))
+        for pm, [sm] in zip(packed, separate[i]):
             assert pm[i].keys() == sm.keys()
             assert pm[i] == pytest.approx(sm, rel=1e-5, abs=1e-6)
-    assert pack.temperature == pytest.approx([s.temperature for s in alone], rel=1e-6)
+    assert pack.temperature == pytest.approx([s.temperature[0] for s in alone], rel=1e-6)
     assert pack.agent_updates == [s.updates for s in alone] == [4 + cfg.utd_ratio] * 3
     # Not vacuous: training moved the weights, and the agents differ from one another.
     state = [pack.agent_state_dict(i) for i in range(3)]
@@ -123,11 +123,11 @@ def test_acting_for_a_pack_is_each_agent_acting():
         actions = pack.act(obs, deterministic=deterministic)
         assert actions.shape == (2, 6, ACT)
         for i, single in enumerate(alone):
-            np.testing.assert_allclose(actions[i], single.act(obs[i], deterministic=deterministic), atol=1e-6)
+            np.testing.assert_allclose(actions[i], single.act(obs[i:i + 1], deterministic=deterministic)[0], atol=1e-6)
     q = pack.q_values(obs, actions)
     assert q.shape == (2, 2, 6)
     for i, single in enumerate(alone):
-        torch.testing.assert_close(q[i], single.q_values(obs[i], actions[i]))
+        torch.testing.assert_close(q[i], single.q_values(obs[i:i + 1], actions[i:i + 1])[0])
     one = pack.act(obs[:, 0], deterministic=True)
     assert one.shape == (2, ACT) and np.all(one >= LOW) and np.all(one <= HIGH)
     with pytest.raises(ValueError, match="expected"):
@@ -147,7 +147,7 @@ def test_a_lone_agent_starts_as_before_packing():
         bound = 1.0 / math.sqrt(i)
         critic += [torch.empty(2, i, o).uniform_(-bound, bound), torch.empty(2, 1, o).uniform_(-bound, bound)]
     torch.manual_seed(5)
-    state = agent(cfg).state_dict()
+    state = agent(cfg).agent_state_dict(0)
     names = ["trunk.0", "trunk.2", "mean", "log_std"]
     for name, linear in zip(names, linears):
         assert torch.equal(state["actor"][f"{name}.weight"], linear.weight.detach())
@@ -179,23 +179,18 @@ def test_an_agent_checkpoint_continues_in_a_pack_of_one_and_in_another_pack():
     saved = torch.load(blob, weights_only=True)
 
     lone = agent(cfg, seed=99)
-    lone.load_state_dict(saved)
+    lone.load_agent_state_dict(0, saved)
     other = agent(cfg, seed=[7, 8], num_agents=2)
     other.load_agent_state_dict(0, saved)
-    assert_same_state(lone.state_dict(), saved, exact=True)
-    assert lone.updates == 3 and other.agent_updates == [3, 0]
+    assert_same_state(lone.agent_state_dict(0), saved, exact=True)
+    assert lone.agent_updates == [3] and other.agent_updates == [3, 0]
 
     batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(3)]
     train(pack, batches, 3)
-    train(lone, [step[1] for step in batches], 3)
+    train(lone, [[step[1]] for step in batches], 3)
     train(other, [[step[1], step[0]] for step in batches], 3)
-    assert_same_state(lone.state_dict(), pack.agent_state_dict(1))
+    assert_same_state(lone.agent_state_dict(0), pack.agent_state_dict(1))
     assert_same_state(other.agent_state_dict(0), pack.agent_state_dict(1))
-    # The pack's own state round-trips too.
-    copy = agent(cfg, num_agents=3)
-    copy.load_state_dict(pack.state_dict())
-    for i in range(3):
-        assert_same_state(copy.agent_state_dict(i), pack.agent_state_dict(i), exact=True)
 
 
 def test_reset_agent_reinitialises_only_its_slot():
@@ -205,15 +200,15 @@ def test_reset_agent_reinitialises_only_its_slot():
     pack.reset_agent(1, seed=42)
     for i, state in zip((0, 2), kept):
         assert_same_state(pack.agent_state_dict(i), state, exact=True)
-    fresh = agent(cfg, seed=42).state_dict()
+    fresh = agent(cfg, seed=42).agent_state_dict(0)
     assert_same_state(pack.agent_state_dict(1), fresh, exact=True)
     assert pack.agent_updates == [3, 0, 3]
     # The reset slot trains like a fresh lone agent from there on.
     lone = agent(cfg, seed=42)
     batches = [[b.sample(cfg.batch_size) for b in buffers] for _ in range(2)]
     train(pack, batches, 2)
-    train(lone, [step[1] for step in batches], 2)
-    assert_same_state(pack.agent_state_dict(1), lone.state_dict())
+    train(lone, [[step[1]] for step in batches], 2)
+    assert_same_state(pack.agent_state_dict(1), lone.agent_state_dict(0))
 
 
 def test_bfloat16_matmuls_stay_local_to_the_learner():
@@ -245,8 +240,8 @@ def test_agent_state_is_torch_adam_and_nn_linear_state():
     checkpoints written before packing load, and exported actors run in plain PyTorch."""
     cfg = small_cfg()
     learner = agent(cfg, seed=0)
-    learner.update(make_buffer(0))
-    state = learner.state_dict()
+    learner.update([make_buffer(0)])
+    state = learner.agent_state_dict(0)
     actor = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(OBS, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU()),
                            "mean": nn.Linear(32, ACT), "log_std": nn.Linear(32, ACT)})
     actor.load_state_dict(state["actor"])
@@ -257,12 +252,12 @@ def test_agent_state_is_torch_adam_and_nn_linear_state():
     opt.step()
     state["actor"], state["actor_opt"] = actor.state_dict(), opt.state_dict()
     restored = agent(cfg, seed=1)
-    restored.load_state_dict(state)
-    assert_same_state(restored.state_dict(), state, exact=True)
+    restored.load_agent_state_dict(0, state)
+    assert_same_state(restored.agent_state_dict(0), state, exact=True)
     assert restored.actor_opt.steps[0].eq(2).all()
     obs = np.random.default_rng(0).normal(size=(4, OBS)).astype(np.float32)
     plain = torch.tanh(actor["mean"](actor["trunk"](torch.as_tensor(obs)))).detach().numpy()
-    np.testing.assert_allclose(restored.act(obs, deterministic=True), LOW + (plain + 1) / 2 * (HIGH - LOW), atol=1e-5)
+    np.testing.assert_allclose(restored.act(obs[None], deterministic=True)[0], LOW + (plain + 1) / 2 * (HIGH - LOW), atol=1e-5)
 
 
 def test_an_agent_without_a_buffer_sits_the_update_out():
@@ -275,15 +270,15 @@ def test_an_agent_without_a_buffer_sits_the_update_out():
     for _ in range(2):
         metrics = pack.update([make_buffer(1), None, make_buffer(3)])
         for single, seed in zip(alone, (1, 3)):
-            single.update(make_buffer(seed))
+            single.update([make_buffer(seed)])
     assert metrics[1] == {} and set(metrics[0]) == set(metrics[2]) and "train/critic_loss" in metrics[0]
     assert_same_state(pack.agent_state_dict(1), idle, exact=True)
     for i, single in zip((0, 2), alone):
-        assert_same_state(pack.agent_state_dict(i), single.state_dict())
+        assert_same_state(pack.agent_state_dict(i), single.agent_state_dict(0))
     # Its first update later is a fresh agent's first update.
     lone = agent(cfg, seed=2)
     pack.update([make_buffer(1), make_buffer(2), make_buffer(3)])
-    lone.update(make_buffer(2))
-    assert_same_state(pack.agent_state_dict(1), lone.state_dict())
+    lone.update([make_buffer(2)])
+    assert_same_state(pack.agent_state_dict(1), lone.agent_state_dict(0))
     with pytest.raises(ValueError, match="every entry is None"):
         pack.update([None, None, None])

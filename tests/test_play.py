@@ -54,7 +54,7 @@ def test_exported_specialist_acts_like_the_trained_agent(unit, exported):
     agent = DroQ(1144, 39, p["action_low"].numpy(), p["action_high"].numpy(), view.cfg.droq, device="cpu")
     load_agent(agent, 0, load_checkpoint(unit)["agent"])  # a finished unit keeps its policy only
     obs = Lake(view.lake_root).read_episodes(view.shard())[0].obs[:8]
-    np.testing.assert_allclose(plain_pytorch_action(p, obs), agent.act(obs, deterministic=True), atol=1e-5)
+    np.testing.assert_allclose(plain_pytorch_action(p, obs), agent.act(obs[None], deterministic=True)[0], atol=1e-5)
 
 
 def test_play_a_unit_and_its_exported_policy_alike(unit, exported):

@@ -18,7 +18,7 @@ import torch
 
 import configs
 from workers.rl.droq import DroQ
-from workers.rl import pack as pack_module
+from workers.rl import envpool, pack as pack_module
 from workers.rl.pack import train_unit
 from workers.piano.env import make_env
 from workers.lake import Episode, Lake, ShardMeta
@@ -60,11 +60,16 @@ def tiny_unit(cfg: configs.Config, chunk: int = 1) -> UnitSpec:
 
 
 @pytest.mark.slow
-def test_tiny_run_trains_reports_and_commits_a_readable_shard(tmp_path):
-    cfg = configs.load(overrides=TINY)
+def test_tiny_run_trains_reports_and_commits_a_readable_shard(tmp_path, monkeypatch):
+    cfg = configs.load(overrides={**TINY, "specialist.seed": 3})
     unit = tiny_unit(cfg)
     reports: list[dict] = []
+    envpool._chunk.cache_clear()
+    chunks_read = []
+    monkeypatch.setattr(envpool, "load_chunk", lambda *a, **k: chunks_read.append(a) or load_chunk(*a, **k))
     result = train_unit(unit, cfg, tmp_path / "unit", tmp_path / "lake", report=reports.append, progress=False)
+    monkeypatch.undo()
+    assert len(chunks_read) == 1  # its environments to train and to play in: one reading of the chunk
 
     assert result.unit_id == unit.unit_id and result.steps == 200
     assert 0.0 <= result.f1 <= 1.0 and result.env_steps_per_s > 0 and result.updates_per_s > 0
@@ -79,7 +84,7 @@ def test_tiny_run_trains_reports_and_commits_a_readable_shard(tmp_path):
     [shard] = lake.shards()
     assert shard.unit_id == unit.unit_id and str(shard.path) == result.shard_path
     episodes = lake.read_episodes(shard)
-    assert [e.seed for e in episodes] == [0, 1]  # seed * 1000 + i
+    assert [e.seed for e in episodes] == [3000, 3001]  # specialist.seed * 1000 + i
     assert shard.specialist_f1 == pytest.approx(np.mean([e.f1 for e in episodes])) == pytest.approx(result.f1)
     for e in episodes:
         assert e.obs.shape == (e.n_steps, 1144) and e.action.shape == (e.n_steps, 39)
@@ -210,13 +215,13 @@ def test_act_with_a_generator_ignores_the_global_rng():
     torch.manual_seed(0)
     agent = DroQ(8, 3, -np.ones(3), np.ones(3), ROLLOUT_CFG.droq)
     obs = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
-    draw = lambda seed: agent.act(obs, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed: agent.act(obs[None], generator=torch.Generator().manual_seed(seed))  # noqa: E731
     first = draw(7)
     torch.manual_seed(123)  # the global RNG moves on; the generator alone decides
     assert np.array_equal(draw(7), first)
     assert not np.allclose(draw(8), first)
-    mean = agent.act(obs, deterministic=True)
-    assert np.array_equal(agent.act(obs, deterministic=True, generator=torch.Generator().manual_seed(9)), mean)
+    mean = agent.act(obs[None], deterministic=True)
+    assert np.array_equal(agent.act(obs[None], deterministic=True, generator=torch.Generator().manual_seed(9)), mean)
     assert not np.allclose(first, mean) and np.all(np.abs(first) <= 1)
 
 

@@ -95,7 +95,7 @@ def cartpole_curve(overrides: dict, seed: int, steps: int, eval_every: int) -> l
     def evaluate() -> float:
         ts, total = test.reset(), 0.0
         while not ts.last():
-            reward, ts = act_repeat(test, agent.act(flat(ts), deterministic=True))
+            reward, ts = act_repeat(test, agent.act(flat(ts)[None], deterministic=True)[0])
             total += reward
         return total
 
@@ -105,7 +105,7 @@ def cartpole_curve(overrides: dict, seed: int, steps: int, eval_every: int) -> l
         if agent_step * ACTION_REPEAT <= cfg.warmup_steps:
             action = rng.uniform(spec.minimum, spec.maximum).astype(np.float32)
         else:
-            action = agent.act(obs)
+            action = agent.act(obs[None])[0]
         reward, ts = act_repeat(env, action)
         next_obs = flat(ts)
         buffer.add(obs, action, reward, next_obs, terminated=False, truncated=ts.last())  # time limit only
@@ -114,7 +114,7 @@ def cartpole_curve(overrides: dict, seed: int, steps: int, eval_every: int) -> l
             ts = env.reset()
             obs = flat(ts)
         if agent_step * ACTION_REPEAT > cfg.warmup_steps:
-            agent.update(buffer)
+            agent.update([buffer])
         if (agent_step * ACTION_REPEAT) % eval_every == 0:
             curve.append((agent_step * ACTION_REPEAT, evaluate()))
     return curve

@@ -69,19 +69,25 @@ def filled_buffer(seed: int, transitions: int = 3000) -> ReplayBuffer:
     return buffer
 
 
-def before_packing(revision: str):
-    """The single-agent DroQ class of ``revision`` (None when git cannot show it)."""
+def droq_at(revision: str):
+    """``workers/rl/droq.py`` as it was at git ``revision`` (None when git cannot show it)."""
     try:
         source = subprocess.run(["git", "show", f"{revision}:workers/rl/droq.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp()) / "droq_before_packing.py"
+    path = Path(tempfile.mkdtemp()) / f"droq_at_{revision.replace('/', '_')}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("droq_before_packing", path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.DroQ
+    return module
+
+
+def before_packing(revision: str):
+    """The single-agent DroQ class of ``revision`` (None when git cannot show it)."""
+    module = droq_at(revision)
+    return None if module is None else module.DroQ
 
 
 def timer(update, iters: int, sync=lambda: None, clock=time.process_time):
@@ -107,7 +113,7 @@ def packs(cfg: configs.Config, device: str, ks: list[int], buffers: list[ReplayB
         droq = cfg.droq.model_copy(update=settings)
         for k in ks:
             learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), droq, device=device, seed=0, num_agents=k)
-            mine = buffers[:k] if k > 1 else buffers[0]
+            mine = buffers[:k]
             name = f"K={k:<2d} {device} {variant}"
             runs[name] = (k, timer(lambda l=learner, b=mine: l.update(b), iters, sync, clock))
             groups[name] = (device, variant)
@@ -139,8 +145,8 @@ def child(threads: int, iters: int, reps: int) -> None:
     cfg = configs.load(overrides={"droq.device": "cpu"})
     learner = DroQ(OBS, ACT, -np.ones(ACT), np.ones(ACT), cfg.droq, device="cpu", seed=0)
     buffer = filled_buffer(0, 1000)
-    wall = timer(lambda: learner.update(buffer), iters, clock=time.perf_counter)
-    cpu = timer(lambda: learner.update(buffer), iters)
+    wall = timer(lambda: learner.update([buffer]), iters, clock=time.perf_counter)
+    cpu = timer(lambda: learner.update([buffer]), iters)
     print(json.dumps({"ms": statistics.median(wall() for _ in range(reps)),
                       "cpu_ms": statistics.median(cpu() for _ in range(reps))}))
 

@@ -81,9 +81,9 @@ def main() -> None:
         obs = env.reset()[0] if terminated or truncated else next_obs
     env_rate = args.warmup / (time.perf_counter() - t)
     agent = DroQ(env.obs_dim, env.action_dim, env.action_low, env.action_high, cfg.droq)
-    agent.update(buffer)
+    agent.update([buffer])
     n_updates = max(10, args.steps // 5)
-    update_rate = rate(n_updates, lambda: agent.update(buffer))
+    update_rate = rate(n_updates, lambda: agent.update([buffer]))
     sample_rate = rate(200, lambda: buffer.sample(args.batch))
 
     # 3. Replay memory: five 550-step episodes of real observations (repeated), full buffer.

@@ -5,29 +5,31 @@ defaults are RP1M table IV: actor and critics 3 x 256 GELU, 2 Q-networks with dr
 and LayerNorm (Linear -> Dropout -> LayerNorm -> activation), discount 0.88, Adam 3e-4,
 batch 256, target EMA 0.05, learnable temperature with target entropy -action_dim / 2.
 
-Read top to bottom: networks, the optimiser, then the agent (acting, one update, checkpoint
-state). The actor is a tanh-squashed Gaussian; internally actions live in [-1, 1] and are
-scaled to the environment's bounds only on the way out (``act``) and back in (``update``), so
-the critic sees every action dimension on the same scale.
+Read top to bottom: the networks, then the agent (acting, one update, an agent's state). The
+actor is a tanh-squashed Gaussian; internally actions live in [-1, 1] and are scaled to the
+environment's bounds only on the way out (``act``) and back in (``update``), so the critic
+sees every action dimension on the same scale. One ``update`` per environment step does
+``utd_ratio`` critic updates (each on a fresh batch, each followed by the target EMA) and then
+one actor and temperature update, as in DroQ.
 
-One ``update`` per environment step does ``utd_ratio`` critic updates (each on a fresh batch,
-each followed by the target EMA) and then one actor and temperature update, as in DroQ.
+``DroQ(num_agents=K)`` holds K independent agents -- a pack; K = 1 is the plain specialist --
+and its calls take and return one entry per agent: observations (K, D) or (K, B, D), one
+replay buffer per agent, one metrics dict per agent. Their weights are stacked along a
+leading agent dimension (``workers.rl.packing``: the stacked layers, the optimiser, the
+layout of one agent's state), so one update of all K is one batched matmul per layer. Agents
+share nothing but the arithmetic: each samples its own batch from its own replay buffer,
+draws its dropout masks and action noise from its own generator, and has its own temperature
+and Adam state; ``agent_state_dict(i)`` is what a lone agent's checkpoint holds.
 
-A learner holds ``num_agents`` (K) independent agents -- a pack -- with every weight stacked
-along a leading agent dimension (the critic's along agents x Q-ensemble), so one update of all
-K is one batched matmul per layer. Agents share nothing but the arithmetic: each samples its
-own batch from its own replay buffer, draws its dropout masks and action noise from its own
-generator, and has its own temperature and Adam state (moments and step count). A pack of 1
-is the plain specialist, and ``agent_state_dict(i)`` is exactly what a pack of 1 saves.
-
-What the packed learner does differently from the single-agent one it replaced (the same
-algorithm and initial weights; other random draws and float rounding): Adam is torch's fused
-kernel; dropout masks come from 16-bit random integers (``MaskDropout``) and, with action
-noise, from each agent's generator rather than torch's global RNG. Two options trade
-exactness for speed: ``droq.sparse_goal`` adds the goal's weight rows instead of a dense
-matmul (the same sums in another order; it pays on a CPU, where the goal is 83% of the first
-layers' inputs at ~2% density, so ``auto``, the default, turns it on for a CPU learner), and ``droq.matmul_precision: medium`` lets matmuls run in
-bfloat16 (8-bit mantissa inputs, float32 accumulation: ~3 significant digits per product).
+What this learner does differently from the single-agent one it replaced (the same algorithm
+and initial weights; other random draws and float rounding): Adam is torch's fused kernel;
+dropout masks come from 16-bit random integers (``MaskDropout``) and, with action noise, from
+each agent's generator rather than torch's global RNG. Two options trade exactness for speed:
+``droq.sparse_goal`` adds the goal's weight rows instead of a dense matmul (the same sums in
+another order; it pays on a CPU, where the goal is 83% of the first layers' inputs at ~2%
+density, so ``auto``, the default, turns it on for a CPU learner), and
+``droq.matmul_precision: medium`` lets matmuls run in bfloat16 (8-bit mantissa inputs, float32
+accumulation: ~3 significant digits per product).
 """
 
 from __future__ import annotations
@@ -35,16 +37,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.adam import adam
 
 from configs import DroQConfig
 from workers.piano.layout import GOAL_BITS
+from workers.rl.packing import (AgentTensor, EnsembleLayerNorm, EnsembleLinear, InputLinear, SparseRows, Staging,
+                                StackedAdam, adam_state, agent_layout, load_adam_state, load_module_state,
+                                module_state)
 from workers.rl.replay import Batch, ReplayBuffer
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the actor's log std (CleanRL's SAC)
@@ -62,85 +65,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # --- networks --------------------------------------------------------------------------
-class EnsembleLinear(nn.Module):
-    """``n`` independent linear layers applied in one batched matmul: (n, B, in) -> (n, B, out).
-
-    Weights start uninitialised: the agent fills each member (see ``DroQ.reset_agent``)."""
-
-    def __init__(self, n: int, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class SparseRows(NamedTuple):
-    """The non-zeros of (K, B, D) inputs, row by row: the goal (~2% ones) multiplied as sums of
-    weight rows rather than as a dense matmul."""
-
-    agents: int
-    batch: int
-    index: torch.Tensor  # (nnz,) agent * D + column: the weight row of (K * D, N) it selects
-    values: torch.Tensor  # (nnz,)
-    offsets: torch.Tensor  # (K * B,) where each row's non-zeros start
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> SparseRows:
-        k, b, d = x.shape
-        flat = x.reshape(-1)
-        nz = flat.nonzero().squeeze(1)  # (agent * B + row) * D + column, in order
-        offsets = torch.zeros(k * b, dtype=torch.long, device=x.device)
-        offsets[1:] = torch.bincount(nz // d, minlength=k * b).cumsum(0)[:-1]
-        return cls(k, b, nz // (b * d) * d + nz % d, flat[nz], offsets)
-
-    def times(self, weight: torch.Tensor) -> torch.Tensor:
-        """(K, B, D) x (K, D, N) -> (K, B, N)."""
-        k, d, n = weight.shape
-        out = F.embedding_bag(self.index, weight.view(k * d, n), self.offsets, mode="sum",
-                              per_sample_weights=self.values)
-        return out.view(k, self.batch, n)
-
-
-class InputLinear(nn.Module):
-    """The first layer of K agents' networks, ``m`` per agent (its Q ensemble), all seeing the
-    agent's input: (K, B, in) -> (K * m, B, out) as one (K, B, in) x (K, in, m * out) matmul.
-
-    The input rows come in blocks (``blocks``: their sizes), one parameter each, so that a
-    block needing no gradient (the observation when the actor learns through the critic)
-    costs none, and a sparse block (the goal) skips the matmul; inputs are given per block.
-    """
-
-    def __init__(self, k: int, m: int, blocks: Sequence[int], out_features: int):
-        super().__init__()
-        self.m, self.in_features, self.out_features = m, sum(blocks), out_features
-        self.blocks = nn.ParameterList([nn.Parameter(torch.empty(k, rows, m * out_features)) for rows in blocks])
-        self.bias = nn.Parameter(torch.empty(k, 1, m * out_features))
-
-    def forward(self, inputs: Sequence[torch.Tensor | SparseRows]) -> torch.Tensor:
-        h = self.bias
-        for x, w in zip(inputs, self.blocks):
-            h = h + x.times(w) if isinstance(x, SparseRows) else torch.baddbmm(h, x, w)
-        if self.m == 1:
-            return h
-        k, b = h.shape[:2]
-        return h.view(k, b, self.m, self.out_features).transpose(1, 2).reshape(k * self.m, b, self.out_features)
-
-
-class EnsembleLayerNorm(nn.Module):
-    """LayerNorm over features with a separate scale and shift for each ensemble member."""
-
-    def __init__(self, n: int, features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n, 1, features))
-        self.bias = nn.Parameter(torch.zeros(n, 1, features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
-
-
 class MaskDropout(nn.Dropout):
     """Dropout with the mask given by the caller (``mask``: x's shape, 0 or 1 / keep probability).
 
@@ -235,55 +159,6 @@ class Actor(nn.Module):
         return torch.tanh(self(obs)[0])
 
 
-# --- optimiser -------------------------------------------------------------------------
-class PackedAdam:
-    """Adam over parameters stacked along a leading agent dimension.
-
-    Each agent has its own step count (Adam's bias correction depends on it), so an agent
-    re-initialised or loaded mid-run continues exactly as it would alone. Adam is elementwise,
-    so one fused call over per-agent views of the stacked tensors is K separate Adams."""
-
-    def __init__(self, params: list[torch.Tensor], num_agents: int, lr: float, betas: tuple[float, float],
-                 eps: float):
-        self.params, self.num_agents = params, num_agents
-        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps}]
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        device = params[0].device
-        self.steps = torch.zeros(num_agents, len(params), device=device)  # per agent, per tensor
-        self.fused = device.type in ("cpu", "cuda")
-
-        def rows(tensors):  # agent k's part of each stacked tensor, as contiguous views
-            return [t.view(num_agents, -1)[k] for k in range(num_agents) for t in tensors]
-
-        self._params, self._exp_avg, self._exp_avg_sq = rows(params), rows(self.exp_avg), rows(self.exp_avg_sq)
-        self._steps = [self.steps[k, j] for k in range(num_agents) for j in range(len(params))]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self, agents: Sequence[int] | None = None) -> None:
-        """One Adam step of every agent, or of ``agents`` only (the others stay as they are)."""
-        n = len(self.params)
-        agents = range(self.num_agents) if agents is None else agents
-        pick = [k * n + j for k in agents for j in range(n)]
-        grads = [p.grad.reshape(self.num_agents, -1)[k] for k in agents for p in self.params]
-        group = self.param_groups[0]
-        adam(
-            [self._params[x] for x in pick], grads, [self._exp_avg[x] for x in pick],
-            [self._exp_avg_sq[x] for x in pick], [], [self._steps[x] for x in pick],
-            fused=self.fused, foreach=None if self.fused else True, amsgrad=False,
-            beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=0.0,
-            eps=group["eps"], maximize=False)
-
-    def reset_agent(self, k: int) -> None:
-        with torch.no_grad():
-            for t in self.exp_avg + self.exp_avg_sq:
-                t.view(self.num_agents, -1)[k].zero_()
-            self.steps[k].zero_()
-
-
 # --- agent -----------------------------------------------------------------------------
 class DroQ:
     """K DroQ agents (K = ``num_agents``, default 1): networks, optimisers, temperatures and the
@@ -326,13 +201,13 @@ class DroQ:
         self.target_entropy = -action_dim / 2 if cfg.target_entropy is None else float(cfg.target_entropy)
 
         settings = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, num_agents=k)
-        self.actor_opt = PackedAdam(list(self.actor.parameters()), lr=cfg.actor_lr, **settings)
-        self.critic_opt = PackedAdam(list(self.critic.parameters()), lr=cfg.critic_lr, **settings)
-        self.alpha_opt = PackedAdam([self.log_alpha], lr=cfg.temp_lr, **settings)
+        self.actor_opt = StackedAdam(list(self.actor.parameters()), lr=cfg.actor_lr, **settings)
+        self.critic_opt = StackedAdam(list(self.critic.parameters()), lr=cfg.critic_lr, **settings)
+        self.alpha_opt = StackedAdam([self.log_alpha], lr=cfg.temp_lr, **settings)
         self.generators = [torch.Generator(self.device) for _ in range(k)]
         self.agent_updates = [0] * k  # critic steps of each agent (its checkpoint's ``updates``)
         self.updates = 0  # critic steps of the pack (each steps every agent)
-        self._staging = _Staging(self.device)
+        self._staging = Staging(self.device)
 
         seeds = [None] * k if seed is None else [seed + i for i in range(k)] if isinstance(seed, int) else list(seed)
         if len(seeds) != k:
@@ -341,10 +216,9 @@ class DroQ:
             self.reset_agent(i, s)
 
     @property
-    def temperature(self) -> float | list[float]:
-        """The temperature (a list of K for a pack)."""
-        t = self.log_alpha.detach().exp().tolist()
-        return t[0] if self.num_agents == 1 else t
+    def temperature(self) -> list[float]:
+        """Each agent's temperature."""
+        return self.log_alpha.detach().exp().tolist()
 
     @contextmanager
     def _precision(self):
@@ -356,44 +230,6 @@ class DroQ:
         finally:
             torch.set_float32_matmul_precision(before)
 
-    # --- one agent's slice -----------------------------------------------------------
-    def _layout(self, module: nn.Module, m: int, i: int) -> list[tuple[str, nn.Module, list, int]]:
-        """Agent i's part of ``module`` (m networks per agent) in a lone agent's layout, the one
-        checkpoints keep (nn.Linear's (out, in) actor weights): per lone-agent parameter, in
-        its order, (name, layer, parts, dim). The parameter is the concatenation along ``dim``
-        of ``view(tensors[index])`` for ``(index, view)`` in parts, where ``tensors`` are
-        ``module``'s parameters or anything shaped like them (Adam's moments)."""
-        index = {n: j for j, (n, _) in enumerate(module.named_parameters())}
-
-        def member(t: torch.Tensor) -> torch.Tensor:
-            return t[i * m:(i + 1) * m]
-
-        def transposed(t: torch.Tensor) -> torch.Tensor:  # (K, in, out) -> (out, in)
-            return t[i].T
-
-        def row(t: torch.Tensor) -> torch.Tensor:  # (K, 1, out) -> (out,)
-            return t[i, 0]
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # (K, rows, m * out) -> (m, rows, out)
-            return t[i].view(t.shape[1], m, -1).transpose(0, 1)
-
-        out = []
-        for prefix, layer in module.named_modules():
-            if isinstance(layer, InputLinear):
-                blocks = [index[f"{prefix}.blocks.{b}"] for b in range(len(layer.blocks))]
-                out.append((f"{prefix}.weight", layer, [(j, transposed if m == 1 else split) for j in blocks], 1))
-                out.append((f"{prefix}.bias", layer, [(index[f"{prefix}.bias"], row if m == 1 else split)], 0))
-            elif isinstance(layer, (EnsembleLinear, EnsembleLayerNorm)):
-                weight = transposed if isinstance(layer, EnsembleLinear) else row
-                for name, view in (("weight", weight), ("bias", row)):
-                    out.append((f"{prefix}.{name}", layer, [(index[f"{prefix}.{name}"], view if m == 1 else member)], 0))
-        return out
-
-    def _components(self) -> list[tuple[str, nn.Module, int, PackedAdam | None]]:
-        q = self.cfg.num_qs
-        return [("actor", self.actor, 1, self.actor_opt), ("critic", self.critic, q, self.critic_opt),
-                ("critic_target", self.critic_target, q, None)]
-
     @torch.no_grad()
     def reset_agent(self, i: int, seed: int | None = None) -> None:
         """Re-initialise agent i (weights, target, temperature, optimiser state, update count,
@@ -402,23 +238,23 @@ class DroQ:
         layer by layer, then the critic's uniform(+-1/sqrt(fan_in)) weights and biases."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         params = list(self.actor.parameters())
-        for _, layer, parts, dim in self._layout(self.actor, 1, i):
-            value = torch.empty(_gather(params, parts, dim).shape)
+        for t in agent_layout(self.actor, 1, i):
+            value = torch.empty(t.gather(params).shape)
             if value.dim() == 2:  # weight (out, in)
                 nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=gen)
             else:
-                bound = 1.0 / math.sqrt(layer.in_features)
+                bound = 1.0 / math.sqrt(t.layer.in_features)
                 value.uniform_(-bound, bound, generator=gen)
-            _scatter(params, parts, dim, value)
+            t.scatter(params, value)
         params = list(self.critic.parameters())
-        for name, layer, parts, dim in self._layout(self.critic, self.cfg.num_qs, i):
-            shape = _gather(params, parts, dim).shape
-            if isinstance(layer, EnsembleLayerNorm):
-                value = torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
+        for t in agent_layout(self.critic, self.cfg.num_qs, i):
+            shape = t.gather(params).shape
+            if isinstance(t.layer, EnsembleLayerNorm):
+                value = torch.full(shape, 1.0 if t.name.endswith("weight") else 0.0)
             else:
-                bound = 1.0 / math.sqrt(layer.in_features)
+                bound = 1.0 / math.sqrt(t.layer.in_features)
                 value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
-            _scatter(params, parts, dim, value)
+            t.scatter(params, value)
         k = self.num_agents
         for p, target in zip(self.critic.parameters(), self.critic_target.parameters()):
             target.view(k, -1)[i] = p.view(k, -1)[i]  # every parameter holds agent i in row i
@@ -432,20 +268,18 @@ class DroQ:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False,
             generator: torch.Generator | None = None) -> np.ndarray:
-        """Actions in the environment's bounds. A pack of 1 takes one observation (D,) or a
-        batch (B, D); a pack of K takes (K, D) or (K, B, D), agent k acting on row k.
+        """Actions in the environment's bounds for observations (K, D) or (K, B, D), agent k
+        acting on row k: (K, A) or (K, B, A).
 
         Stochastic actions draw their noise from ``generator`` (on the agent's device) when
         given, so a seeded generator replays the same actions whatever else ran; otherwise
         from each agent's own generator.
         """
         x = torch.as_tensor(np.asarray(obs, np.float32), device=self.device)
-        single = self.num_agents == 1
-        if x.shape[-1] != self.obs_dim or x.dim() - (0 if single else 1) not in (1, 2) or \
-                (not single and x.shape[0] != self.num_agents):
-            expect = "(D,) or (B, D)" if single else f"({self.num_agents}, D) or ({self.num_agents}, B, D)"
-            raise ValueError(f"observations of shape {tuple(x.shape)}; expected {expect} with D = {self.obs_dim}")
-        batched = x.dim() == (2 if single else 3)
+        if x.shape[-1] != self.obs_dim or x.dim() not in (2, 3) or x.shape[0] != self.num_agents:
+            raise ValueError(f"observations of shape {tuple(x.shape)}; expected ({self.num_agents}, D) or "
+                             f"({self.num_agents}, B, D) with D = {self.obs_dim}")
+        batched = x.dim() == 3
         x = x.view(self.num_agents, -1, self.obs_dim)
         with self._precision():
             if deterministic:
@@ -457,8 +291,6 @@ class DroQ:
                 a = self.actor.sample(self._blocks(x), noise)[0]
         a = (a * self.action_scale + self.action_bias).cpu().numpy()
         a = np.clip(a, self.action_low, self.action_high)  # float rounding at a saturated tanh
-        if single:
-            return a[0] if batched else a[0, 0]
         return a if batched else a[:, 0]
 
     def _blocks(self, obs: torch.Tensor) -> list[torch.Tensor | SparseRows]:
@@ -469,16 +301,13 @@ class DroQ:
 
     @torch.no_grad()
     def q_values(self, obs: np.ndarray, action: np.ndarray) -> torch.Tensor:
-        """The critic's Q values (no dropout) of actions in the environment's bounds: a pack of
-        1 takes (B, D) and (B, A) and returns (num_qs, B); a pack (K, B, D) and (K, B, A) and
-        returns (K, num_qs, B)."""
+        """The critic's Q values (no dropout) of actions in the environment's bounds:
+        observations (K, B, D) and actions (K, B, A) -> (K, num_qs, B)."""
         x = torch.as_tensor(np.asarray(obs, np.float32), device=self.device)
         a = torch.as_tensor(np.asarray(action, np.float32), device=self.device)
-        single = x.dim() == 2
         x, a = x.view(self.num_agents, -1, self.obs_dim), a.view(self.num_agents, -1, self.action_dim)
         with self._precision():
-            q = self.critic(self._blocks(x), (a - self.action_bias) / self.action_scale)
-        return q[0] if single else q
+            return self.critic(self._blocks(x), (a - self.action_bias) / self.action_scale)
 
     # --- randomness --------------------------------------------------------------------
     def _normal(self, shape: tuple[int, ...], agents: Sequence[int]) -> torch.Tensor:
@@ -588,8 +417,8 @@ class DroQ:
         self.alpha_opt.step(active)
         return losses.detach(), self.log_alpha.detach().exp(), -log_prob.detach().mean(dim=1)
 
-    def _as_list(self, batches: Batch | Sequence[Batch]) -> list[Batch]:
-        batches = [batches] if isinstance(batches, Batch) else list(batches)
+    def _as_list(self, batches: Sequence[Batch]) -> list[Batch]:
+        batches = list(batches)
         if len(batches) != self.num_agents:
             raise ValueError(f"{len(batches)} batches for {self.num_agents} agents")
         return batches
@@ -599,32 +428,28 @@ class DroQ:
         columns = {name: v.tolist() for name, v in values.items()}
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
-    def update_critic(self, batches: Batch | Sequence[Batch]) -> dict[str, float] | list[dict[str, float]]:
+    def update_critic(self, batches: Sequence[Batch]) -> list[dict[str, float]]:
         """One critic step on given batches (one per agent), then the target-network EMA."""
         with self._precision():
             loss, q = self._critic_step(*self._staging.put(self._as_list(batches)))
-        metrics = self._metrics({"train/critic_loss": loss, "train/q": q})
-        return metrics[0] if isinstance(batches, Batch) else metrics
+        return self._metrics({"train/critic_loss": loss, "train/q": q})
 
-    def update_actor(self, batches: Batch | Sequence[Batch]) -> dict[str, float] | list[dict[str, float]]:
+    def update_actor(self, batches: Sequence[Batch]) -> list[dict[str, float]]:
         """One actor step and one temperature step on given batches (one per agent)."""
         with self._precision():
             obs = self._staging.put(self._as_list(batches))[0]
             loss, temperature, entropy = self._actor_step(obs)
-        metrics = self._metrics({"train/actor_loss": loss, "train/temperature": temperature,
-                                 "train/entropy": entropy})
-        return metrics[0] if isinstance(batches, Batch) else metrics
+        return self._metrics({"train/actor_loss": loss, "train/temperature": temperature, "train/entropy": entropy})
 
-    def update(self, buffers: ReplayBuffer | Sequence[ReplayBuffer]) -> dict[str, float] | list[dict[str, float]]:
-        """``utd_ratio`` critic updates on fresh batches, then one actor/temperature update.
+    def update(self, buffers: Sequence[ReplayBuffer | None]) -> list[dict[str, float]]:
+        """``utd_ratio`` critic updates on fresh batches, then one actor/temperature update;
+        one buffer per agent (each samples its own batches), one metrics dict per agent.
 
-        A pack of 1 takes one buffer and returns one dict; otherwise one buffer per agent (each
-        agent samples its own batches) and one dict per agent. An agent whose buffer is None
-        sits this update out: nothing of it changes (weights, optimiser, temperature, update
-        count, generator) and its dict is empty -- for a member still in its warm-up, or idle.
+        An agent whose buffer is None sits this update out: nothing of it changes (weights,
+        optimiser, temperature, update count, generator) and its dict is empty -- a member
+        still in its warm-up, or an idle slot.
         """
-        single = isinstance(buffers, ReplayBuffer)
-        buffers = [buffers] if single else list(buffers)
+        buffers = list(buffers)
         if len(buffers) != self.num_agents:
             raise ValueError(f"{len(buffers)} replay buffers for {self.num_agents} agents")
         active = [i for i, b in enumerate(buffers) if b is not None]
@@ -638,24 +463,30 @@ class DroQ:
             actor_loss, temperature, entropy = self._actor_step(batch[0], active=active)
         metrics = self._metrics({"train/critic_loss": loss, "train/q": q, "train/actor_loss": actor_loss,
                                  "train/temperature": temperature, "train/entropy": entropy})
-        if active is not None:
-            metrics = [m if i in active else {} for i, m in enumerate(metrics)]
-        return metrics[0] if single else metrics
+        return metrics if active is None else [m if i in active else {} for i, m in enumerate(metrics)]
 
-    # --- checkpointing -----------------------------------------------------------------
+    # --- an agent's state --------------------------------------------------------------
+    def _components(self) -> list[tuple[str, nn.Module, int, StackedAdam | None]]:
+        q = self.cfg.num_qs
+        return [("actor", self.actor, 1, self.actor_opt), ("critic", self.critic, q, self.critic_opt),
+                ("critic_target", self.critic_target, q, None)]
+
+    @staticmethod
+    def _alpha_layout(i: int) -> list[AgentTensor]:
+        return [AgentTensor("log_alpha", None, (0,), "agent", i, 1, 0)]
+
     def agent_state_dict(self, i: int) -> dict:
-        """Agent i alone, exactly as a pack of 1 saves it: tensors and plain containers only
-        (loads with ``torch.load(weights_only=True)``), optimiser state in torch.optim.Adam's
-        format; ``rng`` is the agent's noise generator (``rng_device`` the device it is for)."""
+        """Agent i alone, as a lone agent's checkpoint holds it: tensors and plain containers
+        only (loads with ``torch.load(weights_only=True)``), networks in nn.Linear's layout,
+        optimiser state in torch.optim.Adam's format; ``rng`` is the agent's noise generator
+        (``rng_device`` the device it is for)."""
         state = {}
         for name, module, m, opt in self._components():
-            layout = self._layout(module, m, i)
-            params = list(module.parameters())
-            state[name] = {n: _gather(params, parts, dim).detach().cpu() for n, _, parts, dim in layout}
+            state[name] = module_state(module, m, i)
             if opt is not None:
-                state[f"{name}_opt"] = _adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout])
+                state[f"{name}_opt"] = adam_state(opt, agent_layout(module, m, i))
         state["log_alpha"] = self.log_alpha[i].detach().cpu().clone()
-        state["alpha_opt"] = _adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)])
+        state["alpha_opt"] = adam_state(self.alpha_opt, self._alpha_layout(i))
         state["updates"] = self.agent_updates[i]
         state["rng"], state["rng_device"] = self.generators[i].get_state(), self.device.type
         return state
@@ -664,18 +495,11 @@ class DroQ:
     def load_agent_state_dict(self, i: int, state: dict) -> None:
         """Put a lone agent's state (``agent_state_dict`` of any pack) into slot i."""
         for name, module, m, opt in self._components():
-            layout = self._layout(module, m, i)
-            names = [n for n, *_ in layout]
-            if sorted(state[name]) != sorted(names):
-                raise ValueError(f"agent state's {name} has parameters {sorted(state[name])}, "
-                                 f"this learner has {sorted(names)}")
-            params = list(module.parameters())
-            for n, _, parts, dim in layout:
-                _scatter(params, parts, dim, state[name][n])
+            load_module_state(module, m, i, state[name], name)
             if opt is not None:
-                _load_adam_state(opt, i, [(parts, dim) for _, _, parts, dim in layout], state[f"{name}_opt"], name)
+                load_adam_state(opt, agent_layout(module, m, i), state[f"{name}_opt"], name)
         self.log_alpha[i] = state["log_alpha"]
-        _load_adam_state(self.alpha_opt, i, [([(0, lambda t: t[i])], 0)], state["alpha_opt"], "alpha")
+        load_adam_state(self.alpha_opt, self._alpha_layout(i), state["alpha_opt"], "alpha")
         self.agent_updates[i] = int(state["updates"])
         if "rng" not in state:  # saved before agents had their own generators: keep the current one
             return
@@ -683,106 +507,3 @@ class DroQ:
             self.generators[i].set_state(state["rng"])
         else:  # a CPU generator's state does not fit a CUDA one: continue from a seed derived from it
             self.generators[i].manual_seed(int(torch.as_tensor(state["rng"]).long().sum()) * 1_000_003 + i)
-
-    def state_dict(self) -> dict:
-        """A pack of 1: its agent's state (``agent_state_dict(0)``); a pack: every agent's."""
-        if self.num_agents == 1:
-            return self.agent_state_dict(0)
-        return {"agents": [self.agent_state_dict(i) for i in range(self.num_agents)], "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.num_agents == 1:
-            self.load_agent_state_dict(0, state)
-            self.updates = self.agent_updates[0]
-            return
-        if len(state["agents"]) != self.num_agents:
-            raise ValueError(f"state of {len(state['agents'])} agents, this learner has {self.num_agents}")
-        for i, agent in enumerate(state["agents"]):
-            self.load_agent_state_dict(i, agent)
-        self.updates = int(state["updates"])
-
-
-def _gather(tensors: list[torch.Tensor], parts: list, dim: int) -> torch.Tensor:
-    """A lone agent's tensor from its ``parts`` (see ``DroQ._layout``) of ``tensors``."""
-    views = [view(tensors[j]) for j, view in parts]
-    return views[0].clone(memory_format=torch.contiguous_format) if len(views) == 1 else torch.cat(views, dim)
-
-
-def _scatter(tensors: list[torch.Tensor], parts: list, dim: int, value: torch.Tensor) -> None:
-    """Write a lone agent's tensor ``value`` into its ``parts`` of ``tensors``."""
-    views = [view(tensors[j]) for j, view in parts]
-    value = torch.as_tensor(value)
-    if value.shape != _cat_shape(views, dim):
-        raise ValueError(f"a tensor of shape {tuple(value.shape)} where {tuple(_cat_shape(views, dim))} belongs")
-    if len(views) == 1:
-        views[0].copy_(value)
-        return
-    for v, piece in zip(views, value.split([v.shape[dim] for v in views], dim)):
-        v.copy_(piece)
-
-
-def _cat_shape(views: list[torch.Tensor], dim: int) -> torch.Size:
-    shape = list(views[0].shape)
-    if shape:
-        shape[dim] = sum(v.shape[dim] for v in views)
-    return torch.Size(shape)
-
-
-def _adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]]) -> dict:
-    """Agent i's part of ``opt`` as torch.optim.Adam's ``state_dict`` of a lone agent."""
-    steps = opt.steps[i].tolist()
-    state = {}
-    for j, (parts, dim) in enumerate(layout):
-        step = steps[parts[0][0]]  # all parts of a parameter step together
-        if step > 0:
-            state[j] = {"step": torch.tensor(step), "exp_avg": _gather(opt.exp_avg, parts, dim).cpu(),
-                        "exp_avg_sq": _gather(opt.exp_avg_sq, parts, dim).cpu()}
-    group = opt.param_groups[0]
-    template = torch.optim.Adam([torch.zeros(1)], lr=group["lr"], betas=group["betas"], eps=group["eps"])
-    return {"state": state, "param_groups": [{**template.state_dict()["param_groups"][0],
-                                              "params": list(range(len(layout)))}]}
-
-
-def _load_adam_state(opt: PackedAdam, i: int, layout: list[tuple[list, int]], state: dict, name: str) -> None:
-    """Put a lone agent's torch.optim.Adam ``state_dict`` into agent i's part of ``opt``."""
-    count = len(state["param_groups"][0]["params"])
-    if count != len(layout):
-        raise ValueError(f"agent state's {name} optimiser has {count} parameters, this learner has {len(layout)}")
-    opt.reset_agent(i)
-    for j, s in state["state"].items():
-        parts, dim = layout[int(j)]
-        _scatter(opt.exp_avg, parts, dim, s["exp_avg"])
-        _scatter(opt.exp_avg_sq, parts, dim, s["exp_avg_sq"])
-        for index, _ in parts:
-            opt.steps[i, index] = float(s["step"])
-
-
-class _Staging:
-    """Stacks K numpy batches into (K, B, .) device tensors. On CUDA the copy goes through
-    pinned host memory without blocking (two buffers, each reused only once its copy is done);
-    on the CPU the stacked arrays are used as they are."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.pinned: list[list[torch.Tensor] | None] = [None, None]
-        self.events: list = [None, None]
-        self.turn = 0
-
-    def put(self, batches: Sequence[Batch]) -> tuple[torch.Tensor, ...]:
-        fields = list(zip(*batches))  # per field, K arrays
-        if not self.cuda:
-            return tuple(torch.from_numpy(np.stack(arrays)) for arrays in fields)
-        slot, self.turn = self.turn, 1 - self.turn
-        shapes = [(len(arrays), *arrays[0].shape) for arrays in fields]
-        if self.pinned[slot] is None or [tuple(t.shape) for t in self.pinned[slot]] != shapes:
-            self.pinned[slot] = [torch.empty(s, pin_memory=True) for s in shapes]
-        elif self.events[slot] is not None:
-            self.events[slot].synchronize()  # its previous copy has left the buffer
-        out = []
-        for arrays, buf in zip(fields, self.pinned[slot]):
-            np.stack(arrays, out=buf.numpy())
-            out.append(buf.to(self.device, non_blocking=True))
-        self.events[slot] = torch.cuda.Event()
-        self.events[slot].record()
-        return tuple(out)

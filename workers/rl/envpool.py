@@ -12,7 +12,12 @@ closed; the other slots go on.
 Its arrays live in shared memory, so a step sends each worker only the list of its slots to
 step and gets back only the errors: no observation or action is pickled. Workers are spawned
 (never forked from a process holding Ray's or torch's threads) and exit when the pack process
-dies (their pipe closes), so a killed pack leaves no environment behind.
+dies (their pipe closes), so a killed pack leaves no environment behind. A worker that dies is
+replaced by a new process that rebuilds its slots' environments; the pool reports those slots
+as lost (``take_lost``), not as failed, and the other workers go on.
+
+A slot's two environments (training, and playing with ``seed + 1``) come from one reading of
+its chunk's MIDI per process (``EnvSpec.make``).
 
 Workers also *play* episodes for their slots while the pack trains (``WorkerEnvPool.play``):
 a member's evaluations and its rollouts into its lake shard run in the slot's worker, on a
@@ -27,16 +32,19 @@ environment.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from robopianist.music.midi_file import MidiFile
 
 import configs
 from workers.lake import Lake, ShardMeta, ShardWriter
@@ -48,7 +56,7 @@ from workers.rl.specialist import EpisodePlayer, EpisodeStats, load_agent
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """How to build one slot's environment; plain values, so it crosses to a worker process."""
+    """How to build one slot's environments; plain values, so it crosses to a worker process."""
 
     song_path: str
     chunk_index: int
@@ -57,10 +65,20 @@ class EnvSpec:
     seed: int
     limits: SongLimits | None = None  # manifest.* limits on the song (song_limits)
 
-    def make(self) -> PianoEnv:
-        env_cfg = configs.EnvConfig.model_validate(self.env)
-        midi = load_chunk(self.song_path, self.chunk_index, env_cfg, expected_hash=self.song_hash, limits=self.limits)
-        return make_env(midi, env_cfg, seed=self.seed)
+    def make(self, play: bool = False) -> PianoEnv:
+        """The slot's training environment, or (``play``) the one its evaluations and rollouts
+        are played in, seeded ``seed + 1``. Both are built from one reading of the chunk: a
+        process reads each chunk's MIDI once (``_chunk``)."""
+        midi = _chunk(self.song_path, self.chunk_index, self.song_hash, json.dumps(self.env, sort_keys=True),
+                      self.limits)
+        return make_env(midi, configs.EnvConfig.model_validate(self.env), seed=self.seed + int(play))
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk(song_path: str, chunk_index: int, song_hash: str, env: str, limits: SongLimits | None) -> MidiFile:
+    """The chunk's MIDI, read once per process and reused (``make_env`` does not change it)."""
+    return load_chunk(song_path, chunk_index, configs.EnvConfig.model_validate_json(env), expected_hash=song_hash,
+                      limits=limits)
 
 
 _FIELDS = {  # name -> (dtype, per-slot shape as a function of (obs_dim, action_dim))
@@ -178,13 +196,15 @@ def _step(env: PianoEnv, i: int, arrays: dict[str, np.ndarray]) -> None:
 
 class _Envs:
     """Slots -> environments of one process, each failure caught per slot. Every environment
-    must have the pool's ``(obs_dim, action_dim)``; with ``plays``, each slot also gets an
-    environment to play episodes in (the training one's seed + 1), made with it."""
+    must have the pool's ``(obs_dim, action_dim)`` and the action bounds of the first one made
+    (``bounds``); with ``plays``, each slot also gets an environment to play episodes in
+    (``EnvSpec.make(play=True)``), made with it."""
 
     def __init__(self, specs: dict[int, EnvSpec], arrays: dict[str, np.ndarray], plays: bool = False):
         self.arrays, self.plays = arrays, plays
         self.dims = (arrays["obs"].shape[1], arrays["action"].shape[1])
         self.specs = dict(specs)
+        self.bounds: tuple[np.ndarray, np.ndarray] | None = None  # (action_low, action_high)
         self.envs: dict[int, PianoEnv] = {}
         self.errors: dict[int, str] = {}
         self.players: dict[int, PianoEnv] = {}  # each slot's environment to play episodes in
@@ -201,15 +221,16 @@ class _Envs:
     def _make(self, i: int, spec: EnvSpec) -> None:
         env = spec.make()
         self.envs[i] = env
+        where = f"chunk {spec.chunk_index} of {spec.song_path}"
         if (env.obs_dim, env.action_dim) != self.dims:
-            raise ValueError(f"chunk {spec.chunk_index} of {spec.song_path}: observation/action sizes "
-                             f"{(env.obs_dim, env.action_dim)} differ from the pack's {self.dims}")
+            raise ValueError(f"{where}: observation/action sizes {(env.obs_dim, env.action_dim)} differ from the "
+                             f"pack's {self.dims}")
+        if self.bounds is None:
+            self.bounds = (env.action_low.copy(), env.action_high.copy())
+        elif not (np.array_equal(env.action_low, self.bounds[0]) and np.array_equal(env.action_high, self.bounds[1])):
+            raise ValueError(f"{where}: action bounds differ from the pack's")
         if self.plays:
-            self.players[i] = self._player(spec)
-
-    @staticmethod
-    def _player(spec: EnvSpec) -> PianoEnv:
-        return replace(spec, seed=spec.seed + 1).make()
+            self.players[i] = spec.make(play=True)
 
     def run(self, op, slots: Sequence[int]) -> dict[int, str]:
         errors = {i: self.errors.pop(i) for i in slots if i in self.errors}
@@ -259,7 +280,7 @@ class _Envs:
         the first job); a failure to start is a finished job with its error."""
         try:
             if i not in self.players:  # the slot's last job broke it
-                self.players[i] = self._player(self.specs[i])
+                self.players[i] = self.specs[i].make(play=True)
             env = self.players[i]
             droq = configs.DroQConfig.model_validate({**job.droq, "device": "cpu"})
             agent = self.agents.get(i)
@@ -293,9 +314,11 @@ class _Envs:
 
 
 class EnvPool:
-    """K environment slots with shared arrays (see the module docstring)."""
+    """K environment slots with shared arrays (see the module docstring). ``action_bounds``:
+    the environments' (action_low, action_high), None when none could be made."""
 
     arrays: dict[str, np.ndarray]
+    action_bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def __init__(self, k: int):
         self.k = k
@@ -330,6 +353,12 @@ class EnvPool:
         """The finished jobs of ``slots``' workers, by slot."""
         raise NotImplementedError(f"{type(self).__name__} does not play episodes")
 
+    def take_lost(self) -> list[int]:
+        """The slots whose environments were lost with their worker process and rebuilt in a
+        new one since the last call: each needs ``reset`` (its episode under way is gone) and
+        its job played again. Empty for a pool without workers."""
+        return []
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -348,6 +377,7 @@ class InProcessEnvPool(EnvPool):
         self.arrays = {name: np.zeros((self.k, *shape(obs_dim, action_dim)), dtype)
                        for name, (dtype, shape) in _FIELDS.items()}
         self._envs = _Envs(dict(enumerate(specs)), self.arrays)
+        self.action_bounds = self._envs.bounds
 
     def reset(self, slots: Sequence[int]) -> dict[int, str]:
         return self._envs.run(_reset, slots)
@@ -378,7 +408,7 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
     envs = _Envs(specs, _shared_arrays(buffers, k, obs_dim, action_dim), plays)
     ops = {"reset": _reset, "step": _step}
     try:
-        conn.send("ready")
+        conn.send(("ready", envs.bounds))
         while True:
             # Requests first: the pack waits on them. Between requests, one step of an episode
             # being played; with none, the worker sleeps in recv.
@@ -412,45 +442,102 @@ def _worker_main(conn: Connection, buffers: dict[str, Any], k: int, obs_dim: int
 class WorkerEnvPool(EnvPool):
     """The K environments spread over ``n_workers`` spawned processes (slot ``i`` lives in worker
     ``i % n_workers``), arrays in shared memory. ``plays``: whether they play a pack's episodes
-    (``play``); False leaves them to the pack process, as before workers played."""
+    (``play``); False leaves them to the pack process, as before workers played.
+
+    A worker that dies (killed, out of memory, a crash in MuJoCo) is replaced as soon as a call
+    finds it gone: a new process rebuilds the environments of its live slots from their specs,
+    and those slots are reported by ``take_lost`` (the episode under way and any job it was
+    playing are lost), not as errors. The other workers' slots are not touched."""
 
     def __init__(self, specs: Sequence[EnvSpec], obs_dim: int, action_dim: int, n_workers: int,
                  plays: bool = True):
         super().__init__(len(specs))
-        self.plays = plays
-        ctx = mp.get_context("spawn")
+        self.plays, self.dims = plays, (obs_dim, action_dim)
+        self._ctx = mp.get_context("spawn")
         self.n_workers = max(1, min(int(n_workers), self.k))
-        self._buffers = {name: ctx.RawArray(np.ctypeslib.as_ctypes_type(dtype),
-                                            self.k * int(np.prod(shape(obs_dim, action_dim), dtype=int)))
+        self._buffers = {name: self._ctx.RawArray(np.ctypeslib.as_ctypes_type(dtype),
+                                                  self.k * int(np.prod(shape(obs_dim, action_dim), dtype=int)))
                          for name, (dtype, shape) in _FIELDS.items()}
         self.arrays = _shared_arrays(self._buffers, self.k, obs_dim, action_dim)
-        self._conns: list[Connection] = []
-        self._procs: list[mp.process.BaseProcess] = []
+        self._specs = dict(enumerate(specs))  # the live slots': what a replacement worker rebuilds
+        self._lost: list[int] = []  # slots whose worker was replaced, not yet taken
+        self._errors: dict[int, str] = {}  # slots whose replacement worker did not start
+        self._conns: list[Connection | None] = [None] * self.n_workers
+        self._procs: list[mp.process.BaseProcess | None] = [None] * self.n_workers
+        for w in range(self.n_workers):  # every worker builds its environments before any is waited for
+            self._spawn(w)
         for w in range(self.n_workers):
-            mine = {i: spec for i, spec in enumerate(specs) if i % self.n_workers == w}
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, obs_dim, action_dim, mine, plays),
-                               daemon=True, name=f"env-worker-{w}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        for w, conn in enumerate(self._conns):
-            if conn.recv() != "ready":
-                raise RuntimeError(f"environment worker {w} did not start")
+            self._ready(w)
+
+    def _mine(self, w: int) -> dict[int, EnvSpec]:
+        return {i: spec for i, spec in self._specs.items() if i % self.n_workers == w}
+
+    def _spawn(self, w: int) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._buffers, self.k, *self.dims, self._mine(w),
+                                                            self.plays), daemon=True, name=f"env-worker-{w}")
+        proc.start()
+        child.close()
+        self._conns[w], self._procs[w] = parent, proc
+
+    def _ready(self, w: int) -> None:
+        ready, bounds = self._conns[w].recv()
+        if ready != "ready":
+            raise RuntimeError(f"environment worker {w} did not start")
+        if self.action_bounds is None:
+            self.action_bounds = bounds
+
+    def _replace(self, w: int) -> None:
+        """Worker ``w`` is gone: start another for its live slots; they are lost (``take_lost``)."""
+        dead = self._procs[w]
+        if dead.is_alive():  # its pipe broke but it lingers: it must not write into the arrays any more
+            dead.kill()
+        dead.join()
+        self._conns[w].close()
+        mine = sorted(self._mine(w))
+        self._lost.extend(mine)
+        try:
+            self._spawn(w)
+            self._ready(w)
+        except Exception:  # noqa: BLE001 - e.g. out of memory again: its slots fail, the others go on
+            for i in mine:
+                self._errors[i] = (f"environment worker {w} (pid {dead.pid}) died and its replacement did not "
+                                   f"start\n{_error()}")
+
+    def _ask(self, w: int, message: Any) -> Any:
+        """Send ``message`` to worker ``w`` and return its answer; None when it was found dead
+        (and replaced)."""
+        return self._answer(w) if self._send(w, message) else None
+
+    def _send(self, w: int, message: Any) -> bool:
+        try:
+            self._conns[w].send(message)
+            return True
+        except OSError:
+            self._replace(w)
+            return False
+
+    def _answer(self, w: int) -> Any:
+        try:
+            return self._conns[w].recv()
+        except (EOFError, OSError):
+            self._replace(w)
+            return None
+
+    def take_lost(self) -> list[int]:
+        lost, self._lost = sorted(set(self._lost)), []
+        return lost
 
     def _run(self, op: str, slots: Sequence[int]) -> dict[int, str]:
+        errors = {i: self._errors.pop(i) for i in slots if i in self._errors}
         by_worker: dict[int, list[int]] = {}
         for i in slots:
-            by_worker.setdefault(i % self.n_workers, []).append(i)
-        for w, mine in by_worker.items():  # every worker starts before any is waited for
-            self._conns[w].send((op, mine))
-        errors: dict[int, str] = {}
-        for w, mine in by_worker.items():
-            try:
-                errors.update(self._conns[w].recv())
-            except (EOFError, OSError):  # the worker process itself died: its slots fail
-                errors.update({i: self._dead(w) for i in mine})
+            if i not in errors:
+                by_worker.setdefault(i % self.n_workers, []).append(i)
+        # Every worker starts before any is waited for.
+        asked = [w for w, mine in by_worker.items() if self._send(w, (op, mine))]
+        for w in asked:
+            errors.update(self._answer(w) or {})
         return errors
 
     def reset(self, slots: Sequence[int]) -> dict[int, str]:
@@ -460,46 +547,24 @@ class WorkerEnvPool(EnvPool):
         return self._run("step", slots)
 
     def drop(self, slot: int) -> None:
+        self._specs.pop(slot, None)
+        self._errors.pop(slot, None)
         self._run("drop", [slot])
 
     def put(self, slot: int, spec: EnvSpec) -> str | None:
-        w = slot % self.n_workers
-        try:
-            self._conns[w].send(("put", [(slot, spec)]))
-            return self._conns[w].recv().get(slot)
-        except (EOFError, OSError):
-            return self._dead(w)
+        self._specs[slot] = spec
+        self._errors.pop(slot, None)
+        return (self._ask(slot % self.n_workers, ("put", [(slot, spec)])) or {}).get(slot)
 
     def play(self, slot: int, job: PlayJob) -> None:
-        w = slot % self.n_workers
-        try:
-            self._conns[w].send(("play", [(slot, job)]))
-            self._conns[w].recv()
-        except (EOFError, OSError):  # the worker is gone: the next collect reports the slot's job failed
-            pass
+        self._ask(slot % self.n_workers, ("play", [(slot, job)]))  # a dead worker's slot is lost, job and all
 
     def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:
         played: dict[int, PlayResult] = {}
-        asked = []
-        for w in sorted({i % self.n_workers for i in slots}):
-            try:
-                self._conns[w].send(("collect", []))
-                asked.append(w)
-            except OSError:
-                played.update(self._died(w, slots))
+        asked = [w for w in sorted({i % self.n_workers for i in slots}) if self._send(w, ("collect", []))]
         for w in asked:
-            try:
-                played.update(self._conns[w].recv())
-            except (EOFError, OSError):
-                played.update(self._died(w, slots))
+            played.update(self._answer(w) or {})
         return played
-
-    def _died(self, w: int, slots: Sequence[int]) -> dict[int, PlayResult]:
-        """The jobs of worker ``w``'s slots, failed: the worker process died."""
-        return {i: PlayResult(error=self._dead(w)) for i in slots if i % self.n_workers == w}
-
-    def _dead(self, w: int) -> str:
-        return f"environment worker {w} (pid {self._procs[w].pid}) died"
 
     def close(self) -> None:
         for conn in self._conns:

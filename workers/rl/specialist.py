@@ -19,8 +19,8 @@ the training loop is ``workers.rl.pack``'s, shared by a unit alone and a pack of
    ``budget.max_steps`` for a unit still improving; its state is in the checkpoint;
 4. plays the chunk ``specialist.rollouts`` times and streams each rollout into one lake
    shard as soon as it ends (only per-episode summaries stay in memory); the shard's
-   ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed
-   ``specialist.seed * 1000 + i`` (the lake's ``seed`` column): it seeds the environment's
+   ``specialist_f1`` is the mean rollout F1. Rollout ``i`` has the seed ``episode_seeds(...)[i]``
+   (the lake's ``seed`` column): it seeds the environment's
    random state and, with ``specialist.rollout_policy: stochastic`` (the default), a torch
    generator from which the rollout samples its actions. RP1M's environment starts every
    episode in the same state, so sampling is what makes the rollouts differ, and the seed
@@ -165,6 +165,15 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # --- playing ---------------------------------------------------------------------------
+SEEDS_PER_UNIT = 1000  # episode seeds per unit seed
+
+
+def episode_seeds(spec: configs.SpecialistConfig, n: int) -> list[int]:
+    """The seeds of a unit's first ``n`` episodes: ``spec.seed * 1000 + i``. Rollout ``i`` plays
+    with the ``i``-th (the lake's ``seed`` column); evaluations play the first ``eval_episodes``."""
+    return [spec.seed * SEEDS_PER_UNIT + i for i in range(n)]
+
+
 class EpisodePlayer:
     """One episode played a step at a time (``play`` plays it whole): the environment's random
     state seeded with ``seed`` first. Deterministic: the policy mean; otherwise actions sampled
@@ -181,7 +190,7 @@ class EpisodePlayer:
         self.pressed, self.target, self.fingering = [], [], []
 
     def step(self) -> Episode | None:
-        action = self.agent.act(self.obs, deterministic=self.deterministic, generator=self.generator)
+        action = self.agent.act(self.obs[None], deterministic=self.deterministic, generator=self.generator)[0]
         self.observations.append(self.obs)
         self.actions.append(action)
         self.obs, reward, terminated, truncated, info = self.env.step(action)
