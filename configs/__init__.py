@@ -261,6 +261,7 @@ class RayConfig(_Section):
     dashboard: bool
     dashboard_host: str
     dashboard_port: int = Field(ge=0, le=65535)
+    node_ip_address: str
 
 
 class Config(_Section):

@@ -77,7 +77,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
                         ray_cfg.dashboard_host, port)
             port = 0  # Ray refuses to start on a taken dashboard port; 0 lets it pick
         ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
-                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
+                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port,
+                 _node_ip_address=ray_cfg.node_ip_address or None)
     return True
 
 

@@ -52,6 +52,13 @@ def test_ray_start_uses_the_allocation_not_the_machine():
     assert node_env["RAY_AUTH_MODE"] == "token" and node_env["RAY_AUTH_TOKEN_PATH"] == "/h/tok"
 
 
+def test_pool_node_announces_the_address_it_reaches_the_head_from():
+    env = {"SLURM_JOB_ID": "9", "SLURM_CPUS_ON_NODE": "1"}
+    assert flag(raynode.ray_start_command(SPEC, env, PORTS, node_ip="10.0.0.12"), "node-ip-address") == "10.0.0.12"
+    assert not any(x.startswith("--node-ip-address") for x in raynode.ray_start_command(SPEC, env, PORTS))
+    assert raynode.address_towards("127.0.0.1:6379") == "127.0.0.1"
+
+
 def test_cpu_job_hides_gpus_exported_from_the_submitting_shell():
     env = {"SLURM_JOB_ID": "8", "SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "RAY_AUTH_TOKEN": "x"}
     assert flag(raynode.ray_start_command(SPEC, env, PORTS), "num-gpus") == "0"
