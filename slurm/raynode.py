@@ -225,9 +225,21 @@ def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int
     ]
 
 
-def ray_node_env(spec: RayNodeSpec, env: Mapping[str, str]) -> dict[str, str]:
-    """The environment of ``ray start``: the job's, plus auth and GPU visibility."""
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (None: none here)."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == address for a in addrs)), None)
+
+
+def ray_node_env(spec: RayNodeSpec, env: Mapping[str, str], node_ip: str | None = None) -> dict[str, str]:
+    """The environment of ``ray start``: the job's, plus auth and GPU visibility, and (given the
+    node's address) the interface DDP's gloo binds to: gloo otherwise takes the address its host
+    name resolves to, which may be a loopback one or none."""
     out = dict(env)
+    if node_ip and not env.get("GLOO_SOCKET_IFNAME") and (ifname := interface_of(node_ip)):
+        out["GLOO_SOCKET_IFNAME"] = ifname
     _, visible = allocated_gpus(env)
     out["CUDA_VISIBLE_DEVICES"] = visible  # "" hides a shared node's GPUs from CPU-only jobs
     out.pop("RAY_ADDRESS", None)  # the head address is explicit
@@ -275,10 +287,11 @@ def run_worker_node(spec: RayNodeSpec) -> int:
     ray = str(Path(sys.executable).with_name("ray"))
     if not Path(ray).exists():
         ray = shutil.which("ray") or "ray"
-    cmd = ray_start_command(spec, env, pick_ports(job_id), ray=ray, node_ip=address_towards(spec.head_address))
+    node_ip = address_towards(spec.head_address)
+    cmd = ray_start_command(spec, env, pick_ports(job_id), ray=ray, node_ip=node_ip)
     print("[pianoforge] " + " ".join(cmd), flush=True)
     temp_dir = node_temp_dir(spec.ray_tmp_root, job_id)
-    proc = subprocess.Popen(cmd, env=ray_node_env(spec, env))
+    proc = subprocess.Popen(cmd, env=ray_node_env(spec, env, node_ip))
     stopping = []
 
     def on_sigterm(signum, frame):  # scancel / node shutdown: a normal end for a pool job
