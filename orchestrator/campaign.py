@@ -391,18 +391,20 @@ class _Driver:
             self.feed = sched_mod.start_feed()
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         if cfg.slurm.pools:
-            from slurm.pools import SlurmError, cancel_stale_jobs, pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import SlurmError, pool_for_units, start_for_campaign, unit_resources
 
             self.pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
+            earlier = store.get_meta(POOL_TAGS_KEY) or []
+            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm", earlier)
+            store.set_meta(POOL_TAGS_KEY, earlier + [self.pools.tag])
             # Pool jobs of a driver that died are cancelled, not adopted: their nodes joined its head.
-            tags = store.get_meta(POOL_TAGS_KEY) or []
             try:
-                cancel_stale_jobs(cfg.slurm, tags)
-                tags = []
-            except SlurmError as e:  # tried again by the next driver
+                if cancelled := self.pools.cancel_earlier_jobs():
+                    store.log_event("pool_jobs_cancelled", f"{len(cancelled)} pool jobs of an earlier driver: "
+                                                           + ", ".join(cancelled))
+                store.set_meta(POOL_TAGS_KEY, [self.pools.tag])
+            except SlurmError as e:  # the next driver tries again
                 log.warning("could not cancel the pool jobs of an earlier driver: %s", e)
-            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
-            store.set_meta(POOL_TAGS_KEY, tags + [self.pools.tag])
             self.scheduler.extra_resources = unit_resources(self.pool)
             self.scheduler.pool = cfg.slurm.pools[self.pool]
         # --- end slurm ---------------------------------------------------------------------------------
