@@ -66,6 +66,15 @@ def test_gloo_binds_to_the_interface_of_the_node_address_unless_told_otherwise()
     assert "GLOO_SOCKET_IFNAME" not in raynode.ray_node_env(SPEC, env)
 
 
+def test_a_node_says_whether_it_sees_the_drivers_file(tmp_path):
+    from orchestrator.scheduler import sees_file
+
+    (tmp_path / "probe").write_text("token-1")
+    assert sees_file(str(tmp_path / "probe"), "token-1")[1]
+    assert not sees_file(str(tmp_path / "probe"), "token-2")[1]  # another campaign's file at that path
+    assert not sees_file(str(tmp_path / "absent"), "token-1")[1]  # not mounted there
+
+
 def test_cpu_job_hides_gpus_exported_from_the_submitting_shell():
     env = {"SLURM_JOB_ID": "8", "SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "RAY_AUTH_TOKEN": "x"}
     assert flag(raynode.ray_start_command(SPEC, env, PORTS), "num-gpus") == "0"
