@@ -203,8 +203,10 @@ def test_a_crashed_node_costs_no_attempt_and_its_units_resume_elsewhere(multinod
         assert row.steps_lost is not None and 0 <= row.steps_lost <= 2, row  # at most the steps since a checkpoint
         attempts = read_attempts(camp_dir / "units" / unit_id)
         assert len(attempts) == 2 and attempts[-1]["start_step"] >= 2  # from its own last checkpoint
-        print(f"node lost: {unit_id} ran again {attempts[-1]['time'] - killed_at:.1f} s after the kill, "
-              f"{row.steps_lost} steps lost")
+        with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+            lost_at = next(e.ts for e in store.events(unit_id=unit_id) if "node lost" in (e.detail or ""))
+        print(f"node lost: {unit_id} requeued {lost_at - killed_at:.1f} s after the kill, running again after "
+              f"{attempts[-1]['time'] - killed_at:.1f} s, {row.steps_lost} steps lost")
     assert rows[victim.unit_id].steps_lost is not None and read_attempts(
         camp_dir / "units" / victim.unit_id)[-1]["start_step"] >= step_at_kill
     assert_one_shard_per_unit(camp_dir, rows)
