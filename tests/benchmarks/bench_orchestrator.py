@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -203,6 +204,9 @@ def bench_nodes(n_nodes: int, nodes: list[tuple[str, str, str]], n_units: int, s
     try:
         units = make_units(max(1, -(-n_units // 5)), 5, cfg.hash("env", "droq", "specialist"))[:n_units]
         row: dict[str, float] = {"nodes": n_nodes, "units": len(units)}
+        # Warm-up: Ray's worker processes start and fetch the task's code once per node; not per unit.
+        warm = make_units(1, 2 * slots, cfg.hash("env", "droq", "specialist"), split="eval")
+        bare_ray(warm, cfg, root / f"warm-n{n_nodes}")
         for side in ("bare", "campaign"):
             before = [eth0_bytes(ns) for _, _, ns in used]
             t0 = time.perf_counter()
@@ -230,6 +234,8 @@ def bench_nodes(n_nodes: int, nodes: list[tuple[str, str, str]], n_units: int, s
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for name, _, _ in used:
+            shutil.rmtree(f"/tmp/pf-bn-{name}", ignore_errors=True)
 
 
 def main_nodes(args) -> None:
@@ -252,6 +258,7 @@ def main_nodes(args) -> None:
         ray.shutdown()
     finally:
         script("stop")
+        shutil.rmtree(state_dir, ignore_errors=True)
     print("\n| nodes | bare Ray units/s | campaign units/s | overhead/unit | node->head B/unit (bare / campaign) | "
           "head->node B/unit (bare / campaign) | lake B/unit (shared FS) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
