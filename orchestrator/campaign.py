@@ -36,6 +36,7 @@ Campaign directory (``<root>/<campaign>/``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ from workers.units import UnitResult, UnitSpec
 from configs.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+POOL_TAGS_KEY = "slurm_pool_tags"  # store meta: the job-name tags of every pool manager a driver of this campaign started
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 UNIT_VIDEO = "rollout.mp4"  # a finished unit's clip, logged to its MLflow run with specialist.video
@@ -291,10 +294,14 @@ class _Driver:
         self.pools = None  # slurm: the PoolManager when the profile names SLURM pools
         self.pool: str | None = None
         self.last_reconcile = 0.0
+        self.dir_probe = None  # slurm: a task on the first pool node that checks it sees the campaign directory
         self.attempts_run = 0
         self.interrupted = False
         self.no_space: NoSpaceError | None = None
         self.queue: deque[str] = deque()
+        # Attempts whose worker died on a node Ray still lists: unit id -> (outcome, until when
+        # to wait for Ray to declare the node dead), settled by _settle_suspects.
+        self.suspects: dict[str, tuple[Any, float]] = {}
         self.config_dicts: dict[str, dict] = {}
         self.pack_keys: dict[str, tuple] = {}  # pack id -> what a unit must share to join it (_pack_key)
         self.rates = _StepRates()
@@ -320,11 +327,12 @@ class _Driver:
                 while self.no_space is None and (self.imitation.step(units_left=self._units_left()) or self._units_left()):
                     self._launch()
                     self._reconcile_pools()  # slurm
+                    self._check_shared_dir()  # slurm
                     asks, outcomes = self._poll_feed()
                     outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
                     if outcomes or time.monotonic() - self.last_drain > 1.0:
                         self._drain()  # before finishing: worker notes belong to the attempt that just ended
-                    for outcome in outcomes:
+                    for outcome in outcomes + self._settle_suspects():
                         self._finish(outcome)
                         self.imitation.note_unit_finished()
                     self._refill(asks)  # after finishing: a retry can go straight into a freed slot
@@ -388,10 +396,24 @@ class _Driver:
             self.feed = sched_mod.start_feed()
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         if cfg.slurm.pools:
-            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import SlurmError, pool_for_units, start_for_campaign, unit_resources
 
             self.pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
-            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
+            earlier = store.get_meta(POOL_TAGS_KEY) or []
+            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm", earlier)
+            store.set_meta(POOL_TAGS_KEY, earlier + [self.pools.tag])
+            probe, token = paths.dir / ".node-probe", uuid.uuid4().hex
+            write_text_atomic(probe, token)
+            self.dir_probe = ray.remote(sched_mod.sees_file).options(
+                num_cpus=0, resources=unit_resources(self.pool), max_retries=-1).remote(str(probe), token)
+            # Pool jobs of a driver that died are cancelled, not adopted: their nodes joined its head.
+            try:
+                if cancelled := self.pools.cancel_earlier_jobs():
+                    store.log_event("pool_jobs_cancelled", f"{len(cancelled)} pool jobs of an earlier driver: "
+                                                           + ", ".join(cancelled))
+                store.set_meta(POOL_TAGS_KEY, [self.pools.tag])
+            except SlurmError as e:  # the next driver tries again
+                log.warning("could not cancel the pool jobs of an earlier driver: %s", e)
             self.scheduler.extra_resources = unit_resources(self.pool)
             self.scheduler.pool = cfg.slurm.pools[self.pool]
         # --- end slurm ---------------------------------------------------------------------------------
@@ -402,7 +424,7 @@ class _Driver:
             self.on_progress(store.counts())
 
     def _units_left(self) -> bool:
-        return bool(self.queue or len(self.scheduler))
+        return bool(self.queue or len(self.scheduler) or self.suspects)
 
     def _launch(self) -> None:
         """Pending units out to Ray while there is room: alone, or ``campaign.pack_size`` at a time."""
@@ -466,6 +488,25 @@ class _Driver:
                     log.info("%s: slot %d refilled with %s", pack_id, slot, row.unit_id)
             self.feed.answer.remote(pack_id, slot, assignment)
 
+    def _check_shared_dir(self) -> None:
+        """slurm: once the first pool node has answered, raise unless it sees the campaign directory."""
+        if self.dir_probe is None:
+            return
+        import ray
+
+        if not ray.wait([self.dir_probe], timeout=0)[0]:
+            return
+        probe, self.dir_probe = self.dir_probe, None
+        try:
+            host, sees = ray.get(probe)
+        except Exception as e:  # noqa: BLE001 - the node went away: the units will tell
+            log.warning("could not check that pool nodes see %s: %s", self.paths.dir, e)
+            return
+        if not sees:
+            raise CampaignError(
+                f"pool node {host} does not see the campaign directory {self.paths.dir}: put the campaign root on a "
+                "file system every node mounts at the same path (see the README, 'Use a cluster')")
+
     def _reconcile_pools(self) -> None:
         """slurm: pool jobs follow the queue. Units in flight count as running (never cancel a node
         that may hold one); the rest wait."""
@@ -502,15 +543,55 @@ class _Driver:
             log.warning(notes["behind"])
             self.last_behind_warning = time.monotonic()
 
+    def _settle_suspects(self) -> list:
+        """Suspected attempts now due: their node died (``node_lost``), or Ray kept it alive for
+        ``campaign.node_loss_wait_s`` (the unit's fault after all: kind ``unit``)."""
+        due = []
+        for unit_id, (outcome, until) in list(self.suspects.items()):
+            dead = not _node_alive(self.store.unit(unit_id).node_id)
+            if dead or time.monotonic() >= until:
+                del self.suspects[unit_id]
+                due.append(dataclasses.replace(outcome, error_kind="node_lost" if dead else "unit"))
+        return due
+
+    def _lost_with_node(self, outcome, row) -> bool | None:
+        """Whether a failed attempt died with its node (None: not known yet, wait). A dead worker
+        on a live node is the unit's fault, except on a pool node, where the worker may have died
+        first: Ray declares the node dead only after its health checks fail."""
+        if outcome.error_kind == "node_lost":
+            return True
+        if outcome.error_kind != "system" or not row.node_id:
+            return False
+        import ray
+
+        if not _node_alive(row.node_id):
+            return True
+        if row.node_id == ray.get_runtime_context().get_node_id() or self.cfg.campaign.node_loss_wait_s <= 0:
+            return False  # the driver's own node is not lost while the driver runs
+        self.suspects[row.unit_id] = (outcome, time.monotonic() + self.cfg.campaign.node_loss_wait_s)
+        return None
+
     def _finish(self, outcome) -> None:
         """A finished attempt: the unit succeeded or was gated, or its failure is retried from its
-        checkpoint (to the back of the queue) or, out of attempts, it failed."""
+        checkpoint (to the back of the queue) or, out of attempts, it failed. An attempt lost
+        with its node goes to the front of the queue, uncounted."""
         cfg, store, sink = self.cfg, self.store, self.sink
         if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted later
             log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
             self.no_space = self.no_space or outcome.no_space
             return
         unit_id = outcome.unit_id
+        if outcome.result is None:
+            lost = self._lost_with_node(outcome, store.unit(unit_id))
+            if lost is None:
+                return  # settled by _settle_suspects
+            if lost:
+                steps = store.mark_node_lost(unit_id, outcome.error)
+                log.warning("unit %s: its node was lost (%s); %d steps since its checkpoint lost; retrying elsewhere, "
+                            "the attempt not counted", unit_id, outcome.error.splitlines()[0], steps)
+                self.rates.forget(unit_id)
+                self.queue.appendleft(unit_id)
+                return
         self.rates.forget(unit_id)  # a retry is a new attempt
         row = store.unit(unit_id)
         tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
@@ -645,6 +726,13 @@ def _next_pack(queue: deque, store: CampaignStore, size: int, key: tuple[str, st
             kept.append(row.unit_id)
     queue.extendleft(reversed(kept))
     return rows
+
+
+def _node_alive(node_id: str | None) -> bool:
+    """Whether Ray lists the node ``node_id`` as alive (an unknown id is not)."""
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:

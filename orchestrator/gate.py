@@ -106,7 +106,7 @@ def run_imitation(lake_root: str, cfg_dict: dict, out_dir: str, tracking_uri: st
                       min_f1=cfg.gate.f1_threshold, tracking_uri=tracking_uri, experiment=experiment, outbox=outbox)
     return {"policy_path": str(result.policy_path), "steps": result.steps, "start_step": result.start_step,
             "mlflow_run_id": result.mlflow_run_id, "n_shards": result.n_shards, "n_songs": len(result.song_hashes),
-            "loss": result.metrics.get("train/loss")}
+            "loss": result.metrics.get("train/loss"), "worker_hosts": result.worker_hosts}
 
 
 class ImitationLauncher:
@@ -235,7 +235,13 @@ class ImitationLauncher:
             return
         from workers.tracking import outbox_path
 
-        task = ray.remote(run_imitation).options(num_cpus=0, max_retries=0, retry_exceptions=False)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: it writes the campaign's MLflow outbox (SQLite: one writer host);
+        # its DDP workers go wherever Ray Train places them.
+        here = ray.get_runtime_context().get_node_id()
+        task = ray.remote(run_imitation).options(num_cpus=0, max_retries=0, retry_exceptions=False,
+                                                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
         self.ref = task.remote(str(self.lake_root), self.cfg.to_dict(), out_dir, self.tracking_uri, self.experiment,
                                str(outbox_path(self.campaign_dir)))
 

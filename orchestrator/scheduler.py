@@ -17,7 +17,9 @@ its members here, so a pack that dies fails (and retries) exactly the units it h
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
 or node that died) comes back to the driver, which decides whether to retry. A full disk is
-the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt.
+the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt; so
+does an attempt whose node was lost (kind ``node_lost``, or a dead worker on a node Ray then
+declares dead).
 """
 
 from __future__ import annotations
@@ -78,8 +80,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
                         ray_cfg.dashboard_host, port)
             port = 0  # Ray refuses to start on a taken dashboard port; 0 lets it pick
         ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
-                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
+                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port,
+                 _node_ip_address=ray_cfg.node_ip_address or None)
     return True
+
+
+def sees_file(path: str, text: str) -> tuple[str, bool]:
+    """(this host's name, whether ``path`` holds ``text``): run on a node to check that it sees
+    the driver's files (a shared file system mounted at the same path)."""
+    try:
+        return socket.gethostname(), Path(path).read_text() == text
+    except OSError:
+        return socket.gethostname(), False
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -336,14 +348,20 @@ class Outcome:
     unit_id: str
     result: dict | None
     error: str | None
-    # 'unit' (exception in the unit), 'system' (worker/node died, ...) or 'disk_full' (the node's
-    # disk: ``no_space`` names the path; the attempt is not the unit's fault)
+    # 'unit' (exception in the unit), 'system' (its worker died, ...), 'node_lost' (its node died)
+    # or 'disk_full' (the node's disk: ``no_space`` names the path); the last two are not the unit's fault
     error_kind: str | None
     no_space: NoSpaceError | None = None
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
-    """(kind, text) for a failed attempt; text is the exception and the tail of its traceback."""
+    """(kind, text) for a failed attempt; text is the exception and the tail of its traceback.
+
+    Kinds: ``unit`` (the unit's code raised), ``disk_full``, ``node_lost`` (Ray says its node
+    died) and ``system`` (its worker process died: the unit's fault, unless the driver finds
+    that its node died too; see ``campaign._Driver._finish``)."""
+    if isinstance(exc, ray.exceptions.NodeDiedError):
+        return "node_lost", _clip("".join(traceback.format_exception_only(type(exc), exc)).strip())
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         kind = "disk_full" if cause is not None and disk_full(cause) is not None else "unit"

@@ -5,7 +5,8 @@ one job and a minimum and maximum number of jobs. The campaign driver calls
 :meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool (and
 the jobs an imitation job in flight needs, :func:`imitation_jobs`);
 the manager submits jobs while units wait, replaces jobs that ended (time limit, preemption,
-scancel, node failure) while work remains, cancels idle jobs when the queue drains, and
+scancel, node failure; a job whose Ray node Ray declared dead is cancelled and replaced at once,
+without waiting for SLURM to notice the host is gone) while work remains, cancels idle jobs when the queue drains, and
 cancels everything on :meth:`PoolManager.shutdown` (also at interpreter exit).
 
 A unit asks Ray for ``{pool_resource(pool): 1}`` (see :func:`unit_resources`) so it lands on a
@@ -15,6 +16,7 @@ node of its pool: GPU units on GPU nodes, CPU units on CPU nodes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import getpass
 import logging
 import math
@@ -157,12 +159,15 @@ class PoolManager:
         auth_token_file: str | None = "auto",
         idle_jobs: Callable[[], set[str] | None] = ray_idle_jobs,
         joined_jobs: Callable[[], set[str] | None] = ray_joined_jobs,
+        earlier_tags: list[str] | tuple[str, ...] = (),
     ) -> None:
         """``units_per_job[pool]``: how many units one job of the pool runs at once (default 1).
         ``auth_token_file``: the head's token file, None when the head runs without auth, "auto"
         to find it like Ray does (see :func:`resolve_auth_token_file`).
         ``idle_jobs``: the running jobs that may be cancelled (None: unknown).
-        ``joined_jobs``: the jobs whose Ray node has joined the cluster (None: unknown)."""
+        ``joined_jobs``: the jobs whose Ray node has joined the cluster (None: unknown).
+        ``earlier_tags``: the tags of earlier managers of the same campaign, whose jobs
+        :meth:`cancel_earlier_jobs` cancels and :meth:`shutdown` waits for."""
         if not slurm_cfg.pools:
             raise ValueError("slurm.pools is empty: the profile must name at least one pool")
         check_temp_root(slurm_cfg.ray_tmp_root)
@@ -179,6 +184,7 @@ class PoolManager:
         self._joined_jobs = joined_jobs
         # Job names carry a per-manager tag, so squeue/scancel only ever touch our own jobs.
         self.tag = f"pf-{uuid.uuid4().hex[:8]}"
+        self.earlier_tags = list(earlier_tags)
         self._jobs: dict[str, PoolJob] = {}
         self._executors: dict = {}
         self._quick_ends = {p: 0 for p in slurm_cfg.pools}
@@ -194,8 +200,19 @@ class PoolManager:
 
     # -- public API -------------------------------------------------------------------------
 
-    def job_name(self, pool: str) -> str:
-        return f"{self.tag}-{pool}"
+    def job_name(self, pool: str, tag: str | None = None) -> str:
+        return f"{tag or self.tag}-{pool}"
+
+    def cancel_earlier_jobs(self) -> list[str]:
+        """Cancel the pool jobs of earlier managers of this campaign (``earlier_tags``): a driver
+        that died (its host restarted, SIGKILL) could not cancel them, and their Ray nodes joined a
+        head that is gone. Returns the ids of those SLURM still listed."""
+        names = [self.job_name(p, tag) for tag in self.earlier_tags for p in self.cfg.pools]
+        earlier = sorted(squeue(names))
+        if earlier:
+            log.warning("cancelling %d pool job(s) of an earlier driver: %s", len(earlier), ", ".join(earlier))
+            _run(["scancel", f"--user={getpass.getuser()}", f"--name={','.join(names)}"])
+        return earlier
 
     def jobs(self) -> list[PoolJob]:
         """Pool jobs that hold or wait for a node, as of the last reconcile."""
@@ -247,7 +264,8 @@ class PoolManager:
         if self._closed:
             return
         self._closed = True
-        names = [self.job_name(p) for p in self.cfg.pools]
+        # Earlier drivers' jobs too: cancelled at the start, they may still be ending.
+        names = [self.job_name(p, tag) for tag in [self.tag, *self.earlier_tags] for p in self.cfg.pools]
         try:
             scancel([j.job_id for j in self._jobs.values() if j.alive])
             # Also by name: a job submitted just before a crash of this process is still ours.
@@ -269,10 +287,22 @@ class PoolManager:
     def _refresh(self) -> None:
         listed = squeue([self.job_name(p) for p in self.cfg.pools])
         now = time.time()
-        if any(j.alive and not j.joined for j in self._jobs.values()):
-            joined = self._joined_jobs() or set()
-            for job in self._jobs.values():
-                job.joined = job.joined or job.job_id in joined
+        joined = self._joined_jobs() if any(j.alive for j in self._jobs.values()) else None
+        lost = []
+        for job in self._jobs.values():
+            if joined is None or not job.alive:
+                continue
+            if job.joined and job.job_id not in joined:
+                lost.append(job)  # Ray declared its node dead: SLURM may take minutes to notice a crashed host
+            job.joined = job.joined or job.job_id in joined
+        if lost:
+            log.warning("Ray lost the node of %s; cancelling and replacing them",
+                        ", ".join(f"job {j.job_id} ({j.pool}, {j.node or 'no node'})" for j in lost))
+            with contextlib.suppress(SlurmError):  # a controller that cannot reach the node still ends the job
+                scancel([j.job_id for j in lost])
+            for job in lost:
+                job.state = "NODE_LOST"
+                self._on_end(job, now)
         for job in self._jobs.values():
             if not job.alive:
                 continue
@@ -429,13 +459,16 @@ def unit_resources(pool: str) -> dict[str, float]:
     return {pool_resource(pool): 1}
 
 
-def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Path) -> PoolManager:
-    """The campaign driver's entry point: a PoolManager for the profile's pools, at their minimum."""
+def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Path,
+                       earlier_tags: list[str] | tuple[str, ...] = ()) -> PoolManager:
+    """The campaign driver's entry point: a PoolManager for the profile's pools, at their minimum.
+    ``earlier_tags``: see :class:`PoolManager` (cancelling their jobs is up to the caller)."""
     manager = PoolManager(
         cfg.slurm,
         head_address,
         log_dir,
         units_per_job={p: units_per_job(cfg, p) for p in cfg.slurm.pools},
+        earlier_tags=earlier_tags,
     )
     manager.reconcile({}, {})
     return manager

@@ -52,6 +52,29 @@ def test_ray_start_uses_the_allocation_not_the_machine():
     assert node_env["RAY_AUTH_MODE"] == "token" and node_env["RAY_AUTH_TOKEN_PATH"] == "/h/tok"
 
 
+def test_pool_node_announces_the_address_it_reaches_the_head_from():
+    env = {"SLURM_JOB_ID": "9", "SLURM_CPUS_ON_NODE": "1"}
+    assert flag(raynode.ray_start_command(SPEC, env, PORTS, node_ip="10.0.0.12"), "node-ip-address") == "10.0.0.12"
+    assert not any(x.startswith("--node-ip-address") for x in raynode.ray_start_command(SPEC, env, PORTS))
+    assert raynode.address_towards("127.0.0.1:6379") == "127.0.0.1"
+
+
+def test_gloo_binds_to_the_interface_of_the_node_address_unless_told_otherwise():
+    env = {"SLURM_JOB_ID": "9", "SLURM_CPUS_ON_NODE": "1"}
+    assert raynode.ray_node_env(SPEC, env, "127.0.0.1")["GLOO_SOCKET_IFNAME"] == "lo"
+    assert raynode.ray_node_env(SPEC, {**env, "GLOO_SOCKET_IFNAME": "ib0"}, "127.0.0.1")["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert "GLOO_SOCKET_IFNAME" not in raynode.ray_node_env(SPEC, env)
+
+
+def test_a_node_says_whether_it_sees_the_drivers_file(tmp_path):
+    from orchestrator.scheduler import sees_file
+
+    (tmp_path / "probe").write_text("token-1")
+    assert sees_file(str(tmp_path / "probe"), "token-1")[1]
+    assert not sees_file(str(tmp_path / "probe"), "token-2")[1]  # another campaign's file at that path
+    assert not sees_file(str(tmp_path / "absent"), "token-1")[1]  # not mounted there
+
+
 def test_cpu_job_hides_gpus_exported_from_the_submitting_shell():
     env = {"SLURM_JOB_ID": "8", "SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "RAY_AUTH_TOKEN": "x"}
     assert flag(raynode.ray_start_command(SPEC, env, PORTS), "num-gpus") == "0"
@@ -205,6 +228,34 @@ def test_a_job_that_served_units_is_replaced_without_backoff(fake, monkeypatch):
     fake.queue.clear()  # scancel: the job is gone
     m.reconcile({"cpu": 1}, {})
     assert [j.job_id for j in m.jobs()] == ["102"]  # replaced in the same round
+
+
+def test_a_job_whose_ray_node_died_is_cancelled_and_replaced_before_slurm_notices(fake):
+    joined: set[str] = set()
+    m = manager(fake, slurm_cfg(max_jobs=2), joined=lambda: joined)
+    m.reconcile({"cpu": 2}, {})
+    fake.queue.update({"101": ("RUNNING", "node1"), "102": ("RUNNING", "node2")})
+    joined.update({"101", "102"})
+    m.reconcile({}, {"cpu": 2})
+    joined.discard("101")  # Ray declared node1 dead; SLURM still lists its job as running
+    m.reconcile({}, {"cpu": 2})
+    assert fake.cancelled == ["101"]
+    assert sorted(j.job_id for j in m.jobs()) == ["102", "103"]
+    assert "Ray lost the node of job 101 (cpu, node1)" in (fake.log_dir / "pools.log").read_text()
+
+
+def test_jobs_of_an_earlier_driver_are_cancelled_by_name_and_waited_for(fake, monkeypatch):
+    calls, listed = [], []
+    monkeypatch.setattr(pools, "squeue", lambda names: listed.append(names) or (
+        {"7": ("RUNNING", "node2")} if "pf-old-cpu" in names else {}))
+    monkeypatch.setattr(pools, "_run", lambda cmd, timeout=30: calls.append(cmd) or "")
+    assert manager(fake, slurm_cfg(), earlier_tags=["pf-old"]).cancel_earlier_jobs() == ["7"]
+    assert calls == [["scancel", f"--user={pools.getpass.getuser()}", "--name=pf-old-cpu"]]
+    m = manager(fake, slurm_cfg(), earlier_tags=["pf-gone"])
+    calls.clear()
+    assert m.cancel_earlier_jobs() == [] and calls == []
+    m.shutdown(wait_s=0)
+    assert "pf-gone-cpu" in listed[-1]  # shutdown waits for the earlier jobs to leave the queue too
 
 
 def test_ended_job_is_replaced_after_a_backoff_that_grows(fake, monkeypatch):
