@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from workers.units import UnitResult, UnitSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 PENDING, RUNNING, SUCCEEDED, FAILED, GATED = "pending", "running", "succeeded", "failed", "gated"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, GATED)
@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS units (
     stop_step       INTEGER,               -- the step it ended at
     budget_steps    INTEGER,               -- its nominal budget (specialist.total_steps)
     eval_seconds    REAL,                  -- time in evaluations during training (latest attempt)
-    pack_id         TEXT                   -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
+    pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
+    attempt_token   INTEGER                -- fencing token of the latest attempt (workers.fencing); only it may commit
 );
 CREATE INDEX IF NOT EXISTS units_by_state ON units(state);
 CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state over time) and driver events
@@ -101,6 +102,7 @@ MIGRATIONS = {
     2: ["ALTER TABLE units ADD COLUMN stop_reason TEXT", "ALTER TABLE units ADD COLUMN stop_step INTEGER",
         "ALTER TABLE units ADD COLUMN budget_steps INTEGER", "ALTER TABLE units ADD COLUMN eval_seconds REAL"],
     3: ["ALTER TABLE units ADD COLUMN pack_id TEXT"],
+    4: ["ALTER TABLE units ADD COLUMN attempt_token INTEGER"],
 }
 
 
@@ -146,6 +148,7 @@ class UnitRow:
     budget_steps: int | None = None
     eval_seconds: float | None = None
     pack_id: str | None = None
+    attempt_token: int | None = None
 
     @property
     def spec(self) -> UnitSpec:
@@ -348,9 +351,10 @@ class CampaignStore:
 
     # ---- transitions (driver only) ----------------------------------------------------
 
-    def mark_running(self, unit_id: str, pack_id: str | None = None) -> int:
+    def mark_running(self, unit_id: str, pack_id: str | None = None, token: int | None = None) -> int:
         """pending -> running; counts a new attempt and returns its number (1-based). ``pack_id``
-        names the pack the attempt runs in (None: a unit alone)."""
+        names the pack the attempt runs in (None: a unit alone), ``token`` its fencing token
+        (``workers.fencing.issue``)."""
         now = time.time()
         with self.db:
             row = self._expect(unit_id, PENDING)
@@ -358,8 +362,8 @@ class CampaignStore:
             self.db.execute(
                 "UPDATE units SET state = ?, attempts = ?, started_at = ?, finished_at = NULL, seconds = NULL,"
                 " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, pack_id = ?, env_steps_per_s = NULL,"
-                " updated_at = ? WHERE unit_id = ?",
-                (RUNNING, attempt, now, pack_id, now, unit_id),
+                " attempt_token = ?, updated_at = ? WHERE unit_id = ?",
+                (RUNNING, attempt, now, pack_id, token, now, unit_id),
             )
             self._event(now, unit_id, "state", PENDING, RUNNING, attempt, pack_id and f"pack {pack_id}")
         return attempt

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 import configs
+from workers import fencing
+from workers.fencing import Fence
 from workers.lake import Lake, ShardMeta, ShardWriter
 from workers.piano.env import PianoEnv, make_env
 from workers.piano.music import SongLimits, load_chunk
@@ -85,13 +87,15 @@ class PlayJob:
     (``agent``: ``torch.save`` bytes of an agent state, ``FINAL_AGENT_KEYS`` enough) on the
     CPU under ``droq`` (``configs.DroQConfig`` as a dict). With ``shard`` (lake root, lake
     config as a dict, the shard's ``ShardMeta``) every episode streams into the unit's shard
-    as it ends, committed after the last; without, only the episodes' summaries come back."""
+    as it ends, committed after the last; without, only the episodes' summaries come back.
+    ``fence``: the unit's attempt (``workers.fencing``), checked at the commit in the worker."""
 
     agent: bytes
     droq: dict[str, Any]
     seeds: tuple[int, ...]
     deterministic: bool
     shard: tuple[str, dict[str, Any], ShardMeta] | None = None
+    fence: Fence | None = None
 
 
 @dataclass
@@ -129,8 +133,8 @@ class _Playing:
         self.writer: ShardWriter | None = None
         if job.shard is not None:
             root, lake_cfg, meta = job.shard
-            self.writer = Lake(root, configs.LakeConfig.model_validate(lake_cfg)).shard_writer(meta.unit_id,
-                                                                                              meta.song_hash)
+            self.writer = Lake(root, configs.LakeConfig.model_validate(lake_cfg)).shard_writer(
+                meta.unit_id, meta.song_hash, job.fence)
         self.next_seed, self.stats = 0, []
         self.episode: EpisodePlayer | None = None
 
@@ -472,6 +476,8 @@ class WorkerEnvPool(EnvPool):
 
     def play(self, slot: int, job: PlayJob) -> None:
         w = slot % self.n_workers
+        if job.shard is not None and job.fence is None:  # the worker process holds no fences: send this one
+            job = replace(job, fence=fencing.held(job.shard[2].unit_id))
         try:
             self._conns[w].send(("play", [(slot, job)]))
             self._conns[w].recv()

@@ -58,7 +58,6 @@ import torch
 from tqdm.auto import tqdm
 
 import configs
-from configs.files import write_text_atomic
 from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
 from workers.piano.music import song_limits
@@ -70,7 +69,6 @@ from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
     CHECKPOINT,
     FINAL_AGENT_KEYS,
-    RESULT,
     EpisodeStats,
     Report,
     finished_result,
@@ -82,6 +80,7 @@ from workers.rl.specialist import (
     set_rng_state,
     shed_checkpoint,
     summarise,
+    write_result,
 )
 from workers.units import (
     ATTEMPTS_LOG,
@@ -619,7 +618,7 @@ class Pack:
                             eval_seconds=m.eval_seconds)
         saved = {**result.model_dump(), "done": True, "resumed_from": m.resumed_from, "steps_this_run": steps_run,
                  "config_hash": unit.config_hash}
-        write_text_atomic(m.unit_dir / RESULT, json.dumps(saved, indent=2))
+        write_result(m.unit_dir, saved)
         shed_checkpoint(m.unit_dir)
         m.outcome = MemberOutcome(unit.unit_id, result)
 
