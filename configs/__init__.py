@@ -147,6 +147,7 @@ class CampaignConfig(_Section):
     workload: Literal["specialist", "synthetic"]
     max_concurrent_units: int = Field(ge=0)
     max_attempts: int = Field(ge=1)
+    node_loss_wait_s: float = Field(ge=0)
     cpus_per_unit: float = Field(ge=0)
     gpus_per_unit: float = Field(ge=0)
     pack_size: int = Field(ge=1)
@@ -261,6 +262,7 @@ class RayConfig(_Section):
     dashboard: bool
     dashboard_host: str
     dashboard_port: int = Field(ge=0, le=65535)
+    node_ip_address: str
 
 
 class Config(_Section):

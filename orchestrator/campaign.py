@@ -35,6 +35,7 @@ Campaign directory (``<root>/<campaign>/``)::
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import json
 import logging
@@ -295,6 +296,9 @@ class _Driver:
         self.interrupted = False
         self.no_space: NoSpaceError | None = None
         self.queue: deque[str] = deque()
+        # Attempts whose worker died on a node Ray still lists: unit id -> (outcome, until when
+        # to wait for Ray to declare the node dead), settled by _settle_suspects.
+        self.suspects: dict[str, tuple[Any, float]] = {}
         self.config_dicts: dict[str, dict] = {}
         self.pack_keys: dict[str, tuple] = {}  # pack id -> what a unit must share to join it (_pack_key)
         self.rates = _StepRates()
@@ -324,7 +328,7 @@ class _Driver:
                     outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
                     if outcomes or time.monotonic() - self.last_drain > 1.0:
                         self._drain()  # before finishing: worker notes belong to the attempt that just ended
-                    for outcome in outcomes:
+                    for outcome in outcomes + self._settle_suspects():
                         self._finish(outcome)
                         self.imitation.note_unit_finished()
                     self._refill(asks)  # after finishing: a retry can go straight into a freed slot
@@ -402,7 +406,7 @@ class _Driver:
             self.on_progress(store.counts())
 
     def _units_left(self) -> bool:
-        return bool(self.queue or len(self.scheduler))
+        return bool(self.queue or len(self.scheduler) or self.suspects)
 
     def _launch(self) -> None:
         """Pending units out to Ray while there is room: alone, or ``campaign.pack_size`` at a time."""
@@ -520,10 +524,39 @@ class _Driver:
                     unit_id, what, token, current)
         return False
 
+    def _settle_suspects(self) -> list:
+        """Suspected attempts now due: their node died (``node_lost``), or Ray kept it alive for
+        ``campaign.node_loss_wait_s`` (the unit's fault after all: kind ``unit``)."""
+        due = []
+        for unit_id, (outcome, until) in list(self.suspects.items()):
+            dead = not _node_alive(self.store.unit(unit_id).node_id)
+            if dead or time.monotonic() >= until:
+                del self.suspects[unit_id]
+                due.append(dataclasses.replace(outcome, error_kind="node_lost" if dead else "unit"))
+        return due
+
+    def _lost_with_node(self, outcome, row) -> bool | None:
+        """Whether a failed attempt died with its node (None: not known yet, wait). A dead worker
+        on a live node is the unit's fault, except on a pool node, where the worker may have died
+        first: Ray declares the node dead only after its health checks fail."""
+        if outcome.error_kind == "node_lost":
+            return True
+        if outcome.error_kind != "system" or not row.node_id:
+            return False
+        import ray
+
+        if not _node_alive(row.node_id):
+            return True
+        if row.node_id == ray.get_runtime_context().get_node_id() or self.cfg.campaign.node_loss_wait_s <= 0:
+            return False  # the driver's own node is not lost while the driver runs
+        self.suspects[row.unit_id] = (outcome, time.monotonic() + self.cfg.campaign.node_loss_wait_s)
+        return None
+
     def _finish(self, outcome) -> None:
         """A finished attempt: the unit succeeded or was gated, or its failure is retried from its
-        checkpoint (to the back of the queue) or, out of attempts, it failed. A stale attempt's
-        outcome changes nothing."""
+        checkpoint (to the back of the queue) or, out of attempts, it failed. An attempt lost
+        with its node goes to the front of the queue, uncounted. A stale attempt's outcome
+        changes nothing."""
         cfg, store, sink = self.cfg, self.store, self.sink
         if not self._trusted(outcome.unit_id, outcome.token, "outcome"):
             return
@@ -532,6 +565,17 @@ class _Driver:
             self.no_space = self.no_space or outcome.no_space
             return
         unit_id = outcome.unit_id
+        if outcome.result is None:
+            lost = self._lost_with_node(outcome, store.unit(unit_id))
+            if lost is None:
+                return  # settled by _settle_suspects
+            if lost:
+                steps = store.mark_node_lost(unit_id, outcome.error)
+                log.warning("unit %s: its node was lost (%s); %d steps since its checkpoint lost; retrying elsewhere, "
+                            "the attempt not counted", unit_id, outcome.error.splitlines()[0], steps)
+                self.rates.forget(unit_id)
+                self.queue.appendleft(unit_id)
+                return
         self.rates.forget(unit_id)  # a retry is a new attempt
         row = store.unit(unit_id)
         tags = {"attempt": row.attempts, "hostname": row.hostname, "node_id": row.node_id,
@@ -642,6 +686,13 @@ def _next_pack(queue: deque, store: CampaignStore, size: int, key: tuple[str, st
             kept.append(row.unit_id)
     queue.extendleft(reversed(kept))
     return rows
+
+
+def _node_alive(node_id: str | None) -> bool:
+    """Whether Ray lists the node ``node_id`` as alive (an unknown id is not)."""
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:

@@ -226,7 +226,13 @@ class ImitationLauncher:
             return
         from workers.tracking import outbox_path
 
-        task = ray.remote(run_imitation).options(num_cpus=0, max_retries=0, retry_exceptions=False)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: it writes the campaign's MLflow outbox (SQLite: one writer host);
+        # its DDP workers go wherever Ray Train places them.
+        here = ray.get_runtime_context().get_node_id()
+        task = ray.remote(run_imitation).options(num_cpus=0, max_retries=0, retry_exceptions=False,
+                                                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
         self.ref = task.remote(str(self.lake_root), self.cfg.to_dict(), out_dir, self.tracking_uri, self.experiment,
                                str(outbox_path(self.campaign_dir)))
 

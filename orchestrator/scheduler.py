@@ -16,7 +16,9 @@ members here, so a pack that dies fails (and retries) exactly the units it held 
 Attempts are counted by the campaign store, not by Ray: tasks run with ``max_retries=0`` and
 ``retry_exceptions=False``, and every failure (an exception inside the unit, a worker process
 or node that died) comes back to the driver, which decides whether to retry. A full disk is
-the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt.
+the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt; so
+does an attempt whose node was lost (kind ``node_lost``, or a dead worker on a node Ray then
+declares dead).
 
 Each attempt carries the fencing token the driver issued for it (``workers.fencing``): the
 worker side holds it while the unit runs, so the unit's commits check it, and tags its start
@@ -83,7 +85,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
                         ray_cfg.dashboard_host, port)
             port = 0  # Ray refuses to start on a taken dashboard port; 0 lets it pick
         ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=ray_cfg.dashboard,
-                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port)
+                 dashboard_host=ray_cfg.dashboard_host, dashboard_port=port,
+                 _node_ip_address=ray_cfg.node_ip_address or None)
     return True
 
 
@@ -361,15 +364,21 @@ class Outcome:
     unit_id: str
     result: dict | None
     error: str | None
-    # 'unit' (exception in the unit), 'system' (worker/node died, ...) or 'disk_full' (the node's
-    # disk: ``no_space`` names the path; the attempt is not the unit's fault)
+    # 'unit' (exception in the unit), 'system' (its worker died, ...), 'node_lost' (its node died)
+    # or 'disk_full' (the node's disk: ``no_space`` names the path); the last two are not the unit's fault
     error_kind: str | None
     no_space: NoSpaceError | None = None
     token: int | None = None  # the attempt's fencing token (None: the scheduler's own verdict on a launch in flight)
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
-    """(kind, text) for a failed attempt; text is the exception and the tail of its traceback."""
+    """(kind, text) for a failed attempt; text is the exception and the tail of its traceback.
+
+    Kinds: ``unit`` (the unit's code raised), ``disk_full``, ``node_lost`` (Ray says its node
+    died) and ``system`` (its worker process died: the unit's fault, unless the driver finds
+    that its node died too; see ``campaign._Driver._finish``)."""
+    if isinstance(exc, ray.exceptions.NodeDiedError):
+        return "node_lost", _clip("".join(traceback.format_exception_only(type(exc), exc)).strip())
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         kind = "disk_full" if cause is not None and disk_full(cause) is not None else "unit"

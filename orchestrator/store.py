@@ -11,7 +11,8 @@ Unit states::
 
     pending -> running -> succeeded   (finished, F1 >= gate.f1_threshold)
                        -> gated       (finished, F1 below the gate: its shard is not used for IL)
-                       -> pending     (an attempt failed, attempts left: retried from its checkpoint)
+                       -> pending     (an attempt failed, attempts left: retried from its checkpoint;
+                                       or its node was lost: retried, the attempt not counted)
                        -> failed      (max_attempts used up; ``error`` keeps the last traceback)
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 from workers.units import UnitResult, UnitSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 PENDING, RUNNING, SUCCEEDED, FAILED, GATED = "pending", "running", "succeeded", "failed", "gated"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, GATED)
@@ -81,6 +82,7 @@ CREATE TABLE IF NOT EXISTS units (
     budget_steps    INTEGER,               -- its nominal budget (specialist.total_steps)
     eval_seconds    REAL,                  -- time in evaluations during training (latest attempt)
     pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
+    steps_lost      INTEGER,               -- training steps past the last checkpoint lost with lost nodes (all attempts)
     attempt_token   INTEGER                -- fencing token of the latest attempt (workers.fencing); only it may commit
 );
 CREATE INDEX IF NOT EXISTS units_by_state ON units(state);
@@ -102,7 +104,8 @@ MIGRATIONS = {
     2: ["ALTER TABLE units ADD COLUMN stop_reason TEXT", "ALTER TABLE units ADD COLUMN stop_step INTEGER",
         "ALTER TABLE units ADD COLUMN budget_steps INTEGER", "ALTER TABLE units ADD COLUMN eval_seconds REAL"],
     3: ["ALTER TABLE units ADD COLUMN pack_id TEXT"],
-    4: ["ALTER TABLE units ADD COLUMN attempt_token INTEGER"],
+    4: ["ALTER TABLE units ADD COLUMN steps_lost INTEGER"],
+    5: ["ALTER TABLE units ADD COLUMN attempt_token INTEGER"],
 }
 
 
@@ -148,6 +151,7 @@ class UnitRow:
     budget_steps: int | None = None
     eval_seconds: float | None = None
     pack_id: str | None = None
+    steps_lost: int | None = None
     attempt_token: int | None = None
 
     @property
@@ -425,6 +429,24 @@ class CampaignStore:
             )
             self._event(now, unit_id, "state", RUNNING, new_state, row["attempts"], _first_line(error))
         return new_state
+
+    def mark_node_lost(self, unit_id: str, error: str) -> int:
+        """running -> pending for an attempt that died with its node: not counted (the node's fault,
+        not the unit's). Returns the steps it trained past its last checkpoint, as last reported
+        (the retry resumes from that checkpoint); they add up in ``steps_lost``."""
+        now = time.time()
+        with self.db:
+            row = self._expect(unit_id, RUNNING)
+            lost = self.db.execute("SELECT MAX(COALESCE(step, 0) - COALESCE(checkpoint_step, 0), 0) FROM units"
+                                   " WHERE unit_id = ?", (unit_id,)).fetchone()[0]
+            self.db.execute(
+                "UPDATE units SET state = ?, attempts = MAX(attempts - 1, 0), error = ?, finished_at = ?,"
+                " steps_lost = COALESCE(steps_lost, 0) + ?, updated_at = ? WHERE unit_id = ?",
+                (PENDING, error, now, lost, now, unit_id),
+            )
+            self._event(now, unit_id, "state", RUNNING, PENDING, row["attempts"],
+                        f"node lost, attempt not counted, {lost} steps lost: {_first_line(error)}")
+        return lost
 
     def requeue_interrupted(self, detail: str) -> int:
         """running -> pending for every unit whose driver went away (the interrupted attempt is not counted)."""

@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on this machine, from Debian's packages (munge, slurmctld, slurmd),
-# for development and CI. Needs root (munged runs as the munge user, the SLURM daemons as root).
+# A SLURM cluster on this machine, from Debian's packages (munge, slurmctld, slurmd), for
+# development and CI. Needs root (munged runs as the munge user, the SLURM daemons as root).
 #
-#   slurm/cluster.sh start    # write the config, start munged/slurmctld/slurmd, wait for an idle node
-#   slurm/cluster.sh status   # exit 0 when the node answers and is usable
-#   slurm/cluster.sh stop     # cancel every job and stop the daemons this script started
+#   slurm/cluster.sh start [--nodes N]  # write the config, start munged/slurmctld/slurmd(s), wait for idle nodes
+#   slurm/cluster.sh status   # exit 0 when every node answers and is usable
+#   slurm/cluster.sh stop     # cancel every job, stop the daemons and remove the namespaces this script made
 #   slurm/cluster.sh env      # print `export SLURM_CONF=...` for the shell
+#   slurm/cluster.sh nodes    # (N > 1) one line per node: name, address, network namespace
+#   slurm/cluster.sh kill-node K      # (N > 1) SIGKILL every process of node K's namespace (a crashed host)
+#   slurm/cluster.sh link K down|up   # (N > 1) cut node K off the network, or plug it back in
 #
 # Everything lives under $PF_SLURM_DIR (default /tmp/pf-slurm): slurm.conf, state, spool, logs.
-# The config is also installed as /etc/slurm/slurm.conf when that file is absent (or was
-# written by this script), so that plain `sinfo`/`sbatch` find it without SLURM_CONF.
+# For the default directory the config is also installed as /etc/slurm/slurm.conf when that
+# file is absent (or was written by this script), so that plain `sinfo`/`sbatch` find it
+# without SLURM_CONF; a cluster in another directory (and on other ports: PF_SLURM_CTLD_PORT)
+# runs beside it and is reached with its own SLURM_CONF.
+#
+# One node (the default) is this machine itself. N > 1 nodes are N hosts on this machine: each
+# node K is a network namespace with its own address on a private bridge (the host's side of
+# the bridge is .1, node K is .(10+K) of PF_SLURM_SUBNET, a /24 that no route of this machine
+# uses) and its own hostname (a UTS namespace kept in a file), running `slurmd -N nodeK`;
+# slurmctld runs on the host and listens on the bridge address. Nodes share the host's file
+# system (mounts are not unshared: slurmd needs the host's /sys/fs/cgroup), as cluster nodes
+# share a network file system. Nothing leaves the machine: the nodes have no default route.
 # Why these settings: containers have no usable cgroups (proctrack/linuxproc, task/none);
 # select/cons_tres lets several 1-CPU jobs share the node; ReturnToService=2 brings the node
 # back after a restart instead of leaving it DOWN.
@@ -23,6 +36,16 @@ PARTITION=${PF_SLURM_PARTITION:-debug}
 CTLD_PORT=${PF_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${PF_SLURM_SLURMD_PORT:-6818}
 START_TIMEOUT_S=${PF_SLURM_START_TIMEOUT_S:-60}
+# Seconds without an answer before slurmctld declares a node DOWN and ends its jobs.
+SLURMD_TIMEOUT=${PF_SLURM_SLURMD_TIMEOUT:-60}
+NODES_FILE="$STATE_DIR/nodes"  # N of a running multi-node cluster (absent: one node)
+# Names of this cluster's namespaces and links: a short hash of the state dir, so clusters in
+# different directories never touch each other's.
+NET_ID=$(printf %s "$STATE_DIR" | cksum | cut -d' ' -f1)
+NET_TAG=pf$(printf %04x $((NET_ID % 65536)))
+SUBNET=${PF_SLURM_SUBNET:-10.213.$((NET_ID % 200 + 20))}  # first three octets of the bridge's /24
+BRIDGE=${NET_TAG}br
+HOST_ADDR=$SUBNET.1
 
 log() { echo "[pf-slurm] $*" >&2; }
 
@@ -30,14 +53,32 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 write_config() {
   mkdir -p "$STATE_DIR"/{state,spool,log}
-  local host node_line gres_line="" gres_types=""
+  local n=$1 host node_line gres_line="" gres_types="" ctld_host slurmd_paths
   host=$(hostname -s)
   # slurmd -C reports this machine's CPUs/sockets/cores/threads/RealMemory in slurm.conf syntax.
-  node_line=$(slurmd -C | head -n1 | sed "s/^NodeName=[^ ]*/NodeName=$host/")
-  # Leave some memory to the OS so memory requests are honest.
+  node_line=$(slurmd -C | head -n1)
+  # Leave some memory to the OS so memory requests are honest; N nodes share the machine's.
   local mem
   mem=$(echo "$node_line" | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
-  node_line=$(echo "$node_line" | sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 9 / 10))/")
+  node_line=$(echo "$node_line" | sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 9 / 10 / n))/")
+  if [ "$n" -eq 1 ]; then
+    node_line=$(echo "$node_line" | sed "s/^NodeName=[^ ]*/NodeName=$host/")
+    ctld_host=$host
+    slurmd_paths="SlurmdSpoolDir=$STATE_DIR/spool
+SlurmdPidFile=$STATE_DIR/slurmd.pid
+SlurmdLogFile=$STATE_DIR/log/slurmd.log"
+  else
+    local k lines=""
+    for k in $(seq "$n"); do
+      lines+=$(echo "$node_line" | sed "s/^NodeName=[^ ]*/NodeName=node$k NodeHostname=node$k NodeAddr=$(node_addr "$k")/")$'\n'
+    done
+    node_line=${lines%$'\n'}
+    ctld_host="$host($HOST_ADDR)"
+    # %n: the node's name, so the slurmds of one machine keep apart
+    slurmd_paths="SlurmdSpoolDir=$STATE_DIR/spool/%n
+SlurmdPidFile=$STATE_DIR/slurmd-%n.pid
+SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log"
+  fi
   local n_gpus
   n_gpus=$(ls /dev/nvidia[0-9]* 2>/dev/null | wc -l || true)
   if [ "$n_gpus" -gt 0 ]; then
@@ -48,7 +89,7 @@ write_config() {
   cat > "$CONF.tmp" <<EOF
 $MARKER
 ClusterName=pianoforge
-SlurmctldHost=$host
+SlurmctldHost=$ctld_host
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -70,21 +111,20 @@ KillWait=30
 MinJobAge=60
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=$SLURMD_TIMEOUT
 StateSaveLocation=$STATE_DIR/state
-SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
-SlurmdPidFile=$STATE_DIR/slurmd.pid
 SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
-SlurmdLogFile=$STATE_DIR/log/slurmd.log
+$slurmd_paths
 $gres_types
-${node_line}${gres_line} State=UNKNOWN
+$(echo "$node_line" | sed "s/\$/${gres_line} State=UNKNOWN/")
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   mv "$CONF.tmp" "$CONF"
   # cgroup.conf is read by some plugins even when cgroups are off; keep it explicit.
   echo "IgnoreSystemd=yes" > "$STATE_DIR/cgroup.conf"
-  if [ -w "$(dirname "$SYSTEM_CONF")" ] && { [ ! -e "$SYSTEM_CONF" ] || grep -qF "$MARKER" "$SYSTEM_CONF"; }; then
+  if [ "$STATE_DIR" = /tmp/pf-slurm ] && [ -w "$(dirname "$SYSTEM_CONF")" ] \
+     && { [ ! -e "$SYSTEM_CONF" ] || grep -qF "$MARKER" "$SYSTEM_CONF"; }; then
     cp "$CONF" "$SYSTEM_CONF.tmp" && mv "$SYSTEM_CONF.tmp" "$SYSTEM_CONF"
   fi
 }
@@ -102,46 +142,123 @@ start_munge() {
   runuser -u munge -- /usr/sbin/munged
 }
 
-node_state() { SLURM_CONF="$CONF" sinfo -h -N -o "%T" 2>/dev/null | head -n1; }
+# --- nodes: one (this machine) or N network namespaces -------------------------------------------
+
+node_count() { cat "$NODES_FILE" 2>/dev/null || echo 1; }
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_netns() { echo "${NET_TAG}-node$1"; }
+node_uts() { echo "$STATE_DIR/ns/node$1.uts"; }
+node_pidfile() { if [ "$(node_count)" -eq 1 ]; then echo "$STATE_DIR/slurmd.pid"; else echo "$STATE_DIR/slurmd-node$1.pid"; fi; }
+# Run a command on node K: its network and hostname, the host's mounts (and so /sys/fs/cgroup).
+on_node() { local k=$1; shift; nsenter --net="/run/netns/$(node_netns "$k")" --uts="$(node_uts "$k")" "$@"; }
+
+check_subnet() {
+  # The bridge's /24 must be ours alone: no address or route of this machine may use it.
+  if ip -4 -o addr show | grep -v " $BRIDGE " | grep -qF " $SUBNET." \
+     || ip -4 route show | grep -v " dev $BRIDGE " | grep -qE "^$SUBNET\\.0/|via $SUBNET\\."; then
+    log "subnet $SUBNET.0/24 is in use on this machine (ip addr / ip route); set PF_SLURM_SUBNET to a free one"
+    return 1
+  fi
+}
+
+make_nodes() {
+  local n=$1 k ns veth
+  check_subnet
+  mkdir -p "$STATE_DIR/ns"
+  echo "$n" > "$NODES_FILE"  # before anything is made: stop removes what a failed start left
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  ip addr replace "$HOST_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for k in $(seq "$n"); do
+    ns=$(node_netns "$k") veth=${NET_TAG}v$k
+    if [ ! -e "/run/netns/$ns" ]; then
+      ip netns add "$ns"
+      ip link add "$veth" type veth peer name eth0 netns "$ns"
+      ip link set "$veth" master "$BRIDGE" up
+      ip -n "$ns" addr add "$(node_addr "$k")/24" dev eth0
+      ip -n "$ns" link set eth0 up
+      ip -n "$ns" link set lo up
+    fi
+    if ! mountpoint -q "$(node_uts "$k")"; then
+      touch "$(node_uts "$k")"
+      unshare --uts="$(node_uts "$k")" hostname "node$k"
+    fi
+  done
+}
+
+remove_nodes() {
+  local n k ns pids
+  n=$(node_count)
+  [ "$n" -gt 1 ] || return 0
+  for k in $(seq "$n"); do
+    ns=$(node_netns "$k")
+    if [ -e "/run/netns/$ns" ]; then
+      # Whatever still runs on the node (a Ray node of a job SLURM gave up on) goes with it.
+      pids=$(ip netns pids "$ns" 2>/dev/null || true)
+      [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+      ip netns del "$ns"
+    fi
+    ip link del "${NET_TAG}v$k" 2>/dev/null || true
+    if mountpoint -q "$(node_uts "$k")"; then umount "$(node_uts "$k")"; fi
+    rm -f "$(node_uts "$k")"
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rm -f "$NODES_FILE"
+}
+
+node_states() { SLURM_CONF="$CONF" sinfo -h -N -o "%N %T" 2>/dev/null | sort -u; }
 
 status() {
-  pid_alive "$STATE_DIR/slurmctld.pid" && pid_alive "$STATE_DIR/slurmd.pid" || return 1
-  case "$(node_state)" in
-    idle|mixed|allocated|completing) return 0 ;;
-    *) return 1 ;;
-  esac
+  local k n
+  n=$(node_count)
+  pid_alive "$STATE_DIR/slurmctld.pid" || return 1
+  for k in $(seq "$n"); do pid_alive "$(node_pidfile "$k")" || return 1; done
+  [ "$(node_states | grep -cE ' (idle|mixed|allocated|completing)$')" -eq "$n" ]
 }
 
 start() {
-  if status; then log "already running ($(node_state))"; return 0; fi
-  write_config
+  local n=${1:-1} k
+  if [ -f "$NODES_FILE" ] && [ "$(node_count)" -ne "$n" ]; then
+    log "a cluster of $(node_count) nodes runs in $STATE_DIR; stop it first"; return 1
+  fi
+  if status; then log "already running ($(node_states | tr '\n' ' '))"; return 0; fi
+  [ "$n" -eq 1 ] || make_nodes "$n"
+  write_config "$n"
   start_munge
   export SLURM_CONF="$CONF"
   if ! pid_alive "$STATE_DIR/slurmctld.pid"; then
     log "starting slurmctld"
     /usr/sbin/slurmctld -f "$CONF"
   fi
-  if ! pid_alive "$STATE_DIR/slurmd.pid"; then
-    log "starting slurmd"
-    /usr/sbin/slurmd -f "$CONF"
-  fi
-  local deadline=$((SECONDS + START_TIMEOUT_S)) state=""
+  for k in $(seq "$n"); do
+    pid_alive "$(node_pidfile "$k")" && continue
+    if [ "$n" -eq 1 ]; then
+      log "starting slurmd"
+      /usr/sbin/slurmd -f "$CONF"
+    else
+      log "starting slurmd on node$k ($(node_addr "$k"), netns $(node_netns "$k"))"
+      on_node "$k" /usr/sbin/slurmd -f "$CONF" -N "node$k"
+    fi
+  done
+  local deadline=$((SECONDS + START_TIMEOUT_S)) states=""
   while [ $SECONDS -lt $deadline ]; do
-    state=$(node_state)
-    case "$state" in
-      idle|mixed|allocated) log "node $state; partition $PARTITION ready"; return 0 ;;
-      down*|drain*) scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true ;;
-    esac
+    states=$(node_states)
+    if [ "$(echo "$states" | grep -cE ' (idle|mixed|allocated)$')" -eq "$n" ]; then
+      log "$n node(s) ready in partition $PARTITION: $(echo "$states" | tr '\n' ' ')"; return 0
+    fi
+    for name in $(echo "$states" | awk '$2 ~ /^(down|drain)/ {print $1}'); do
+      scontrol update nodename="$name" state=resume 2>/dev/null || true
+    done
     sleep 1
   done
-  log "node did not become idle within ${START_TIMEOUT_S}s (state: ${state:-none}); logs in $STATE_DIR/log"
-  tail -n 20 "$STATE_DIR/log/slurmctld.log" "$STATE_DIR/log/slurmd.log" >&2 || true
+  log "nodes did not become idle within ${START_TIMEOUT_S}s (${states:-no state}); logs in $STATE_DIR/log"
+  tail -n 20 "$STATE_DIR"/log/*.log >&2 || true
   return 1
 }
 
 stop_daemon() {
-  local name=$1 pid i
-  pid=$(cat "$STATE_DIR/$1.pid" 2>/dev/null) || return 0
+  local name=$1 pidfile=$2 pid i
+  pid=$(cat "$pidfile" 2>/dev/null) || return 0
   kill -0 "$pid" 2>/dev/null || return 0
   log "stopping $name"
   kill "$pid" 2>/dev/null || true
@@ -150,19 +267,57 @@ stop_daemon() {
 }
 
 stop() {
+  local k
   if pid_alive "$STATE_DIR/slurmctld.pid"; then
     SLURM_CONF="$CONF" scancel --full --user="$(id -un)" 2>/dev/null || true
     sleep 1
   fi
-  stop_daemon slurmd
-  stop_daemon slurmctld
+  for k in $(seq "$(node_count)"); do stop_daemon "slurmd" "$(node_pidfile "$k")"; done
+  stop_daemon slurmctld "$STATE_DIR/slurmctld.pid"
+  remove_nodes
   # munged is shared with anything else on the machine that uses munge: leave it running.
 }
 
-case "${1:-}" in
-  start) start ;;
+need_multi() {
+  if [ "$(node_count)" -le 1 ] || [ -z "${1:-}" ] || [ "$1" -lt 1 ] || [ "$1" -gt "$(node_count)" ]; then
+    echo "$0: no node '${1:-}' in a multi-node cluster in $STATE_DIR" >&2; exit 2
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  start)
+    nodes=${PF_SLURM_NODES:-1}
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --nodes) nodes=${2:?--nodes needs a number}; shift 2 ;;
+        --nodes=*) nodes=${1#--nodes=}; shift ;;
+        *) echo "$0 start: unknown option $1" >&2; exit 2 ;;
+      esac
+    done
+    [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || { echo "$0 start: --nodes must be 1 to 99, not '$nodes'" >&2; exit 2; }
+    start "$nodes" ;;
   stop) stop ;;
-  status) if status; then echo "running ($(node_state))"; else echo "not running"; exit 1; fi ;;
+  status) if status; then echo "running ($(node_states | tr '\n' ' '))"; else echo "not running"; exit 1; fi ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  nodes)
+    if [ "$(node_count)" -gt 1 ]; then
+      for k in $(seq "$(node_count)"); do echo "node$k $(node_addr "$k") $(node_netns "$k")"; done
+    else
+      echo "$(hostname -s) - -"
+    fi ;;
+  kill-node)
+    need_multi "${1:-}"
+    pids=$(ip netns pids "$(node_netns "$1")")
+    log "node$1: SIGKILL to $(echo $pids | wc -w) processes"
+    [ -z "$pids" ] || kill -9 $pids ;;
+  link)
+    need_multi "${1:-}"
+    case "${2:-}" in
+      up|down) ip link set "${NET_TAG}v$1" "$2" ;;
+      *) echo "usage: $0 link K down|up" >&2; exit 2 ;;
+    esac ;;
+  host-addr) echo "$HOST_ADDR" ;;
+  *) echo "usage: $0 start [--nodes N]|stop|status|env|nodes|kill-node K|link K down|up|host-addr" >&2; exit 2 ;;
 esac

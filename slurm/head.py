@@ -54,18 +54,19 @@ def run_with_head(command: list[str], token_file: str | Path, slurm_cfg: configs
     temp_dir = os.path.join(slurm_cfg.ray_tmp_root, f"pf-h{tag}")
     from ray.util import get_node_ip_address
 
-    host = get_node_ip_address()  # the address other nodes reach, not a loopback alias of the hostname
+    ray_cfg = ray_cfg or configs.load().ray
+    # The address other nodes reach, not a loopback alias of the hostname.
+    host = ray_cfg.node_ip_address or get_node_ip_address()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     env.pop("RAY_AUTH_TOKEN", None)
     ray = str(Path(sys.executable).with_name("ray"))
-    ray_cfg = ray_cfg or configs.load().ray
     dashboard = None
     if ray_cfg.dashboard:  # a taken port (another head on this node) would stop `ray start`: take a free one
         dashboard_port = ray_cfg.dashboard_port if ray_cfg.dashboard_port and _port_free(ray_cfg.dashboard_port) \
             else _free_ports(1)[0]
         dashboard = (ray_cfg.dashboard_host, dashboard_port)
     head = subprocess.Popen(head_start_command(port, temp_dir, pick_ports(tag), ray=ray if Path(ray).exists() else "ray",
-                                               dashboard=dashboard), env=env, start_new_session=True)
+                                               dashboard=dashboard, node_ip=host), env=env, start_new_session=True)
     try:
         _wait_for_port(host, port, head)
         address = f"{host}:{port}"

@@ -5,7 +5,8 @@ one job and a minimum and maximum number of jobs. The campaign driver calls
 :meth:`PoolManager.reconcile` every few seconds with how many units wait and run per pool (and
 the jobs an imitation job in flight needs, :func:`imitation_jobs`);
 the manager submits jobs while units wait, replaces jobs that ended (time limit, preemption,
-scancel, node failure) while work remains, cancels idle jobs when the queue drains, and
+scancel, node failure; a job whose Ray node Ray declared dead is cancelled and replaced at once,
+without waiting for SLURM to notice the host is gone) while work remains, cancels idle jobs when the queue drains, and
 cancels everything on :meth:`PoolManager.shutdown` (also at interpreter exit).
 
 A unit asks Ray for ``{pool_resource(pool): 1}`` (see :func:`unit_resources`) so it lands on a
@@ -15,6 +16,7 @@ node of its pool: GPU units on GPU nodes, CPU units on CPU nodes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import getpass
 import logging
 import math
@@ -269,10 +271,22 @@ class PoolManager:
     def _refresh(self) -> None:
         listed = squeue([self.job_name(p) for p in self.cfg.pools])
         now = time.time()
-        if any(j.alive and not j.joined for j in self._jobs.values()):
-            joined = self._joined_jobs() or set()
-            for job in self._jobs.values():
-                job.joined = job.joined or job.job_id in joined
+        joined = self._joined_jobs() if any(j.alive for j in self._jobs.values()) else None
+        lost = []
+        for job in self._jobs.values():
+            if joined is None or not job.alive:
+                continue
+            if job.joined and job.job_id not in joined:
+                lost.append(job)  # Ray declared its node dead: SLURM may take minutes to notice a crashed host
+            job.joined = job.joined or job.job_id in joined
+        if lost:
+            log.warning("Ray lost the node of %s; cancelling and replacing them",
+                        ", ".join(f"job {j.job_id} ({j.pool}, {j.node or 'no node'})" for j in lost))
+            with contextlib.suppress(SlurmError):  # a controller that cannot reach the node still ends the job
+                scancel([j.job_id for j in lost])
+            for job in lost:
+                job.state = "NODE_LOST"
+                self._on_end(job, now)
         for job in self._jobs.values():
             if not job.alive:
                 continue

@@ -14,6 +14,9 @@ SLURM allocation into explicit ``ray start`` flags and blocks until the node sto
   gets its own block of worker ports.
 - The node joins only the campaign's head: the head address is explicit and token auth stays
   on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH names the head's token file).
+- The node announces the address it reaches the head from (``--node-ip-address``): the
+  source address of the route to the head, not whatever Ray's guess through a default route
+  gives (on a cluster network, or a node with several interfaces, that guess is unreachable).
 - Units find their SLURM job id in ``SLURM_JOB_ID`` (Ray workers inherit the node's
   environment) and in the node labels ``slurm-job-id`` / ``pianoforge-pool``.
 """
@@ -163,13 +166,27 @@ def port_flags(ports: NodePorts) -> list[str]:
     ]
 
 
-def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePorts, ray: str = "ray") -> list[str]:
+def address_towards(head_address: str) -> str:
+    """This host's IP address on the route to ``head_address`` (host:port): what the head and the
+    other nodes can reach it at. No packet is sent (a UDP socket's connect only picks a route)."""
+    host, _, port = head_address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, int(port or 1)))
+        except OSError as e:
+            raise RuntimeError(f"no route from {socket.gethostname()} to the Ray head at {head_address}: {e}") from e
+        return s.getsockname()[0]
+
+
+def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePorts, ray: str = "ray",
+                      node_ip: str | None = None) -> list[str]:
     """The ``ray start`` command line for this allocation (pure: easy to check)."""
     job_id = env.get("SLURM_JOB_ID", "")
     num_gpus, _ = allocated_gpus(env)
     cmd = [
         ray, "start", "--block",
         f"--address={spec.head_address}",
+        *([f"--node-ip-address={node_ip}"] if node_ip else []),
         f"--num-cpus={allocated_cpus(env)}",
         f"--num-gpus={num_gpus}",
         f'--resources={{"{pool_resource(spec.pool)}": {POOL_RESOURCE_AMOUNT}}}',
@@ -187,7 +204,7 @@ def ray_start_command(spec: RayNodeSpec, env: Mapping[str, str], ports: NodePort
 
 
 def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int = 0, ray: str = "ray",
-                       dashboard: tuple[str, int] | None = None) -> list[str]:
+                       dashboard: tuple[str, int] | None = None, node_ip: str | None = None) -> list[str]:
     """``ray start --head`` for a campaign head on a login node or in a SLURM job.
 
     ``num_cpus=0`` by default: units run on pool nodes, not next to the driver. ``dashboard``:
@@ -198,6 +215,7 @@ def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int
     return [
         ray, "start", "--head", "--block",
         f"--port={port}",
+        *([f"--node-ip-address={node_ip}"] if node_ip else []),
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--temp-dir={temp_dir}",
@@ -207,9 +225,21 @@ def head_start_command(port: int, temp_dir: str, ports: NodePorts, num_cpus: int
     ]
 
 
-def ray_node_env(spec: RayNodeSpec, env: Mapping[str, str]) -> dict[str, str]:
-    """The environment of ``ray start``: the job's, plus auth and GPU visibility."""
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (None: none here)."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == address for a in addrs)), None)
+
+
+def ray_node_env(spec: RayNodeSpec, env: Mapping[str, str], node_ip: str | None = None) -> dict[str, str]:
+    """The environment of ``ray start``: the job's, plus auth and GPU visibility, and (given the
+    node's address) the interface DDP's gloo binds to: gloo otherwise takes the address its host
+    name resolves to, which may be a loopback one or none."""
     out = dict(env)
+    if node_ip and not env.get("GLOO_SOCKET_IFNAME") and (ifname := interface_of(node_ip)):
+        out["GLOO_SOCKET_IFNAME"] = ifname
     _, visible = allocated_gpus(env)
     out["CUDA_VISIBLE_DEVICES"] = visible  # "" hides a shared node's GPUs from CPU-only jobs
     out.pop("RAY_ADDRESS", None)  # the head address is explicit
@@ -257,10 +287,11 @@ def run_worker_node(spec: RayNodeSpec) -> int:
     ray = str(Path(sys.executable).with_name("ray"))
     if not Path(ray).exists():
         ray = shutil.which("ray") or "ray"
-    cmd = ray_start_command(spec, env, pick_ports(job_id), ray=ray)
+    node_ip = address_towards(spec.head_address)
+    cmd = ray_start_command(spec, env, pick_ports(job_id), ray=ray, node_ip=node_ip)
     print("[pianoforge] " + " ".join(cmd), flush=True)
     temp_dir = node_temp_dir(spec.ray_tmp_root, job_id)
-    proc = subprocess.Popen(cmd, env=ray_node_env(spec, env))
+    proc = subprocess.Popen(cmd, env=ray_node_env(spec, env, node_ip))
     stopping = []
 
     def on_sigterm(signum, frame):  # scancel / node shutdown: a normal end for a pool job

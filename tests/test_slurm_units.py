@@ -52,6 +52,20 @@ def test_ray_start_uses_the_allocation_not_the_machine():
     assert node_env["RAY_AUTH_MODE"] == "token" and node_env["RAY_AUTH_TOKEN_PATH"] == "/h/tok"
 
 
+def test_pool_node_announces_the_address_it_reaches_the_head_from():
+    env = {"SLURM_JOB_ID": "9", "SLURM_CPUS_ON_NODE": "1"}
+    assert flag(raynode.ray_start_command(SPEC, env, PORTS, node_ip="10.0.0.12"), "node-ip-address") == "10.0.0.12"
+    assert not any(x.startswith("--node-ip-address") for x in raynode.ray_start_command(SPEC, env, PORTS))
+    assert raynode.address_towards("127.0.0.1:6379") == "127.0.0.1"
+
+
+def test_gloo_binds_to_the_interface_of_the_node_address_unless_told_otherwise():
+    env = {"SLURM_JOB_ID": "9", "SLURM_CPUS_ON_NODE": "1"}
+    assert raynode.ray_node_env(SPEC, env, "127.0.0.1")["GLOO_SOCKET_IFNAME"] == "lo"
+    assert raynode.ray_node_env(SPEC, {**env, "GLOO_SOCKET_IFNAME": "ib0"}, "127.0.0.1")["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert "GLOO_SOCKET_IFNAME" not in raynode.ray_node_env(SPEC, env)
+
+
 def test_cpu_job_hides_gpus_exported_from_the_submitting_shell():
     env = {"SLURM_JOB_ID": "8", "SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "RAY_AUTH_TOKEN": "x"}
     assert flag(raynode.ray_start_command(SPEC, env, PORTS), "num-gpus") == "0"
@@ -205,6 +219,20 @@ def test_a_job_that_served_units_is_replaced_without_backoff(fake, monkeypatch):
     fake.queue.clear()  # scancel: the job is gone
     m.reconcile({"cpu": 1}, {})
     assert [j.job_id for j in m.jobs()] == ["102"]  # replaced in the same round
+
+
+def test_a_job_whose_ray_node_died_is_cancelled_and_replaced_before_slurm_notices(fake):
+    joined: set[str] = set()
+    m = manager(fake, slurm_cfg(max_jobs=2), joined=lambda: joined)
+    m.reconcile({"cpu": 2}, {})
+    fake.queue.update({"101": ("RUNNING", "node1"), "102": ("RUNNING", "node2")})
+    joined.update({"101", "102"})
+    m.reconcile({}, {"cpu": 2})
+    joined.discard("101")  # Ray declared node1 dead; SLURM still lists its job as running
+    m.reconcile({}, {"cpu": 2})
+    assert fake.cancelled == ["101"]
+    assert sorted(j.job_id for j in m.jobs()) == ["102", "103"]
+    assert "Ray lost the node of job 101 (cpu, node1)" in (fake.log_dir / "pools.log").read_text()
 
 
 def test_ended_job_is_replaced_after_a_backoff_that_grows(fake, monkeypatch):

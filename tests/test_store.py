@@ -27,7 +27,7 @@ def store(tmp_path):
 
 def test_store_uses_wal_and_records_schema_version(store):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.get_meta("schema_version") == SCHEMA_VERSION == 4
+    assert store.get_meta("schema_version") == SCHEMA_VERSION == 5
 
 
 def test_adding_the_same_units_again_keeps_their_state(store):
@@ -53,6 +53,22 @@ def test_attempts_retries_and_final_failure_keep_the_error(store):
     transitions = [(e.from_state, e.to_state, e.attempt) for e in store.events(unit_id=unit.unit_id)]
     assert transitions == [(None, PENDING, 0), (PENDING, RUNNING, 1), (RUNNING, PENDING, 1),
                            (PENDING, RUNNING, 2), (RUNNING, FAILED, 2)]
+
+
+def test_an_attempt_lost_with_its_node_is_not_counted_and_its_lost_steps_add_up(store):
+    (unit,) = make_units(1, 1, "cfg00000")
+    store.add_units([unit], "cfgkey")
+    store.mark_running(unit.unit_id)
+    store.note_progress(unit.unit_id, 70, 50)
+    assert store.mark_node_lost(unit.unit_id, "NodeDiedError: node1 died") == 20
+    assert store.mark_running(unit.unit_id) == 1  # the lost attempt was not counted
+    store.note_progress(unit.unit_id, 64, 60)
+    assert store.mark_node_lost(unit.unit_id, "NodeDiedError: node2 died") == 4
+    row = store.unit(unit.unit_id)
+    assert (row.state, row.attempts, row.steps_lost, row.error) == (PENDING, 0, 24, "NodeDiedError: node2 died")
+    lost = [e.detail for e in store.events(unit_id=unit.unit_id) if e.to_state == PENDING and e.from_state]
+    assert lost == ["node lost, attempt not counted, 20 steps lost: NodeDiedError: node1 died",
+                    "node lost, attempt not counted, 4 steps lost: NodeDiedError: node2 died"]
 
 
 def test_impossible_transitions_are_refused(store):
@@ -136,8 +152,8 @@ def test_stop_reasons_and_saved_steps_over_finished_units(store):
 
 
 def _version_1_store(path) -> None:
-    """A store as schema version 1 wrote it (no budget, pack or fencing columns), with one finished unit."""
-    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id", "attempt_token")
+    """A store as schema version 1 wrote it (no budget, pack, node-loss or fencing columns), with one finished unit."""
+    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id", "steps_lost", "attempt_token")
     lines = [line for line in SCHEMA.splitlines() if not line.strip().startswith(new_columns)]
     v1 = "\n".join(lines).replace("updated_at      REAL NOT NULL,", "updated_at      REAL NOT NULL")
     db = sqlite3.connect(path)
