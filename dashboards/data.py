@@ -36,7 +36,7 @@ from dashboards.fingering import RECORDED, KeyCounter, best_episode, episode_fin
 from dashboards.mlflow_reader import MlflowReader, evaluation_f1
 from dashboards.timeline import StateChange
 from orchestrator.gate import IL_RUNNING, LAUNCHES_KEY
-from orchestrator.status import budget_text, group_packs, steps_text, throughput_eta
+from orchestrator.status import budget_text, group_packs, placement, steps_text, throughput_eta
 from orchestrator.store import BudgetSummary
 from workers.tracking import outbox_path, pending_records
 
@@ -231,6 +231,8 @@ def summary(s: Snapshot, dash: configs.DashboardConfig) -> dict[str, Any]:
         "budgets": None if not (s.budgets and s.budgets.units) else {
             **dataclasses.asdict(s.budgets), "saved_steps": s.budgets.saved_steps, "text": budget_text(s.budgets),
             "saved_text": f"{steps_text(s.budgets.saved_steps)} ({s.budgets.saved_fraction:.0%})"},
+        # Units per host of their latest attempt (orchestrator.status.placement).
+        "hosts": placement((u.node, u.state) for u in s.units),
         "failures": [{"unit_id": u.unit_id, "attempts": u.attempts, "error": (u.error or "").strip().splitlines()[-1:]}
                      for u in s.units if u.state == "failed"],
         # ... and when MLflow catches up: run ids arrive, the outbox empties.

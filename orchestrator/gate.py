@@ -97,7 +97,7 @@ def run_imitation(lake_root: str, cfg_dict: dict, out_dir: str, tracking_uri: st
                       min_f1=cfg.gate.f1_threshold, tracking_uri=tracking_uri, experiment=experiment, outbox=outbox)
     return {"policy_path": str(result.policy_path), "steps": result.steps, "start_step": result.start_step,
             "mlflow_run_id": result.mlflow_run_id, "n_shards": result.n_shards, "n_songs": len(result.song_hashes),
-            "loss": result.metrics.get("train/loss")}
+            "loss": result.metrics.get("train/loss"), "worker_hosts": result.worker_hosts}
 
 
 class ImitationLauncher:

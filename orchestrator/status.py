@@ -12,11 +12,11 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.store import FINISHED, PENDING, RUNNING, STATES, BudgetSummary, CampaignStore
+from orchestrator.store import FAILED, FINISHED, PENDING, RUNNING, STATES, BudgetSummary, CampaignStore
 from workers.rl.budget import REASONS
 
 F1_BINS = 10
@@ -36,6 +36,8 @@ class CampaignStatus:
     running: list[dict] = field(default_factory=list)
     packs: list[dict] = field(default_factory=list)  # running packs: pack_id, units, hostname, steps_per_s
     where: list[dict] = field(default_factory=list)  # running units per host, SLURM job and Ray node
+    hosts: list[dict] = field(default_factory=list)  # units per host of their latest attempt (placement)
+    steps_lost: int = 0                   # training steps lost with lost nodes, all units
     last_errors: list[dict] = field(default_factory=list)
     mlflow: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None              # the driver's last gate check (orchestrator.gate.GATE_KEY)
@@ -125,6 +127,9 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         where = [dict(r) for r in db.execute(
             "SELECT hostname, slurm_job_id, node_id, COUNT(*) AS units, SUM(env_steps_per_s) AS steps_per_s FROM units"
             " WHERE state = ? GROUP BY hostname, slurm_job_id, node_id ORDER BY units DESC, hostname", (RUNNING,))]
+        hosts = placement(db.execute("SELECT hostname, state FROM units WHERE hostname IS NOT NULL"))
+        lost_col = "NULL" if "NULL AS steps_lost" in store.unit_columns else "steps_lost"  # an older store
+        steps_lost = db.execute(f"SELECT COALESCE(SUM({lost_col}), 0) FROM units").fetchone()[0]
         errors = [dict(r) for r in db.execute(
             "SELECT unit_id, state, attempts, finished_at, error FROM units WHERE error IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?", (n_errors,))]
@@ -136,8 +141,20 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, packs=packs, where=where, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
+        running=running, packs=packs, where=where, hosts=hosts, steps_lost=steps_lost, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
         ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
+
+
+def placement(units: Iterable[tuple[str | None, str]]) -> list[dict]:
+    """Units per host from (host, state) pairs, hosts by name: {host, units, running, finished,
+    failed, pending}. A unit counts on the host of its latest attempt (None: never placed)."""
+    hosts: dict[str, dict] = {}
+    for host, state in units:
+        if host:
+            h = hosts.setdefault(host, {"host": host, "units": 0, RUNNING: 0, "finished": 0, FAILED: 0, PENDING: 0})
+            h["units"] += 1
+            h["finished" if state in FINISHED else state] += 1
+    return [hosts[h] for h in sorted(hosts)]
 
 
 def group_packs(rows: list[dict], place: str = "hostname") -> list[dict]:
@@ -243,6 +260,14 @@ def render(status: CampaignStatus):
             where.add_row(w["hostname"] or "-", w["slurm_job_id"] or "-", _node(w["node_id"]), str(w["units"]),
                           _rate(w["steps_per_s"]))
         parts.append(where)
+    if len(status.hosts) > 1 or status.steps_lost:
+        lost = f"; {status.steps_lost} training steps lost with lost nodes" if status.steps_lost else ""
+        hosts = Table(title="units by host of their latest attempt", show_edge=False, caption=lost.lstrip("; ") or None)
+        for col in ("host", "units", "running", "finished", "failed", "pending"):
+            hosts.add_column(col, justify="left" if col == "host" else "right")
+        for h in status.hosts:
+            hosts.add_row(h["host"], *(str(h[k]) for k in ("units", RUNNING, "finished", FAILED, PENDING)))
+        parts.append(hosts)
     if status.running:
         run = Table(title="running", show_edge=False)
         for col in ("unit", "pack", "attempt", "host", "slurm job", "Ray node", "step", "steps/s", "checkpoint", "for"):

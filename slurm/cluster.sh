@@ -36,6 +36,7 @@ PARTITION=${PF_SLURM_PARTITION:-debug}
 CTLD_PORT=${PF_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${PF_SLURM_SLURMD_PORT:-6818}
 START_TIMEOUT_S=${PF_SLURM_START_TIMEOUT_S:-60}
+# N > 1: CPUs of each node (default: the machine's split evenly, at least 1).
 # Seconds without an answer before slurmctld declares a node DOWN and ends its jobs.
 SLURMD_TIMEOUT=${PF_SLURM_SLURMD_TIMEOUT:-60}
 NODES_FILE="$STATE_DIR/nodes"  # N of a running multi-node cluster (absent: one node)
@@ -68,9 +69,14 @@ write_config() {
 SlurmdPidFile=$STATE_DIR/slurmd.pid
 SlurmdLogFile=$STATE_DIR/log/slurmd.log"
   else
-    local k lines=""
+    # The machine's CPUs split among the nodes (at least one each), so that one 1-CPU job
+    # fills a small node and jobs spread over nodes as they would on a cluster.
+    local k lines="" cpus machine_cpus
+    machine_cpus=$(echo "$node_line" | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p')
+    cpus=${PF_SLURM_NODE_CPUS:-$(( machine_cpus / n > 0 ? machine_cpus / n : 1 ))}
     for k in $(seq "$n"); do
-      lines+=$(echo "$node_line" | sed "s/^NodeName=[^ ]*/NodeName=node$k NodeHostname=node$k NodeAddr=$(node_addr "$k")/")$'\n'
+      lines+="NodeName=node$k NodeHostname=node$k NodeAddr=$(node_addr "$k") CPUs=$cpus Boards=1 SocketsPerBoard=1"
+      lines+=" CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$((mem * 9 / 10 / n))"$'\n'
     done
     node_line=${lines%$'\n'}
     ctld_host="$host($HOST_ADDR)"

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: a local Ray cluster, the single-node SLURM cluster, one torch thread.
+"""Fixtures shared by the test modules: a local Ray cluster, the single-node and the 3-node SLURM
+cluster, one torch thread.
 
 Helpers that are not fixtures (songs for the piano tests, a small lake for the imitation
 tests) live in ``env_fixtures.py`` and ``il_fixtures.py`` beside this file.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from slurm_fixtures import slurm_cluster  # noqa: F401  (session fixture, shared by the SLURM tests)
+from multinode_fixtures import multinode_cluster  # noqa: F401  (module fixture: 3 SLURM nodes in namespaces)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -87,6 +88,7 @@ def test_two_workers_train_and_a_rerun_continues_from_the_checkpoint(tmp_path, l
     assert (second.steps, second.start_step) == (15, 10)
     assert second.n_shards == 3 and second.song_hashes == passing_songs
     assert second.mlflow_run_id == first_run_id
+    assert second.worker_hosts == [socket.gethostname()] * 2  # one rank per worker, each says where it ran
 
     policy, meta = load_policy(out / "policy.pt")
     assert isinstance(policy, FlowPolicy) and meta["step"] == 15

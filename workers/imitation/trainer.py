@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -56,6 +57,7 @@ class ILResult:
     n_shards: int
     mlflow_run_id: str | None = None
     checkpoint_path: str | None = None  # Ray Train's latest checkpoint folder
+    worker_hosts: list[str] | None = None  # the host of each rank, in rank order (as of the last step)
 
 
 def lr_at(step: int, il: Any) -> float:
@@ -119,7 +121,10 @@ def _train_loop(config: dict[str, Any]) -> None:
                                 shuffle_buffer=il.shuffle_buffer, seed=il.seed + start_step,
                                 action_chunk=il.action_chunk, shards=config["shards"], repeat=True)
     loader = DataLoader(dataset, batch_size=il.batch_size, num_workers=0)
-    tracker = _outbox(config) if rank == 0 and config["tracking_uri"] else None
+    run_log = config.get("run_log") if rank == 0 else None  # a RunLog actor on the coordinator's node
+    hosts = [socket.gethostname()] * world
+    if world > 1:
+        torch.distributed.all_gather_object(hosts, socket.gethostname())
 
     def batches():
         for batch in loader:
@@ -160,24 +165,39 @@ def _train_loop(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             logs = {"train/loss": window_loss.item() / (window_n * world), "train/lr": lr,
                     "train/samples_per_s": window_n * il.batch_size * world / max(elapsed, 1e-9)}
-            if tracker:
-                tracker.log(config["run_key"], logs, step)
+            if run_log:
+                run_log.log.remote(config["run_key"], logs, step)
             window_loss.zero_()
             window_n, window_start = 0, time.perf_counter()
         if step == il.steps:  # whole-run throughput, loader warm-up included; the benchmark reads it
             elapsed = time.perf_counter() - run_start
             logs["train/run_samples_per_s"] = (step - start_step) * il.batch_size * world / elapsed
             logs["worker/torch_threads"] = torch.get_num_threads()
+            logs["worker_hosts"] = hosts  # where each rank ran, in rank order
         if step % il.checkpoint_interval == 0 or step == il.steps:
-            if tracker:
-                tracker.flush()
+            if run_log:
+                ray.get(run_log.flush.remote())
             report(step, logs, save=True)
         if step >= il.steps:
             break
     if step == start_step:  # nothing left to train: the restored checkpoint stays the result
         report(step, {}, save=False)
-    if tracker:
-        tracker.close()  # the metrics are in the outbox; whoever holds its send lock delivers them
+    if run_log:
+        ray.get(run_log.flush.remote())  # the metrics are in the outbox; whoever holds its send lock delivers them
+
+
+class RunLog:
+    """Rank 0's metrics into the outbox. A Ray actor on the coordinator's node: workers run on
+    other hosts, and the outbox (SQLite) is written from one host only."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.outbox = _outbox(config)
+
+    def log(self, key: str, metrics: dict[str, Any], step: int) -> None:
+        self.outbox.log(key, metrics, step)
+
+    def flush(self) -> None:
+        self.outbox.flush()
 
 
 def _outbox(config: dict[str, Any]) -> Outbox:
@@ -246,6 +266,21 @@ def train_il(
         "shards": shards, "tracking_uri": tracking_uri, "run_key": key, "outbox": str(outbox or out_dir / OUTBOX_FILE),
         "fail_at_step": _fail_at_step, "fail_marker": str(out_dir / ".failure-drill-done"),
     }
+    run_log = None
+    if tracking_uri:  # opened (or reopened, for a resumed job) before any worker logs to it
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        tracker = _outbox(loop_config)
+        tracker.start_run(key, experiment or "pianoforge-il", f"il-{il.policy}", tags={"pianoforge.kind": "imitation"},
+                          params=params)
+        tracker.start_sender()
+        if not ray.is_initialized():  # as the trainer would start it
+            ray.init()
+        here = ray.get_runtime_context().get_node_id()
+        run_log = ray.remote(RunLog).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(loop_config)
+        loop_config["run_log"] = run_log
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -257,11 +292,6 @@ def train_il(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    if tracking_uri:  # opened (or reopened, for a resumed job) before any worker logs to it
-        tracker = _outbox(loop_config)
-        tracker.start_run(key, experiment or "pianoforge-il", f"il-{il.policy}", tags={"pianoforge.kind": "imitation"},
-                          params=params)
-        tracker.start_sender()
     status = "FAILED"
     try:
         result = trainer.fit()
@@ -269,13 +299,15 @@ def train_il(
             raise RuntimeError(f"{out_dir}: imitation learning finished without a checkpoint")
         status = "FINISHED"
     finally:
+        if run_log is not None:
+            ray.kill(run_log)
         run_id = _close_run(tracker, key, status, cfg.mlflow.close_timeout_s) if tracker else None
     policy_path = out_dir / "policy.pt"
     with result.checkpoint.as_directory() as folder:
         with atomic_write(policy_path, "wb") as f, open(Path(folder) / "policy.pt", "rb") as src:
             shutil.copyfileobj(src, f)
     metrics = dict(result.metrics or {})
-    return ILResult(policy_path=policy_path, steps=int(metrics.get("step", il.steps)),
+    return ILResult(policy_path=policy_path, steps=int(metrics.get("step", il.steps)), worker_hosts=metrics.get("worker_hosts"),
                     start_step=int(metrics.get("start_step", 0)), metrics=metrics, song_hashes=song_hashes,
                     n_shards=len(shards), mlflow_run_id=run_id, checkpoint_path=result.checkpoint.path)
 
