@@ -89,6 +89,8 @@ def test_a_stale_attempts_commits_are_refused_and_the_newer_attempts_kept(tmp_pa
     assert Lake(lake_root).shard_problem(shard, full=True) is None
     leftovers = [p.name for p in [*unit_dir.iterdir(), *lake_root.rglob("*")] if ".tmp-" in p.name]
     assert leftovers == []
+    refusals = (unit_dir / fencing.REFUSALS_LOG).read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in refusals] == [message for _, message in old_done.values()]
 
 
 def test_a_unit_without_a_fence_is_not_checked_and_a_missing_token_refuses_a_fenced_one(tmp_path):

@@ -15,7 +15,9 @@ matters checks it right before the rename that makes it visible.
 - A fence whose token is no longer the one in the file is stale: the write is dropped (its
   temporary file removed), one warning names the unit, both tokens and the write, and
   :class:`StaleAttempt` is raised, so the stale attempt ends (a pack member fails alone)
-  while what the trusted attempt wrote stays as it is. The driver also ignores notes and
+  while what the trusted attempt wrote stays as it is; the line is also appended to
+  ``<unit_dir>/refused-writes.log`` (the stale node's logs may be gone by the time anyone
+  looks). The driver also ignores notes and
   outcomes that carry a token other than the unit's current one, so store rows are written
   for the trusted attempt only.
 - A unit run without a driver (``pianoforge train``, tests) holds no fence and is not checked.
@@ -31,6 +33,7 @@ fully needs the storage itself to check the token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +48,7 @@ from configs.files import write_json_atomic
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "attempt.token"
+REFUSALS_LOG = "refused-writes.log"  # one line per refused write, beside the token: the stale node's own logs may be gone
 
 
 class StaleAttempt(RuntimeError):
@@ -78,6 +82,9 @@ class Fence:
                    f"{socket.gethostname()}) is stale; the driver now trusts {now} "
                    f"({Path(self.unit_dir, TOKEN_FILE)})")
         log.warning(message)
+        with contextlib.suppress(OSError):  # append-only and not a commit: a torn line is harmless
+            with open(Path(self.unit_dir, REFUSALS_LOG), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}\n")
         raise StaleAttempt(message)
 
 
