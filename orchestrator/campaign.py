@@ -63,6 +63,7 @@ from workers.units import UnitResult, UnitSpec
 from configs.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+POOL_TAGS_KEY = "slurm_pool_tags"  # store meta: the job-name tags of every pool manager a driver of this campaign started
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -392,10 +393,18 @@ class _Driver:
             self.feed = sched_mod.start_feed()
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         if cfg.slurm.pools:
-            from slurm.pools import pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import SlurmError, cancel_stale_jobs, pool_for_units, start_for_campaign, unit_resources
 
             self.pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
+            # Pool jobs of a driver that died are cancelled, not adopted: their nodes joined its head.
+            tags = store.get_meta(POOL_TAGS_KEY) or []
+            try:
+                cancel_stale_jobs(cfg.slurm, tags)
+                tags = []
+            except SlurmError as e:  # tried again by the next driver
+                log.warning("could not cancel the pool jobs of an earlier driver: %s", e)
             self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
+            store.set_meta(POOL_TAGS_KEY, tags + [self.pools.tag])
             self.scheduler.extra_resources = unit_resources(self.pool)
             self.scheduler.pool = cfg.slurm.pools[self.pool]
         # --- end slurm ---------------------------------------------------------------------------------

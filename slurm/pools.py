@@ -443,6 +443,18 @@ def unit_resources(pool: str) -> dict[str, float]:
     return {pool_resource(pool): 1}
 
 
+def cancel_stale_jobs(slurm_cfg: SlurmConfig, tags: list[str]) -> list[str]:
+    """Cancel the pool jobs of earlier managers (``PoolManager.tag``) of this campaign: a driver
+    that died (its host restarted, SIGKILL) could not cancel them, and their Ray nodes belong to a
+    head that is gone. Returns the ids of the jobs SLURM still listed."""
+    names = [f"{tag}-{pool}" for tag in tags for pool in slurm_cfg.pools]
+    stale = sorted(squeue(names))
+    if stale:
+        log.warning("cancelling %d pool job(s) of an earlier driver of this campaign: %s", len(stale), ", ".join(stale))
+        _run(["scancel", f"--user={getpass.getuser()}", f"--name={','.join(names)}"])
+    return stale
+
+
 def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Path) -> PoolManager:
     """The campaign driver's entry point: a PoolManager for the profile's pools, at their minimum."""
     manager = PoolManager(
@@ -456,6 +468,6 @@ def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Pa
 
 
 __all__ = [
-    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "imitation_jobs", "pool_for_units", "pool_resource",
+    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "cancel_stale_jobs", "imitation_jobs", "pool_for_units", "pool_resource",
     "ray_idle_jobs", "ray_joined_jobs", "resolve_auth_token_file", "squeue", "start_for_campaign", "unit_resources", "units_per_job",
 ]

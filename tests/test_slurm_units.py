@@ -235,6 +235,16 @@ def test_a_job_whose_ray_node_died_is_cancelled_and_replaced_before_slurm_notice
     assert "Ray lost the node of job 101 (cpu, node1)" in (fake.log_dir / "pools.log").read_text()
 
 
+def test_jobs_of_an_earlier_driver_are_cancelled_by_name(fake, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pools, "squeue", lambda names: {"7": ("RUNNING", "node2")} if "pf-old-cpu" in names else {})
+    monkeypatch.setattr(pools, "_run", lambda cmd, timeout=30: calls.append(cmd) or "")
+    assert pools.cancel_stale_jobs(slurm_cfg(), ["pf-old"]) == ["7"]
+    assert calls and calls[0][0] == "scancel" and calls[0][-1] == "--name=pf-old-cpu"
+    calls.clear()
+    assert pools.cancel_stale_jobs(slurm_cfg(), ["pf-gone"]) == [] and calls == []
+
+
 def test_ended_job_is_replaced_after_a_backoff_that_grows(fake, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(pools.time, "monotonic", lambda: clock[0])
