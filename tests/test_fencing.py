@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,15 @@ def test_a_campaign_records_each_attempts_token_and_ignores_a_stale_outcome(ray_
         assert caplog.text.count(f"unit {retried}: outcome of a stale attempt (token 1; the driver trusts token 2)") == 2
     events = [json.loads(line) for line in (paths.unit_dir(retried) / "attempts.jsonl").read_text().splitlines()]
     assert len(events) == 2
+
+
+def test_an_attempt_ending_removes_only_its_own_pid_file(tmp_path):
+    from workers.units import PID_FILE, clear_pid_file, live_worker_pid, write_pid_file
+
+    write_pid_file(tmp_path, UNIT.unit_id)
+    assert live_worker_pid(tmp_path, UNIT.unit_id) == os.getpid()
+    newer = {"pid": 1, "unit_id": UNIT.unit_id, "started": 1, "host": "node2"}  # a newer attempt on another host
+    (tmp_path / PID_FILE).write_text(json.dumps(newer))
+    clear_pid_file(tmp_path)  # the stale attempt here ends
+    assert json.loads((tmp_path / PID_FILE).read_text()) == newer
+    assert live_worker_pid(tmp_path, UNIT.unit_id) is None  # not a process of this host
