@@ -55,7 +55,7 @@ from filelock import FileLock, Timeout
 import configs
 from configs.files import NoSpaceError, disk_full
 from orchestrator.gate import LAUNCHES_KEY
-from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
+from orchestrator.store import FAILED, FINISHED, GATED, PENDING, RUNNING, SUCCEEDED, CampaignStore
 from workers import fencing
 from workers.fencing import Fence
 from workers.lake import Lake
@@ -300,6 +300,7 @@ class _Driver:
         # Attempts whose worker died on a node Ray still lists: unit id -> (outcome, until when
         # to wait for Ray to declare the node dead), settled by _settle_suspects.
         self.suspects: dict[str, tuple[Any, float]] = {}
+        self.last_node_check = 0.0  # _abandon_dead_nodes
         self.config_dicts: dict[str, dict] = {}
         self.pack_keys: dict[str, tuple] = {}  # pack id -> what a unit must share to join it (_pack_key)
         self.rates = _StepRates()
@@ -327,6 +328,7 @@ class _Driver:
                     self._reconcile_pools()  # slurm
                     asks, outcomes = self._poll_feed()
                     outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
+                    outcomes += self._abandon_dead_nodes()
                     if outcomes or time.monotonic() - self.last_drain > 1.0:
                         self._drain()  # before finishing: worker notes belong to the attempt that just ended
                     for outcome in outcomes + self._settle_suspects():
@@ -533,6 +535,24 @@ class _Driver:
                     unit_id, what, token, current)
         return False
 
+    def _abandon_dead_nodes(self) -> list:
+        """Attempts in flight on a node Ray has declared dead, as ``node_lost`` outcomes (checked
+        every few seconds): a node cut off by a partition is declared dead, but the call to it
+        may not fail for long after, and its units must run elsewhere meanwhile."""
+        if not len(self.scheduler) or time.monotonic() - self.last_node_check < 2.0:
+            return []
+        import ray
+
+        self.last_node_check = time.monotonic()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        outcomes = []
+        for row in self.store.units([RUNNING]):
+            if row.node_id and row.node_id not in alive and row.unit_id not in self.suspects \
+                    and all(o.unit_id != row.unit_id for o in outcomes):
+                outcomes += self.scheduler.abandon(row.unit_id, f"NodeDiedError: Ray declared node {row.node_id} "
+                                                                f"({row.hostname}) dead while the attempt ran there")
+        return outcomes
+
     def _settle_suspects(self) -> list:
         """Suspected attempts now due: their node died (``node_lost``), or Ray kept it alive for
         ``campaign.node_loss_wait_s`` (the unit's fault after all: kind ``unit``)."""
@@ -579,6 +599,11 @@ class _Driver:
             if lost is None:
                 return  # settled by _settle_suspects
             if lost:
+                # From now on the lost attempt is not trusted: what its processes still write (a node
+                # cut off by a partition goes on running) is refused, even before the retry starts.
+                row = store.unit(unit_id)
+                store.revoke_attempt(unit_id, fencing.issue(self.paths.unit_dir(unit_id), unit_id,
+                                                            after=row.attempt_token).token)
                 steps = store.mark_node_lost(unit_id, outcome.error)
                 log.warning("unit %s: its node was lost (%s); %d steps since its checkpoint lost; retrying elsewhere, "
                             "the attempt not counted", unit_id, outcome.error.splitlines()[0], steps)

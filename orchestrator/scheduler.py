@@ -538,6 +538,24 @@ class Scheduler:
             outcomes.extend(_member_outcome(member) for member in value if member["unit_id"] in unit_ids)
         return outcomes
 
+    def abandon(self, unit_id: str, why: str) -> list[Outcome]:
+        """Give up on the launch that holds ``unit_id`` (alone, or its whole pack) because Ray
+        declared its node dead: it is cancelled, and each unit it holds comes back as kind
+        ``node_lost`` with ``why``. Cut off by a network partition, such a task's call to its
+        node can hang long after the node was declared dead, so the driver does not wait for it;
+        whatever the cut-off processes still write is fenced (``workers.fencing``)."""
+        ref = next((r for r, ids in self._inflight.items() if unit_id in ids), None)
+        if ref is None:
+            return []
+        unit_ids = self._inflight.pop(ref)
+        self._packed.discard(ref)
+        self._packs = {p: r for p, r in self._packs.items() if r != ref}
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - the node is gone either way
+            pass
+        return [Outcome(u, None, why, "node_lost") for u in unit_ids]
+
     def cancel_all(self) -> list[str]:
         """Cancel every attempt in flight (driver shutting down); returns their unit ids."""
         ids = [unit_id for ids in self._inflight.values() for unit_id in ids]

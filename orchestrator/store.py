@@ -430,6 +430,13 @@ class CampaignStore:
             self._event(now, unit_id, "state", RUNNING, new_state, row["attempts"], _first_line(error))
         return new_state
 
+    def revoke_attempt(self, unit_id: str, token: int) -> None:
+        """The unit's latest attempt is no longer trusted: ``token`` (``workers.fencing.issue``)
+        is the unit's current one now, before any newer attempt starts."""
+        with self.db:
+            self.db.execute("UPDATE units SET attempt_token = ?, updated_at = ? WHERE unit_id = ?",
+                            (token, time.time(), unit_id))
+
     def mark_node_lost(self, unit_id: str, error: str) -> int:
         """running -> pending for an attempt that died with its node: not counted (the node's fault,
         not the unit's). Returns the steps it trained past its last checkpoint, as last reported
