@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 SYSTEM_PACKAGES=(python3 python3-venv python3-dev build-essential portaudio19-dev libfluidsynth3
   fluid-soundfont-gm libgl1 libegl1 libosmesa6 libglfw3 ffmpeg
-  munge slurmctld slurmd slurm-client chromium procps psmisc)
+  munge slurmctld slurmd slurm-client chromium procps psmisc iproute2 util-linux)
 
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do

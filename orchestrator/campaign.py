@@ -35,8 +35,8 @@ Campaign directory (``<root>/<campaign>/``)::
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +44,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,7 @@ class _Driver:
         self.pools = None  # slurm: the PoolManager when the profile names SLURM pools
         self.pool: str | None = None
         self.last_reconcile = 0.0
+        self.dir_probe = None  # slurm: a task on the first pool node that checks it sees the campaign directory
         self.attempts_run = 0
         self.interrupted = False
         self.no_space: NoSpaceError | None = None
@@ -326,6 +328,7 @@ class _Driver:
                 while self.no_space is None and (self.imitation.step(units_left=self._units_left()) or self._units_left()):
                     self._launch()
                     self._reconcile_pools()  # slurm
+                    self._check_shared_dir()  # slurm
                     asks, outcomes = self._poll_feed()
                     outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
                     outcomes += self._abandon_dead_nodes()
@@ -395,18 +398,24 @@ class _Driver:
             self.feed = sched_mod.start_feed()
         # --- slurm: pool jobs that join this Ray head and follow the queue (--profile slurm) ---------
         if cfg.slurm.pools:
-            from slurm.pools import SlurmError, cancel_stale_jobs, pool_for_units, start_for_campaign, unit_resources
+            from slurm.pools import SlurmError, pool_for_units, start_for_campaign, unit_resources
 
             self.pool = pool_for_units(cfg.slurm, cfg.campaign.gpus_per_unit)
+            earlier = store.get_meta(POOL_TAGS_KEY) or []
+            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm", earlier)
+            store.set_meta(POOL_TAGS_KEY, earlier + [self.pools.tag])
+            probe, token = paths.dir / ".node-probe", uuid.uuid4().hex
+            write_text_atomic(probe, token)
+            self.dir_probe = ray.remote(sched_mod.sees_file).options(
+                num_cpus=0, resources=unit_resources(self.pool), max_retries=-1).remote(str(probe), token)
             # Pool jobs of a driver that died are cancelled, not adopted: their nodes joined its head.
-            tags = store.get_meta(POOL_TAGS_KEY) or []
             try:
-                cancel_stale_jobs(cfg.slurm, tags)
-                tags = []
-            except SlurmError as e:  # tried again by the next driver
+                if cancelled := self.pools.cancel_earlier_jobs():
+                    store.log_event("pool_jobs_cancelled", f"{len(cancelled)} pool jobs of an earlier driver: "
+                                                           + ", ".join(cancelled))
+                store.set_meta(POOL_TAGS_KEY, [self.pools.tag])
+            except SlurmError as e:  # the next driver tries again
                 log.warning("could not cancel the pool jobs of an earlier driver: %s", e)
-            self.pools = start_for_campaign(cfg, ray.get_runtime_context().gcs_address, paths.logs / "slurm")
-            store.set_meta(POOL_TAGS_KEY, tags + [self.pools.tag])
             self.scheduler.extra_resources = unit_resources(self.pool)
             self.scheduler.pool = cfg.slurm.pools[self.pool]
         # --- end slurm ---------------------------------------------------------------------------------
@@ -485,6 +494,25 @@ class _Driver:
                                   "fence": fence}
                     log.info("%s: slot %d refilled with %s", pack_id, slot, row.unit_id)
             self.feed.answer.remote(pack_id, slot, assignment)
+
+    def _check_shared_dir(self) -> None:
+        """slurm: once the first pool node has answered, raise unless it sees the campaign directory."""
+        if self.dir_probe is None:
+            return
+        import ray
+
+        if not ray.wait([self.dir_probe], timeout=0)[0]:
+            return
+        probe, self.dir_probe = self.dir_probe, None
+        try:
+            host, sees = ray.get(probe)
+        except Exception as e:  # noqa: BLE001 - the node went away: the units will tell
+            log.warning("could not check that pool nodes see %s: %s", self.paths.dir, e)
+            return
+        if not sees:
+            raise CampaignError(
+                f"pool node {host} does not see the campaign directory {self.paths.dir}: put the campaign root on a "
+                "file system every node mounts at the same path (see the README, 'Use a cluster')")
 
     def _reconcile_pools(self) -> None:
         """slurm: pool jobs follow the queue. Units in flight count as running (never cancel a node

@@ -90,6 +90,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, ray_cfg: co
     return True
 
 
+def sees_file(path: str, text: str) -> tuple[str, bool]:
+    """(this host's name, whether ``path`` holds ``text``): run on a node to check that it sees
+    the driver's files (a shared file system mounted at the same path)."""
+    try:
+        return socket.gethostname(), Path(path).read_text() == text
+    except OSError:
+        return socket.gethostname(), False
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:

@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state 
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     ts         REAL NOT NULL,
     unit_id    TEXT,                       -- NULL for campaign events (kind != 'state')
-    kind       TEXT NOT NULL,              -- state | submit | resume | driver_start | driver_stop
+    kind       TEXT NOT NULL,              -- state | submit | resume | driver_start | driver_stop | pool_jobs_cancelled | ...
     from_state TEXT,                       -- NULL when a unit is first added
     to_state   TEXT,
     attempt    INTEGER,

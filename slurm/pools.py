@@ -159,12 +159,15 @@ class PoolManager:
         auth_token_file: str | None = "auto",
         idle_jobs: Callable[[], set[str] | None] = ray_idle_jobs,
         joined_jobs: Callable[[], set[str] | None] = ray_joined_jobs,
+        earlier_tags: list[str] | tuple[str, ...] = (),
     ) -> None:
         """``units_per_job[pool]``: how many units one job of the pool runs at once (default 1).
         ``auth_token_file``: the head's token file, None when the head runs without auth, "auto"
         to find it like Ray does (see :func:`resolve_auth_token_file`).
         ``idle_jobs``: the running jobs that may be cancelled (None: unknown).
-        ``joined_jobs``: the jobs whose Ray node has joined the cluster (None: unknown)."""
+        ``joined_jobs``: the jobs whose Ray node has joined the cluster (None: unknown).
+        ``earlier_tags``: the tags of earlier managers of the same campaign, whose jobs
+        :meth:`cancel_earlier_jobs` cancels and :meth:`shutdown` waits for."""
         if not slurm_cfg.pools:
             raise ValueError("slurm.pools is empty: the profile must name at least one pool")
         check_temp_root(slurm_cfg.ray_tmp_root)
@@ -181,6 +184,7 @@ class PoolManager:
         self._joined_jobs = joined_jobs
         # Job names carry a per-manager tag, so squeue/scancel only ever touch our own jobs.
         self.tag = f"pf-{uuid.uuid4().hex[:8]}"
+        self.earlier_tags = list(earlier_tags)
         self._jobs: dict[str, PoolJob] = {}
         self._executors: dict = {}
         self._quick_ends = {p: 0 for p in slurm_cfg.pools}
@@ -196,8 +200,19 @@ class PoolManager:
 
     # -- public API -------------------------------------------------------------------------
 
-    def job_name(self, pool: str) -> str:
-        return f"{self.tag}-{pool}"
+    def job_name(self, pool: str, tag: str | None = None) -> str:
+        return f"{tag or self.tag}-{pool}"
+
+    def cancel_earlier_jobs(self) -> list[str]:
+        """Cancel the pool jobs of earlier managers of this campaign (``earlier_tags``): a driver
+        that died (its host restarted, SIGKILL) could not cancel them, and their Ray nodes joined a
+        head that is gone. Returns the ids of those SLURM still listed."""
+        names = [self.job_name(p, tag) for tag in self.earlier_tags for p in self.cfg.pools]
+        earlier = sorted(squeue(names))
+        if earlier:
+            log.warning("cancelling %d pool job(s) of an earlier driver: %s", len(earlier), ", ".join(earlier))
+            _run(["scancel", f"--user={getpass.getuser()}", f"--name={','.join(names)}"])
+        return earlier
 
     def jobs(self) -> list[PoolJob]:
         """Pool jobs that hold or wait for a node, as of the last reconcile."""
@@ -249,7 +264,8 @@ class PoolManager:
         if self._closed:
             return
         self._closed = True
-        names = [self.job_name(p) for p in self.cfg.pools]
+        # Earlier drivers' jobs too: cancelled at the start, they may still be ending.
+        names = [self.job_name(p, tag) for tag in [self.tag, *self.earlier_tags] for p in self.cfg.pools]
         try:
             scancel([j.job_id for j in self._jobs.values() if j.alive])
             # Also by name: a job submitted just before a crash of this process is still ours.
@@ -443,31 +459,22 @@ def unit_resources(pool: str) -> dict[str, float]:
     return {pool_resource(pool): 1}
 
 
-def cancel_stale_jobs(slurm_cfg: SlurmConfig, tags: list[str]) -> list[str]:
-    """Cancel the pool jobs of earlier managers (``PoolManager.tag``) of this campaign: a driver
-    that died (its host restarted, SIGKILL) could not cancel them, and their Ray nodes belong to a
-    head that is gone. Returns the ids of the jobs SLURM still listed."""
-    names = [f"{tag}-{pool}" for tag in tags for pool in slurm_cfg.pools]
-    stale = sorted(squeue(names))
-    if stale:
-        log.warning("cancelling %d pool job(s) of an earlier driver of this campaign: %s", len(stale), ", ".join(stale))
-        _run(["scancel", f"--user={getpass.getuser()}", f"--name={','.join(names)}"])
-    return stale
-
-
-def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Path) -> PoolManager:
-    """The campaign driver's entry point: a PoolManager for the profile's pools, at their minimum."""
+def start_for_campaign(cfg: configs.Config, head_address: str, log_dir: str | Path,
+                       earlier_tags: list[str] | tuple[str, ...] = ()) -> PoolManager:
+    """The campaign driver's entry point: a PoolManager for the profile's pools, at their minimum.
+    ``earlier_tags``: see :class:`PoolManager` (cancelling their jobs is up to the caller)."""
     manager = PoolManager(
         cfg.slurm,
         head_address,
         log_dir,
         units_per_job={p: units_per_job(cfg, p) for p in cfg.slurm.pools},
+        earlier_tags=earlier_tags,
     )
     manager.reconcile({}, {})
     return manager
 
 
 __all__ = [
-    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "cancel_stale_jobs", "imitation_jobs", "pool_for_units", "pool_resource",
+    "JOB_LABEL", "POOL_LABEL", "PoolJob", "PoolManager", "SlurmError", "imitation_jobs", "pool_for_units", "pool_resource",
     "ray_idle_jobs", "ray_joined_jobs", "resolve_auth_token_file", "squeue", "start_for_campaign", "unit_resources", "units_per_job",
 ]

@@ -66,6 +66,15 @@ def test_gloo_binds_to_the_interface_of_the_node_address_unless_told_otherwise()
     assert "GLOO_SOCKET_IFNAME" not in raynode.ray_node_env(SPEC, env)
 
 
+def test_a_node_says_whether_it_sees_the_drivers_file(tmp_path):
+    from orchestrator.scheduler import sees_file
+
+    (tmp_path / "probe").write_text("token-1")
+    assert sees_file(str(tmp_path / "probe"), "token-1")[1]
+    assert not sees_file(str(tmp_path / "probe"), "token-2")[1]  # another campaign's file at that path
+    assert not sees_file(str(tmp_path / "absent"), "token-1")[1]  # not mounted there
+
+
 def test_cpu_job_hides_gpus_exported_from_the_submitting_shell():
     env = {"SLURM_JOB_ID": "8", "SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "RAY_AUTH_TOKEN": "x"}
     assert flag(raynode.ray_start_command(SPEC, env, PORTS), "num-gpus") == "0"
@@ -235,14 +244,18 @@ def test_a_job_whose_ray_node_died_is_cancelled_and_replaced_before_slurm_notice
     assert "Ray lost the node of job 101 (cpu, node1)" in (fake.log_dir / "pools.log").read_text()
 
 
-def test_jobs_of_an_earlier_driver_are_cancelled_by_name(fake, monkeypatch):
-    calls = []
-    monkeypatch.setattr(pools, "squeue", lambda names: {"7": ("RUNNING", "node2")} if "pf-old-cpu" in names else {})
+def test_jobs_of_an_earlier_driver_are_cancelled_by_name_and_waited_for(fake, monkeypatch):
+    calls, listed = [], []
+    monkeypatch.setattr(pools, "squeue", lambda names: listed.append(names) or (
+        {"7": ("RUNNING", "node2")} if "pf-old-cpu" in names else {}))
     monkeypatch.setattr(pools, "_run", lambda cmd, timeout=30: calls.append(cmd) or "")
-    assert pools.cancel_stale_jobs(slurm_cfg(), ["pf-old"]) == ["7"]
-    assert calls and calls[0][0] == "scancel" and calls[0][-1] == "--name=pf-old-cpu"
+    assert manager(fake, slurm_cfg(), earlier_tags=["pf-old"]).cancel_earlier_jobs() == ["7"]
+    assert calls == [["scancel", f"--user={pools.getpass.getuser()}", "--name=pf-old-cpu"]]
+    m = manager(fake, slurm_cfg(), earlier_tags=["pf-gone"])
     calls.clear()
-    assert pools.cancel_stale_jobs(slurm_cfg(), ["pf-gone"]) == [] and calls == []
+    assert m.cancel_earlier_jobs() == [] and calls == []
+    m.shutdown(wait_s=0)
+    assert "pf-gone-cpu" in listed[-1]  # shutdown waits for the earlier jobs to leave the queue too
 
 
 def test_ended_job_is_replaced_after_a_backoff_that_grows(fake, monkeypatch):
