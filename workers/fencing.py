@@ -16,11 +16,11 @@ matters checks it right before the rename that makes it visible.
   temporary file removed), one warning names the unit, both tokens and the write, and
   :class:`StaleAttempt` is raised, so the stale attempt ends (a pack member fails alone)
   while what the trusted attempt wrote stays as it is; the line is also appended to
-  ``<unit_dir>/refused-writes.log`` (the stale node's logs may be gone by the time anyone
-  looks). The driver also ignores notes and
-  outcomes that carry a token other than the unit's current one, so store rows are written
-  for the trusted attempt only.
-- A unit run without a driver (``pianoforge train``, tests) holds no fence and is not checked.
+  ``<unit_dir>/refused-writes.log`` (the stale node's logs may be gone by the time anyone looks).
+- The driver revokes a token as soon as it gives up on the attempt (its node declared dead),
+  before any retry starts, and ignores notes and outcomes that carry a token other than the
+  unit's current one, so store rows are written for the trusted attempt only.
+- A unit run without a driver (``pianoforge specialist``, tests) holds no fence and is not checked.
 
 The check reads a small file on the shared file system, not the store: the store is SQLite with
 one writer host, which a writer on another host must not open. What remains is a window, not a
