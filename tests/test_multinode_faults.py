@@ -1,18 +1,25 @@
-"""A network partition on a 3-node SLURM cluster (tests/multinode_fixtures.py): one node's link
-goes down while a pack trains there, for longer than Ray takes to declare the node dead, then
-comes back. The cut-off processes go on writing to the shared file system; the campaign ends
-with one shard per unit and with checkpoints and store rows of the attempts the driver trusts,
-the stale attempts' writes refused (fencing, workers.fencing)."""
+"""Faults on a 3-node SLURM cluster (tests/multinode_fixtures.py) that leave processes of the
+driver's past running, or take training workers away:
+
+- a network partition: one node's link goes down while a pack trains there, for longer than Ray
+  takes to declare the node dead, then comes back. The cut-off processes go on writing to the
+  shared file system; the campaign ends with one shard per unit and with checkpoints and store
+  rows of the attempts the driver trusts, the stale attempts' writes refused (workers.fencing);
+- a node of the imitation job's DDP workers crashes mid-training: Ray Train restarts the worker
+  group on the nodes left from the last checkpoint, and only the finished policy is published.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
-from orchestrator.store import SUCCEEDED
+from orchestrator.store import SUCCEEDED, CampaignStore
 from test_multinode import DRIVER, POOLS, SLOW_SYNTHETIC, assert_one_shard_per_unit, stop, units, wait_for
 from workers import fencing
 from workers.synthetic import read_checkpoint_step, read_attempts
@@ -84,3 +91,56 @@ def test_a_partitioned_nodes_stale_writes_are_refused_and_the_trusted_attempts_k
     assert f"unit {refused}: checkpoint" in refusals and f"(token {stale_tokens[refused]}," in refusals
     assert f"on {victim.hostname})" in refusals and "is stale; the driver now trusts attempt token" in refusals
     print("refused:", refusals.splitlines()[0], json.dumps({u: rows[u].hostname for u in pack}))
+
+
+def test_a_node_of_the_imitation_job_lost_mid_training_restarts_it_from_its_checkpoint(multinode_cluster, tmp_path):
+    from il_fixtures import TINY_IL
+
+    from workers.imitation.policies import load_policy
+
+    cluster, name = multinode_cluster, "il-node-lost"
+    camp_dir, log = tmp_path / name, tmp_path / f"{name}.out"
+    steps = 1500
+    overrides = [*SLOW_SYNTHETIC, "campaign.synthetic.sleep_s=1", "campaign.synthetic.steps=1",
+                 "slurm.pools.cpu.max_jobs=3", "gate.min_shards=3", "gate.launch=after_campaign", "il.num_workers=2",
+                 *TINY_IL, f"il.steps={steps}", "il.checkpoint_interval=50", "il.log_interval=50", "il.max_failures=2"]
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), name, "synthetic", "3",
+                                   *POOLS, *cluster.overrides, *overrides],
+                                  env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = None
+    try:
+        def il_worker_node_after_a_checkpoint():
+            # A checkpoint Ray Train's controller has registered (one only written may be lost with the node).
+            snapshot = camp_dir / "il" / "flow" / "launch-1" / "ray_train" / "checkpoint_manager_snapshot.json"
+            try:
+                if not json.loads(snapshot.read_text())["checkpoint_results"]:
+                    return None
+            except (OSError, ValueError, KeyError):
+                return None
+            for node, (_, netns) in cluster.nodes.items():
+                pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+                for pid in pids:
+                    try:
+                        if "RayTrainWorker" in " ".join(psutil.Process(int(pid)).cmdline()):
+                            return node
+                    except psutil.Error:
+                        continue
+            return None
+
+        killed = wait_for(il_worker_node_after_a_checkpoint, driver, log, timeout=400)
+        cluster.kill_node(killed)
+        print(f"imitation: killed {killed}")
+        driver.wait(timeout=400)
+    finally:
+        stop(driver, cluster, camp_dir)
+        cluster.heal()
+    assert driver.returncode == 0, log.read_text()[-8000:]
+    with CampaignStore(camp_dir / "campaign.db", readonly=True) as store:
+        [launch] = store.get_meta("il_launches")
+    assert launch["state"] == "succeeded", launch
+    assert launch["steps"] == steps and 0 < launch["start_step"] < steps, launch  # restarted from a checkpoint
+    assert killed not in launch["worker_hosts"], launch  # the group that finished ran on the nodes left
+    policy, meta = load_policy(Path(launch["policy_path"]))
+    assert meta["step"] == steps
+    print(f"imitation: node {killed} lost; restarted from step {launch['start_step']} on {launch['worker_hosts']}")
