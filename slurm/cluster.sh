@@ -9,6 +9,7 @@
 #   slurm/cluster.sh nodes    # (N > 1) one line per node: name, address, network namespace
 #   slurm/cluster.sh kill-node K      # (N > 1) SIGKILL every process of node K's namespace (a crashed host)
 #   slurm/cluster.sh link K down|up   # (N > 1) cut node K off the network, or plug it back in
+#   slurm/cluster.sh host-addr        # (N > 1) the host's address on the bridge: where the head listens
 #
 # Everything lives under $PF_SLURM_DIR (default /tmp/pf-slurm): slurm.conf, state, spool, logs.
 # For the default directory the config is also installed as /etc/slurm/slurm.conf when that

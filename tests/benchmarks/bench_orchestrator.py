@@ -16,6 +16,15 @@ peak RSS, ``status`` latency (``read_status()`` and the ``pianoforge status`` pr
 dashboard's ``/api/summary`` latency (in process and over HTTP) on the finished campaign.
 Latencies are the median of ``--repeat`` calls. Units are generated
 (``workers.synthetic.make_units``), not read from MIDI files.
+
+    .venv/bin/python tests/benchmarks/bench_orchestrator.py --nodes 1,3 --units 300 --sleep 0.2   # as root
+
+Across hosts: the Ray head (no CPUs) in this process on the host's side of a ``slurm/cluster.sh
+start --nodes 3`` bridge, and Ray worker nodes in 1 or 3 of its network namespaces, holding
+``--slots`` CPUs in all (1 node x 3 CPUs, or 3 nodes x 1 CPU). Per node count: bare Ray and the
+campaign's units/s and overhead per unit, and the bytes per unit that crossed the bridge (each
+node's eth0 counters: node -> head carries results and metrics, head -> node the tasks), and the
+lake bytes per unit that the nodes wrote to the shared file system.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +51,7 @@ from dashboards.app import DashboardServer
 from dashboards.data import Campaign, summary
 from orchestrator import campaign
 from orchestrator.status import read_status
+from slurm.raynode import _free_ports
 from workers.synthetic import make_units, run_unit
 
 
@@ -156,6 +167,107 @@ def bench_size(n_units: int, cfg: configs.Config, root: Path, repeat: int) -> di
             "status_cli_s": status_cli, "summary_first_s": summary_first, "summary_ms": summary_lib * 1000, "summary_http_ms": summary_http * 1000}
 
 
+# --- across hosts: Ray worker nodes in the namespaces of slurm/cluster.sh start --nodes 3 ----------
+
+CLUSTER_SH = Path(__file__).resolve().parents[2] / "slurm" / "cluster.sh"
+
+
+def eth0_bytes(netns: str) -> tuple[int, int]:
+    """(bytes sent, bytes received) by a node's eth0, from inside its namespace."""
+    stats = json.loads(subprocess.run(["ip", "-n", netns, "-j", "-s", "link", "show", "eth0"], capture_output=True,
+                                      text=True, check=True).stdout)[0]["stats64"]
+    return stats["tx"]["bytes"], stats["rx"]["bytes"]
+
+
+def start_ray_nodes(nodes: list[tuple[str, str, str]], cpus: int, head: str, state_dir: Path) -> list[subprocess.Popen]:
+    """One Ray worker node per (name, address, netns), joined to ``head``; returns their ``ray start`` processes."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    procs = []
+    for name, addr, netns in nodes:
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", f"--uts={state_dir}/ns/{name}.uts", ray_bin, "start", "--block",
+               f"--address={head}", f"--node-ip-address={addr}", f"--num-cpus={cpus}", "--object-store-memory=200000000",
+               f"--temp-dir=/tmp/pf-bn-{name}", "--disable-usage-stats"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 120
+    while sum(1 for n in ray.nodes() if n["Alive"]) < len(nodes) + 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Ray worker nodes did not join the head within 120 s")
+        time.sleep(0.5)
+    return procs
+
+
+def bench_nodes(n_nodes: int, nodes: list[tuple[str, str, str]], n_units: int, slots: int, cfg: configs.Config,
+                root: Path, state_dir: Path) -> dict[str, float]:
+    """Bare Ray and the campaign on ``n_nodes`` namespace nodes of ``slots // n_nodes`` CPUs each."""
+    used = nodes[:n_nodes]
+    procs = start_ray_nodes(used, slots // n_nodes, ray.get_runtime_context().gcs_address, state_dir)
+    try:
+        units = make_units(max(1, -(-n_units // 5)), 5, cfg.hash("env", "droq", "specialist"))[:n_units]
+        row: dict[str, float] = {"nodes": n_nodes, "units": len(units)}
+        # Warm-up: Ray's worker processes start and fetch the task's code once per node; not per unit.
+        warm = make_units(1, 2 * slots, cfg.hash("env", "droq", "specialist"), split="eval")
+        bare_ray(warm, cfg, root / f"warm-n{n_nodes}")
+        for side in ("bare", "campaign"):
+            before = [eth0_bytes(ns) for _, _, ns in used]
+            t0 = time.perf_counter()
+            if side == "bare":
+                bare_ray(units, cfg, root / f"bare-n{n_nodes}")
+            else:
+                result = campaign.submit(units, cfg, f"nodes-{n_nodes}", root=root)
+                assert result.counts["succeeded"] == len(units), result.counts
+            row[f"{side}_s"] = time.perf_counter() - t0
+            after = [eth0_bytes(ns) for _, _, ns in used]
+            row[f"{side}_up"] = sum(a[0] - b[0] for a, b in zip(after, before)) / len(units)
+            row[f"{side}_down"] = sum(a[1] - b[1] for a, b in zip(after, before)) / len(units)
+        lake = root / f"nodes-{n_nodes}" / "lake"
+        row["lake_bytes"] = sum(f.stat().st_size for f in lake.rglob("*") if f.is_file()) / len(units)
+        print(f"{n_nodes} node(s): bare {len(units) / row['bare_s']:.1f} units/s, campaign "
+              f"{len(units) / row['campaign_s']:.1f} units/s; bytes/unit node->head {row['bare_up']:.0f} bare, "
+              f"{row['campaign_up']:.0f} campaign; head->node {row['bare_down']:.0f} bare, {row['campaign_down']:.0f} campaign; "
+              f"lake {row['lake_bytes']:.0f} B/unit", flush=True)
+        return row
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for name, _, _ in used:
+            shutil.rmtree(f"/tmp/pf-bn-{name}", ignore_errors=True)
+
+
+def main_nodes(args) -> None:
+    counts = [int(x) for x in args.nodes.split(",")]
+    state_dir = Path(tempfile.mkdtemp(prefix="pf-bn-", dir="/tmp"))
+    env = {**os.environ, "PF_SLURM_DIR": str(state_dir), "PF_SLURM_CTLD_PORT": str(_free_ports(1)[0])}
+
+    def script(*a: str) -> str:
+        return subprocess.run([str(CLUSTER_SH), *a], env=env, capture_output=True, text=True, check=True).stdout
+
+    script("start", "--nodes", str(max(counts)))
+    try:
+        host = script("host-addr").strip()
+        nodes = [tuple(line.split()) for line in script("nodes").splitlines()]
+        cfg = bench_config(args.sleep)
+        root = args.root or Path(tempfile.mkdtemp(prefix="pf-bench-"))
+        print(f"{args.units[0]} units of {args.sleep} s, {args.slots} CPUs in all, head at {host}, root {root}")
+        ray.init(num_cpus=0, include_dashboard=False, log_to_driver=False, _node_ip_address=host)
+        rows = [bench_nodes(n, nodes, args.units[0], args.slots, cfg, root, state_dir) for n in counts]
+        ray.shutdown()
+    finally:
+        script("stop")
+        shutil.rmtree(state_dir, ignore_errors=True)
+    print("\n| nodes | bare Ray units/s | campaign units/s | overhead/unit | node->head B/unit (bare / campaign) | "
+          "head->node B/unit (bare / campaign) | lake B/unit (shared FS) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['nodes']} | {r['units'] / r['bare_s']:.1f} | {r['units'] / r['campaign_s']:.1f} | "
+              f"{(r['campaign_s'] - r['bare_s']) / r['units'] * 1000:.1f} ms | {r['bare_up']:,.0f} / {r['campaign_up']:,.0f} | "
+              f"{r['bare_down']:,.0f} / {r['campaign_down']:,.0f} | {r['lake_bytes']:,.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--units", type=int, nargs="+", default=[2000, 10000], help="campaign sizes, run in this order")
@@ -163,7 +275,12 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="calls per latency (the median is printed)")
     ap.add_argument("--root", type=Path, default=None, help="where campaigns go (default: a temp dir)")
+    ap.add_argument("--nodes", default=None, help="e.g. 1,3: across 1 and 3 namespace nodes (first --units size; root)")
+    ap.add_argument("--slots", type=int, default=3, help="with --nodes: CPUs of the worker nodes in all")
     args = ap.parse_args()
+    if args.nodes:
+        main_nodes(args)
+        return
 
     cfg = bench_config(args.sleep)
     root = args.root or Path(tempfile.mkdtemp(prefix="pf-bench-"))
