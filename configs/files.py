@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 TMP_MARK = ".tmp-"  # temporary names: ".<final name>.tmp-<random>"
 
@@ -40,10 +40,13 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", *, permissions: int = 0o644, **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "w", *, permissions: int = 0o644,
+                 before_rename: Callable[[], None] | None = None, **open_kwargs) -> Iterator[IO]:
     """Open a hidden temporary file next to ``path``; on a clean exit flush, fsync and rename it
     over ``path`` (then fsync the directory); on an exception remove it and leave ``path`` as it
-    was. ``permissions``: the new file's mode (e.g. 0o600 for secrets; the umask still applies)."""
+    was. ``permissions``: the new file's mode (e.g. 0o600 for secrets; the umask still applies).
+    ``before_rename``: called last thing before the rename; raising there drops the write (a
+    fencing check, ``workers.fencing``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
@@ -53,6 +56,8 @@ def atomic_write(path: str | Path, mode: str = "w", *, permissions: int = 0o644,
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -60,9 +65,10 @@ def atomic_write(path: str | Path, mode: str = "w", *, permissions: int = 0o644,
     fsync_dir(path.parent)
 
 
-def write_text_atomic(path: str | Path, text: str, *, permissions: int = 0o644) -> Path:
-    """``path.write_text(text)``, atomically."""
-    with atomic_write(path, permissions=permissions) as f:
+def write_text_atomic(path: str | Path, text: str, *, permissions: int = 0o644,
+                      before_rename: Callable[[], None] | None = None) -> Path:
+    """``path.write_text(text)``, atomically (``before_rename`` as in :func:`atomic_write`)."""
+    with atomic_write(path, permissions=permissions, before_rename=before_rename) as f:
         f.write(text)
     return Path(path)
 

@@ -56,7 +56,9 @@ from filelock import FileLock, Timeout
 import configs
 from configs.files import NoSpaceError, disk_full
 from orchestrator.gate import LAUNCHES_KEY, Gate
-from orchestrator.store import FAILED, FINISHED, GATED, PENDING, SUCCEEDED, CampaignStore
+from orchestrator.store import FAILED, FINISHED, GATED, PENDING, RUNNING, SUCCEEDED, CampaignStore
+from workers import fencing
+from workers.fencing import Fence
 from workers.lake import Lake
 from workers.units import UnitResult, UnitSpec
 from configs.files import write_text_atomic
@@ -302,6 +304,7 @@ class _Driver:
         # Attempts whose worker died on a node Ray still lists: unit id -> (outcome, until when
         # to wait for Ray to declare the node dead), settled by _settle_suspects.
         self.suspects: dict[str, tuple[Any, float]] = {}
+        self.last_node_check = 0.0  # _abandon_dead_nodes
         self.config_dicts: dict[str, dict] = {}
         self.pack_keys: dict[str, tuple] = {}  # pack id -> what a unit must share to join it (_pack_key)
         self.rates = _StepRates()
@@ -330,6 +333,7 @@ class _Driver:
                     self._check_shared_dir()  # slurm
                     asks, outcomes = self._poll_feed()
                     outcomes += self.scheduler.wait(timeout=0.25 if self.feed is not None else 1.0)
+                    outcomes += self._abandon_dead_nodes()
                     if outcomes or time.monotonic() - self.last_drain > 1.0:
                         self._drain()  # before finishing: worker notes belong to the attempt that just ended
                     for outcome in outcomes + self._settle_suspects():
@@ -439,24 +443,28 @@ class _Driver:
                 store.set_meta("packs_launched", packs_launched)
                 pack_id = f"pack-{packs_launched}"
                 self.pack_keys[pack_id] = _pack_key(rows[0])
-            for row in rows:
-                self._mark_running(row, pack_id)
+            fences = [self._mark_running(row, pack_id) for row in rows]
             row = rows[0]
             if row.config_key not in self.config_dicts:
                 self.config_dicts[row.config_key] = store.get_config(row.config_key)
             config_ref = scheduler.config_ref(row.config_key, self.config_dicts[row.config_key])
             if pack_id is None:
-                scheduler.launch(row.unit_id, row.spec_json, config_ref, paths.unit_dir(row.unit_id), paths.lake)
+                scheduler.launch(row.unit_id, row.spec_json, config_ref, paths.unit_dir(row.unit_id), paths.lake,
+                                 fences[0])
             else:
                 scheduler.launch_pack(pack_id, [r.unit_id for r in rows], [r.spec_json for r in rows], config_ref,
-                                      [paths.unit_dir(r.unit_id) for r in rows], paths.lake, self.feed)
+                                      [paths.unit_dir(r.unit_id) for r in rows], paths.lake, self.feed, fences)
                 log.info("%s: %s", pack_id, ", ".join(r.unit_id for r in rows))
 
-    def _mark_running(self, row, pack_id: str | None) -> None:
-        attempt = self.store.mark_running(row.unit_id, pack_id)
+    def _mark_running(self, row, pack_id: str | None) -> Fence:
+        """A new attempt of ``row``'s unit: its fencing token is issued (written to the unit
+        directory) before it is recorded and launched, so an older attempt's writes fail from now on."""
+        fence = fencing.issue(self.paths.unit_dir(row.unit_id), row.unit_id, after=row.attempt_token)
+        attempt = self.store.mark_running(row.unit_id, pack_id, token=fence.token)
         self.attempts_run += 1
         self.sink.open_unit.remote(row.unit_id, _unit_params(row),
                                    {"state": "running", "attempt": attempt, **({"pack_id": pack_id} if pack_id else {})})
+        return fence
 
     def _poll_feed(self) -> tuple[list[tuple[str, int]], list]:
         """Packs' requests for their freed slots, and the members' outcomes they sent ahead (as
@@ -482,9 +490,10 @@ class _Driver:
                 rows = _next_pack(self.queue, self.store, 1, key=self.pack_keys[pack_id])
                 if rows:
                     row = rows[0]
-                    self._mark_running(row, pack_id)
+                    fence = self._mark_running(row, pack_id)
                     self.scheduler.join_pack(pack_id, row.unit_id)
-                    assignment = {"spec_json": row.spec_json, "unit_dir": str(self.paths.unit_dir(row.unit_id))}
+                    assignment = {"spec_json": row.spec_json, "unit_dir": str(self.paths.unit_dir(row.unit_id)),
+                                  "fence": fence}
                     log.info("%s: slot %d refilled with %s", pack_id, slot, row.unit_id)
             self.feed.answer.remote(pack_id, slot, assignment)
 
@@ -535,13 +544,44 @@ class _Driver:
             return
         store = self.store
         for n in notes["started"]:
-            store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
-        for unit_id, (step, ckpt) in notes["progress"].items():
-            store.note_progress(unit_id, step, ckpt, self.rates.note(unit_id, step))
+            if self._trusted(n["unit_id"], n.get("attempt_token"), "start note"):
+                store.note_worker(n["unit_id"], n.get("hostname"), n.get("node_id"), n.get("pid"), n.get("slurm_job_id"))
+        for unit_id, (step, ckpt, token) in notes["progress"].items():
+            if self._trusted(unit_id, token, "progress"):
+                store.note_progress(unit_id, step, ckpt, self.rates.note(unit_id, step))
         record_runs(store, notes["runs"])
         if notes["behind"] and time.monotonic() - self.last_behind_warning >= 60.0:  # one line a minute at most
             log.warning(notes["behind"])
             self.last_behind_warning = time.monotonic()
+
+    def _trusted(self, unit_id: str, token: int | None, what: str) -> bool:
+        """Whether a worker's ``what`` comes from the attempt of ``unit_id`` the driver trusts now
+        (its fencing token is the unit's current one, ``workers.fencing``); a stale attempt's
+        is dropped with a warning. Unfenced notes (token None) are the current attempt's."""
+        current = self.store.unit(unit_id).attempt_token
+        if token is None or token == current:
+            return True
+        log.warning("unit %s: %s of a stale attempt (token %s; the driver trusts token %s) ignored",
+                    unit_id, what, token, current)
+        return False
+
+    def _abandon_dead_nodes(self) -> list:
+        """Attempts in flight on a node Ray has declared dead, as ``node_lost`` outcomes (checked
+        every few seconds): a node cut off by a partition is declared dead, but the call to it
+        may not fail for long after, and its units must run elsewhere meanwhile."""
+        if not len(self.scheduler) or time.monotonic() - self.last_node_check < 2.0:
+            return []
+        import ray
+
+        self.last_node_check = time.monotonic()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        outcomes = []
+        for row in self.store.units([RUNNING]):
+            if row.node_id and row.node_id not in alive and row.unit_id not in self.suspects \
+                    and all(o.unit_id != row.unit_id for o in outcomes):
+                outcomes += self.scheduler.abandon(row.unit_id, f"NodeDiedError: Ray declared node {row.node_id} "
+                                                                f"({row.hostname}) dead while the attempt ran there")
+        return outcomes
 
     def _settle_suspects(self) -> list:
         """Suspected attempts now due: their node died (``node_lost``), or Ray kept it alive for
@@ -574,8 +614,11 @@ class _Driver:
     def _finish(self, outcome) -> None:
         """A finished attempt: the unit succeeded or was gated, or its failure is retried from its
         checkpoint (to the back of the queue) or, out of attempts, it failed. An attempt lost
-        with its node goes to the front of the queue, uncounted."""
+        with its node goes to the front of the queue, uncounted. A stale attempt's outcome
+        changes nothing."""
         cfg, store, sink = self.cfg, self.store, self.sink
+        if not self._trusted(outcome.unit_id, outcome.token, "outcome"):
+            return
         if outcome.error_kind == "disk_full":  # not the unit's fault: left running, requeued uncounted later
             log.error("unit %s: %s", outcome.unit_id, outcome.no_space)
             self.no_space = self.no_space or outcome.no_space
@@ -586,6 +629,11 @@ class _Driver:
             if lost is None:
                 return  # settled by _settle_suspects
             if lost:
+                # From now on the lost attempt is not trusted: what its processes still write (a node
+                # cut off by a partition goes on running) is refused, even before the retry starts.
+                row = store.unit(unit_id)
+                store.revoke_attempt(unit_id, fencing.issue(self.paths.unit_dir(unit_id), unit_id,
+                                                            after=row.attempt_token).token)
                 steps = store.mark_node_lost(unit_id, outcome.error)
                 log.warning("unit %s: its node was lost (%s); %d steps since its checkpoint lost; retrying elsewhere, "
                             "the attempt not counted", unit_id, outcome.error.splitlines()[0], steps)

@@ -20,6 +20,10 @@ or node that died) comes back to the driver, which decides whether to retry. A f
 the node's fault, not the unit's: it comes back as kind ``disk_full`` and costs no attempt; so
 does an attempt whose node was lost (kind ``node_lost``, or a dead worker on a node Ray then
 declares dead).
+
+Each attempt carries the fencing token the driver issued for it (``workers.fencing``): the
+worker side holds it while the unit runs, so the unit's commits check it, and tags its start
+note, its progress and its outcome with it, so the driver can ignore a stale attempt's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import ray.exceptions
 import configs
 from configs.files import NoSpaceError, disk_full
 from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
+from workers import fencing
+from workers.fencing import Fence
 from workers.units import Arrival, MemberOutcome, Refill, UnitResult, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -124,10 +130,12 @@ def _workload(name: str, table: dict[str, tuple[str, str]] = WORKLOADS):
     return getattr(__import__(module, fromlist=[func]), func)
 
 
-def _note_start(sink, unit_id: str) -> None:
+def _note_start(sink, unit_id: str, fence: Fence | None) -> None:
+    fencing.hold(fence)  # the unit's commits in this process check it from now on
     if sink is not None:
         ctx = ray.get_runtime_context()
         sink.started.remote(unit_id, {
+            "attempt_token": _token(unit_id),
             "hostname": socket.gethostname(),
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
@@ -135,16 +143,23 @@ def _note_start(sink, unit_id: str) -> None:
         })
 
 
-def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink) -> dict:
+def _token(unit_id: str) -> int | None:
+    """The fencing token this process holds for ``unit_id`` (None: not fenced)."""
+    fence = fencing.held(unit_id)
+    return None if fence is None else fence.token
+
+
+def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, lake_root: str, sink,
+                 fence: Fence | None = None) -> dict:
     """Worker side of one attempt: say where it runs, run the workload (given the campaign's
     config: it applies the unit's overrides, ``UnitSpec.config``), time its reporting.
 
     Returns ``UnitResult`` fields plus ``report_seconds`` (time spent inside the metrics
-    callback).
+    callback) and ``attempt_token`` (``fence``'s token: the driver ignores a stale attempt's result).
     """
     unit = UnitSpec.model_validate_json(spec_json)
     cfg = configs.from_dict(cfg_dict)
-    _note_start(sink, unit.unit_id)
+    _note_start(sink, unit.unit_id, fence)
     report = Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s)
     run = _workload(workload)
     try:
@@ -156,13 +171,16 @@ def execute_unit(workload: str, spec_json: str, cfg_dict: dict, unit_dir: str, l
         raise
     finally:
         report.close()  # metrics of a failed attempt still reach MLflow
-    return {**result.model_dump(), "report_seconds": report.seconds}
+        fencing.release(unit.unit_id)
+    return {**result.model_dump(), "report_seconds": report.seconds, "attempt_token": report.token}
 
 
 def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs: list[str], lake_root: str,
-                 sink, cpus: float, feed=None, pack_id: str | None = None) -> list[dict]:
+                 sink, cpus: float, feed=None, pack_id: str | None = None,
+                 fences: list[Fence | None] | None = None) -> list[dict]:
     """Worker side of one pack: its members' attempts in this process (``PACK_WORKLOADS``),
     and, with a ``feed`` (``PackFeed``), the units the driver sends to refill freed slots.
+    ``fences``: each member's attempt (``workers.fencing``), so each member's writes are fenced alone.
 
     Returns one dict per member (``member_dict``), launched or sent.
     """
@@ -170,8 +188,8 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
     cfg = configs.from_dict(cfg_dict)  # each member applies its own overrides
     refill = RayRefill(feed, pack_id, sink, cfg.mlflow.flush_interval_s, lake_root) if feed is not None else None
     reporters = []
-    for unit, unit_dir in zip(units, unit_dirs):
-        _note_start(sink, unit.unit_id)
+    for unit, unit_dir, fence in zip(units, unit_dirs, fences or [None] * len(units)):
+        _note_start(sink, unit.unit_id, fence)
         reporters.append(Reporter(sink, unit.unit_id, cfg.mlflow.flush_interval_s))
         if refill is not None:
             refill.members[unit.unit_id] = (reporters[-1], unit_dir)
@@ -182,20 +200,23 @@ def execute_pack(workload: str, specs_json: list[str], cfg_dict: dict, unit_dirs
     finally:
         for report in reporters + (refill.reporters() if refill is not None else []):
             report.close()  # metrics of failed members still reach MLflow
+            fencing.release(report.unit_id)
     if refill is not None:
         return [refill.member_dict(o) for o in outcomes]
-    return [member_dict(o, report.seconds, unit_dir, lake_root) for o, report, unit_dir in zip(outcomes, reporters, unit_dirs)]
+    return [member_dict(o, report, unit_dir, lake_root) for o, report, unit_dir in zip(outcomes, reporters, unit_dirs)]
 
 
-def member_dict(outcome: MemberOutcome, report_seconds: float, unit_dir: str, lake_root: str) -> dict:
+def member_dict(outcome: MemberOutcome, report: Reporter, unit_dir: str, lake_root: str) -> dict:
     """A member's outcome as the driver reads it: ``{"unit_id", "result"}`` with ``UnitResult``
     fields plus ``report_seconds``, or ``{"unit_id", "error", "kind", "no_space"}`` with its
-    traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it)."""
+    traceback (kind ``disk_full`` with the ``NoSpaceError`` when a full disk caused it); both
+    with the attempt's ``attempt_token``."""
     if outcome.error is not None:
         full = disk_full(outcome.error, paths=(unit_dir, lake_root))  # the node's fault, not the unit's
-        return {"unit_id": outcome.unit_id, "error": _clip(outcome.error_text),
+        return {"unit_id": outcome.unit_id, "error": _clip(outcome.error_text), "attempt_token": report.token,
                 "kind": "disk_full" if full is not None else "unit", "no_space": full}
-    return {"unit_id": outcome.unit_id, "result": {**outcome.result.model_dump(), "report_seconds": report_seconds}}
+    return {"unit_id": outcome.unit_id, "attempt_token": report.token,
+            "result": {**outcome.result.model_dump(), "report_seconds": report.seconds}}
 
 
 class PackFeed:
@@ -204,7 +225,7 @@ class PackFeed:
     A pack calls ``next(pack_id, slot)`` for a freed slot (the call resolves when the driver
     answers) and ``done(pack_id, member)`` with each member's outcome; the driver reads both
     with ``poll()`` and answers with ``answer(pack_id, slot, assignment)``: ``{"spec_json",
-    "unit_dir"}`` or None (no more work for that slot)."""
+    "unit_dir", "fence"}`` or None (no more work for that slot)."""
 
     def __init__(self) -> None:
         self._asks: dict[tuple[str, int], asyncio.Future] = {}
@@ -256,19 +277,22 @@ class RayRefill(Refill):
         self.flush_interval_s, self.lake_root = flush_interval_s, lake_root
         self.members: dict[str, tuple[Reporter, str]] = {}  # unit_id -> (its reporter, its unit directory)
         self._asks: dict[int, ray.ObjectRef] = {}
-        self._sent: set[str] = set()
+        # id(outcome) -> (outcome, its member dict), made once when the outcome is final: a unit that
+        # failed here and was sent here again has two outcomes, each with its own attempt's token.
+        self._dicts: dict[int, tuple[MemberOutcome, dict]] = {}
 
     def reporters(self) -> list[Reporter]:
         return [report for report, _ in self.members.values()]
 
     def member_dict(self, outcome: MemberOutcome) -> dict:
-        report, unit_dir = self.members[outcome.unit_id]
-        report.close()
-        return member_dict(outcome, report.seconds, unit_dir, self.lake_root)
+        if id(outcome) not in self._dicts:
+            report, unit_dir = self.members[outcome.unit_id]
+            report.close()
+            self._dicts[id(outcome)] = (outcome, member_dict(outcome, report, unit_dir, self.lake_root))
+        return self._dicts[id(outcome)][1]
 
     def done(self, outcome: MemberOutcome) -> None:
-        if outcome.unit_id in self.members and outcome.unit_id not in self._sent:
-            self._sent.add(outcome.unit_id)
+        if outcome.unit_id in self.members and id(outcome) not in self._dicts:
             self.feed.done.remote(self.pack_id, self.member_dict(outcome))
 
     def request(self, slot: int) -> None:
@@ -288,7 +312,7 @@ class RayRefill(Refill):
                 answers.append((slot, None))
                 continue
             unit = UnitSpec.model_validate_json(assignment["spec_json"])
-            _note_start(self.sink, unit.unit_id)
+            _note_start(self.sink, unit.unit_id, assignment.get("fence"))
             report = Reporter(self.sink, unit.unit_id, self.flush_interval_s)
             self.members[unit.unit_id] = (report, assignment["unit_dir"])
             answers.append((slot, Arrival(unit, Path(assignment["unit_dir"]), report)))
@@ -307,6 +331,7 @@ class Reporter:
 
     def __init__(self, sink, unit_id: str, interval_s: float):
         self.sink, self.unit_id, self.interval_s = sink, unit_id, interval_s
+        self.token = _token(unit_id)  # the attempt's fencing token: the driver drops a stale attempt's progress
         self.pending: list[tuple[dict, int]] = []
         self.last_send = time.monotonic()
         self.seconds = 0.0  # everything spent in here: the share of worker time that logging costs
@@ -325,7 +350,7 @@ class Reporter:
 
     def _send(self) -> None:
         if self.pending and self.sink is not None:
-            self.sink.log_many.remote(self.unit_id, self.pending)
+            self.sink.log_many.remote(self.unit_id, self.pending, self.token)
         self.pending = []
         self.last_send = time.monotonic()
 
@@ -352,6 +377,7 @@ class Outcome:
     # or 'disk_full' (the node's disk: ``no_space`` names the path); the last two are not the unit's fault
     error_kind: str | None
     no_space: NoSpaceError | None = None
+    token: int | None = None  # the attempt's fencing token (None: the scheduler's own verdict on a launch in flight)
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
@@ -446,7 +472,8 @@ class Scheduler:
             self._config_refs[config_key] = ray.put(config_dict)
         return self._config_refs[config_key]
 
-    def launch(self, unit_id: str, spec_json: str, config_ref: ray.ObjectRef, unit_dir: Path, lake_root: Path) -> None:
+    def launch(self, unit_id: str, spec_json: str, config_ref: ray.ObjectRef, unit_dir: Path, lake_root: Path,
+               fence: Fence | None = None) -> None:
         cpus, gpus = self.camp.cpus_per_unit, self.camp.gpus_per_unit
         ref = _execute_unit_remote.options(
             num_cpus=cpus,
@@ -454,13 +481,13 @@ class Scheduler:
             resources=self.extra_resources,  # slurm: {"pool:<name>": 1} with --profile slurm, else {}
             max_retries=0,             # the store counts attempts; see the module docstring
             retry_exceptions=False,
-        ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink)
+        ).remote(self.workload, spec_json, config_ref, str(unit_dir), str(lake_root), self.sink, fence)
         self._inflight[ref] = [unit_id]
 
     def launch_pack(self, pack_id: str, unit_ids: list[str], specs_json: list[str], config_ref: ray.ObjectRef,
-                    unit_dirs: list[Path], lake_root: Path, feed=None) -> None:
+                    unit_dirs: list[Path], lake_root: Path, feed=None, fences: list[Fence] | None = None) -> None:
         """One Ray task training ``unit_ids`` together (one config for all of them); with a
-        ``feed`` (``PackFeed``) it asks for more units as its slots free."""
+        ``feed`` (``PackFeed``) it asks for more units as its slots free. ``fences``: the members' attempts."""
         cpus, gpus = self.resources()
         ref = _execute_pack_remote.options(
             num_cpus=cpus,
@@ -470,7 +497,7 @@ class Scheduler:
             max_retries=0,
             retry_exceptions=False,
         ).remote(self.workload, specs_json, config_ref, [str(d) for d in unit_dirs], str(lake_root), self.sink, cpus,
-                 feed, pack_id)
+                 feed, pack_id, fences)
         self._inflight[ref] = list(unit_ids)
         self._packed.add(ref)
         self._packs[pack_id] = ref
@@ -514,11 +541,29 @@ class Scheduler:
                 outcomes.extend(Outcome(unit_id, None, text, kind, no_space) for unit_id in unit_ids)
                 continue
             if not packed:
-                outcomes.append(Outcome(unit_ids[0], value, None, None))
+                outcomes.append(Outcome(unit_ids[0], value, None, None, token=value.get("attempt_token")))
                 continue
             # Members whose outcome came ahead through the feed are no longer listed.
             outcomes.extend(_member_outcome(member) for member in value if member["unit_id"] in unit_ids)
         return outcomes
+
+    def abandon(self, unit_id: str, why: str) -> list[Outcome]:
+        """Give up on the launch that holds ``unit_id`` (alone, or its whole pack) because Ray
+        declared its node dead: it is cancelled, and each unit it holds comes back as kind
+        ``node_lost`` with ``why``. Cut off by a network partition, such a task's call to its
+        node can hang long after the node was declared dead, so the driver does not wait for it;
+        whatever the cut-off processes still write is fenced (``workers.fencing``)."""
+        ref = next((r for r, ids in self._inflight.items() if unit_id in ids), None)
+        if ref is None:
+            return []
+        unit_ids = self._inflight.pop(ref)
+        self._packed.discard(ref)
+        self._packs = {p: r for p, r in self._packs.items() if r != ref}
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - the node is gone either way
+            pass
+        return [Outcome(u, None, why, "node_lost") for u in unit_ids]
 
     def cancel_all(self) -> list[str]:
         """Cancel every attempt in flight (driver shutting down); returns their unit ids."""
@@ -536,5 +581,6 @@ class Scheduler:
 
 def _member_outcome(member: dict) -> Outcome:
     if "error" in member:
-        return Outcome(member["unit_id"], None, member["error"], member["kind"], member.get("no_space"))
-    return Outcome(member["unit_id"], member["result"], None, None)
+        return Outcome(member["unit_id"], None, member["error"], member["kind"], member.get("no_space"),
+                       member.get("attempt_token"))
+    return Outcome(member["unit_id"], member["result"], None, None, token=member.get("attempt_token"))

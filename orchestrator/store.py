@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 from workers.units import UnitResult, UnitSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 PENDING, RUNNING, SUCCEEDED, FAILED, GATED = "pending", "running", "succeeded", "failed", "gated"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, GATED)
@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS units (
     budget_steps    INTEGER,               -- its nominal budget (specialist.total_steps)
     eval_seconds    REAL,                  -- time in evaluations during training (latest attempt)
     pack_id         TEXT,                  -- the pack of the latest attempt (campaign.pack_size > 1), else NULL
-    steps_lost      INTEGER                -- training steps past the last checkpoint lost with lost nodes (all attempts)
+    steps_lost      INTEGER,               -- training steps past the last checkpoint lost with lost nodes (all attempts)
+    attempt_token   INTEGER                -- fencing token of the latest attempt (workers.fencing); only it may commit
 );
 CREATE INDEX IF NOT EXISTS units_by_state ON units(state);
 CREATE TABLE IF NOT EXISTS events (        -- state transitions (units by state over time) and driver events
@@ -104,6 +105,7 @@ MIGRATIONS = {
         "ALTER TABLE units ADD COLUMN budget_steps INTEGER", "ALTER TABLE units ADD COLUMN eval_seconds REAL"],
     3: ["ALTER TABLE units ADD COLUMN pack_id TEXT"],
     4: ["ALTER TABLE units ADD COLUMN steps_lost INTEGER"],
+    5: ["ALTER TABLE units ADD COLUMN attempt_token INTEGER"],
 }
 
 
@@ -150,6 +152,7 @@ class UnitRow:
     eval_seconds: float | None = None
     pack_id: str | None = None
     steps_lost: int | None = None
+    attempt_token: int | None = None
 
     @property
     def spec(self) -> UnitSpec:
@@ -352,9 +355,10 @@ class CampaignStore:
 
     # ---- transitions (driver only) ----------------------------------------------------
 
-    def mark_running(self, unit_id: str, pack_id: str | None = None) -> int:
+    def mark_running(self, unit_id: str, pack_id: str | None = None, token: int | None = None) -> int:
         """pending -> running; counts a new attempt and returns its number (1-based). ``pack_id``
-        names the pack the attempt runs in (None: a unit alone)."""
+        names the pack the attempt runs in (None: a unit alone), ``token`` its fencing token
+        (``workers.fencing.issue``)."""
         now = time.time()
         with self.db:
             row = self._expect(unit_id, PENDING)
@@ -362,8 +366,8 @@ class CampaignStore:
             self.db.execute(
                 "UPDATE units SET state = ?, attempts = ?, started_at = ?, finished_at = NULL, seconds = NULL,"
                 " hostname = NULL, node_id = NULL, pid = NULL, slurm_job_id = NULL, pack_id = ?, env_steps_per_s = NULL,"
-                " updated_at = ? WHERE unit_id = ?",
-                (RUNNING, attempt, now, pack_id, now, unit_id),
+                " attempt_token = ?, updated_at = ? WHERE unit_id = ?",
+                (RUNNING, attempt, now, pack_id, token, now, unit_id),
             )
             self._event(now, unit_id, "state", PENDING, RUNNING, attempt, pack_id and f"pack {pack_id}")
         return attempt
@@ -425,6 +429,13 @@ class CampaignStore:
             )
             self._event(now, unit_id, "state", RUNNING, new_state, row["attempts"], _first_line(error))
         return new_state
+
+    def revoke_attempt(self, unit_id: str, token: int) -> None:
+        """The unit's latest attempt is no longer trusted: ``token`` (``workers.fencing.issue``)
+        is the unit's current one now, before any newer attempt starts."""
+        with self.db:
+            self.db.execute("UPDATE units SET attempt_token = ?, updated_at = ? WHERE unit_id = ?",
+                            (token, time.time(), unit_id))
 
     def mark_node_lost(self, unit_id: str, error: str) -> int:
         """running -> pending for an attempt that died with its node: not counted (the node's fault,

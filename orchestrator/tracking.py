@@ -94,7 +94,8 @@ class MetricsSink:
         self.experiment, self.artifact_location = experiment_name, artifact_location
         self._lock = threading.Lock()  # guards the notes below
         self._started: list[dict] = []                       # worker start notes since the last drain
-        self._progress: dict[str, tuple[int | None, int | None]] = {}  # unit_id -> (step, checkpoint_step)
+        # unit_id -> (step, checkpoint_step, the attempt's fencing token)
+        self._progress: dict[str, tuple[int | None, int | None, int | None]] = {}
         self._runs_cursor = 0
         self._metrics_received = 0
         self._system: threading.Thread | None = None
@@ -129,8 +130,10 @@ class MetricsSink:
         """A file (the unit's clip) as an artifact of the unit's run."""
         self.outbox.log_file(unit_key(unit_id), path)
 
-    def log(self, unit_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
-        """A worker's metrics; ``step`` in the dict is the MLflow step."""
+    def log(self, unit_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None,
+            token: int | None = None) -> None:
+        """A worker's metrics; ``step`` in the dict is the MLflow step; ``token`` the sending
+        attempt's fencing token (the driver records progress of the current attempt only)."""
         step = int(metrics.get("step", 0) or 0)
         values = {k: v for k, v in metrics.items() if k != "step"}
         self.outbox.log(unit_key(unit_id), values, step, timestamp_ms)
@@ -138,14 +141,16 @@ class MetricsSink:
         ckpt = metrics.get("checkpoint_step", metrics.get("resume/step"))
         with self._lock:
             self._metrics_received += len(values)
-            old_step, old_ckpt = self._progress.get(unit_id, (None, None))
+            old_step, old_ckpt, old_token = self._progress.get(unit_id, (None, None, None))
+            if token != old_token:  # another attempt's progress: not mixed with this one's
+                old_step = old_ckpt = None
             self._progress[unit_id] = (step if "step" in metrics else old_step,
-                                       int(ckpt) if ckpt is not None else old_ckpt)
+                                       int(ckpt) if ckpt is not None else old_ckpt, token)
 
-    def log_many(self, unit_id: str, items: list[tuple[dict[str, Any], int]]) -> None:
+    def log_many(self, unit_id: str, items: list[tuple[dict[str, Any], int]], token: int | None = None) -> None:
         """``log`` for a batch of (metrics, timestamp_ms) a worker collected."""
         for metrics, ts in items:
-            self.log(unit_id, metrics, ts)
+            self.log(unit_id, metrics, ts, token)
 
     def started(self, unit_id: str, info: dict[str, Any]) -> None:
         """A worker began an attempt: where (hostname, node, pid, SLURM job)."""

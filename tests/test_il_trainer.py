@@ -118,3 +118,24 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint_bc(tmp_path, lake_ro
     policy, meta = load_policy(result.policy_path)
     assert policy.kind == "bc" and meta["step"] == 10
     assert policy.act(torch.zeros(1144).numpy()).shape == (4, 39)
+
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_dies_with_no_restarts_left_publishes_nothing_and_a_relaunch_continues(
+        tmp_path, lake_root, ray_cluster):
+    """One of two DDP workers dies mid-training (the drill: its process exits at step 7). With no
+    restarts left the job fails with the reason and publishes no policy; launched again (as the
+    gate does on resume) it continues from the last checkpoint and publishes the finished policy."""
+    out = tmp_path / "il"
+    cfg = configs.load(overrides=TINY + ["il.steps=10", "il.max_failures=0", "il.num_workers=2"])
+    with pytest.raises(Exception) as failed:
+        train_il(lake_root, cfg, out, policy="bc", min_f1=0.0, _fail_at_step=7)
+    assert (out / ".failure-drill-done").exists()
+    assert "RayTrainWorker" in str(failed.value) and "died unexpectedly" in str(failed.value)  # the reason
+    assert not (out / "policy.pt").exists() and not list(out.glob(".policy.pt*"))
+
+    result = train_il(lake_root, cfg, out, policy="bc", min_f1=0.0)  # the drill fires once: no death now
+    assert (result.steps, result.start_step) == (10, 5)  # from the checkpoint of step 5
+    policy, meta = load_policy(result.policy_path)
+    assert meta["step"] == 10 and policy.kind == "bc"

@@ -111,7 +111,8 @@ def test_a_store_from_before_packs_gains_the_columns(tmp_path):
         store.put_config({}, "k")
         store.add_units(make_units(1, 1, "cfg"), "k")
     db = sqlite3.connect(tmp_path / "campaign.db")  # as schema 2 left it
-    db.execute("ALTER TABLE units DROP COLUMN pack_id")
+    for column in ("pack_id", "steps_lost", "attempt_token"):  # the columns of schema 3 and later
+        db.execute(f"ALTER TABLE units DROP COLUMN {column}")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.commit()
     db.close()

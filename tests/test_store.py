@@ -27,7 +27,7 @@ def store(tmp_path):
 
 def test_store_uses_wal_and_records_schema_version(store):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.get_meta("schema_version") == SCHEMA_VERSION == 4
+    assert store.get_meta("schema_version") == SCHEMA_VERSION == 5
 
 
 def test_adding_the_same_units_again_keeps_their_state(store):
@@ -152,8 +152,8 @@ def test_stop_reasons_and_saved_steps_over_finished_units(store):
 
 
 def _version_1_store(path) -> None:
-    """A store as schema version 1 wrote it (no budget or pack columns), with one finished unit."""
-    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id", "steps_lost")
+    """A store as schema version 1 wrote it (no budget, pack, node-loss or fencing columns), with one finished unit."""
+    new_columns = ("stop_reason", "stop_step", "budget_steps", "eval_seconds", "pack_id", "steps_lost", "attempt_token")
     lines = [line for line in SCHEMA.splitlines() if not line.strip().startswith(new_columns)]
     v1 = "\n".join(lines).replace("updated_at      REAL NOT NULL,", "updated_at      REAL NOT NULL")
     db = sqlite3.connect(path)

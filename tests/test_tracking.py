@@ -185,7 +185,7 @@ def test_sink_writes_runs_and_hands_notes_to_the_driver(tmp_path, store_uri):
     for step in range(1, 20):
         sink.log("u1", {"step": step, "train/return": float(step), "checkpoint_step": step - step % 5})
     notes = sink.drain()
-    assert notes["started"][0]["hostname"] == "h" and notes["progress"] == {"u1": (19, 15)}
+    assert notes["started"][0]["hostname"] == "h" and notes["progress"] == {"u1": (19, 15, None)}  # no fencing token
     sink.finish_unit("u1", "FINISHED", {"f1": 0.9}, {"state": "succeeded"})
     closed = sink.close("FINISHED", {"units_succeeded": 1}, wait_s=60)
     assert closed["behind"] is None and closed["stats"]["metrics_received"] == 19 * 2

@@ -31,6 +31,7 @@ from workers.lake import Lake, ShardMeta, synthetic_episode
 from workers.units import (ATTEMPTS_LOG, PID_FILE, MemberOutcome, Refill, UnitResult, UnitSpec,  # noqa: F401 (re-exported)
                            clear_pid_file, read_attempts, write_pid_file)
 from configs.files import write_text_atomic
+from workers import fencing
 
 CHECKPOINT = "checkpoint.json"
 
@@ -83,7 +84,8 @@ def _run(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: Path,
     for step in range(start_step + 1, syn.steps + 1):
         time.sleep(sleep_per_step)
         if step % syn.checkpoint_every == 0 or step == syn.steps:
-            write_text_atomic(unit_dir / CHECKPOINT, json.dumps({"step": step}))
+            write_text_atomic(unit_dir / CHECKPOINT, json.dumps({"step": step}),
+                              before_rename=fencing.guard(unit.unit_id, f"checkpoint {unit_dir / CHECKPOINT}"))
             if report is not None:
                 report({"step": step, "checkpoint_step": step, "train/return": f1 * step})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ Split = Literal["train", "eval", "held-out"]
 
 # In every unit directory, whatever the workload:
 ATTEMPTS_LOG = "attempts.jsonl"  # one line per start: {"attempt", "start_step", "pid", "time"}
-PID_FILE = "worker.pid"  # while an attempt runs: {"pid", "unit_id", "started"} (see live_worker_pid)
+PID_FILE = "worker.pid"  # while an attempt runs: {"pid", "unit_id", "started", "host"} (see live_worker_pid)
 
 
 def read_attempts(unit_dir: Path) -> list[dict]:
@@ -44,13 +45,21 @@ def write_pid_file(unit_dir: Path, unit_id: str) -> None:
     from configs.files import write_text_atomic
 
     pid = os.getpid()
-    write_text_atomic(Path(unit_dir) / PID_FILE,
-                      json.dumps({"pid": pid, "unit_id": unit_id, "started": process_start_time(pid)}))
+    write_text_atomic(Path(unit_dir) / PID_FILE, json.dumps({"pid": pid, "unit_id": unit_id, "started": process_start_time(pid),
+                                                            "host": socket.gethostname()}))
 
 
 def clear_pid_file(unit_dir: Path) -> None:
-    """The attempt ended: its process (a Ray worker that lives on) runs other units next."""
-    Path(unit_dir, PID_FILE).unlink(missing_ok=True)
+    """The attempt ended: its process (a Ray worker that lives on) runs other units next. Only
+    this process's own file is removed: a newer attempt of the unit may run elsewhere by now."""
+    path = Path(unit_dir, PID_FILE)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(info, dict) or (info.get("pid"), info.get("host")) in ((os.getpid(), socket.gethostname()),
+                                                                           (os.getpid(), None)):
+        path.unlink(missing_ok=True)
 
 
 def live_worker_pid(unit_dir: Path, unit_id: str | None = None) -> int | None:
@@ -59,7 +68,8 @@ def live_worker_pid(unit_dir: Path, unit_id: str | None = None) -> int | None:
 
     None when no attempt runs: no ``worker.pid`` (attempts remove it when they end), or one left
     by an attempt whose process died, even if its pid now belongs to another process (the start
-    time differs) or was written in the old bare-pid form. Check this before signalling a worker.
+    time differs) or was written in the old bare-pid form, or one of a process on another host.
+    Check this before signalling a worker.
     """
     path = Path(unit_dir) / PID_FILE
     try:
@@ -67,6 +77,8 @@ def live_worker_pid(unit_dir: Path, unit_id: str | None = None) -> int | None:
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict) or info.get("unit_id") != (unit_id or Path(unit_dir).name):
+        return None
+    if info.get("host") not in (None, socket.gethostname()):  # a process of another host
         return None
     started = process_start_time(int(info["pid"]))
     return int(info["pid"]) if started is not None and started == info.get("started") else None

@@ -13,7 +13,9 @@ Fault tolerance: every ``il.checkpoint_interval`` steps rank 0 reports a checkpo
 tensors loadable with ``weights_only=True``. Ray Train keeps them under ``out_dir/ray_train``;
 a failed worker group restarts from the latest one (``il.max_failures`` times), and calling
 ``train_il`` again with the same ``out_dir`` (e.g. with more ``il.steps``) continues from it:
-same step counter, same MLflow run. The finished policy is copied to ``out_dir/policy.pt``.
+same step counter, same MLflow run. The finished policy is published as ``out_dir/policy.pt``
+only when the run succeeded, loaded back and checked to be of the step the run reached, then
+renamed into place (``publish_policy``): a failed or interrupted run never leaves a part of one.
 
 Metrics (``train/loss``, ``train/samples_per_s``, ``train/lr``) go from rank 0 to MLflow through
 an outbox (``workers.tracking``; the campaign's when the gate launched the job), when a tracking
@@ -23,9 +25,9 @@ a resumed job logs to the same run) ends FINISHED or FAILED once delivered.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 import configs
-from workers.imitation.policies import atomic_torch_save, build_policy, policy_state
+from workers.imitation.policies import atomic_torch_save, build_policy, policy_from_state, policy_state
 from configs.files import atomic_write
 from workers.tracking import OUTBOX_FILE, Outbox, il_key
 
@@ -300,14 +302,33 @@ def train_il(
         if run_log is not None:
             ray.kill(run_log)
         run_id = _close_run(tracker, key, status, cfg.mlflow.close_timeout_s) if tracker else None
+    metrics = dict(result.metrics or {})
     policy_path = out_dir / "policy.pt"
     with result.checkpoint.as_directory() as folder:
-        with atomic_write(policy_path, "wb") as f, open(Path(folder) / "policy.pt", "rb") as src:
-            shutil.copyfileobj(src, f)
-    metrics = dict(result.metrics or {})
+        publish_policy(Path(folder) / "policy.pt", policy_path, int(metrics.get("step", il.steps)))
     return ILResult(policy_path=policy_path, steps=int(metrics.get("step", il.steps)), worker_hosts=metrics.get("worker_hosts"),
                     start_step=int(metrics.get("start_step", 0)), metrics=metrics, song_hashes=song_hashes,
                     n_shards=len(shards), mlflow_run_id=run_id, checkpoint_path=result.checkpoint.path)
+
+
+def publish_policy(source: Path, policy_path: Path, step: int) -> None:
+    """Make the finished run's policy ``policy_path``: its bytes are loaded back and checked to be
+    a whole policy of ``step`` (the step the run reached) before they are written under a
+    temporary name and renamed; a reader sees the previous policy or this one, never a part. A
+    checkpoint that does not load, or holds another step, raises and publishes nothing."""
+    data = source.read_bytes()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        policy_from_state(state)
+        found = int(state["meta"]["step"])
+    except Exception as e:  # noqa: BLE001 - torch, zipfile and pickle raise many types for a damaged file
+        raise RuntimeError(f"{source}: the run's last checkpoint is not a whole policy ({type(e).__name__}: {e}); "
+                           f"{policy_path} not published") from e
+    if found != step:
+        raise RuntimeError(f"{source}: the run's last checkpoint holds step {found}, not the {step} it reached; "
+                           f"{policy_path} not published")
+    with atomic_write(policy_path, "wb") as f:
+        f.write(data)
 
 
 def _close_run(tracker: Any, key: str, status: str, wait_s: float) -> str | None:

@@ -59,6 +59,8 @@ from filelock import FileLock
 
 import configs
 from configs.files import TMP_MARK, fsync_dir, tmp_path, write_json_atomic
+from workers import fencing
+from workers.fencing import Fence
 from workers.lake import stats as lake_stats
 from workers.lake.schema import (ACTION_DIM, COLUMN_DOCS, FPS, GOAL_BITS, OBS_DIM, OBS_LAYOUT, SHARD_KV_KEYS,
                                  SHARD_SCHEMA, SUPPORTED_SCHEMA_VERSIONS, Episode, LakeError, ShardInfo, ShardMeta,
@@ -203,7 +205,7 @@ class Lake:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def shard_writer(self, unit_id: str, song_hash: str) -> ShardWriter:
+    def shard_writer(self, unit_id: str, song_hash: str, fence: Fence | None = None) -> ShardWriter:
         """A writer that streams the unit's episodes into a hidden temporary file, one episode
         at a time; ``writer.commit(meta)`` then makes them the unit's shard exactly as
         :meth:`commit_shard` does. Memory: the compact rows of one row group (about
@@ -216,34 +218,39 @@ class Lake:
                 for seed in seeds:
                     writer.add(play(seed))
                 info = writer.commit(meta)
-        """
-        return ShardWriter(self, unit_id, song_hash)
 
-    def commit_shard(self, meta: ShardMeta, episodes: Sequence[Episode]) -> ShardInfo:
+        ``fence`` (default: the one this process holds for the unit, ``workers.fencing``) is
+        checked at commit, before anything becomes visible: a stale attempt's shard is refused.
+        """
+        return ShardWriter(self, unit_id, song_hash, fence)
+
+    def commit_shard(self, meta: ShardMeta, episodes: Sequence[Episode], fence: Fence | None = None) -> ShardInfo:
         """Write ``episodes`` as the unit's shard and catalogue it; visible only when complete.
 
         Replaces an earlier shard of the same ``unit_id`` (file and catalog entry), so a retried
         unit never leaves two shards. Safe with concurrent writers in several processes: the
         last one to commit a unit wins, and the catalog always describes the file on disk.
-        ``meta.specialist_f1`` None stands for the episodes' mean F1.
+        ``meta.specialist_f1`` None stands for the episodes' mean F1; ``fence`` as in :meth:`shard_writer`.
         """
         meta = _plain_meta(meta)  # refuse a bad meta before anything is written
         if not episodes:
             raise LakeError(f"unit {meta.unit_id}: a shard needs at least one episode")
-        with self.shard_writer(meta.unit_id, meta.song_hash) as writer:
+        with self.shard_writer(meta.unit_id, meta.song_hash, fence) as writer:
             for episode in episodes:
                 writer.add(episode)
             return writer.commit(meta)
 
     def _commit_file(self, meta: ShardMeta, tmp: Path, moments: lake_stats.FeatureMoments | None = None,
-                     **stats: Any) -> ShardInfo:
+                     fence: Fence | None = None, **stats: Any) -> ShardInfo:
         """Rename the finished, fsynced ``tmp`` to the unit's shard path and write its catalog
         entry (``stats``: the ShardInfo fields that describe the file); then merge the shard's
-        feature ``moments`` into the lake's ``meta/stats.json``."""
+        feature ``moments`` into the lake's ``meta/stats.json``. A stale ``fence`` (or the one
+        held for the unit) raises ``StaleAttempt`` before anything is written."""
         final = self.shard_path(meta.song_hash, meta.unit_id)
         # One writer at a time per unit between rename and catalog entry, so that the entry
         # always describes the file that is on disk.
         with FileLock(str(self.root / LOCK_DIR / f"{meta.unit_id}.lock")):
+            fencing.check(meta.unit_id, f"shard commit to {self.root}", fence)  # last thing before the writes
             previous = self._read_entry(self.catalog_entry_path(meta.unit_id), missing_ok=True)
             if moments is not None:  # before the catalog entry: a listed shard always has its statistics
                 lake_stats.write_shard_stats(self.shard_stats_path(meta.unit_id), moments, stats["commit_id"])
@@ -537,8 +544,9 @@ class ShardWriter:
     ``lake.row_group_rows`` rows, like :meth:`Lake.commit_shard`'s), which is then written.
     """
 
-    def __init__(self, lake: Lake, unit_id: str, song_hash: str):
+    def __init__(self, lake: Lake, unit_id: str, song_hash: str, fence: Fence | None = None):
         self.lake = lake
+        self.fence = fence
         self.unit_id = _check_name("unit_id", unit_id)
         self.song_hash = _check_name("song_hash", song_hash)
         self.n_episodes = self.n_steps = self.n_row_groups = 0
@@ -637,7 +645,7 @@ class ShardWriter:
             self.info = self.lake._commit_file(
                 meta, self.tmp_path, moments=self._moments, n_episodes=self.n_episodes, n_steps=self.n_steps,
                 bytes=self.tmp_path.stat().st_size, sha256=file_sha256(self.tmp_path),
-                n_row_groups=self.n_row_groups, commit_id=commit_id,
+                n_row_groups=self.n_row_groups, commit_id=commit_id, fence=self.fence,
                 mean_episode_f1=float(np.mean(self._f1s)), mean_episode_return=float(np.mean(self._returns)))
             return self.info
         finally:

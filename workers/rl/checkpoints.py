@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from configs.files import atomic_write, fsync_dir
+from workers import fencing
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,17 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically; the checkpoint it replaces becomes the previous one."""
+def save(state: dict[str, Any], path: str | Path, unit_id: str | None = None) -> None:
+    """Write ``state`` to ``path`` atomically; the checkpoint it replaces becomes the previous one.
+
+    ``unit_id``: the unit it belongs to; when this process holds a fence for it
+    (``workers.fencing``), a stale attempt's checkpoint is refused (``StaleAttempt``) and both
+    files on disk stay as they are."""
     path = Path(path)
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
+        if unit_id is not None:
+            fencing.check(unit_id, f"checkpoint {path}")
         if path.exists():  # the new one is complete on disk before the old one moves
             os.replace(path, previous_path(path))
 

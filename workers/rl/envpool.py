@@ -38,7 +38,7 @@ import json
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
@@ -47,6 +47,8 @@ import torch
 from robopianist.music.midi_file import MidiFile
 
 import configs
+from workers import fencing
+from workers.fencing import Fence
 from workers.lake import Lake, ShardMeta, ShardWriter
 from workers.piano.env import PianoEnv, make_env
 from workers.piano.music import SongLimits, load_chunk
@@ -103,13 +105,15 @@ class PlayJob:
     (``agent``: ``torch.save`` bytes of an agent state, ``FINAL_AGENT_KEYS`` enough) on the
     CPU under ``droq`` (``configs.DroQConfig`` as a dict). With ``shard`` (lake root, lake
     config as a dict, the shard's ``ShardMeta``) every episode streams into the unit's shard
-    as it ends, committed after the last; without, only the episodes' summaries come back."""
+    as it ends, committed after the last; without, only the episodes' summaries come back.
+    ``fence``: the unit's attempt (``workers.fencing``), checked at the commit in the worker."""
 
     agent: bytes
     droq: dict[str, Any]
     seeds: tuple[int, ...]
     deterministic: bool
     shard: tuple[str, dict[str, Any], ShardMeta] | None = None
+    fence: Fence | None = None
 
 
 @dataclass
@@ -147,8 +151,8 @@ class _Playing:
         self.writer: ShardWriter | None = None
         if job.shard is not None:
             root, lake_cfg, meta = job.shard
-            self.writer = Lake(root, configs.LakeConfig.model_validate(lake_cfg)).shard_writer(meta.unit_id,
-                                                                                              meta.song_hash)
+            self.writer = Lake(root, configs.LakeConfig.model_validate(lake_cfg)).shard_writer(
+                meta.unit_id, meta.song_hash, job.fence)
         self.next_seed, self.stats = 0, []
         self.episode: EpisodePlayer | None = None
 
@@ -557,6 +561,8 @@ class WorkerEnvPool(EnvPool):
         return (self._ask(slot % self.n_workers, ("put", [(slot, spec)])) or {}).get(slot)
 
     def play(self, slot: int, job: PlayJob) -> None:
+        if job.shard is not None and job.fence is None:  # the worker process holds no fences: send this one
+            job = replace(job, fence=fencing.held(job.shard[2].unit_id))
         self._ask(slot % self.n_workers, ("play", [(slot, job)]))  # a dead worker's slot is lost, job and all
 
     def collect(self, slots: Sequence[int]) -> dict[int, PlayResult]:

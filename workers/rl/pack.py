@@ -87,7 +87,6 @@ import torch
 from tqdm.auto import tqdm
 
 import configs
-from configs.files import write_text_atomic
 from workers.lake import Lake, ShardMeta
 from workers.piano.env import PianoEnv
 from workers.piano.layout import ACTION_DIM, OBS_DIM
@@ -100,7 +99,6 @@ from workers.rl.replay import ReplayBuffer
 from workers.rl.specialist import (
     CHECKPOINT,
     FINAL_AGENT_KEYS,
-    RESULT,
     EpisodeStats,
     Report,
     episode_seeds,
@@ -113,6 +111,7 @@ from workers.rl.specialist import (
     set_rng_state,
     shed_checkpoint,
     summarise,
+    write_result,
 )
 from workers.units import (
     ATTEMPTS_LOG,
@@ -659,7 +658,7 @@ class Pack:
                             eval_seconds=clock.eval_seconds)
         saved = {**result.model_dump(), "done": True, "resumed_from": p.resumed_from, "steps_this_run": steps_run,
                  "config_hash": unit.config_hash}
-        write_text_atomic(m.id.unit_dir / RESULT, json.dumps(saved, indent=2))
+        write_result(m.id.unit_dir, saved)
         shed_checkpoint(m.id.unit_dir)
         m.state, m.outcome = State.DONE, MemberOutcome(unit.unit_id, result)
 

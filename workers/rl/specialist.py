@@ -70,7 +70,8 @@ from workers.piano.layout import fingering_row
 from workers.lake import Episode, ShardWriter
 from workers.units import (ATTEMPTS_LOG, PID_FILE, UnitResult, UnitSpec, clear_pid_file,  # noqa: F401 (re-exported)
                            read_attempts, write_pid_file)
-from configs.files import atomic_write, fsync_dir
+from configs.files import atomic_write, fsync_dir, write_text_atomic
+from workers import fencing
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -84,6 +85,12 @@ def read_result(unit_dir: Path) -> dict | None:
     """The unit's ``result.json`` as a dict, or None when there is none."""
     path = Path(unit_dir) / RESULT
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_result(unit_dir: Path, result: dict) -> None:
+    """Write ``unit_dir/result.json`` atomically; refused for a stale attempt (``workers.fencing``)."""
+    path = Path(unit_dir) / RESULT
+    write_text_atomic(path, json.dumps(result, indent=2), before_rename=fencing.guard(result["unit_id"], f"result {path}"))
 
 
 def load_checkpoint(unit_dir: Path, map_location: str | torch.device = "cpu") -> dict | None:
@@ -101,7 +108,7 @@ def save_checkpoint(unit_dir: Path, *, unit_id: str, step: int, episodes: int, r
     state = {"format": CHECKPOINT_FORMAT, "unit_id": unit_id, "step": step, "episodes": episodes,
              "resumed_from": resumed_from, "last_eval": last_eval, "agent": agent, "replay": replay,
              "rng": rng_state(rng), "budget": budget}
-    checkpoints.save(state, Path(unit_dir) / CHECKPOINT)
+    checkpoints.save(state, Path(unit_dir) / CHECKPOINT, unit_id=unit_id)
 
 
 def shed_checkpoint(unit_dir: Path) -> None:
@@ -116,7 +123,7 @@ def shed_checkpoint(unit_dir: Path) -> None:
         kept = {k: checkpoint[k] for k in ("format", "unit_id", "step", "episodes", "resumed_from", "last_eval", "budget")
                 if k in checkpoint}
         kept["agent"] = {k: agent[k] for k in FINAL_AGENT_KEYS if k in agent}
-        with atomic_write(path, "wb") as f:
+        with atomic_write(path, "wb", before_rename=fencing.guard(checkpoint["unit_id"], f"checkpoint {path}")) as f:
             torch.save(kept, f)
     previous = checkpoints.previous_path(path)
     if previous.exists():
