@@ -885,16 +885,21 @@ def eval_cmd(
 # ---- end imitation learning -----------------------------------------------------------------------
 
 
-def _add_registered_commands() -> None:
+def _add_registered_commands(target: typer.Typer) -> None:
     """Commands other packages register in the entry point group ``pianoforge.commands``
-    (``pyproject.toml``; ``dashboard`` from ``dashboards.cli``): loaded by name, not imported."""
+    (``pyproject.toml``; ``dashboard`` from ``dashboards.cli``): loaded by name, not imported.
+    One that fails to load is left out with a warning; the other commands still work."""
     from importlib.metadata import entry_points
 
     for command in entry_points(group="pianoforge.commands"):
-        app.command(command.name)(command.load())
+        try:
+            target.command(command.name)(command.load())
+        except Exception as e:  # noqa: BLE001 - a broken extra command must not take the CLI down
+            typer.echo(f"warning: command '{command.name}' ({command.value}) not loaded: {type(e).__name__}: {e}",
+                       err=True)
 
 
-_add_registered_commands()
+_add_registered_commands(app)
 
 
 def main() -> None:

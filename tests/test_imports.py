@@ -146,6 +146,22 @@ def test_the_cli_gets_the_dashboard_command_through_an_entry_point():
         assert commands[name] is getattr(importlib.import_module(module), function)
 
 
+def test_a_command_that_fails_to_load_is_left_out_with_a_warning(monkeypatch, capsys):
+    import importlib.metadata
+
+    import typer
+
+    from orchestrator import cli
+
+    broken = importlib.metadata.EntryPoint("broken", "dashboards.no_such_module:command", "pianoforge.commands")
+    fine = importlib.metadata.EntryPoint("dashboard", "dashboards.cli:dashboard", "pianoforge.commands")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken, fine])
+    target = typer.Typer()
+    cli._add_registered_commands(target)
+    assert [c.name for c in target.registered_commands] == ["dashboard"]
+    assert "command 'broken' (dashboards.no_such_module:command) not loaded: ModuleNotFoundError" in capsys.readouterr().err
+
+
 def test_a_new_cycle_is_reported():
     graph = import_graph()
     graph["workers.piano.layout"] = graph["workers.piano.layout"] | {"workers.lake.schema"}

@@ -54,7 +54,7 @@ class StepState:
     hands_touch: bool  # a geom of one hand touches one of the other
 
 
-def key_press(s: StepState) -> float:
+def key_press(s: StepState, cfg: configs.RewardConfig) -> float:
     """0.5 * mean closeness of the keys that should sound, + 0.5 unless a key sounds that should not."""
     value = 0.0
     if s.target.any():
@@ -63,21 +63,21 @@ def key_press(s: StepState) -> float:
     return value + 0.5 * (1 - float(s.pressed[~s.target].any()))
 
 
-def sustain(s: StepState) -> float:
+def sustain(s: StepState, cfg: configs.RewardConfig) -> float:
     return float(tolerance(s.goal[-1] - float(s.sustain_pressed)))
 
 
-def energy(s: StepState) -> float:
+def energy(s: StepState, cfg: configs.RewardConfig) -> float:
     """-sum |force * velocity| over both hands' actuators (summed per hand, right then left)."""
     return -float(s.power[0].sum()) - float(s.power[1].sum())
 
 
-def ot_fingering(s: StepState, threshold: float) -> float:
+def ot_fingering(s: StepState, cfg: configs.RewardConfig) -> float:
     """r_OT of the step's d_OT; 0 with no key to press (as RoboPianist's fingering term)."""
-    return ot_reward(s.ot_distance, threshold) if s.target.any() else 0.0
+    return ot_reward(s.ot_distance, cfg.ot_distance_threshold) if s.target.any() else 0.0
 
 
-def no_collision(s: StepState) -> float:
+def no_collision(s: StepState, cfg: configs.RewardConfig) -> float:
     return 0.0 if s.hands_touch else 1.0
 
 
@@ -92,11 +92,11 @@ class Term:
 
 
 TERMS: tuple[Term, ...] = (
-    Term("key_press_reward", lambda s, cfg: key_press(s)),
-    Term("sustain_reward", lambda s, cfg: sustain(s)),
-    Term("energy_reward", lambda s, cfg: energy(s), "energy_coef"),
-    Term("ot_fingering_reward", lambda s, cfg: ot_fingering(s, cfg.ot_distance_threshold)),
-    Term("collision_reward", lambda s, cfg: no_collision(s), "collision_coef"),
+    Term("key_press_reward", key_press),
+    Term("sustain_reward", sustain),
+    Term("energy_reward", energy, "energy_coef"),
+    Term("ot_fingering_reward", ot_fingering),
+    Term("collision_reward", no_collision, "collision_coef"),
 )
 
 
