@@ -61,7 +61,7 @@ def resolve_unit(unit_dir: str | Path) -> UnitView:
             cfg = configs.from_dict(data["config"])
         except configs.ConfigError as e:
             raise UnitNotFound(f"{record}: its config no longer loads ({e})") from None
-        return UnitView(unit_dir, spec, cfg.with_overrides(spec.overrides) if spec.overrides else cfg, Path(data["lake"]))
+        return UnitView(unit_dir, spec, spec.config(cfg), Path(data["lake"]))
     campaign = unit_dir.parent.parent
     if unit_dir.parent.name == "units" and (campaign / "campaign.db").exists():
         from orchestrator.store import CampaignStore, StoreError
@@ -72,7 +72,7 @@ def resolve_unit(unit_dir: str | Path) -> UnitView:
             except StoreError:
                 raise UnitNotFound(f"{unit_dir}: campaign {campaign.name} has no unit {unit_dir.name}") from None
             spec, cfg = row.spec, configs.from_dict(store.get_config(row.config_key))
-        return UnitView(unit_dir, spec, cfg.with_overrides(spec.overrides) if spec.overrides else cfg, campaign / "lake")
+        return UnitView(unit_dir, spec, spec.config(cfg), campaign / "lake")
     raise UnitNotFound(f"{unit_dir}: not a unit directory (no {UNIT_FILE}, and not <campaign>/units/<unit_id>)")
 
 

@@ -254,7 +254,7 @@ class Pack:
         self.bar: tqdm | None = None
 
     def _cfg(self, unit: UnitSpec) -> configs.Config:
-        return self.base_cfg.with_overrides(unit.overrides) if unit.overrides else self.base_cfg
+        return unit.config(self.base_cfg)
 
     def _member(self, index: int, unit: UnitSpec, unit_dir: Path, report: Report | None) -> Member:
         """A member for ``unit`` in slot ``index``; DONE at once when the unit finished before
@@ -724,7 +724,7 @@ def train_unit(unit: UnitSpec, cfg: configs.Config, unit_dir: Path, lake_root: P
     stderr is a terminal). It is a pack of one whose environment runs in this process; what
     it does is in ``workers.rl.specialist``'s docstring.
     """
-    cpus = (cfg.with_overrides(unit.overrides) if unit.overrides else cfg).campaign.cpus_per_unit
+    cpus = unit.config(cfg).campaign.cpus_per_unit
     threads = torch.get_num_threads()
     # As many intra-op threads as CPUs reserved for the unit: units sharing a node must not
     # oversubscribe it (spinning OpenMP threads make a contended CPU update ~10x slower).
