@@ -79,3 +79,21 @@ def test_counts_are_pluralised(where):
     (where / "one.yaml").write_text("songs:\n  - path: missing.mid\n")
     out = CliRunner().invoke(app, ["manifest", "check", str(where / "one.yaml")])
     assert "1 error," in out.output and "1 errors" not in out.output
+
+
+def test_a_damaged_checkpoint_is_called_damaged_by_export_policy_and_play(where):
+    import configs
+    from orchestrator.playback import write_unit_file
+    from workers.units import UnitSpec
+
+    unit_dir = where / "damaged-unit"
+    unit_dir.mkdir()
+    spec = UnitSpec.create(song_path=str(where / "song.mid"), song_hash="ab" * 32, song_name="song", chunk_index=0,
+                           config_hash="cfg00000")
+    write_unit_file(unit_dir, spec, configs.load(), unit_dir / "lake")
+    (unit_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    for args in (["export-policy", str(unit_dir), "--out", str(where / "p.pt")], ["play", str(unit_dir)]):
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == ExitCode.BAD_INPUT, out.output
+        assert "checkpoint is damaged" in out.output and "checkpoint.pt" in out.output, out.output
+        assert "starting from scratch" not in out.output and "no checkpoint.pt" not in out.output
