@@ -9,17 +9,57 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from configs.files import disk_full, write_text_atomic
 
-app = typer.Typer(
+class _FlagsShowNoValue:
+    """A flag's help shows no value type (typer would write ``--watch <bool>`` as if it took one)."""
+
+    def format_help(self, ctx, formatter):
+        for param in self.get_params(ctx):
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return super().format_help(ctx, formatter)
+
+
+class _Command(_FlagsShowNoValue, TyperCommand):
+    """Usage lines as click writes them: a required argument NAME, an optional one [NAME]
+    (typer would write ``{name}``)."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name).upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class _Group(_FlagsShowNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """``typer.Typer`` whose commands and groups write their usage and help as above."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=kwargs.pop("cls", _Command), **kwargs)
+
+
+app = _Typer(
     name="pianoforge",
     help="Train robot pianists at scale: specialists per song chunk, a trajectory lake, a generalist.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-manifest_app = typer.Typer(help="Song manifests: check what a manifest will train.", no_args_is_help=True)
+manifest_app = _Typer(help="Song manifests: check what a manifest will train.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
 
 
@@ -374,7 +414,7 @@ def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False
     return line
 
 
-mlflow_app = typer.Typer(help="MLflow tracking: deliver what the tracking server has not received yet.",
+mlflow_app = _Typer(help="MLflow tracking: deliver what the tracking server has not received yet.",
                          no_args_is_help=True)
 app.add_typer(mlflow_app, name="mlflow")
 
@@ -461,7 +501,7 @@ def demo(
 
 
 # --- slurm: the campaign head as a SLURM job ----------------------------------------------------
-slurm_app = typer.Typer(help="SLURM: run the campaign head as a SLURM job.", no_args_is_help=True)
+slurm_app = _Typer(help="SLURM: run the campaign head as a SLURM job.", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 
 
@@ -731,7 +771,7 @@ def export_policy(
 
 
 # ---- the trajectory lake --------------------------------------------------------------------
-lake_app = typer.Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
+lake_app = _Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
                        no_args_is_help=True)
 app.add_typer(lake_app, name="lake")
 

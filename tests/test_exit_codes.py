@@ -97,3 +97,25 @@ def test_a_damaged_checkpoint_is_called_damaged_by_export_policy_and_play(where)
         assert out.exit_code == ExitCode.BAD_INPUT, out.output
         assert "checkpoint is damaged" in out.output and "checkpoint.pt" in out.output, out.output
         assert "starting from scratch" not in out.output and "no checkpoint.pt" not in out.output
+
+
+def _command_paths(group, prefix=()):
+    for name, sub in group.commands.items():
+        if hasattr(sub, "commands"):
+            yield from _command_paths(sub, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_usage_lines_name_arguments_plainly_and_flags_take_no_value():
+    import typer
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ("submit",) in paths and ("lake", "list") in paths
+    for path in [()] + paths:
+        out = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+        assert out.exit_code == 0, out.output
+        usage = next(line for line in out.output.splitlines() if "Usage:" in line)
+        assert "{" not in usage and "<bool>" not in out.output, f"pianoforge {' '.join(path)}: {out.output}"
+    submit_usage = CliRunner().invoke(app, ["submit", "--help"]).output
+    assert "Usage: pianoforge submit [OPTIONS] MANIFEST" in submit_usage
