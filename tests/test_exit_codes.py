@@ -119,3 +119,15 @@ def test_usage_lines_name_arguments_plainly_and_flags_take_no_value():
         assert "{" not in usage and "<bool>" not in out.output, f"pianoforge {' '.join(path)}: {out.output}"
     submit_usage = CliRunner().invoke(app, ["submit", "--help"]).output
     assert "Usage: pianoforge submit [OPTIONS] MANIFEST" in submit_usage
+
+
+def test_logging_an_evaluation_prints_no_third_party_deprecation_warning(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from workers.imitation.evaluate import EvalRow, log_to_mlflow; "
+            "row = EvalRow('flow', 'seen', 'song', 'ab', 1, 1, 50, 0.5, 0.5, 0.5); "
+            f"log_to_mlflow([row], 'sqlite:///{tmp_path}/mlflow.db', 'eval')")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "DeprecationWarning" not in done.stderr, done.stderr
