@@ -908,6 +908,7 @@ def train_il_cmd(
         typer.echo(f"error: --policy {policy}: expected flow or bc", err=True)
         raise typer.Exit(ExitCode.BAD_INPUT)
     cfg = _load_config(profile, sets, None)
+    _lake_or_exit(lake)
     import ray
 
     from orchestrator.tracking import tracking_uri_for

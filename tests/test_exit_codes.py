@@ -51,6 +51,8 @@ def _cases(d: Path) -> list[tuple[str, list[str], ExitCode]]:
         # a folder that is not a lake: 2
         ("not a lake", ["lake", "list", lake], ExitCode.BAD_INPUT),
         ("not a lake", ["lake", "verify", lake], ExitCode.BAD_INPUT),
+        ("not a lake", ["lake", "export", lake, "--out", str(d / "export")], ExitCode.BAD_INPUT),
+        ("not a lake", ["train-il", "--lake", lake], ExitCode.BAD_INPUT),
         # a missing unit: 2
         ("missing unit", ["export-policy", str(d / "nounit"), "--out", str(d / "p.pt")], ExitCode.BAD_INPUT),
         ("missing unit", ["render", str(d / "nounit"), "--out", str(d / "x.mp4")], ExitCode.BAD_INPUT),
