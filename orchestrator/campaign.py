@@ -152,8 +152,30 @@ def save_config(cfg: configs.Config, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# What ``resume`` applies: the driver's settings. Units run with the config they were submitted
+# with (env, droq, specialist, lake, campaign.synthetic), so overriding those on resume would be
+# accepted and ignored: they are refused instead.
+RESUME_SECTIONS = ("campaign", "mlflow", "gate", "il", "slurm", "ray")
+RESUME_KEPT = ("campaign.synthetic",)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Raise :class:`configs.ConfigError` naming the first override that ``resume`` would not apply."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        applied = key.split(".")[0] in RESUME_SECTIONS and not any(key == k or key.startswith(k + ".") for k in RESUME_KEPT)
+        if not applied:
+            raise configs.ConfigError(
+                f"--set {text}: resume does not apply '{key}': each unit keeps the config it was submitted with; "
+                f"resume applies only {', '.join(s + '.*' for s in RESUME_SECTIONS)} "
+                f"(not {', '.join(k + '.*' for k in RESUME_KEPT)}). Submit the manifest again with the new "
+                "setting to train new units")
+
+
 def load_saved_config(paths: CampaignPaths, overrides: list[str] | None = None) -> configs.Config:
-    """The campaign's saved config.yaml with ``overrides`` applied."""
+    """The campaign's saved config.yaml with ``overrides`` applied (only those ``resume`` applies,
+    see :data:`RESUME_SECTIONS`; others raise :class:`configs.ConfigError`)."""
+    check_resume_overrides(overrides or [])
     if not paths.config.exists():
         raise CampaignError(f"{paths.dir}: no config.yaml; is this a campaign directory?")
     cfg = configs.from_dict(yaml.safe_load(paths.config.read_text()))
