@@ -304,8 +304,8 @@ def _render_gate(status: CampaignStatus):
         text.append(f"gate: {g['passing']}/{g['needed']} train shards with F1 >= {g['threshold']:g} passing"
                     f" (launch: {g['launch']})", style="bold")
         if g.get("damaged"):
-            text.append(f"\n{g['damaged']} damaged shard(s) left out (`pianoforge lake verify`; `resume` records them again)",
-                        style="red")
+            text.append(f"\n{g['damaged']} damaged shard(s) left out (`pianoforge lake verify`; `resume` records them again)"
+                        + "".join(f"\n  {path}" for path in g.get("damaged_shards", [])), style="red")
     for job in status.il_launches:
         line = f"\nimitation: launch {job['n']} {job['state']} ({job['policy']}, {job['passing']} shards)"
         if job.get("steps") is not None:

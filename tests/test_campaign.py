@@ -305,17 +305,21 @@ def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluste
     units = make_units(1, 3, cfg.hash("env", "droq", "specialist"))
     campaign.submit(units, cfg, "rot", root=tmp_path)
     lake = Lake(tmp_path / "rot" / "lake", cfg.lake)
-    damaged = next(s for s in lake.shards() if s.unit_id == units[1].unit_id)
-    damaged.path.write_bytes(damaged.path.read_bytes()[:200])  # truncated on disk
+    truncated, flipped = (next(s for s in lake.shards() if s.unit_id == u.unit_id) for u in units[1:])
+    truncated.path.write_bytes(truncated.path.read_bytes()[:200])
+    data = bytearray(flipped.path.read_bytes())  # 16 bytes changed, the size kept
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 16])
+    flipped.path.write_bytes(bytes(data))
     listed = CliRunner().invoke(app, ["lake", "list", str(lake.root)])
-    assert listed.exit_code == 1 and "DAMAGED" in listed.output
+    assert listed.exit_code == 1 and "2 damaged" in listed.output
 
     resumed = campaign.resume("rot", root=tmp_path)
-    assert resumed.attempts_run == 1 and resumed.counts[SUCCEEDED] == 3
-    unit_dir = tmp_path / "rot" / "units" / units[1].unit_id
-    assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
-    assert all(p is None for _, p in lake.verify()) and len(lake.shards()) == 3
-    assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
-    with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
-        requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
-        assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+    assert resumed.attempts_run == 2 and resumed.counts[SUCCEEDED] == 3
+    for damaged, unit in zip((truncated, flipped), units[1:]):
+        unit_dir = tmp_path / "rot" / "units" / unit.unit_id
+        assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
+        assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
+        with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
+            requeue = [e for e in store.events(unit_id=unit.unit_id) if e.to_state == "pending" and e.from_state]
+            assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+    assert all(p is None for _, p in Lake(lake.root).verify()) and len(lake.shards()) == 3
