@@ -346,6 +346,7 @@ def test_a_pack_no_node_can_hold_is_refused_at_submit_and_its_units_stay_pending
         assert [e.detail for e in store.events() if e.kind == "unschedulable"][0].startswith("a pack of 3")
 
 
+@pytest.mark.timeout(120)  # before the check, it waited forever, with the pool's jobs running
 def test_a_pack_no_job_of_its_slurm_pool_can_hold_is_refused_before_any_job_starts(ray_cluster, tmp_path):
     cfg = configs.load(profile="slurm", overrides=FAST + ["campaign.pack_size=2"])
     with pytest.raises(campaign.CampaignError, match=r"a pack of 2 asks for 2 CPUs \(campaign.pack_size = 2 x campaign."
