@@ -756,7 +756,7 @@ def lake_list(
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train, eval, held-out)."),
 ) -> None:
     """List the committed shards of a lake, one line each, and the totals; a shard whose file is
-    not the size its catalog entry records is marked DAMAGED (exit 1 when there is one)."""
+    not the one its catalog entry records (size and sha256) is marked DAMAGED (exit 1 when there is one)."""
     from workers.lake import Lake, LakeError
 
     lake = _lake_or_exit(root)
