@@ -481,7 +481,7 @@ class _Driver:
         view = self.scheduler.resource_view()
         if view == self.resources_seen:
             return
-        if view["nodes"] and not view["fits"] and (self.resources_seen or {}).get("fits", True):
+        if view["nodes"] and not view["fits"] and (self.resources_seen or {}).get("fits", False):
             log.warning("no node of the Ray cluster can hold a launch now: %s", describe_wait(view))
         self.store.set_meta(RESOURCES_KEY, view)
         self.resources_seen = view
@@ -694,6 +694,9 @@ class _Driver:
                 store.revoke_attempt(unit_id, fencing.issue(self.paths.unit_dir(unit_id), unit_id,
                                                             after=row.attempt_token).token)
                 steps = store.mark_node_lost(unit_id, outcome.error)
+                if self.pools is not None and row.slurm_job_id:
+                    self.pools.node_lost(row.slurm_job_id)  # replaced at once, before Ray's health checks agree
+                    self.last_reconcile = 0.0
                 log.warning("unit %s: its node was lost (%s); %d steps since its checkpoint lost; retrying elsewhere, "
                             "the attempt not counted", unit_id, outcome.error.splitlines()[0], steps)
                 self.rates.forget(unit_id)

@@ -182,6 +182,7 @@ class PoolManager:
         self.auth_token_file = resolve_auth_token_file(self.log_dir) if auth_token_file == "auto" else auth_token_file
         self._idle_jobs = idle_jobs
         self._joined_jobs = joined_jobs
+        self._reported_lost: set[str] = set()  # jobs whose node the driver saw die (node_lost)
         # Job names carry a per-manager tag, so squeue/scancel only ever touch our own jobs.
         self.tag = f"pf-{uuid.uuid4().hex[:8]}"
         self.earlier_tags = list(earlier_tags)
@@ -259,6 +260,12 @@ class PoolManager:
                 self._scale_down(pool, alive, len(alive) - target, running + reserved)
         return targets
 
+    def node_lost(self, job_id: str) -> None:
+        """The driver saw a unit die with the node of job ``job_id`` (``NodeDiedError``): the next
+        :meth:`reconcile` cancels and replaces that job without waiting for Ray's health checks
+        to declare the node dead (or for SLURM's, which take minutes)."""
+        self._reported_lost.add(str(job_id))
+
     def shutdown(self, wait_s: float = 60.0) -> None:
         """Cancel every pool job of this manager and wait until SLURM lists none of them."""
         if self._closed:
@@ -292,9 +299,11 @@ class PoolManager:
         for job in self._jobs.values():
             if joined is None or not job.alive:
                 continue
-            if job.joined and job.job_id not in joined:
-                lost.append(job)  # Ray declared its node dead: SLURM may take minutes to notice a crashed host
-            job.joined = job.joined or job.job_id in joined
+            if (job.joined and job.job_id not in joined) or job.job_id in self._reported_lost:
+                lost.append(job)  # its node is dead: SLURM may take minutes to notice a crashed host
+            if not job.joined and job.job_id in joined:
+                job.joined = True
+                log.info("pool %s: job %s joined the Ray cluster", job.pool, job.job_id)
         if lost:
             log.warning("Ray lost the node of %s; cancelling and replacing them",
                         ", ".join(f"job {j.job_id} ({j.pool}, {j.node or 'no node'})" for j in lost))

@@ -13,7 +13,6 @@ imitation workers in pool jobs on the nodes, Ray traffic across the network stac
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -58,12 +57,20 @@ SLOW_SYNTHETIC = ["campaign.workload=synthetic", "campaign.synthetic.sleep_s=8",
                   "campaign.synthetic.steps_per_episode=4", "gate.f1_threshold=0.0", "gate.launch=never"]
 
 
-def start_driver(cluster, tmp_path: Path, name: str, kind: str, n: int, overrides: list[str]) -> subprocess.Popen:
-    """The campaign driver (and its Ray head) as its own process group, output to driver.out."""
+# Ray declares a silent node dead after about 5 s (default: 30 s), well before the campaign ends.
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                      "RAY_health_check_failure_threshold": "5"}
+
+
+def start_driver(cluster, tmp_path: Path, name: str, kind: str, n: int, overrides: list[str],
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The campaign driver (and its Ray head) as its own process group, output to driver.out;
+    ``env``: added to the cluster's environment."""
     with open(tmp_path / f"{name}.out", "w") as out:
         return subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), name, kind, str(n),
                                  *POOLS, *cluster.overrides, *overrides],
-                                env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env={**cluster.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def stop(proc: subprocess.Popen, cluster, camp_dir: Path) -> None:

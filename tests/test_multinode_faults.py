@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
 from orchestrator.store import SUCCEEDED, CampaignStore
-from test_multinode import DRIVER, POOLS, SLOW_SYNTHETIC, assert_one_shard_per_unit, stop, units, wait_for
+from test_multinode import (FAST_HEALTH_CHECKS, SLOW_SYNTHETIC, assert_one_shard_per_unit, start_driver, stop, units,
+                            wait_for)
 from workers import fencing
 from workers.synthetic import read_checkpoint_step, read_attempts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# Ray declares a silent node dead after about 5 s (default: 30 s).
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                      "RAY_health_check_failure_threshold": "5"}
 STEPS = 20  # one step a second, a checkpoint every step: the cut-off pack goes on writing
 
 
@@ -38,11 +35,7 @@ def test_a_partitioned_nodes_stale_writes_are_refused_and_the_trusted_attempts_k
     overrides = [*SLOW_SYNTHETIC, f"campaign.synthetic.sleep_s={STEPS}", f"campaign.synthetic.steps={STEPS}",
                  "campaign.synthetic.checkpoint_every=1", "campaign.pack_size=2", "campaign.cpus_per_unit=0.5",
                  "slurm.pools.cpu.max_jobs=3", "campaign.max_attempts=1"]
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), name, "synthetic", "4",
-                                   *POOLS, *cluster.overrides, *overrides],
-                                  env={**cluster.env, **FAST_HEALTH_CHECKS}, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    driver = start_driver(cluster, tmp_path, name, "synthetic", 4, overrides, env=FAST_HEALTH_CHECKS)
     cut = None
     try:
         def pack_under_way():
@@ -104,10 +97,7 @@ def test_a_node_of_the_imitation_job_lost_mid_training_restarts_it_from_its_chec
     overrides = [*SLOW_SYNTHETIC, "campaign.synthetic.sleep_s=1", "campaign.synthetic.steps=1",
                  "slurm.pools.cpu.max_jobs=3", "gate.min_shards=3", "gate.launch=after_campaign", "il.num_workers=2",
                  *TINY_IL, f"il.steps={steps}", "il.checkpoint_interval=50", "il.log_interval=50", "il.max_failures=2"]
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), name, "synthetic", "3",
-                                   *POOLS, *cluster.overrides, *overrides],
-                                  env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = start_driver(cluster, tmp_path, name, "synthetic", 3, overrides)
     killed = None
     try:
         def il_worker_node_after_a_checkpoint():

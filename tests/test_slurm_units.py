@@ -244,6 +244,19 @@ def test_a_job_whose_ray_node_died_is_cancelled_and_replaced_before_slurm_notice
     assert "Ray lost the node of job 101 (cpu, node1)" in (fake.log_dir / "pools.log").read_text()
 
 
+def test_a_job_the_driver_saw_die_is_replaced_before_rays_health_checks_agree(fake):
+    joined = {"101", "102"}
+    m = manager(fake, slurm_cfg(max_jobs=2), joined=lambda: joined)
+    m.reconcile({"cpu": 2}, {})
+    fake.queue.update({"101": ("RUNNING", "node1"), "102": ("RUNNING", "node2")})
+    m.reconcile({}, {"cpu": 2})
+    assert fake.cancelled == []
+    m.node_lost("101")  # a unit died with NodeDiedError there; Ray still lists the node as alive
+    m.reconcile({}, {"cpu": 2})
+    assert fake.cancelled == ["101"]
+    assert sorted(j.job_id for j in m.jobs()) == ["102", "103"]
+
+
 def test_jobs_of_an_earlier_driver_are_cancelled_by_name_and_waited_for(fake, monkeypatch):
     calls, listed = [], []
     monkeypatch.setattr(pools, "squeue", lambda names: listed.append(names) or (
