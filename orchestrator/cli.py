@@ -668,7 +668,7 @@ def export_policy(
     unit_dir: Path = typer.Argument(..., metavar="UNIT_DIR", help="Unit directory of a trained specialist."),
     out: Path = typer.Option(..., "--out", metavar="FILE.pt", help="Policy file to write (plain tensors, weights_only)."),
 ) -> None:
-    """Write a specialist's policy on its own: plain tensors that load with torch.load(weights_only=True) (see the README)."""
+    """Write a specialist's policy on its own: plain tensors that load with torch.load(weights_only=True) (see docs/research.md)."""
     from orchestrator.playback import UnitNotFound, specialist_policy_state
     from workers.imitation.export import save_state
 
