@@ -18,11 +18,12 @@ import functools
 import hashlib
 import json
 import warnings
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 HERE = Path(__file__).resolve().parent
 PROFILES = HERE / "profiles"
@@ -39,9 +40,16 @@ class RewardConfig(_Section):
     ot_reduction: Literal["sum", "mean"]
 
 
+# The observation layout (workers/piano/layout.py: an 11-step goal, 1144 entries), the lake's
+# schema and fps, its LeRobot export and the imitation policies are built for RP1M's lookahead
+# and control timestep; the env settings that would change them accept only these values.
+LAYOUT_LOOKAHEAD = 10
+LAYOUT_CONTROL_TIMESTEP = 0.05  # s: 20 control steps per second
+
+
 class EnvConfig(_Section):
     control_timestep: float
-    n_steps_lookahead: int = Field(ge=0)
+    n_steps_lookahead: int
     gravity_compensation: bool
     trim_silence: bool
     stretch_factor: float = Field(gt=0)
@@ -54,6 +62,22 @@ class EnvConfig(_Section):
     four_fingers: bool
     chunk_steps: int = Field(gt=0)
     reward: RewardConfig
+
+    @field_validator("n_steps_lookahead")
+    @classmethod
+    def _layout_lookahead(cls, value: int) -> int:
+        if value != LAYOUT_LOOKAHEAD:
+            raise ValueError(f"{value} is not supported: only {LAYOUT_LOOKAHEAD} (RP1M's); the observation layout, "
+                             f"the lake's schema and the imitation policies hold an {LAYOUT_LOOKAHEAD + 1}-step goal")
+        return value
+
+    @field_validator("control_timestep")
+    @classmethod
+    def _layout_timestep(cls, value: float) -> float:
+        if not math.isclose(value, LAYOUT_CONTROL_TIMESTEP):
+            raise ValueError(f"{value} s is not supported: only {LAYOUT_CONTROL_TIMESTEP} s (RP1M's); the lake and its "
+                             f"LeRobot export record {round(1 / LAYOUT_CONTROL_TIMESTEP)} control steps per second")
+        return value
 
 
 class DroQConfig(_Section):

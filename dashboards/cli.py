@@ -21,13 +21,10 @@ def dashboard(
     import configs
     from dashboards.app import DashboardServer, export_html
     from dashboards.data import Campaign, CampaignNotFound, find_campaign
-    from orchestrator.cli import EXIT_USAGE
+    from orchestrator.cli import ExitCode, _fail_with
 
-    try:
+    with _fail_with(ExitCode.BAD_INPUT, CampaignNotFound):
         directory = find_campaign(root or configs.load(profile=None).campaign.root, campaign)
-    except CampaignNotFound as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
     camp = Campaign(directory)
     if export:
         out = export_html(camp, export, unit=unit)

@@ -152,8 +152,30 @@ def save_config(cfg: configs.Config, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# What ``resume`` applies: the driver's settings. Units run with the config they were submitted
+# with (env, droq, specialist, lake, campaign.synthetic), so overriding those on resume would be
+# accepted and ignored: they are refused instead.
+RESUME_SECTIONS = ("campaign", "mlflow", "gate", "il", "slurm", "ray")
+RESUME_KEPT = ("campaign.synthetic",)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Raise :class:`configs.ConfigError` naming the first override that ``resume`` would not apply."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        applied = key.split(".")[0] in RESUME_SECTIONS and not any(key == k or key.startswith(k + ".") for k in RESUME_KEPT)
+        if not applied:
+            raise configs.ConfigError(
+                f"--set {text}: resume does not apply '{key}': each unit keeps the config it was submitted with; "
+                f"resume applies only {', '.join(s + '.*' for s in RESUME_SECTIONS)} "
+                f"(not {', '.join(k + '.*' for k in RESUME_KEPT)}). Submit the manifest again with the new "
+                "setting to train new units")
+
+
 def load_saved_config(paths: CampaignPaths, overrides: list[str] | None = None) -> configs.Config:
-    """The campaign's saved config.yaml with ``overrides`` applied."""
+    """The campaign's saved config.yaml with ``overrides`` applied (only those ``resume`` applies,
+    see :data:`RESUME_SECTIONS`; others raise :class:`configs.ConfigError`)."""
+    check_resume_overrides(overrides or [])
     if not paths.config.exists():
         raise CampaignError(f"{paths.dir}: no config.yaml; is this a campaign directory?")
     cfg = configs.from_dict(yaml.safe_load(paths.config.read_text()))
@@ -310,6 +332,8 @@ class _Driver:
         self.rates = _StepRates()
         self.last_drain = time.monotonic()
         self.last_behind_warning = -math.inf
+        self.last_resources = -math.inf
+        self.resources_seen: dict | None = None  # the last resource view recorded for status
 
     # --- the driver, top to bottom ---------------------------------------------------------
     def run(self, ray_address: str | None, num_cpus: int | None, restart_failed_il: bool) -> CampaignSummary:
@@ -329,6 +353,7 @@ class _Driver:
                 # Until no unit is left and the imitation job (if the gate launched one) has ended, or a disk is full.
                 while self.no_space is None and (self.imitation.step(units_left=self._units_left()) or self._units_left()):
                     self._launch()
+                    self._note_resources()
                     self._reconcile_pools()  # slurm
                     self._check_shared_dir()  # slurm
                     asks, outcomes = self._poll_feed()
@@ -388,6 +413,7 @@ class _Driver:
         from orchestrator.tracking import artifact_location_for, known_runs, start_sink
 
         paths, store, cfg = self.paths, self.store, self.cfg
+        self._refuse_unschedulable()
         store.set_meta("ray_dashboard_url", sched_mod.dashboard_url())  # status and the dashboard link to it
         # Tracking goes through the campaign's outbox: nothing here waits for the tracking server.
         self.sink = start_sink(paths.dir, self.uri, paths.name, artifact_location_for(self.uri, paths.dir), cfg.mlflow)
@@ -426,6 +452,39 @@ class _Driver:
         self.queue = deque(store.unit_ids(PENDING))
         if self.on_progress is not None:
             self.on_progress(store.counts())
+
+    def _refuse_unschedulable(self) -> None:
+        """Stop before anything starts when no node (or SLURM pool job) could ever hold one launch:
+        Ray would queue it forever. The units stay pending."""
+        from orchestrator.scheduler import unschedulable
+
+        pool = None
+        if self.cfg.slurm.pools:
+            from slurm.pools import pool_for_units
+
+            pool = pool_for_units(self.cfg.slurm, self.cfg.campaign.gpus_per_unit)
+        problem = unschedulable(self.cfg, pool)
+        if problem is not None:
+            self.store.log_event("unschedulable", problem)
+            raise CampaignError(f"campaign {self.paths.name}: {problem}. Its units stay pending: "
+                                f"`pianoforge resume {self.paths.name} --set SETTING=VALUE` runs them")
+
+    def _note_resources(self) -> None:
+        """Each second while attempts are in flight: what one launch needs and what the cluster
+        offers, for ``pianoforge status`` (written when it changed); a warning when no node can
+        hold a launch any more (the nodes that could have left)."""
+        if not len(self.scheduler) or time.monotonic() - self.last_resources < 1.0:
+            return
+        from orchestrator.status import RESOURCES_KEY, describe_wait
+
+        self.last_resources = time.monotonic()
+        view = self.scheduler.resource_view()
+        if view == self.resources_seen:
+            return
+        if view["nodes"] and not view["fits"] and (self.resources_seen or {}).get("fits", True):
+            log.warning("no node of the Ray cluster can hold a launch now: %s", describe_wait(view))
+        self.store.set_meta(RESOURCES_KEY, view)
+        self.resources_seen = view
 
     def _units_left(self) -> bool:
         return bool(self.queue or len(self.scheduler) or self.suspects)

@@ -3,23 +3,80 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from enum import IntEnum
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from configs.files import disk_full, write_text_atomic
 
-app = typer.Typer(
+class _FlagsShowNoValue:
+    """A flag's help shows no value type (typer would write ``--watch <bool>`` as if it took one)."""
+
+    def format_help(self, ctx, formatter):
+        for param in self.get_params(ctx):
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return super().format_help(ctx, formatter)
+
+
+class _Command(_FlagsShowNoValue, TyperCommand):
+    """Usage lines as click writes them: a required argument NAME, an optional one [NAME]
+    (typer would write ``{name}``)."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name).upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class _Group(_FlagsShowNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """``typer.Typer`` whose commands and groups write their usage and help as above."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=kwargs.pop("cls", _Command), **kwargs)
+
+
+app = _Typer(
     name="pianoforge",
     help="Train robot pianists at scale: specialists per song chunk, a trajectory lake, a generalist.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-manifest_app = typer.Typer(help="Song manifests: check what a manifest will train.", no_args_is_help=True)
+manifest_app = _Typer(help="Song manifests: check what a manifest will train.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
+
+
+class ExitCode(IntEnum):
+    """Exit status of every command (the table in docs/faults.md): one meaning each, the
+    same error the same status in every command."""
+
+    OK = 0
+    FAILED = 1  # it ran and found or left failures: units failed, damaged shards, manifest errors, records undelivered
+    BAD_INPUT = 2  # a bad option, --set, config, or a missing or unusable file, campaign, unit or lake: nothing ran
+    REJECTED = 3  # the campaign ran, but manifest entries were rejected (`--allow-errors`: 0)
+    NODE_FAULT = 4  # the driver stopped on a fault of this machine (disk full); `resume` continues
+    INTERRUPTED = 130
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @contextmanager
@@ -61,7 +118,7 @@ def manifest_check(
     import configs
     from orchestrator.manifest import ManifestError, load_manifest
 
-    with _fail_with(1, configs.ConfigError, ManifestError):
+    with _fail_with(ExitCode.BAD_INPUT, configs.ConfigError, ManifestError):
         cfg = configs.load(profile=profile, overrides=overrides)
         manifest = load_manifest(file, cfg)
 
@@ -84,8 +141,8 @@ def manifest_check(
         console.print(str(problem), markup=False, highlight=False, soft_wrap=True,
                       style="red" if problem.severity == "error" else "yellow")
     n_err, n_warn = len(manifest.errors), len(manifest.warnings)
-    console.print(f"{n_err} errors, {n_warn} warnings", highlight=False)
-    raise typer.Exit(1 if n_err else 0)
+    console.print(f"{_plural(n_err, 'error')}, {_plural(n_warn, 'warning')}", highlight=False)
+    raise typer.Exit(ExitCode.FAILED if n_err else ExitCode.OK)
 
 
 def _hms(seconds: float) -> str:
@@ -102,7 +159,7 @@ def _load_config(profile: str, sets: list[str], workload: Optional[str]):
     import configs
 
     overrides = list(sets) + ([f"campaign.workload={workload}"] if workload else [])
-    with _fail_with(EXIT_USAGE, configs.ConfigError):
+    with _fail_with(ExitCode.BAD_INPUT, configs.ConfigError):
         return configs.load(profile=profile, overrides=overrides)
 
 
@@ -122,14 +179,6 @@ def _drive_with_progress(run, total: int):
         return run(on_progress)
 
 
-# Exit statuses of submit, resume and demo (documented in the README):
-EXIT_UNITS_FAILED = 1  # units used up their attempts (`resume` retries them)
-EXIT_USAGE = 2  # a bad option, config, manifest file or campaign: nothing ran
-EXIT_REJECTED = 3  # the campaign ran, but manifest entries were rejected (`--allow-errors`: 0)
-EXIT_NODE_FAULT = 4  # the driver stopped on a fault of this machine (disk full); `resume` continues
-EXIT_INTERRUPTED = 130
-
-
 def _report_summary(summary, rejected: int = 0) -> None:
     """Print where the campaign stands and exit 0 (all finished), 1 (units failed), 3 (``rejected``
     manifest entries), 4 (stopped on a node fault) or 130 (interrupted)."""
@@ -137,7 +186,9 @@ def _report_summary(summary, rejected: int = 0) -> None:
 
     from orchestrator.status import read_status, render
 
-    Console().print(render(read_status(summary.dir)))
+    import dataclasses
+
+    Console().print(render(dataclasses.replace(read_status(summary.dir), driver="stopped")))  # its stop may be unrecorded (disk full)
     from orchestrator.tracking import mlflow_ui_hint
 
     typer.echo(f"this run: {summary.attempts_run} attempts in {summary.seconds:.1f} s; MLflow: "
@@ -145,31 +196,43 @@ def _report_summary(summary, rejected: int = 0) -> None:
     if summary.tracking_behind:
         typer.echo(f"warning: {summary.tracking_behind}", err=True)
     if summary.no_space is not None:
-        _exit_no_space(summary.no_space, summary.name)
+        _exit_no_space(summary.no_space, summary.dir)
     if summary.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(ExitCode.INTERRUPTED)
     if summary.counts.get("failed"):
-        typer.echo(f"{summary.counts['failed']} units failed; `pianoforge resume {summary.name}` retries them", err=True)
-        raise typer.Exit(EXIT_UNITS_FAILED)
+        typer.echo(f"{_plural(summary.counts['failed'], 'unit')} failed; `{_resume_command(summary.dir)}` retries them",
+                   err=True)
+        raise typer.Exit(ExitCode.FAILED)
     if rejected:
         typer.echo(f"{rejected} manifest entries were rejected (errors above) and dropped from the campaign; "
                    "exit status 3 (--allow-errors: 0)", err=True)
-        raise typer.Exit(EXIT_REJECTED)
+        raise typer.Exit(ExitCode.REJECTED)
 
 
-def _exit_no_space(no_space, campaign: str):
+def _root_option(root: Path) -> str:
+    """`` --root ROOT`` unless ``root`` is the default campaign root (as resolved from here)."""
+    import configs
+
+    return "" if Path(root).resolve() == Path(configs.load(profile=None).campaign.root).resolve() else f" --root {root}"
+
+
+def _resume_command(campaign_dir: Path) -> str:
+    return f"pianoforge resume {campaign_dir.name}{_root_option(campaign_dir.parent)}"
+
+
+def _exit_no_space(no_space, campaign_dir: Path):
     """The one message of a driver stopped by a full disk, then exit 4."""
     typer.echo(f"error: disk full: no space left on device at {no_space.filename or 'the campaign directory'}. "
                f"The campaign stopped cleanly: what was written is intact and no unit lost an attempt. "
-               f"Free some space, then `pianoforge resume {campaign}` continues.", err=True)
-    raise typer.Exit(EXIT_NODE_FAULT)
+               f"Free some space, then `{_resume_command(campaign_dir)}` continues.", err=True)
+    raise typer.Exit(ExitCode.NODE_FAULT)
 
 
 @contextmanager
-def _driving(campaign: str, *usage_errors: type[BaseException]):
+def _driving(campaign_dir: Path, *usage_errors: type[BaseException]):
     """Around a driver run: ``usage_errors`` exit 2 with their message; a full disk before the
     driver could stop cleanly gets the same one message as one it stopped on (exit 4)."""
-    with _fail_with(EXIT_USAGE, *usage_errors):
+    with _fail_with(ExitCode.BAD_INPUT, *usage_errors):
         try:
             yield
         except usage_errors:
@@ -178,14 +241,14 @@ def _driving(campaign: str, *usage_errors: type[BaseException]):
             no_space = disk_full(e)
             if no_space is None:
                 raise
-            _exit_no_space(no_space, campaign)
+            _exit_no_space(no_space, campaign_dir)
 
 
 def _manifest_or_exit(path, cfg):
     """The loaded manifest, its problems printed to stderr; exit 2 if the file itself is unusable."""
     from orchestrator.manifest import ManifestError, load_manifest
 
-    with _fail_with(EXIT_USAGE, ManifestError):
+    with _fail_with(ExitCode.BAD_INPUT, ManifestError):
         manifest = load_manifest(path, cfg)
     for problem in manifest.problems:
         typer.echo(str(problem), err=True)
@@ -202,12 +265,12 @@ def _submit_manifest(manifest, campaign, profile, ray_address, root, sets, workl
     units = loaded.units()
     if not units:
         typer.echo(f"error: {manifest}: no units to train", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     name = campaign or Path(manifest).stem
     rejected = len(loaded.errors)
     dropped = f", {rejected} manifest entries dropped (errors above)" if rejected else ""
     typer.echo(f"campaign {name}: {len(loaded.songs)} songs, {len(units)} units, workload {cfg.campaign.workload}{dropped}")
-    with _driving(name, campaign_mod.CampaignError):
+    with _driving(Path(root or cfg.campaign.root) / name, campaign_mod.CampaignError):
         summary = _drive_with_progress(
             lambda cb: campaign_mod.submit(units, cfg, name, root=root, ray_address=ray_address, on_progress=cb),
             total=len(units))
@@ -240,7 +303,7 @@ def resume(
     campaign: str = typer.Argument(..., help="Campaign name under --root."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of campaign directories (default: campaign.root)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start Ray in this process)."),
-    sets: list[str] = typer.Option([], "--set", help="Orchestration override key=value (campaign.*, mlflow.*, gate.*)."),
+    sets: list[str] = typer.Option([], "--set", help="Override key=value of the driver's settings (campaign.*, mlflow.*, gate.*, il.*, slurm.*, ray.*); units keep their config."),
 ) -> None:
     """Restart failed units (attempts reset to 0) and interrupted units from their checkpoints."""
     import configs
@@ -248,7 +311,7 @@ def resume(
     from orchestrator.store import CampaignStore
 
     root = root or Path(_load_config("local", [], None).campaign.root)
-    with _driving(campaign, campaign_mod.CampaignError, configs.ConfigError):
+    with _driving(Path(root) / campaign, campaign_mod.CampaignError, configs.ConfigError):
         paths = campaign_mod.CampaignPaths.of(root, campaign)
         db = paths.db
         if not db.exists():
@@ -279,7 +342,7 @@ def status(
     from orchestrator.status import read_status, render, resolve_campaign
 
     root = root or Path(_load_config("local", [], None).campaign.root)
-    with _fail_with(EXIT_USAGE, FileNotFoundError):
+    with _fail_with(ExitCode.BAD_INPUT, FileNotFoundError):
         directory = resolve_campaign(campaign, root)
     behind = _sync_tracking(directory, timeout_s=STATUS_SYNC_S, quiet=as_json)
     if as_json:
@@ -322,7 +385,7 @@ def _sync_tracking(directory: Path, timeout_s: float | None, quiet: bool = False
     return line
 
 
-mlflow_app = typer.Typer(help="MLflow tracking: deliver what the tracking server has not received yet.",
+mlflow_app = _Typer(help="MLflow tracking: deliver what the tracking server has not received yet.",
                          no_args_is_help=True)
 app.add_typer(mlflow_app, name="mlflow")
 
@@ -342,10 +405,10 @@ def mlflow_sync(
     root = root or Path(_load_config("local", [], None).campaign.root)
     directory = Path(campaign).expanduser() if campaign and (Path(campaign) / OUTBOX_FILE).exists() else None
     if directory is None:
-        with _fail_with(EXIT_USAGE, FileNotFoundError):
+        with _fail_with(ExitCode.BAD_INPUT, FileNotFoundError):
             directory = resolve_campaign(campaign, root)
     if _sync_tracking(directory.resolve(), timeout):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     typer.echo(f"{directory}: every MLflow record delivered")
 
 
@@ -375,7 +438,7 @@ def demo(
     job = summary.imitation
     if job is None or job["state"] != "succeeded":
         typer.echo(f"error: the imitation step did not succeed: {job and job['error'] or 'not launched'}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     loss = f"{job['loss']:.4g}" if job.get("loss") is not None else "-"
     typer.echo(f"imitation: {job['policy']} policy after {job['steps']} steps (loss {loss}) -> {job['policy_path']}")
 
@@ -399,7 +462,7 @@ def demo(
 
         with CampaignStore(summary.dir / "campaign.db") as store:  # the dashboard finds it there
             record_evaluation(store, job["out_dir"], run_id)
-    root_opt = "" if root == Path(cfg.campaign.root).resolve() else f" --root {root}"
+    root_opt = _root_option(root)
     typer.echo(f"\ndemo done in {_time.perf_counter() - t0:.0f} s. Where everything is:\n"
                f"  campaign    {summary.dir}  (store, units/, lake/, il/, logs/)\n"
                f"  policy      {job['policy_path']}\n"
@@ -410,7 +473,7 @@ def demo(
 
 
 # --- slurm: the campaign head as a SLURM job ----------------------------------------------------
-slurm_app = typer.Typer(help="SLURM: run the campaign head as a SLURM job.", no_args_is_help=True)
+slurm_app = _Typer(help="SLURM: run the campaign head as a SLURM job.", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 
 
@@ -438,7 +501,7 @@ def slurm_head_sbatch(
 
     if not ctx.args:
         typer.echo("error: give the command to run next to the head after --", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     log_dir.mkdir(parents=True, exist_ok=True)
     text = render_head_sbatch(list(ctx.args), token_file=str(Path(token_file).expanduser()),
                               log_dir=str(log_dir.resolve()), partition=partition, cpus=cpus, mem_gb=mem_gb,
@@ -498,7 +561,7 @@ def specialist(
     except (configs.ConfigError, SongError) as e:
         where = "" if str(song) in str(e) or isinstance(e, configs.ConfigError) else f"{song}: "
         typer.echo(f"error: {where}{e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     unit = UnitSpec.create(song_path=str(song.resolve()), song_hash=loaded.content_hash, song_name=loaded.name,
                            chunk_index=chunk, config_hash=cfg.hash(*UNIT_SECTIONS))
     out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +582,7 @@ def specialist(
             result = train_unit(unit, cfg, out, lake or out / "lake", report=report, progress=not no_progress)
     except SongError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     finally:
         metrics_log.close()
     typer.echo(result.model_dump_json(indent=2))
@@ -529,13 +592,13 @@ def specialist(
 def _unit_or_exit(unit_dir: Path):
     from orchestrator.playback import UnitNotFound, resolve_unit
 
-    with _fail_with(EXIT_USAGE, UnitNotFound):
+    with _fail_with(ExitCode.BAD_INPUT, UnitNotFound):
         return resolve_unit(unit_dir)
 
 
 def _render_failed(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(1) from None
+    raise typer.Exit(ExitCode.FAILED) from None
 
 
 @app.command()
@@ -563,7 +626,7 @@ def render(
         if policy is not None:
             if song is None:
                 typer.echo("error: --policy needs --song (and --chunk)", err=True)
-                raise typer.Exit(2)
+                raise typer.Exit(ExitCode.BAD_INPUT)
             from workers.piano.music import load_song
 
             cfg = _unit_or_exit(unit_dir).cfg if unit_dir else _load_config(profile, sets, None)
@@ -572,7 +635,7 @@ def render(
                                     song_hash=load_song(song).content_hash, quality=quality, progress=True)
         elif unit_dir is None:
             typer.echo("error: give UNIT_DIR, or --policy with --song", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(ExitCode.BAD_INPUT)
         else:
             from orchestrator.playback import render_unit
             from workers.lake import LakeError
@@ -623,7 +686,7 @@ def play(
 
             view = _unit_or_exit(target)
             cfg = view.cfg
-            with _fail_with(EXIT_USAGE, UnitNotFound):
+            with _fail_with(ExitCode.BAD_INPUT, UnitNotFound):
                 state = specialist_policy_state(view)
             policy_file = save_state(state, Path(tmp) / "policy.pt")
             policy = SpecialistPolicy(state).eval()
@@ -632,13 +695,13 @@ def play(
         else:
             cfg = _load_config(profile, sets, None)
             policy_file = target
-            with _fail_with(EXIT_USAGE, ValueError, FileNotFoundError):
+            with _fail_with(ExitCode.BAD_INPUT, ValueError, FileNotFoundError):
                 policy = load_any_policy(target)
             if song is None:
                 typer.echo("error: a policy file needs --song", err=True)
-                raise typer.Exit(2)
+                raise typer.Exit(ExitCode.BAD_INPUT)
             song_path, chunk = song, chunk or 0
-        with _fail_with(1, SongError):
+        with _fail_with(ExitCode.BAD_INPUT, SongError):
             loaded = load_song(song_path)
             midi = load_chunk(song_path, chunk, cfg.env, expected_hash=loaded.content_hash)
         env = make_env(midi, cfg.env, seed=seed)
@@ -673,7 +736,7 @@ def export_policy(
     from workers.imitation.export import save_state
 
     view = _unit_or_exit(unit_dir)
-    with _fail_with(EXIT_USAGE, UnitNotFound):
+    with _fail_with(ExitCode.BAD_INPUT, UnitNotFound):
         state = specialist_policy_state(view)
     save_state(state, out)
     done = "" if state["meta"]["done"] else " (the unit has not finished training: this is its latest checkpoint)"
@@ -681,7 +744,7 @@ def export_policy(
 
 
 # ---- the trajectory lake --------------------------------------------------------------------
-lake_app = typer.Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
+lake_app = _Typer(help="The trajectory lake: list and verify committed shards, clean up after crashed writers.",
                        no_args_is_help=True)
 app.add_typer(lake_app, name="lake")
 
@@ -693,13 +756,24 @@ def lake_list(
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train, eval, held-out)."),
 ) -> None:
     """List the committed shards of a lake, one line each, and the totals; a shard whose file is
-    not the size its catalog entry records is marked DAMAGED (exit 1 when there is one)."""
+    not the one its catalog entry records (size and sha256) is marked DAMAGED (exit 1 when there is one)."""
     from workers.lake import Lake, LakeError
 
-    lake = Lake(root)
-    with _fail_with(1, LakeError):
+    lake = _lake_or_exit(root)
+    with _fail_with(ExitCode.BAD_INPUT, LakeError):
         shards = lake.shards(min_f1=min_f1, split=split)
     _print_shards(root, [(s, lake.shard_problem(s)) for s in shards])
+
+
+def _lake_or_exit(root: Path):
+    """The lake at ``root``; exit 2 naming the path when it is not one (no ``meta/info.json``)."""
+    from workers.lake import Lake
+
+    lake = Lake(root)
+    if not lake.info_path.is_file():
+        typer.echo(f"error: {root}: not a trajectory lake (no {lake.info_path.relative_to(lake.root)})", err=True)
+        raise typer.Exit(ExitCode.BAD_INPUT)
+    return lake
 
 
 def _print_shards(root: Path, checked: list) -> None:
@@ -728,7 +802,7 @@ def _print_shards(root: Path, checked: list) -> None:
     if damaged:
         typer.echo(f"{len(damaged)} damaged shard(s) in {root}: the gate and the dataset reader leave them out; "
                    "`pianoforge resume CAMPAIGN` records their units' rollouts again", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @lake_app.command("verify")
@@ -742,8 +816,9 @@ def lake_verify(
     """
     from workers.lake import Lake, LakeError
 
-    with _fail_with(1, LakeError):
-        checked = Lake(root).verify()
+    lake = _lake_or_exit(root)
+    with _fail_with(ExitCode.BAD_INPUT, LakeError):
+        checked = lake.verify()
     _print_shards(root, checked)
 
 
@@ -777,8 +852,8 @@ def lake_export(
 
     if fmt != "lerobot":
         typer.echo(f"error: --format {fmt}: only lerobot is supported", err=True)
-        raise typer.Exit(2)
-    with _fail_with(1, LakeError, FileExistsError):
+        raise typer.Exit(ExitCode.BAD_INPUT)
+    with _fail_with(ExitCode.BAD_INPUT, LakeError, FileExistsError):
         summary = export_lerobot(root, out, min_f1=min_f1, splits=split or None, songs=song or None)
     typer.echo(f"wrote {summary.out}: LeRobot v3.0 dataset, {summary.episodes} episodes, {summary.frames} frames, "
                f"{summary.tasks} tasks, {summary.data_files} data file(s) from {summary.shards} shard(s); "
@@ -804,8 +879,9 @@ def train_il_cmd(
     """Train the imitation policy on the lake's passing train shards with Ray Train (DDP); prints where policy.pt is."""
     if policy not in (None, "flow", "bc"):
         typer.echo(f"error: --policy {policy}: expected flow or bc", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     cfg = _load_config(profile, sets, None)
+    _lake_or_exit(lake)
     import ray
 
     from orchestrator.tracking import tracking_uri_for
@@ -826,7 +902,7 @@ def train_il_cmd(
                           tracking_uri=mlflow_uri, experiment=experiment or campaign_dir.name, outbox=outbox)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     finally:
         if started:
             ray.shutdown()
@@ -868,9 +944,9 @@ def eval_cmd(
             names.append(None)
     if not paths:
         typer.echo("error: no songs to evaluate", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     rows = []
-    with _fail_with(1, SongError, ValueError, FileNotFoundError):
+    with _fail_with(ExitCode.BAD_INPUT, SongError, ValueError, FileNotFoundError):
         for path in [policy] + ([baseline] if baseline else []):
             rows += evaluate_policy(path, paths, cfg, episodes=episodes, song_names=[n or Path(p).stem for p, n in zip(paths, names)],
                                     max_chunks=max_chunks, max_steps=max_steps, progress=True)

@@ -37,6 +37,7 @@ class GateDecision:
     passing: int
     shards: list[Any] = field(default_factory=list, repr=False)  # the passing ShardInfo records
     damaged: int = 0  # shards that would pass but whose file is damaged: not counted, not used
+    damaged_shards: list[tuple[Any, str]] = field(default_factory=list, repr=False)  # (ShardInfo, what is wrong)
 
     @property
     def song_hashes(self) -> list[str]:
@@ -73,7 +74,7 @@ class Gate:
 
     def passing_shards(self, lake: Any) -> list[Any]:
         """Committed train-split shards of ``lake`` (a ``workers.lake.Lake``) whose specialist passes
-        and whose file is undamaged."""
+        and whose file is whole (``Lake.shard_problem``: size and sha256)."""
         return self._train_shards(lake)[0]
 
     def check(self, lake: Any, last_launch_count: int | None = None) -> GateDecision:
@@ -81,7 +82,7 @@ class Gate:
         the damaged ones it left out."""
         shards, damaged = self._train_shards(lake)
         return GateDecision(launch=self.decide(len(shards), last_launch_count), passing=len(shards), shards=shards,
-                            damaged=len(damaged))
+                            damaged=len(damaged), damaged_shards=damaged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +131,8 @@ class ImitationLauncher:
         self.ref = None  # the running job's ObjectRef
         self.dirty = True  # something may have changed since the last gate check (a unit finished)
         self.last_check = 0.0
+        self.lake = None  # one workers.lake.Lake for every check: it remembers the files it found whole
+        self.reported: set[tuple[str, str]] = set()  # (unit_id, commit_id) of damaged shards already logged
 
     # ---- the store's record ------------------------------------------------------------
     def launches(self) -> list[dict[str, Any]]:
@@ -200,14 +203,22 @@ class ImitationLauncher:
         self.dirty, self.last_check = False, time.monotonic()
         from workers.lake import Lake
 
-        decision = self.check(Lake(self.lake_root, self.cfg.lake))
+        self.lake = self.lake or Lake(self.lake_root, self.cfg.lake)
+        decision = self.check(self.lake)
         if decision.launch:
             self._launch(decision)
 
     def check(self, lake: Any) -> GateDecision:
         """Check the gate against the latest launch and record what it saw in the store."""
         decision = self.gate.check(lake, self.last_launch_count())
+        for shard, problem in decision.damaged_shards:
+            if (shard.unit_id, shard.commit_id) not in self.reported:
+                self.reported.add((shard.unit_id, shard.commit_id))
+                detail = f"{shard.path}: {problem}; not counted (`pianoforge resume` records it again)"
+                log.warning("damaged shard of unit %s: %s", shard.unit_id, detail)
+                self.store.log_event("shard_damaged", f"unit {shard.unit_id}: {detail}")
         self.store.set_meta(GATE_KEY, {"passing": decision.passing, "damaged": decision.damaged,
+                                       "damaged_shards": [str(s.path) for s, _ in decision.damaged_shards[:10]],
                                        "needed": self.gate.min_shards,
                                        "threshold": self.gate.f1_threshold, "launch": self.policy,
                                        "relaunch_every": self.gate.relaunch_every, "checked_at": time.time()})

@@ -81,9 +81,14 @@ def specialist_policy_state(view: UnitView) -> dict:
     from workers.imitation.export import specialist_state
     from workers.piano.env import make_env
     from workers.piano.music import load_chunk, song_limits
-    from workers.rl.specialist import load_checkpoint, read_result
+    from workers.rl import checkpoints
+    from workers.rl.specialist import CHECKPOINT, read_result
 
-    checkpoint = load_checkpoint(view.unit_dir)
+    loaded = checkpoints.load(view.unit_dir / CHECKPOINT)
+    checkpoint = loaded.state
+    if checkpoint is None and loaded.damaged:
+        raise UnitNotFound(f"{view.unit_dir}: its checkpoint is damaged, nothing to play or export: "
+                           + "; ".join(loaded.messages[:len(loaded.damaged)]))
     if checkpoint is None:
         raise UnitNotFound(f"{view.unit_dir}: no checkpoint.pt: the unit has not trained yet")
     midi = load_chunk(view.spec.song_path, view.spec.chunk_index, view.cfg.env, expected_hash=view.spec.song_hash,

@@ -7,6 +7,12 @@ result or error, so a member that failed is retried alone while the others succe
 pack's process dies (killed, out of memory, node lost) every member's attempt fails with that
 error and each is retried from its own checkpoint.
 
+What one launch asks of Ray (``launch_needs``) is checked before anything runs
+(``unschedulable``): when no node of the cluster, or on SLURM pools no job of the unit's pool,
+can ever hold it, the campaign is refused with the settings that ask for it. Launches that only
+wait for busy resources stay queued; ``Scheduler.resource_view`` says what they wait for (the
+driver records it for ``pianoforge status``).
+
 With ``campaign.pack_refill`` a pack does not wait for its slowest member: each member's
 outcome comes back through the campaign's ``PackFeed`` actor as soon as it is final, and the
 freed slot asks the driver for the next pending unit of the pack's config (``RayRefill`` on the
@@ -32,6 +38,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import socket
 import time
 import traceback
@@ -44,6 +51,7 @@ import ray.exceptions
 
 import configs
 from configs.files import NoSpaceError, disk_full
+from orchestrator.status import resource_amount as _amount
 from slurm.raynode import JOB_LABEL as SLURM_JOB_LABEL
 from workers import fencing
 from workers.fencing import Fence
@@ -407,6 +415,75 @@ def _clip(text: str) -> str:
     return text
 
 
+def launch_needs(camp: configs.CampaignConfig, pool: configs.PoolConfig | None = None,
+                 extra: dict[str, float] | None = None) -> dict[str, float]:
+    """The Ray resources one launch (a unit, or a pack) asks for: CPU, GPU and ``extra`` (a pool's)."""
+    cpus, gpus = camp.pack_resources(pool)
+    return {**({"CPU": cpus} if cpus > 0 else {}), **({"GPU": gpus} if gpus > 0 else {}), **(extra or {})}
+
+
+def _settings(camp: configs.CampaignConfig, resource: str) -> str:
+    """The settings that make one launch ask for its CPUs or GPUs, as a user would change them."""
+    if camp.pack_size == 1:
+        return f"campaign.cpus_per_unit = {camp.cpus_per_unit:g}" if resource == "CPU" else \
+            f"campaign.gpus_per_unit = {camp.gpus_per_unit:g}"
+    if resource == "CPU":
+        return f"campaign.cpus_per_pack = {camp.cpus_per_pack:g}" if camp.cpus_per_pack > 0 else \
+            f"campaign.pack_size = {camp.pack_size} x campaign.cpus_per_unit = {camp.cpus_per_unit:g}"
+    return f"campaign.gpus_per_pack = {camp.gpus_per_pack:g}" if camp.gpus_per_pack is not None else \
+        f"campaign.pack_size = {camp.pack_size} with campaign.gpus_per_unit > 0 (one GPU per pack)"
+
+
+def _names(settings: list[str]) -> str:
+    """The setting names in ``_settings`` texts: ``campaign.pack_size or campaign.cpus_per_unit``."""
+    return " or ".join(dict.fromkeys(re.findall(r"(campaign\.\w+) [=w]", " ".join(settings))))
+
+
+def unschedulable(cfg: configs.Config, pool_name: str | None = None) -> str | None:
+    """Why no launch of this campaign could ever start, naming the settings; None when one can.
+
+    On SLURM pools (``pool_name``: the units' pool) one job of the pool must hold a launch
+    (``slurm.pools.<pool>.cpus_per_job``/``gpus_per_job``): its nodes join later. Otherwise some
+    node of the Ray cluster this process is connected to must hold it now.
+    """
+    camp = cfg.campaign
+    what = f"a pack of {camp.pack_size}" if camp.pack_size > 1 else "a unit"
+    if pool_name is not None:
+        pool = cfg.slurm.pools[pool_name]
+        needs = launch_needs(camp, pool)
+        limits = {"CPU": pool.cpus_per_job, "GPU": pool.gpus_per_job}
+        short = [r for r, n in needs.items() if n > limits[r] + 1e-9]
+        if not short:
+            return None
+        return (f"{what} asks for {', '.join(_amount(r, needs[r]) for r in short)} "
+                f"({'; '.join(_settings(camp, r) for r in short)}), more than one job of slurm.pools.{pool_name} "
+                f"holds ({', '.join(f'{_amount(r, limits[r])}' for r in short)}): lower "
+                f"{_names([_settings(camp, r) for r in short])}, or raise "
+                f"{' and '.join(f'slurm.pools.{pool_name}.' + ('cpus_per_job' if r == 'CPU' else 'gpus_per_job') for r in short)}")
+    needs = launch_needs(camp)
+    view = resource_view(needs)
+    if view["fits"]:
+        return None
+    short = [r for r, n in needs.items() if view["largest"].get(r, 0) + 1e-9 < n] or list(needs)
+    return (f"{what} asks Ray for {', '.join(_amount(r, n) for r, n in needs.items())} "
+            f"({'; '.join(_settings(camp, r) for r in short)}); no node of the Ray cluster can ever hold it "
+            f"(largest node: {', '.join(_amount(r, view['largest'].get(r, 0)) for r in needs)}; {view['nodes']} node(s)): "
+            f"lower {_names([_settings(camp, r) for r in short])}, or add a node that big")
+
+
+def resource_view(needs: dict[str, float]) -> dict[str, Any]:
+    """What the Ray cluster offers ``needs`` now: ``nodes`` alive, the ``largest`` amount of each
+    resource on one node, what is ``free`` in all, and whether one node ``fits`` it at all."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    free = ray.available_resources()
+    return {
+        "needs": needs, "nodes": len(nodes),
+        "largest": {r: max((n.get(r, 0.0) for n in nodes), default=0.0) for r in needs},
+        "free": {r: free.get(r, 0.0) for r in needs},
+        "fits": any(all(n.get(r, 0.0) + 1e-9 >= v for r, v in needs.items()) for n in nodes),
+    }
+
+
 class Scheduler:
     """Launches unit attempts (alone, or ``campaign.pack_size`` at a time as one pack) as Ray
     tasks and reports them, one ``Outcome`` per unit, as they finish."""
@@ -434,6 +511,10 @@ class Scheduler:
     def resources(self) -> tuple[float, float]:
         """(CPUs, GPUs) of one launch: a unit, or a pack."""
         return self.camp.pack_resources(self.pool)
+
+    def resource_view(self) -> dict[str, Any]:
+        """What the cluster offers one launch now (``resource_view``)."""
+        return resource_view(launch_needs(self.camp, self.pool, self.extra_resources))
 
     def __len__(self) -> int:
         """Unit attempts in flight (queued in Ray or running), alone or in packs."""

@@ -21,6 +21,7 @@ from workers.rl.budget import REASONS
 
 F1_BINS = 10
 OPEN_STATES = (PENDING, RUNNING)  # units with work ahead of them; every other state is an end
+RESOURCES_KEY = "launch_resources"  # store meta: what one launch needs and what the cluster offered (the driver's)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class CampaignStatus:
     il_launches: list[dict] = field(default_factory=list)  # imitation jobs it launched, oldest first
     ray_dashboard: str | None = None      # Ray dashboard URL of the driver's cluster (recorded at its start)
     budgets: BudgetSummary | None = None  # finished units' stop reasons and steps saved (specialist.budget)
+    waiting: str | None = None            # what running units with no host yet wait for (describe_wait)
     read_seconds: float = 0.0
 
     @property
@@ -138,11 +140,31 @@ def read_status(campaign_dir: str | Path, n_errors: int = 5, n_running: int = 10
         gate, il_launches = store.get_meta("gate"), store.get_meta("il_launches") or []
         ray_dashboard = store.get_meta("ray_dashboard_url")
         budgets = store.budgets()
+        queued = db.execute("SELECT COUNT(*) FROM units WHERE state = ? AND hostname IS NULL", (RUNNING,)).fetchone()[0]
+        resources = store.get_meta(RESOURCES_KEY)
+        waiting = f"{queued} unit(s) wait in Ray's queue: {describe_wait(resources)}" if queued and resources else None
     return CampaignStatus(
         name=name, dir=campaign_dir, counts=counts, f1=f1, throughput_per_hour=throughput, eta_s=eta, driver=driver,
         logging_overhead=overhead_row[0] / overhead_row[1] if overhead_row and overhead_row[1] else None,
-        running=running, packs=packs, where=where, hosts=hosts, steps_lost=steps_lost, last_errors=errors, mlflow=mlflow, gate=gate, il_launches=il_launches,
-        ray_dashboard=ray_dashboard, budgets=budgets, read_seconds=time.perf_counter() - t0)
+        running=running, packs=packs, where=where, hosts=hosts, steps_lost=steps_lost, last_errors=errors, mlflow=mlflow,
+        gate=gate, il_launches=il_launches, ray_dashboard=ray_dashboard, budgets=budgets, waiting=waiting,
+        read_seconds=time.perf_counter() - t0)
+
+
+def resource_amount(resource: str, n: float) -> str:
+    """``3 CPUs``, ``1 GPUs``, ``1 pool:cpu``: an amount of a Ray resource as messages show it."""
+    return f"{n:g} {resource}s" if resource in ("CPU", "GPU") else f"{n:g} {resource}"
+
+
+def describe_wait(view: dict) -> str:
+    """What a queued launch waits for, from the driver's record of ``scheduler.resource_view``:
+    e.g. ``each launch needs 3 CPUs; free now 1 CPUs; largest node has 2 CPUs (no node can hold it now)``."""
+    needs = view["needs"]
+    line = "; ".join(f"{label} {', '.join(resource_amount(r, of.get(r, 0)) for r in needs)}" for label, of in (
+        ("each launch needs", needs), ("free now", view["free"]), ("largest node has", view["largest"])))
+    if not view["nodes"]:
+        return line + " (no node has joined yet)"
+    return line if view["fits"] else line + " (no node can hold it now)"
 
 
 def placement(units: Iterable[tuple[str | None, str]]) -> list[dict]:
@@ -237,6 +259,8 @@ def render(status: CampaignStatus):
                          "throughput: -   ", f"ETA: {_duration(status.eta_s)}")
     if status.logging_overhead is not None:
         head.append(f"   logging overhead: {status.logging_overhead:.3%} of worker time")
+    if status.waiting:
+        head.append(f"\n{status.waiting}", style="yellow")
     if status.ray_dashboard and not driver_ended(status.driver):  # a finished driver's Ray cluster is gone
         head.append(f"\nRay dashboard: {status.ray_dashboard}")
 
@@ -333,8 +357,8 @@ def _render_gate(status: CampaignStatus):
         text.append(f"gate: {g['passing']}/{g['needed']} train shards with F1 >= {g['threshold']:g} passing"
                     f" (launch: {g['launch']})", style="bold")
         if g.get("damaged"):
-            text.append(f"\n{g['damaged']} damaged shard(s) left out (`pianoforge lake verify`; `resume` records them again)",
-                        style="red")
+            text.append(f"\n{g['damaged']} damaged shard(s) left out (`pianoforge lake verify`; `resume` records them again)"
+                        + "".join(f"\n  {path}" for path in g.get("damaged_shards", [])), style="red")
     for job in status.il_launches:
         line = f"\nimitation: launch {job['n']} {job['state']} ({job['policy']}, {job['passing']} shards)"
         if job.get("steps") is not None:

@@ -23,7 +23,7 @@ import configs
 from orchestrator import campaign
 from orchestrator.cli import app
 from orchestrator.status import read_status
-from orchestrator.store import FAILED, SUCCEEDED, CampaignStore
+from orchestrator.store import FAILED, PENDING, SUCCEEDED, CampaignStore
 from orchestrator.tracking import PARENT_TAG
 from workers.lake import Lake
 from workers.synthetic import make_units, read_attempts, read_checkpoint_step
@@ -309,20 +309,25 @@ def test_resume_records_the_rollouts_of_a_unit_whose_shard_is_damaged(ray_cluste
     units = make_units(1, 3, cfg.hash("env", "droq", "specialist"))
     campaign.submit(units, cfg, "rot", root=tmp_path)
     lake = Lake(tmp_path / "rot" / "lake", cfg.lake)
-    damaged = next(s for s in lake.shards() if s.unit_id == units[1].unit_id)
-    damaged.path.write_bytes(damaged.path.read_bytes()[:200])  # truncated on disk
+    truncated, flipped = (next(s for s in lake.shards() if s.unit_id == u.unit_id) for u in units[1:])
+    truncated.path.write_bytes(truncated.path.read_bytes()[:200])
+    data = bytearray(flipped.path.read_bytes())  # 16 bytes changed, the size kept
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 16])
+    flipped.path.write_bytes(bytes(data))
     listed = CliRunner().invoke(app, ["lake", "list", str(lake.root)])
-    assert listed.exit_code == 1 and "DAMAGED" in listed.output
+    assert listed.exit_code == 1 and "2 damaged" in listed.output
 
     resumed = campaign.resume("rot", root=tmp_path)
-    assert resumed.attempts_run == 1 and resumed.counts[SUCCEEDED] == 3
-    unit_dir = tmp_path / "rot" / "units" / units[1].unit_id
-    assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
-    assert all(p is None for _, p in lake.verify()) and len(lake.shards()) == 3
-    assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
-    with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
-        requeue = [e for e in store.events(unit_id=units[1].unit_id) if e.to_state == "pending" and e.from_state]
-        assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+    assert resumed.attempts_run == 2 and resumed.counts[SUCCEEDED] == 3
+    for damaged, unit in zip((truncated, flipped), units[1:]):
+        unit_dir = tmp_path / "rot" / "units" / unit.unit_id
+        assert [a["start_step"] for a in read_attempts(unit_dir)] == [0, 4]  # from its final checkpoint: rollouts only
+        assert len(list(damaged.path.parent.glob(f".{damaged.path.name}.damaged-*"))) == 1  # kept for inspection
+        with CampaignStore(tmp_path / "rot" / "campaign.db", readonly=True) as store:
+            requeue = [e for e in store.events(unit_id=unit.unit_id) if e.to_state == "pending" and e.from_state]
+            assert len(requeue) == 1 and "damaged" in requeue[0].detail and str(damaged.path) in requeue[0].detail
+    assert all(p is None for _, p in Lake(lake.root).verify()) and len(lake.shards()) == 3
+
 
 
 def test_a_units_overrides_are_applied_once_on_its_way_to_the_workload(tmp_path, monkeypatch):
@@ -339,3 +344,50 @@ def test_a_units_overrides_are_applied_once_on_its_way_to_the_workload(tmp_path,
     assert applied == [{"campaign.synthetic.episodes": 3}]
     [shard] = Lake(tmp_path / "lake", cfg.lake).shards()
     assert shard.n_episodes == 3 and result["unit_id"] == unit.unit_id
+
+
+# --------------------------------------------------------------------------------------------
+# Launches Ray could never place are refused at submit, naming the settings that ask for them;
+# launches that wait for busy resources keep waiting, and status says what for.
+# --------------------------------------------------------------------------------------------
+
+
+def _one_song(cfg: configs.Config, n: int):
+    return make_units(1, n, cfg.hash("env", "droq", "specialist"))
+
+
+@pytest.mark.timeout(120)  # before the check, such a campaign waited forever
+def test_a_pack_no_node_can_hold_is_refused_at_submit_and_its_units_stay_pending(ray_cluster, tmp_path):
+    cfg = configs.load(overrides=FAST + ["campaign.pack_size=3"])
+    with pytest.raises(campaign.CampaignError, match=r"a pack of 3 asks Ray for 3 CPUs \(campaign.pack_size = 3 x "
+                                                     r"campaign.cpus_per_unit = 1\); no node .* \(largest node: 2 CPUs"):
+        campaign.submit(_one_song(cfg, 3), cfg, "big", root=tmp_path)
+    with CampaignStore(tmp_path / "big" / "campaign.db", readonly=True) as store:
+        assert store.counts()[PENDING] == 3
+        assert [e.detail for e in store.events() if e.kind == "unschedulable"][0].startswith("a pack of 3")
+
+
+@pytest.mark.timeout(120)  # before the check, it waited forever, with the pool's jobs running
+def test_a_pack_no_job_of_its_slurm_pool_can_hold_is_refused_before_any_job_starts(ray_cluster, tmp_path):
+    cfg = configs.load(profile="slurm", overrides=FAST + ["campaign.pack_size=2"])
+    with pytest.raises(campaign.CampaignError, match=r"a pack of 2 asks for 2 CPUs \(campaign.pack_size = 2 x campaign."
+                                                     r"cpus_per_unit = 1\), more than one job of slurm.pools.cpu holds "
+                                                     r"\(1 CPUs\): lower campaign.pack_size or campaign.cpus_per_unit, or raise slurm.pools.cpu.cpus_per_job"):
+        campaign.submit(_one_song(cfg, 2), cfg, "pooled", root=tmp_path)
+    assert not (tmp_path / "pooled" / "logs" / "slurm").exists()  # no pool job was submitted
+
+
+def test_status_says_what_queued_units_wait_for(ray_cluster, tmp_path):
+    # Each unit takes both CPUs for ~4 s: the second one waits in Ray's queue meanwhile.
+    cfg = configs.load(overrides=FAST + ["campaign.cpus_per_unit=2", "campaign.synthetic.sleep_s=4"])
+    ended: list = []
+    driver = threading.Thread(target=lambda: ended.append(campaign.submit(_one_song(cfg, 2), cfg, "queue", root=tmp_path)))
+    driver.start()
+    seen = set()
+    while driver.is_alive():
+        if (tmp_path / "queue" / "campaign.db").exists():
+            seen.add(read_status(tmp_path / "queue").waiting)
+        time.sleep(0.25)
+    driver.join()
+    assert ended and ended[0].counts[SUCCEEDED] == 2
+    assert "1 unit(s) wait in Ray's queue: each launch needs 2 CPUs; free now 0 CPUs; largest node has 2 CPUs" in seen

@@ -77,3 +77,12 @@ def test_the_readme_gives_the_demo_command_and_the_ci_test_command():
     assert "bash .ci/setup.sh && .venv/bin/pianoforge demo" in text
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("bash .ci/setup.sh")]
     assert len(ci) == 1 and ci[0] in text, "the README's test command is not the one .ci/run runs"
+
+
+def test_the_exit_status_table_lists_every_exit_code_once():
+    from orchestrator.cli import ExitCode
+
+    text = (ROOT / "docs" / "faults.md").read_text()
+    section = text.split("## Exit status of every command", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \|", section, flags=re.M)
+    assert sorted(map(int, rows)) == sorted(int(code) for code in ExitCode)

@@ -85,7 +85,8 @@ def test_a_full_disk_stops_the_campaign_cleanly_without_burning_attempts_and_res
         out = CliRunner().invoke(app, ["submit", str(manifest), "--root", str(small_disk), *[f"--set={s}" for s in sets]])
     assert out.exit_code == 4, out.output
     assert f"error: disk full: no space left on device at {small_disk}" in out.output
-    assert "`pianoforge resume full` continues" in out.output and "Traceback" not in out.output
+    assert f"`pianoforge resume full --root {small_disk}` continues" in out.output and "Traceback" not in out.output
+    assert "driver: running" not in out.output  # the driver stopped, whether or not the full disk let it record so
     db = small_disk / "full" / "campaign.db"
     with sqlite3.connect(db) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"  # never half-written

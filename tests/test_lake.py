@@ -612,7 +612,7 @@ def test_streamed_shard_equals_a_commit_shard_one_row_for_row(tmp_path):
            [pb.metadata.row_group(g).num_rows for g in range(pb.num_row_groups)] == [90, 100, 75]
     kv_a, kv_b = read_shard_kv(committed.path), read_shard_kv(streamed.path)
     assert kv_a.pop("commit_id") != kv_b.pop("commit_id") and kv_a == kv_b
-    different = {"path", "commit_id", "committed_at", "bytes", "sha256"}  # the files differ in commit_id
+    different = {"path", "commit_id", "committed_at", "bytes", "sha256", "footer_sha256"}  # the footers differ in commit_id
     same = lambda info: {k: v for k, v in dataclasses.asdict(info).items() if k not in different}  # noqa: E731
     assert same(committed) == same(streamed) and lake.shards() == [streamed]
     assert_same_episodes(tagged_episodes(1, lengths), lake.read_episodes(streamed))
@@ -706,7 +706,7 @@ def test_the_catalog_records_size_and_checksum_and_damage_is_found(tmp_path):
     flipped = bytearray(b.path.read_bytes())
     flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte changed: only the checksum sees it
     b.path.write_bytes(bytes(flipped))
-    assert lake.shard_problem(b) is None and "the content changed" in lake.shard_problem(b, full=True)
+    assert lake.shard_problem(b, full=False) is None and "the content changed" in lake.shard_problem(b)
     assert [(s.unit_id, p is not None) for s, p in lake.verify()] == [("unit-a", True), ("unit-b", True)]
 
 
@@ -740,6 +740,47 @@ def test_readers_and_the_gate_leave_damaged_shards_out_and_count_them(small_lake
 
     decision = Gate(configs.load(overrides={"gate.f1_threshold": 0.75, "gate.min_shards": 4}).gate).check(lake)
     assert (decision.passing, decision.damaged, decision.launch) == (3, 1, False)
+
+
+def _flip_action_bytes(path: Path, row_group: int = 0) -> None:
+    """16 bytes flipped in the middle of a row group's ``action`` column, the size unchanged:
+    pyarrow decodes the file without complaint, to other actions."""
+    group = pq.read_metadata(path).row_group(row_group)
+    column = next(group.column(c) for c in range(group.num_columns) if group.column(c).path_in_schema.startswith("action."))
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_changed_without_changing_size_is_neither_counted_nor_read(small_lake):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.gate import Gate
+
+    lake = Lake(small_lake)
+    flipped = next(s for s in lake.shards() if s.unit_id == "unit-1")
+    size = flipped.path.stat().st_size
+    _flip_action_bytes(flipped.path)
+    assert flipped.path.stat().st_size == size and "the content changed" in lake.shard_problem(flipped)
+
+    decision = Gate(configs.load(overrides={"gate.f1_threshold": 0.75, "gate.min_shards": 4}).gate).check(lake)
+    assert (decision.passing, decision.damaged, decision.launch) == (3, 1, False)
+    assert [s.unit_id for s, _ in decision.damaged_shards] == ["unit-1"]
+    listed = CliRunner().invoke(app, ["lake", "list", str(small_lake)])
+    assert listed.exit_code == 1 and f"damaged: {flipped.path}: " in listed.output
+
+    with pytest.raises(LakeError, match=r"unit-1.parquet: .*damaged: the sha256 of its row group 0"):
+        lake.read_episodes(flipped)
+    # The dataset reads every other row group, and no changed value: row group 0 of unit-1 is skipped.
+    actions = {int(ep.obs[s, -1]): ep.action[s] for tag, lens in TRAIN_HIGH_F1.items()
+               for ep in tagged_episodes(tag, lens) for s in range(ep.n_steps)}
+    with pytest.warns(UserWarning, match=r"skipping row group 0 of unit unit-1 \(.*unit-1.parquet\): .*sha256"):
+        samples = list(TrajectoryDataset(small_lake, min_f1=0.75, shuffle_buffer=1, seed=0))
+    ids = [int(sample["obs"][-1]) for sample in samples]
+    assert sorted(ids) == [i for i in step_ids(TRAIN_HIGH_F1) if not 10000 <= i < 10064]
+    assert all(np.array_equal(sample["action"][0].numpy(), actions[i]) for i, sample in zip(ids, samples))
 
 
 def test_cli_list_and_verify_report_damaged_shards(tmp_path):

@@ -307,14 +307,14 @@ def test_check_passes_with_warnings_only(tmp_path):
     _song(tmp_path / "a.mid", drums=True)
     (tmp_path / "m.yaml").write_text("songs:\n  - a.mid\n")
     result = runner.invoke(app, ["manifest", "check", str(tmp_path / "m.yaml")])
-    assert result.exit_code == 0 and "0 errors, 1 warnings" in result.output
+    assert result.exit_code == 0 and "0 errors, 1 warning" in result.output
 
 
 def test_check_reports_bad_config_and_missing_manifest(tmp_path):
-    assert runner.invoke(app, ["manifest", "check", str(tmp_path / "none.yaml")]).exit_code == 1
+    assert runner.invoke(app, ["manifest", "check", str(tmp_path / "none.yaml")]).exit_code == 2
     demo = demo_manifest(tmp_path)
     bad = runner.invoke(app, ["manifest", "check", str(demo), "--set", "env.nope=1"])
-    assert bad.exit_code == 1 and "env.nope" in bad.output
+    assert bad.exit_code == 2 and "env.nope" in bad.output
 
 
 def test_a_crafted_midi_is_an_error_naming_it_and_the_rest_goes_on(tmp_path):
@@ -333,6 +333,6 @@ def test_a_crafted_midi_is_an_error_naming_it_and_the_rest_goes_on(tmp_path):
 def test_a_bad_set_value_names_the_set_option_not_the_profile(tmp_path):
     path = demo_manifest(tmp_path)
     result = runner.invoke(app, ["manifest", "check", str(path), "--set", "env.chunk_steps=many"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--set env.chunk_steps=many" in result.output and "env.chunk_steps" in result.output
     assert "profiles/local.yaml" not in result.output

@@ -1,4 +1,4 @@
-"""Lake write/read speed and size next to naive float32 Parquet, plus TrajectoryDataset throughput.
+"""Lake write/read speed and size next to naive float32 Parquet, TrajectoryDataset throughput, and what the integrity checks cost.
 
     .venv/bin/python tests/benchmarks/bench_lake.py [--episodes 20] [--steps 550] [--repeats 3]
 
@@ -7,6 +7,10 @@ Episodes are synthetic but music-like: sparse goal bits from a random piano roll
 compression). "Naive" is one table of float32 columns (obs[1144], action[39], reward,
 pressed[88], target[88] as 0/1 floats) written with ``pyarrow.parquet.write_table`` using the
 same codec. Throughput in MB/s counts the naive float32 bytes, so both rows measure the same work.
+The integrity rows time one shard's checks (warm page cache) next to reading it: the whole-file
+sha256 (``Lake.shard_problem``: listing, gate, resume), reading with each row group checked
+(``Lake.read_table``) or not (plain pyarrow), the checksums at commit, and the dataset with its
+shards' checksums or without them (the same shards, their part checksums left out of the listing).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.utils.data import DataLoader
 import configs
 from workers.lake import Lake, ShardMeta, synthetic_episode
 from workers.lake.dataset import TrajectoryDataset
+from workers.lake.store import file_sha256, shard_digests
 
 
 def naive_table(episodes) -> pa.Table:
@@ -135,19 +140,71 @@ def main() -> None:
         runs = [(0, None, None), (0, cfg.il.batch_size, None), (0, None, cfg.il.batch_size),
                 (2, cfg.il.batch_size, None), (2, None, cfg.il.batch_size)]
         for workers, loader_batch, dataset_batch in runs:
-            data = TrajectoryDataset(tmp / "lake", shuffle_buffer=cfg.il.shuffle_buffer,
-                                     action_chunk=cfg.il.action_chunk, repeat=True, batch_size=dataset_batch)
-            loader = DataLoader(data, batch_size=loader_batch, num_workers=workers)
-            count, t0 = 0, time.perf_counter()
-            for item in loader:
-                count += item["obs"].shape[0] if item["obs"].ndim == 2 else 1
-                if count >= args.dataset_samples:
-                    break
-            rate = count / (time.perf_counter() - t0)
+            rate = dataset_rate(tmp / "lake", cfg, args.dataset_samples, workers, loader_batch, dataset_batch)
             label = f"num_workers={workers}, " + (
                 f"TrajectoryDataset(batch_size={dataset_batch})" if dataset_batch else
                 f"DataLoader(batch_size={loader_batch})" if loader_batch else "per sample")
             print(f"  {label:<52}{rate:>10,.0f}")
+
+        integrity(lake, shard, meta, episodes, cfg, args)
+
+
+def dataset_rate(root: Path, cfg, samples: int, workers: int = 0, loader_batch: int | None = None,
+                 dataset_batch: int | None = None, shards=None) -> float:
+    """Samples per second of a TrajectoryDataset over ``root`` (start-up included)."""
+    data = TrajectoryDataset(root, shuffle_buffer=cfg.il.shuffle_buffer, action_chunk=cfg.il.action_chunk, repeat=True,
+                             batch_size=dataset_batch, shards=shards)
+    loader = DataLoader(data, batch_size=loader_batch, num_workers=workers)
+    count, t0 = 0, time.perf_counter()
+    for item in loader:
+        count += item["obs"].shape[0] if item["obs"].ndim == 2 else 1
+        if count >= samples:
+            break
+    return count / (time.perf_counter() - t0)
+
+
+def integrity(lake: Lake, shard, meta: ShardMeta, episodes, cfg, args) -> None:
+    """What checking a shard costs next to reading it: one shard, then the dataset over all of them."""
+    mb = shard.bytes / 1e6
+    scratch = Lake(lake.root.parent / "commits", lake.cfg)  # commits of its own: the shard read stays as listed
+    fns = {  # timed in turns, so that the machine's load falls on all of them alike
+        "plain": lambda: pq.ParquetFile(shard.path).read(),
+        "checked": lambda: lake.read_table(shard),
+        "sha": lambda: file_sha256(shard.path),
+        "again": lambda: lake.shard_problem(shard),  # after the first: the same Lake, the file unchanged
+        "decode": lambda: lake.read_episodes(shard),
+        "digests": lambda: shard_digests(shard.path),
+        "commit": lambda: scratch.commit_shard(meta, episodes),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, 1)[0])
+    t_plain, t_checked, t_sha, t_again, t_decode, t_digests, t_commit = (statistics.median(times[k]) for k in fns)
+    print(f"\nintegrity: one shard of {mb:.2f} MB, {shard.n_row_groups} row group(s), {shard.n_steps} steps; "
+          f"warm page cache; median of {args.repeats}")
+    print(f"  {'':<58}{'ms/shard':>10}{'MB/s':>10}{'vs read':>9}")
+    rows = [
+        ("read, unchecked (pyarrow ParquetFile.read)", t_plain),
+        ("read, each row group's sha256 checked (Lake.read_table)", t_checked),
+        ("sha256 of the whole file (Lake.shard_problem)", t_sha),
+        ("shard_problem again, file unchanged (a stat)", t_again),
+        ("read and decode episodes, checked (Lake.read_episodes)", t_decode),
+        ("checksums at commit (shard_digests)", t_digests),
+        ("commit_shard, checksums included", t_commit),
+    ]
+    for label, t in rows:
+        print(f"  {label:<58}{t * 1e3:>10.1f}{mb / t:>10.0f}{t / t_plain:>8.2f}x")
+    every = lake.shards()
+    unchecked = [dataclasses.replace(s, row_group_sha256=(), footer_sha256="", sha256="") for s in every]
+    rates: dict[str, list[float]] = {"checked": [], "plain": []}
+    for _ in range(args.repeats):
+        for name, listing in (("checked", every), ("plain", unchecked)):
+            rates[name].append(dataset_rate(lake.root, cfg, args.dataset_samples, dataset_batch=cfg.il.batch_size,
+                                            shards=listing))
+    checked_rate, plain_rate = statistics.median(rates["checked"]), statistics.median(rates["plain"])
+    print(f"  TrajectoryDataset(batch_size={cfg.il.batch_size}), samples/s: row groups checked {checked_rate:,.0f}, "
+          f"unchecked {plain_rate:,.0f} ({checked_rate / plain_rate:.2f}x)")
 
 
 if __name__ == "__main__":

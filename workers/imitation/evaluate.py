@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -176,8 +177,11 @@ def log_to_mlflow(rows: Iterable[EvalRow], tracking_uri: str, experiment: str, r
 
     from workers.tracking import ensure_experiment
 
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags={"pianoforge.kind": "evaluation"})
+    with warnings.catch_warnings():  # MLflow's SQL store, opened here, uses a loader SQLAlchemy 2.1 deprecates
+        warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
+        client = MlflowClient(tracking_uri)
+        run = client.create_run(ensure_experiment(client, experiment), run_name=run_name,
+                                tags={"pianoforge.kind": "evaluation"})
     now = int(time.time() * 1000)
     metrics = [Metric(_metric_name("eval", r.policy, r.group, r.song, m), getattr(r, m), now, 0)
                for r in rows for m in ("precision", "recall", "f1")]

@@ -49,7 +49,8 @@ class TrajectoryDataset(IterableDataset):
     Shards are those with ``specialist_f1 >= min_f1`` in ``splits``, listed once when the dataset
     is made (pass ``shards`` to share one listing between DDP ranks of a lake that is growing).
     Damaged shards (a file whose size is not the catalogued one) are left out with a warning and
-    kept in ``damaged`` as (shard, problem).
+    kept in ``damaged`` as (shard, problem); a row group whose bytes do not have their catalogued
+    sha256 (checked as each is read, before decoding) is skipped with a warning naming the file.
     ``rank``/``world_size`` default to torch.distributed's when it is initialised, else 0/1.
     ``repeat=True`` goes on forever, reshuffling each epoch; otherwise call ``set_epoch``.
     ``batch_size=B`` yields ready batches (``obs`` [B, 1144], ...; the last one may be smaller),
@@ -85,8 +86,8 @@ class TrajectoryDataset(IterableDataset):
         self.min_f1 = min_f1
         self.splits = (splits,) if isinstance(splits, str) else tuple(splits)
         listed = self.lake.shards() if shards is None else list(shards)
-        whole, self.damaged = self.lake.split_damaged(
-            [s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits])
+        whole, self.damaged = self.lake.split_damaged(  # sizes: each row group's checksum is checked as it is read
+            [s for s in listed if s.specialist_f1 >= min_f1 and s.split in self.splits], full=False)
         if self.damaged:
             warnings.warn(f"{self.root}: leaving out {len(self.damaged)} damaged shard(s): "
                           + "; ".join(f"{s.path}: {problem}" for s, problem in self.damaged[:5]))
@@ -141,8 +142,8 @@ class TrajectoryDataset(IterableDataset):
             try:
                 if shard_index != open_index:
                     open_file, open_index = self.lake.open_shard(shard), shard_index
-                table = open_file.read_row_group(group)
-            except (LakeError, OSError, pa.ArrowException) as e:  # damage the size check cannot see (bit rot)
+                table = self.lake.read_row_group(open_file, shard, group)
+            except (LakeError, OSError, pa.ArrowException) as e:  # changed bytes: never read as data
                 warnings.warn(f"skipping row group {group} of unit {shard.unit_id} ({shard.path}): {e}")
                 continue
             episode = np.asarray(table.column("episode"), dtype=np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from workers.lake.schema import Episode, LakeError, ShardInfo, table_to_episodes
@@ -12,7 +13,7 @@ def read_episode(lake, shard: ShardInfo, seed: int | None = None) -> Episode:
     """The shard's episode with ``seed``, or (``seed`` None) the one with the highest F1 (ties:
     the higher return), reading only the row groups that hold it (each holds whole episodes)."""
     pf = lake.open_shard(shard)
-    head = pf.read(columns=["episode", "seed", "episode_f1", "episode_return"])
+    head = lake.read_table(shard, columns=["episode", "seed", "episode_f1", "episode_return"])
     episode = np.asarray(head.column("episode"))
     if seed is None:
         order = np.lexsort((np.asarray(head.column("episode_return")), np.asarray(head.column("episode_f1"))))
@@ -29,5 +30,5 @@ def read_episode(lake, shard: ShardInfo, seed: int | None = None) -> Episode:
         if np.any(episode[start:start + n] == wanted):
             groups.append(g)
         start += n
-    table = pf.read_row_groups(groups)
+    table = pa.concat_tables([lake.read_row_group(pf, shard, g) for g in groups])
     return table_to_episodes(table.filter(pc.equal(table.column("episode"), wanted)))[0]

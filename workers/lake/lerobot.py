@@ -313,7 +313,7 @@ def export_lerobot(lake_root: str | Path, out: str | Path, *, min_f1: float | No
             kv = {"unit_id": shard.unit_id, "song": shard.song_name, "song_hash": shard.song_hash,
                   "chunk_index": shard.chunk_index, "split": shard.split}
             for group in range(pf.num_row_groups):
-                table = pf.read_row_group(group)
+                table = lake.read_row_group(pf, shard, group)
                 if table.num_rows == 0:
                     continue
                 chunk, file = data.where()

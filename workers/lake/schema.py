@@ -110,6 +110,10 @@ class ShardInfo:
     # sha256 of the file as committed ("" in entries catalogued before checksums were kept;
     # ``Lake.verify`` adds it to those whose file checks whole)
     sha256: str = ""
+    # sha256 of each row group's bytes and of the footer (the file's last footer length + 8
+    # bytes), so that a reader checks what it reads, row group by row group (workers.lake.store.shard_digests)
+    row_group_sha256: tuple[str, ...] = ()
+    footer_sha256: str = ""
 
     @property
     def meta(self) -> ShardMeta:

@@ -32,12 +32,17 @@ shard; ``Lake.commit_shard(meta, episodes)`` is the same writer fed a list. The 
 ``pyarrow.parquet.read_metadata(path).metadata`` (or :func:`read_shard_kv`, DuckDB's
 ``parquet_kv_metadata``), not from the Arrow schema stored in the file.
 
-Damage: each catalog entry records its file's size (``bytes``) and sha256. :meth:`Lake.shard_problem`
-checks the size (cheap: a stat; what listing, the gate and the dataset reader do) or, with
-``full``, the checksum; :meth:`Lake.verify` checks every shard in full (``pianoforge lake verify``)
-and gives entries catalogued before checksums were kept theirs once their file reads whole (the
-catalog's migration). :meth:`Lake.set_aside` takes a damaged shard out of the lake, keeping its
-file under a hidden name, so that its unit records its rollouts again.
+Damage: each catalog entry records its file's size (``bytes``), its sha256, and the sha256 of each
+row group's bytes and of the footer (:func:`shard_digests`, computed at commit). One check serves
+every reader: :meth:`Lake.shard_problem` compares the size and the sha256 (what ``lake list``,
+``lake verify``, the gate, the imitation trainer and ``resume`` use; a file found whole is not
+hashed again by the same ``Lake`` while its size, mtime and inode stay the same), and reading
+(:meth:`Lake.open_shard`, :meth:`Lake.read_row_group`, so ``read_table``, ``iter_episodes`` and
+``TrajectoryDataset``) checks the footer and each row group it reads before decoding it, so that a
+changed byte is never read as data. :meth:`Lake.verify` checks every shard and gives entries
+catalogued before checksums were kept theirs once their file reads whole (the catalog's
+migration). :meth:`Lake.set_aside` takes a damaged shard out of the lake, keeping its file under a
+hidden name, so that its unit records its rollouts again.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import mmap
 import os
 import time
 import uuid
@@ -156,6 +162,8 @@ class Lake:
         if lake_cfg is not None:
             self._check_cfg()
         self._ready = False
+        # unit_id -> (commit_id, size, mtime_ns, inode) of a file whose sha256 matched its entry
+        self._whole: dict[str, tuple] = {}
 
     @property
     def cfg(self) -> configs.LakeConfig:
@@ -312,7 +320,7 @@ class Lake:
         pf = self.open_shard(shard)
         parts = []
         for group in range(pf.num_row_groups):
-            table = pf.read_row_group(group, columns=[c for c in SHARD_SCHEMA.names if c not in _NOT_STATS])
+            table = self.read_row_group(pf, shard, group, [c for c in SHARD_SCHEMA.names if c not in _NOT_STATS])
             parts.append(lake_stats.moments_of(rebuild_obs(table), fixed_list_to_numpy(table.column("action"), ACTION_DIM),
                                                np.asarray(table.column("reward"), np.float32)))
         moments = lake_stats.merge_all(parts)
@@ -359,6 +367,7 @@ class Lake:
             raise LakeError(f"{path}: catalog entry lacks field(s) {sorted(missing)}")
         data = {k: v for k, v in data.items() if k in names}  # entries from newer writers may add fields
         data["path"] = self.root / data["path"]
+        data["row_group_sha256"] = tuple(data.get("row_group_sha256", ()))
         return ShardInfo(**data)
 
     def shards(self, min_f1: float | None = None, split: str | Sequence[str] | None = None) -> list[ShardInfo]:
@@ -391,24 +400,46 @@ class Lake:
     # -- reading ---------------------------------------------------------------------------------
 
     def open_shard(self, shard: ShardInfo) -> pq.ParquetFile:
-        """The shard's Parquet file, checked to be the write the catalog entry describes."""
+        """The shard's Parquet file, checked to be the write the catalog entry describes: its
+        footer's sha256 (an entry without part checksums: the whole file's, once per ``Lake``).
+        Read its row groups with :meth:`read_row_group`, which checks each."""
+        problem = None
         try:
+            if shard.footer_sha256:
+                problem = _part_problem(shard.path, _footer_span(shard.path), shard.footer_sha256, "footer")
+            elif shard.sha256:
+                problem = self.shard_problem(shard)
             pf = pq.ParquetFile(shard.path)
         except (OSError, pa.ArrowException) as e:
-            raise LakeError(f"{shard.path}: cannot open shard of unit {shard.unit_id}: {e}") from e
+            raise LakeError(f"{shard.path}: cannot open shard of unit {shard.unit_id}: {problem or e}") from e
         kv = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()}
+        if shard.commit_id and kv.get("commit_id") != shard.commit_id:
+            raise LakeError(f"{shard.path}: the shard was replaced since it was listed "
+                            f"(commit {kv.get('commit_id')} on disk, {shard.commit_id} listed); list shards again")
+        if problem is not None:
+            raise LakeError(f"{shard.path}: shard of unit {shard.unit_id} is damaged: {problem}")
         version = int(kv.get("schema_version", -1))
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise LakeError(f"{shard.path}: schema_version {version} is not readable by this pianoforge "
                             f"(reads {SUPPORTED_SCHEMA_VERSIONS})")
-        if shard.commit_id and kv.get("commit_id") != shard.commit_id:
-            raise LakeError(f"{shard.path}: the shard was replaced since it was listed "
-                            f"(commit {kv.get('commit_id')} on disk, {shard.commit_id} listed); list shards again")
         return pf
 
+    def read_row_group(self, pf: pq.ParquetFile, shard: ShardInfo, group: int,
+                       columns: list[str] | None = None) -> pa.Table:
+        """Row group ``group`` of the shard opened as ``pf`` (:meth:`open_shard`), its bytes
+        checked against the catalogued sha256 before they are decoded (LakeError naming the file
+        and the row group when they differ)."""
+        if group < len(shard.row_group_sha256):
+            problem = _part_problem(shard.path, _row_group_span(pf.metadata.row_group(group)),
+                                    shard.row_group_sha256[group], f"row group {group}")
+            if problem is not None:
+                raise LakeError(f"{shard.path}: shard of unit {shard.unit_id} is damaged: {problem}")
+        return pf.read_row_group(group, columns=columns)
+
     def read_table(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-        """The shard's rows as an Arrow table (all columns unless named)."""
-        return self.open_shard(shard).read(columns=columns)
+        """The shard's rows as an Arrow table (all columns unless named), every row group checked."""
+        pf = self.open_shard(shard)
+        return pa.concat_tables([self.read_row_group(pf, shard, g, columns) for g in range(pf.num_row_groups)])
 
     def read_episodes(self, shard: ShardInfo) -> list[Episode]:
         """The shard's episodes, observations rebuilt bit-exactly."""
@@ -418,31 +449,39 @@ class Lake:
         """The shard's episodes one row group at a time (memory: one row group, not the shard)."""
         pf = self.open_shard(shard)
         for group in range(pf.num_row_groups):
-            yield from table_to_episodes(pf.read_row_group(group))
+            yield from table_to_episodes(self.read_row_group(pf, shard, group))
 
     # -- damage ------------------------------------------------------------------------------------
 
-    def shard_problem(self, shard: ShardInfo, full: bool = False) -> str | None:
-        """What is wrong with a committed shard's file, or None when it is whole.
+    def shard_problem(self, shard: ShardInfo, full: bool = True) -> str | None:
+        """What is wrong with a committed shard's file, or None when it is whole: the lake's one
+        integrity check.
 
-        Always: the file is there with the size its entry records (a truncated or overwritten
-        file shows). ``full``: also its sha256 (any changed byte); an entry catalogued before
-        checksums were kept is instead read whole (footer and every row group).
+        The file is there with the size its entry records (a truncated or overwritten file
+        shows) and, ``full`` (the default), with its sha256 (any changed byte): hashed once per
+        ``Lake`` while the file keeps its size, mtime and inode. An entry catalogued before
+        checksums were kept is instead read whole (footer and every row group). ``full=False``
+        is the size alone, for a reader that checks each row group as it reads it.
         """
         try:
-            size = shard.path.stat().st_size
+            st = shard.path.stat()
         except FileNotFoundError:
             return "the file is missing"
         except OSError as e:
             return f"cannot read the file ({e.strerror or e})"
-        if size != shard.bytes:
-            return f"{size:,} bytes on disk, {shard.bytes:,} catalogued (truncated or overwritten)"
+        if st.st_size != shard.bytes:
+            return f"{st.st_size:,} bytes on disk, {shard.bytes:,} catalogued (truncated or overwritten)"
         if not full:
             return None
         if shard.sha256:
+            seen = (shard.commit_id, st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._whole.get(shard.unit_id) == seen:
+                return None
             digest = file_sha256(shard.path)
-            return None if digest == shard.sha256 else \
-                f"sha256 {digest[:12]}... on disk, {shard.sha256[:12]}... catalogued (the content changed)"
+            if digest != shard.sha256:
+                return f"sha256 {digest[:12]}... on disk, {shard.sha256[:12]}... catalogued (the content changed)"
+            self._whole[shard.unit_id] = seen
+            return None
         try:
             pf = self.open_shard(shard)
             for group in range(pf.num_row_groups):
@@ -451,11 +490,12 @@ class Lake:
             return f"unreadable: {str(e).splitlines()[0][:300]}"
         return None
 
-    def split_damaged(self, shards: Sequence[ShardInfo]) -> tuple[list[ShardInfo], list[tuple[ShardInfo, str]]]:
-        """``shards`` as (whole ones, [(damaged one, what is wrong)]) by the cheap check (sizes)."""
+    def split_damaged(self, shards: Sequence[ShardInfo], full: bool = True
+                      ) -> tuple[list[ShardInfo], list[tuple[ShardInfo, str]]]:
+        """``shards`` as (whole ones, [(damaged one, what is wrong)]) by :meth:`shard_problem`."""
         whole, damaged = [], []
         for shard in shards:
-            problem = self.shard_problem(shard)
+            problem = self.shard_problem(shard, full)
             if problem is None:
                 whole.append(shard)
             else:
@@ -481,7 +521,7 @@ class Lake:
             current = self._read_entry(self.catalog_entry_path(shard.unit_id), missing_ok=True)
             if current is None or current.commit_id != shard.commit_id or current.sha256:
                 return current or shard  # replaced or removed meanwhile: that writer's entry stands
-            updated = dataclasses.replace(current, sha256=file_sha256(current.path))
+            updated = dataclasses.replace(current, **shard_digests(current.path))
             write_json_atomic(self.catalog_entry_path(shard.unit_id), self._entry(updated))
         return updated
 
@@ -533,6 +573,58 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _row_group_span(row_group: pq.RowGroupMetaData) -> tuple[int, int]:
+    """[start, stop) of a row group's bytes in its file: from its first column chunk's first page
+    (dictionary or data) to the end of its last chunk."""
+    starts, stops = [], []
+    for c in range(row_group.num_columns):
+        chunk = row_group.column(c)
+        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        starts.append(start)
+        stops.append(start + chunk.total_compressed_size)
+    return min(starts), max(stops)
+
+
+def _footer_span(path: Path) -> tuple[int, int]:
+    """[start, stop) of a Parquet file's footer: its metadata, their length and the magic, as the
+    last 8 bytes say (damaged ones give another span, hence another checksum)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 8))
+        length = int.from_bytes(f.read(4), "little")
+    return max(0, size - 8 - length), size
+
+
+def _part_problem(path: Path, span: tuple[int, int], expected: str, what: str) -> str | None:
+    """None when the bytes ``span`` of ``path`` have the sha256 ``expected``, else what differs."""
+    start, stop = span
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            digest = hashlib.sha256(f.read(stop - start)).hexdigest()
+    except OSError as e:
+        return f"cannot read its {what} ({e.strerror or e})"
+    return None if digest == expected else \
+        f"the sha256 of its {what} (bytes {start:,}-{stop:,}) is {digest[:12]}..., {expected[:12]}... catalogued"
+
+
+def shard_digests(path: str | Path) -> dict[str, Any]:
+    """The checksums a catalog entry records of a Parquet file: ``sha256`` (the whole file, as
+    ``sha256sum`` gives it), ``row_group_sha256`` (each row group's bytes) and ``footer_sha256``."""
+    path = Path(path)
+    metadata = pq.read_metadata(path)
+    spans = [_row_group_span(metadata.row_group(g)) for g in range(metadata.num_row_groups)]
+    spans.append(_footer_span(path))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            digests = [hashlib.sha256(view[start:stop]).hexdigest() for start, stop in spans]
+            whole = hashlib.sha256(view).hexdigest()
+        finally:
+            view.release()
+    return {"sha256": whole, "row_group_sha256": tuple(digests[:-1]), "footer_sha256": digests[-1]}
 
 
 class ShardWriter:
@@ -644,7 +736,7 @@ class ShardWriter:
                 os.fsync(f.fileno())
             self.info = self.lake._commit_file(
                 meta, self.tmp_path, moments=self._moments, n_episodes=self.n_episodes, n_steps=self.n_steps,
-                bytes=self.tmp_path.stat().st_size, sha256=file_sha256(self.tmp_path),
+                bytes=self.tmp_path.stat().st_size, **shard_digests(self.tmp_path),
                 n_row_groups=self.n_row_groups, commit_id=commit_id, fence=self.fence,
                 mean_episode_f1=float(np.mean(self._f1s)), mean_episode_return=float(np.mean(self._returns)))
             return self.info

@@ -2,7 +2,7 @@
 
 Everything that reads or writes an observation (the environment, the replay buffer, the lake,
 the imitation policies, the dashboard) imports these names; nothing else writes 979 or 1144.
-Numpy only, so the lake and the dashboard can import it without MuJoCo.
+Numpy (and the config models) only, so the lake and the dashboard can import it without MuJoCo.
 
 Observation (1144 float32, RP1M order)::
 
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from configs import LAYOUT_CONTROL_TIMESTEP, LAYOUT_LOOKAHEAD
+
 N_KEYS = 88
-LOOKAHEAD = 10  # goal steps beyond the current one (RP1M)
+LOOKAHEAD = LAYOUT_LOOKAHEAD  # goal steps beyond the current one (RP1M); env.n_steps_lookahead takes only this
 GOAL_STEPS = LOOKAHEAD + 1
-FPS = 20  # control steps per second (control timestep 0.05 s)
+FPS = round(1 / LAYOUT_CONTROL_TIMESTEP)  # control steps per second; env.control_timestep takes only 0.05 s
 
 OBS_SLICES: dict[str, slice] = {
     "piano_goal": slice(0, GOAL_STEPS * N_KEYS),

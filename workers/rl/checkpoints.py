@@ -90,6 +90,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", repair: boo
             log.warning("; ".join(messages))
         return Loaded(state, candidate, damaged, messages)
     if messages:
-        messages.append(f"no good checkpoint left: starting from scratch in {path.parent}")
+        messages.append(f"no good checkpoint left: starting from scratch in {path.parent}" if repair
+                        else f"no good checkpoint left in {path.parent}")
         log.warning("; ".join(messages))
     return Loaded(None, None, damaged, messages)
