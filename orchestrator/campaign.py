@@ -573,7 +573,7 @@ class _Driver:
         if not sees:
             raise CampaignError(
                 f"pool node {host} does not see the campaign directory {self.paths.dir}: put the campaign root on a "
-                "file system every node mounts at the same path (see the README, 'Use a cluster')")
+                "file system every node mounts at the same path (see docs/cluster.md, 'Many hosts')")
 
     def _reconcile_pools(self) -> None:
         """slurm: pool jobs follow the queue. Units in flight count as running (never cancel a node

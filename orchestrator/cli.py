@@ -64,7 +64,7 @@ app.add_typer(manifest_app, name="manifest")
 
 
 class ExitCode(IntEnum):
-    """Exit status of every command (the README's "Exit status" table): one meaning each, the
+    """Exit status of every command (the table in docs/faults.md): one meaning each, the
     same error the same status in every command."""
 
     OK = 0
@@ -731,7 +731,7 @@ def export_policy(
     unit_dir: Path = typer.Argument(..., metavar="UNIT_DIR", help="Unit directory of a trained specialist."),
     out: Path = typer.Option(..., "--out", metavar="FILE.pt", help="Policy file to write (plain tensors, weights_only)."),
 ) -> None:
-    """Write a specialist's policy on its own: plain tensors that load with torch.load(weights_only=True) (see the README)."""
+    """Write a specialist's policy on its own: plain tensors that load with torch.load(weights_only=True) (see docs/research.md)."""
     from orchestrator.playback import UnitNotFound, specialist_policy_state
     from workers.imitation.export import save_state
 

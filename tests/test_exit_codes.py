@@ -1,4 +1,4 @@
-"""Every command exits with the status of the README's table (``cli.ExitCode``): the same error, the same status."""
+"""Every command exits with the status of the table in docs/faults.md (``cli.ExitCode``): the same error, the same status."""
 
 from __future__ import annotations
 

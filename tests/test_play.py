@@ -32,7 +32,7 @@ def exported(unit, tmp_path_factory):
 
 
 def plain_pytorch_action(p: dict, obs: np.ndarray) -> np.ndarray:
-    """The README's recipe, with nothing from pianoforge."""
+    """The recipe in docs/research.md, with nothing from pianoforge."""
     h = torch.as_tensor(obs)
     for W, b in p["hidden"]:
         h = getattr(F, p["activation"])(h @ W.T + b)
@@ -113,7 +113,7 @@ def test_action_names_follow_the_environments_actuators():
 
 
 def test_an_imitation_bc_policy_runs_in_plain_pytorch(tmp_path):
-    """The README's recipe for a trained BC policy file: normalise, MLP, de-normalise."""
+    """The recipe in docs/research.md for a trained BC policy file: normalise, MLP, de-normalise."""
     from workers.imitation.policies import build_policy, load_policy, save_policy
 
     il = configs.load(overrides=["il.bc_hidden=32", "il.action_chunk=4"]).il
