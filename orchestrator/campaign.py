@@ -630,10 +630,8 @@ class _Driver:
         may not fail for long after, and its units must run elsewhere meanwhile."""
         if not len(self.scheduler) or time.monotonic() - self.last_node_check < 2.0:
             return []
-        import ray
-
         self.last_node_check = time.monotonic()
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        alive = _alive_nodes()
         outcomes = []
         for row in self.store.units([RUNNING]):
             if row.node_id and row.node_id not in alive and row.unit_id not in self.suspects \
@@ -646,8 +644,9 @@ class _Driver:
         """Suspected attempts now due: their node died (``node_lost``), or Ray kept it alive for
         ``campaign.node_loss_wait_s`` (the unit's fault after all: kind ``unit``)."""
         due = []
+        alive = _alive_nodes() if self.suspects else set()  # one look at Ray per loop, not one per suspect
         for unit_id, (outcome, until) in list(self.suspects.items()):
-            dead = not _node_alive(self.store.unit(unit_id).node_id)
+            dead = self.store.unit(unit_id).node_id not in alive
             if dead or time.monotonic() >= until:
                 del self.suspects[unit_id]
                 due.append(dataclasses.replace(outcome, error_kind="node_lost" if dead else "unit"))
@@ -663,7 +662,7 @@ class _Driver:
             return False
         import ray
 
-        if not _node_alive(row.node_id):
+        if row.node_id not in _alive_nodes():
             return True
         if row.node_id == ray.get_runtime_context().get_node_id() or self.cfg.campaign.node_loss_wait_s <= 0:
             return False  # the driver's own node is not lost while the driver runs
@@ -684,13 +683,13 @@ class _Driver:
             return
         unit_id = outcome.unit_id
         if outcome.result is None:
-            lost = self._lost_with_node(outcome, store.unit(unit_id))
+            row = store.unit(unit_id)
+            lost = self._lost_with_node(outcome, row)
             if lost is None:
                 return  # settled by _settle_suspects
             if lost:
                 # From now on the lost attempt is not trusted: what its processes still write (a node
                 # cut off by a partition goes on running) is refused, even before the retry starts.
-                row = store.unit(unit_id)
                 store.revoke_attempt(unit_id, fencing.issue(self.paths.unit_dir(unit_id), unit_id,
                                                             after=row.attempt_token).token)
                 steps = store.mark_node_lost(unit_id, outcome.error)
@@ -838,11 +837,11 @@ def _next_pack(queue: deque, store: CampaignStore, size: int, key: tuple[str, st
     return rows
 
 
-def _node_alive(node_id: str | None) -> bool:
-    """Whether Ray lists the node ``node_id`` as alive (an unknown id is not)."""
+def _alive_nodes() -> set[str]:
+    """The ids of the nodes Ray lists as alive (an unknown id, or None, is not among them)."""
     import ray
 
-    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 def _logging_overhead(store: CampaignStore) -> float | None:
